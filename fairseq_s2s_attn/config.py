@@ -1,0 +1,145 @@
+"""Configuration of the RNN encoder-decoder family (one dataclass, every field documented)."""
+
+import argparse
+from dataclasses import dataclass, field, fields
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+
+RNN_TYPE_CHOICES = ChoiceEnum(["lstm", "gru"])
+ATTENTION_CHOICES = ChoiceEnum(["additive", "dot", "general", "concat"])
+PLACEMENT_CHOICES = ChoiceEnum(["none", "before", "after"])
+INIT_CHOICES = ChoiceEnum(["zeros", "final", "bridge"])
+
+
+@dataclass
+class RNNS2SConfig(FairseqDataclass):
+    # ---------------------------------------------------------------- encoder
+    encoder_embed_dim: int = field(default=256, metadata={"help": "encoder embedding dimension"})
+    encoder_hidden_size: int = field(
+        default=256, metadata={"help": "encoder RNN hidden size (per direction)"}
+    )
+    encoder_layers: int = field(default=1, metadata={"help": "number of encoder RNN layers"})
+    encoder_bidirectional: bool = field(
+        default=True,
+        metadata={"help": "bidirectional encoder; outputs concatenate both directions"},
+    )
+    encoder_dropout_in: float = field(
+        default=0.2, metadata={"help": "dropout on the encoder's input embeddings"}
+    )
+    encoder_dropout_out: float = field(
+        default=0.2, metadata={"help": "dropout on the encoder's outputs and between its layers"}
+    )
+    reverse_source: bool = field(
+        default=False,
+        metadata={"help": "feed the source to the encoder reversed (Luong et al.'s baseline); "
+                  "attention weights still index the source as given"},
+    )
+    # ---------------------------------------------------------------- decoder
+    decoder_embed_dim: int = field(default=256, metadata={"help": "decoder embedding dimension"})
+    decoder_hidden_size: int = field(default=512, metadata={"help": "decoder RNN hidden size"})
+    decoder_layers: int = field(default=1, metadata={"help": "number of decoder RNN layers"})
+    decoder_out_embed_dim: int = field(
+        default=256,
+        metadata={"help": "size of the readout layer (Luong's attentional state h~, Bahdanau's t_i) "
+                  "that feeds the output projection"},
+    )
+    decoder_dropout_in: float = field(
+        default=0.2, metadata={"help": "dropout on the decoder's input embeddings"}
+    )
+    decoder_dropout_out: float = field(
+        default=0.2,
+        metadata={"help": "dropout on the decoder RNN's outputs, between its layers and on the readout"},
+    )
+    decoder_init: INIT_CHOICES = field(
+        default="final",
+        metadata={"help": "decoder initial state: zeros; final = the encoder's final state "
+                  "(linearly projected when sizes differ); bridge = tanh(W h_final + b)"},
+    )
+    rnn_type: RNN_TYPE_CHOICES = field(
+        default="lstm", metadata={"help": "recurrent cell for encoder and decoder"}
+    )
+    # ---------------------------------------------------------------- attention
+    attention_placement: PLACEMENT_CHOICES = field(
+        default="before",
+        metadata={"help": "none = vanilla seq2seq (fixed context vector, Cho et al. 2014); "
+                  "before = Bahdanau (query is the previous decoder state, context enters the "
+                  "RNN step); after = Luong (query is the current state, h~ = tanh(W_c[c;h]))"},
+    )
+    attention: ATTENTION_CHOICES = field(
+        default="additive",
+        metadata={"help": "score function: additive v^T tanh(W s + U h) (Bahdanau), "
+                  "dot, general s^T W h, concat v^T tanh(W [s;h]) (Luong)"},
+    )
+    attention_dim: int = field(
+        default=512, metadata={"help": "hidden size of the additive/concat score"}
+    )
+    input_feeding: bool = field(
+        default=True,
+        metadata={"help": "Luong's input feeding: feed h~_{t-1} into the next RNN step "
+                  "(only with --attention-placement after)"},
+    )
+    # ---------------------------------------------------------------- embeddings
+    share_decoder_input_output_embed: bool = field(
+        default=False,
+        metadata={"help": "share the decoder's input embeddings and output projection "
+                  "(needs decoder_out_embed_dim == decoder_embed_dim)"},
+    )
+    share_all_embeddings: bool = field(
+        default=False,
+        metadata={"help": "share encoder, decoder and output embeddings (needs a joined "
+                  "dictionary and equal embedding sizes)"},
+    )
+    max_source_positions: int = field(
+        default=1024, metadata={"help": "maximum source length the model accepts"}
+    )
+    max_target_positions: int = field(
+        default=1024, metadata={"help": "maximum target length the model generates"}
+    )
+
+
+BOOL_FIELDS = [f.name for f in fields(RNNS2SConfig) if f.type is bool]
+
+
+def str2bool(value: str) -> bool:
+    low = str(value).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def add_bool_args(parser) -> None:
+    """Boolean options as ``--flag`` (true) or ``--flag false``.
+
+    fairseq turns a bool field into a store_true/store_false switch, so a value an architecture
+    sets (say a bidirectional encoder) could never be switched off. Added before fairseq adds the
+    dataclass fields, these win (fairseq skips an option that already exists).
+    """
+    for name in BOOL_FIELDS:
+        f = RNNS2SConfig.__dataclass_fields__[name]
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=str2bool,
+            nargs="?",
+            const=True,
+            metavar="BOOL",
+            help=f"{f.metadata['help']} (default: {str(f.default).lower()}; "
+            f"'--{name.replace('_', '-')}' alone means true)",
+        )
+
+
+def fill_defaults(args) -> None:
+    """Sets every field the user and the architecture left unset to the dataclass default."""
+    for f in fields(RNNS2SConfig):
+        if f.name.startswith("_"):
+            continue
+        if _get(args, f.name) is None:
+            setattr(args, f.name, f.default)
+
+
+def _get(args, name):
+    try:
+        return getattr(args, name, None)
+    except Exception:  # omegaconf raises for missing keys in struct mode
+        return None

@@ -1,0 +1,291 @@
+"""One RNN decoder for the whole family: vanilla, Bahdanau (attention before the RNN step) and
+Luong (attention after the RNN step, optional input feeding).
+
+Per target step i, with previous word embedding E y_{i-1} and top-layer state s:
+
+  none   (Cho et al. 2014):  s_i = RNN([E y_{i-1}; c], s_{i-1}),    c fixed (encoder summary)
+                             t_i = tanh(W_o [s_i; c; E y_{i-1}])
+  before (Bahdanau et al.):  c_i = Attn(query=s_{i-1});   s_i = RNN([E y_{i-1}; c_i], s_{i-1})
+                             t_i = tanh(W_o [s_i; c_i; E y_{i-1}])
+  after  (Luong et al.):     h_t = RNN([E y_{t-1}; h~_{t-1}] if input feeding else E y_{t-1})
+                             c_t = Attn(query=h_t);    h~_t = tanh(W_c [h_t; c_t])   (eq. 5)
+  p(y_i | ...) = softmax(W_out t_i)
+
+The attention ``keys`` (e.g. U h_j of the additive score) are computed once per sentence and kept
+in the incremental state. Without a step-to-step dependency outside the RNN (vanilla, and Luong
+without input feeding) the RNN runs over the whole target in one call and attention is batched
+over all steps; otherwise the decoder loops over steps.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from fairseq.models import FairseqIncrementalDecoder
+from fairseq.modules import FairseqDropout
+
+from .attention import Attention
+from .encoder import RNN_TYPES
+
+PLACEMENTS = ("none", "before", "after")
+DECODER_INITS = ("zeros", "final", "bridge")
+
+State = Dict[str, Optional[Tensor]]
+
+
+class StateInit(nn.Module):
+    """Decoder initial state from the encoder's final state (one per layer).
+
+    zeros:  s_0 = 0
+    final:  s_0 = h_final, through a linear map when the sizes differ
+    bridge: s_0 = tanh(W h_final + b)
+    """
+
+    def __init__(self, mode: str, encoder_dim: int, decoder_dim: int):
+        super().__init__()
+        self.mode = mode
+        self.proj: Optional[nn.Linear] = None
+        if mode == "bridge" or (mode == "final" and encoder_dim != decoder_dim):
+            self.proj = nn.Linear(encoder_dim, decoder_dim)
+
+    def forward(self, final: Optional[Tensor], num_layers: int, shape: Tuple[int, int], like: Tensor):
+        bsz, dim = shape
+        if self.mode == "zeros" or final is None:
+            return like.new_zeros(num_layers, bsz, dim)
+        if final.size(0) != num_layers:  # different depths: every layer starts from the top one
+            final = final[-1:].expand(num_layers, -1, -1)
+        if self.proj is not None:
+            final = self.proj(final)
+        return torch.tanh(final) if self.mode == "bridge" else final.contiguous()
+
+
+class RNNDecoder(FairseqIncrementalDecoder):
+    def __init__(
+        self,
+        dictionary,
+        embed_tokens: nn.Embedding,
+        hidden_size: int,
+        num_layers: int,
+        encoder_output_dim: int,
+        rnn_type: str = "lstm",
+        attention: str = "additive",
+        attention_placement: str = "before",
+        attention_dim: int = 256,
+        input_feeding: bool = True,
+        out_embed_dim: int = 256,
+        dropout_in: float = 0.0,
+        dropout_out: float = 0.0,
+        init: str = "final",
+        share_input_output_embed: bool = False,
+        max_target_positions: int = 100000,
+    ):
+        super().__init__(dictionary)
+        if attention_placement not in PLACEMENTS:
+            raise ValueError(f"attention placement {attention_placement!r}; choose one of {PLACEMENTS}")
+        if init not in DECODER_INITS:
+            raise ValueError(f"decoder init {init!r}; choose one of {DECODER_INITS}")
+        self.placement = attention_placement
+        self.input_feeding = input_feeding and attention_placement == "after"
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.rnn_type = rnn_type
+        self.out_embed_dim = out_embed_dim
+        self.max_target_positions = max_target_positions
+        self.embed_tokens = embed_tokens
+        embed_dim = embed_tokens.embedding_dim
+        self.dropout_in = FairseqDropout(dropout_in, module_name=self.__class__.__name__)
+        self.dropout_out = FairseqDropout(dropout_out, module_name=self.__class__.__name__)
+
+        # vanilla and Bahdanau feed the context into the RNN; Luong may feed the last h~ instead
+        rnn_input = embed_dim
+        if attention_placement in ("none", "before"):
+            rnn_input += encoder_output_dim
+        if self.input_feeding:
+            rnn_input += out_embed_dim
+        self.rnn = RNN_TYPES[rnn_type](
+            input_size=rnn_input,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            dropout=dropout_out if num_layers > 1 else 0.0,
+        )
+        self.attention = (
+            None
+            if attention_placement == "none"
+            else Attention(attention, hidden_size, encoder_output_dim, attention_dim)
+        )
+        # readout: [s; c] (Luong eq. 5), plus E y_{i-1} for vanilla/Bahdanau (their deep output)
+        self.readout_uses_embedding = attention_placement != "after"
+        readout_in = hidden_size + encoder_output_dim + (embed_dim if self.readout_uses_embedding else 0)
+        self.readout = nn.Linear(readout_in, out_embed_dim, bias=attention_placement != "after")
+        self.init_hidden = StateInit(init, encoder_output_dim, hidden_size)
+        self.init_cell = StateInit(init, encoder_output_dim, hidden_size) if rnn_type == "lstm" else None
+
+        self.share_input_output_embed = share_input_output_embed
+        if share_input_output_embed:
+            if out_embed_dim != embed_dim:
+                raise ValueError(
+                    f"sharing decoder input and output embeddings needs decoder_out_embed_dim "
+                    f"({out_embed_dim}) == decoder_embed_dim ({embed_dim})"
+                )
+            self.fc_out = None
+        else:
+            self.fc_out = nn.Linear(out_embed_dim, len(dictionary))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        prev_output_tokens: Tensor,
+        encoder_out: Optional[Dict[str, Optional[Tensor]]] = None,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        features_only: bool = False,
+        **unused,
+    ):
+        x, attn = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
+        if not features_only:
+            x = self.output_layer(x)
+        return x, {"attn": [attn]}
+
+    def extract_features(
+        self,
+        prev_output_tokens: Tensor,
+        encoder_out: Dict[str, Optional[Tensor]],
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Returns features B x T x out_embed_dim and attention B x T x S (None for vanilla)."""
+        cached = self._get_cache(incremental_state)
+        if cached is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]
+        values = encoder_out["encoder_out"].transpose(0, 1)  # B x S x C
+        padding_mask = encoder_out["encoder_padding_mask"]  # B x S
+        if cached is None:
+            state = self.initial_state(encoder_out)
+            keys = self.attention.keys(values) if self.attention is not None else None
+        else:
+            state, keys = cached, cached.get("keys")
+
+        emb = self.dropout_in(self.embed_tokens(prev_output_tokens)).transpose(0, 1)  # T x B x E
+        if self.placement == "none":
+            fixed = self._summary(encoder_out)  # B x C
+        else:
+            fixed = None
+
+        if self.placement == "before" or self.input_feeding:
+            outs, attns = [], []
+            for t in range(emb.size(0)):
+                out, attn, state = self.step(emb[t], state, keys, values, padding_mask)
+                outs.append(out)
+                attns.append(attn)
+            x = torch.stack(outs, dim=1)  # B x T x O
+            attn = torch.stack(attns, dim=1)  # B x T x S
+        else:
+            x, attn, state = self.run_parallel(emb, state, keys, values, padding_mask, fixed)
+
+        if incremental_state is not None:
+            state["keys"] = keys
+            self.set_incremental_state(incremental_state, "state", state)
+        return x, attn
+
+    def step(
+        self, emb: Tensor, state: State, keys: Optional[Tensor], values: Tensor, padding_mask: Tensor
+    ) -> Tuple[Tensor, Tensor, State]:
+        """One step of a decoder with a step-to-step dependency outside the RNN.
+
+        emb: B x E. Returns (t_i: B x O, attention weights: B x S, new state).
+        """
+        if self.placement == "before":
+            # Bahdanau eq. (5)-(6): score with the previous state s_{i-1}
+            query = state["h"][-1]  # B x H
+            context, attn = self.attention(query, keys, values, padding_mask)
+            rnn_in = torch.cat([emb, context], dim=-1)
+            h, new_state = self._rnn(rnn_in.unsqueeze(0), state)
+            h = self.dropout_out(h[0])
+            out = self.readout(torch.cat([h, context, emb], dim=-1))
+        else:
+            # Luong sec. 3.3: input feeding concatenates h~_{t-1} with the input
+            rnn_in = torch.cat([emb, state["feed"]], dim=-1)
+            h, new_state = self._rnn(rnn_in.unsqueeze(0), state)
+            h = self.dropout_out(h[0])
+            context, attn = self.attention(h, keys, values, padding_mask)
+            out = self.readout(torch.cat([h, context], dim=-1))
+        out = self.dropout_out(torch.tanh(out))
+        if self.input_feeding:
+            new_state["feed"] = out
+        return out, attn, new_state
+
+    def run_parallel(
+        self,
+        emb: Tensor,
+        state: State,
+        keys: Optional[Tensor],
+        values: Tensor,
+        padding_mask: Tensor,
+        fixed: Optional[Tensor],
+    ) -> Tuple[Tensor, Optional[Tensor], State]:
+        """All steps in one RNN call: vanilla, and Luong without input feeding. emb: T x B x E."""
+        seqlen = emb.size(0)
+        if fixed is not None:  # vanilla: the context vector enters every step
+            rnn_in = torch.cat([emb, fixed.unsqueeze(0).expand(seqlen, -1, -1)], dim=-1)
+        else:
+            rnn_in = emb
+        h, new_state = self._rnn(rnn_in, state)  # T x B x H
+        h = self.dropout_out(h).transpose(0, 1)  # B x T x H
+        emb = emb.transpose(0, 1)  # B x T x E
+        if self.attention is None:
+            context = fixed.unsqueeze(1).expand(-1, seqlen, -1)  # B x T x C
+            attn = None
+        else:
+            context, attn = self.attention(h, keys, values, padding_mask)  # B x T x C, B x T x S
+        parts = [h, context] + ([emb] if self.readout_uses_embedding else [])
+        out = self.dropout_out(torch.tanh(self.readout(torch.cat(parts, dim=-1))))
+        return out, attn, new_state
+
+    def _rnn(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
+        """Runs the (multi-layer) RNN over x (T x B x I) from state; returns outputs T x B x H."""
+        if self.rnn_type == "lstm":
+            out, (h, c) = self.rnn(x, (state["h"], state["c"]))
+            return out, {"h": h, "c": c, "feed": state.get("feed")}
+        out, h = self.rnn(x, state["h"])
+        return out, {"h": h, "c": None, "feed": state.get("feed")}
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        if self.fc_out is None:
+            return F.linear(features, self.embed_tokens.weight)
+        return self.fc_out(features)
+
+    # ------------------------------------------------------------------ state
+    def _summary(self, encoder_out: Dict[str, Optional[Tensor]]) -> Tensor:
+        """Vanilla context c: the encoder's top-layer final state, both directions (B x C)."""
+        return encoder_out["final_hidden"][-1]
+
+    def initial_state(self, encoder_out: Dict[str, Optional[Tensor]]) -> State:
+        values = encoder_out["encoder_out"]
+        shape = (values.size(1), self.hidden_size)
+        h = self.init_hidden(encoder_out["final_hidden"], self.num_layers, shape, values)
+        c = None
+        if self.init_cell is not None:
+            c = self.init_cell(encoder_out.get("final_cell"), self.num_layers, shape, values)
+        feed = values.new_zeros(shape[0], self.out_embed_dim) if self.input_feeding else None
+        return {"h": h, "c": c, "feed": feed}
+
+    def _get_cache(self, incremental_state) -> Optional[State]:
+        if incremental_state is None:
+            return None
+        return self.get_incremental_state(incremental_state, "state")
+
+    def reorder_incremental_state(
+        self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], new_order: Tensor
+    ):
+        cached = self._get_cache(incremental_state)
+        if cached is None:
+            return
+        batch_dim = {"h": 1, "c": 1, "feed": 0, "keys": 0}
+        reordered = {
+            k: (None if v is None else v.index_select(batch_dim[k], new_order)) for k, v in cached.items()
+        }
+        self.set_incremental_state(incremental_state, "state", reordered)
+
+    def max_positions(self) -> int:
+        return self.max_target_positions

@@ -1,0 +1,137 @@
+"""RNN encoder: embeddings + (bi)LSTM/GRU over the source, with packed sequences."""
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fairseq.models import FairseqEncoder
+from fairseq.modules import FairseqDropout
+
+RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def compact_left(padding_mask: Tensor) -> Optional[Tensor]:
+    """Permutation (B x T) that moves each row's tokens to the front, keeping their order.
+
+    fairseq pads sources on the left by default; packed RNNs need right padding. Returns None when
+    nothing needs to move (no padding, or padding already on the right).
+    """
+    if not padding_mask.any():
+        return None
+    order = torch.argsort(padding_mask.to(torch.uint8), dim=1, stable=True)
+    if bool((order == torch.arange(order.size(1), device=order.device)).all()):
+        return None
+    return order
+
+
+class RNNEncoder(FairseqEncoder):
+    """Embeds source tokens and runs a (bidirectional) LSTM or GRU over them.
+
+    Returns, for ``src_tokens`` as the caller gave them (left or right padded):
+      - encoder_out:          T x B x C   outputs, zero at padding (C = hidden x directions)
+      - encoder_padding_mask: B x T       True at padding
+      - final_hidden:         L x B x C   last state of every layer, directions concatenated
+      - final_cell:           L x B x C   LSTM cell state (absent for GRU)
+    Outputs stay at the positions of ``src_tokens``, so attention weights index the caller's
+    tokens (fairseq's own ``lstm`` returns them shifted for left-padded sentences).
+    """
+
+    def __init__(
+        self,
+        dictionary,
+        embed_tokens: nn.Embedding,
+        hidden_size: int,
+        num_layers: int,
+        rnn_type: str = "lstm",
+        bidirectional: bool = False,
+        dropout_in: float = 0.0,
+        dropout_out: float = 0.0,
+        reverse_source: bool = False,
+        max_source_positions: int = 100000,
+    ):
+        super().__init__(dictionary)
+        self.embed_tokens = embed_tokens
+        self.padding_idx = embed_tokens.padding_idx
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.rnn_type = rnn_type
+        self.bidirectional = bidirectional
+        self.reverse_source = reverse_source
+        self.max_source_positions = max_source_positions
+        self.num_directions = 2 if bidirectional else 1
+        self.output_dim = hidden_size * self.num_directions
+        self.dropout_in = FairseqDropout(dropout_in, module_name=self.__class__.__name__)
+        self.dropout_out = FairseqDropout(dropout_out, module_name=self.__class__.__name__)
+        self.rnn = RNN_TYPES[rnn_type](
+            input_size=embed_tokens.embedding_dim,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            dropout=dropout_out if num_layers > 1 else 0.0,
+            bidirectional=bidirectional,
+        )
+
+    def forward(self, src_tokens: Tensor, src_lengths: Optional[Tensor] = None, **unused):
+        """src_tokens: B x T (left or right padded). src_lengths are recomputed from padding."""
+        bsz, seqlen = src_tokens.size()
+        padding_mask = src_tokens.eq(self.padding_idx)  # B x T
+        lengths = (~padding_mask).long().sum(dim=1).clamp(min=1)  # B
+
+        order = compact_left(padding_mask)
+        tokens = src_tokens if order is None else src_tokens.gather(1, order)  # right padded
+        if self.reverse_source:  # Luong et al.'s baseline feeds the source reversed
+            tokens = _reverse_padded(tokens, lengths)
+
+        x = self.dropout_in(self.embed_tokens(tokens))  # B x T x E
+        x = x.transpose(0, 1)  # T x B x E
+        if bool((lengths == seqlen).all()):
+            out, state = self.rnn(x)
+        else:
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+            out, state = self.rnn(packed)
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, total_length=seqlen)  # T x B x C
+        out = self.dropout_out(out)
+
+        if self.reverse_source:
+            out = _reverse_padded(out.transpose(0, 1), lengths).transpose(0, 1)
+        if order is not None:  # back to the caller's positions
+            inverse = torch.argsort(order, dim=1)  # B x T
+            out = out.gather(0, inverse.t().unsqueeze(-1).expand(-1, -1, out.size(2)))
+
+        hidden, cell = state if isinstance(state, tuple) else (state, None)
+        result: Dict[str, Optional[Tensor]] = {
+            "encoder_out": out,  # T x B x C
+            "encoder_padding_mask": padding_mask,  # B x T
+            "final_hidden": self._combine_directions(hidden),  # L x B x C
+            "final_cell": None if cell is None else self._combine_directions(cell),
+        }
+        return result
+
+    def _combine_directions(self, state: Tensor) -> Tensor:
+        # (L*D) x B x H -> L x B x (D*H)
+        if not self.bidirectional:
+            return state
+        layers, bsz = self.num_layers, state.size(1)
+        state = state.view(layers, 2, bsz, self.hidden_size)
+        return torch.cat([state[:, 0], state[:, 1]], dim=-1)
+
+    def reorder_encoder_out(self, encoder_out: Dict[str, Optional[Tensor]], new_order: Tensor):
+        batch_dim = {"encoder_out": 1, "encoder_padding_mask": 0, "final_hidden": 1, "final_cell": 1}
+        return {
+            k: (None if v is None else v.index_select(batch_dim[k], new_order))
+            for k, v in encoder_out.items()
+        }
+
+    def max_positions(self) -> int:
+        return self.max_source_positions
+
+
+def _reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:
+    """Reverse each right-padded row of x (B x T [x C]) within its length; padding stays last."""
+    bsz, seqlen = x.shape[:2]
+    pos = torch.arange(seqlen, device=x.device).unsqueeze(0)  # 1 x T
+    idx = (lengths.unsqueeze(1) - 1 - pos).where(pos < lengths.unsqueeze(1), pos)  # B x T
+    if x.dim() == 3:
+        idx = idx.unsqueeze(-1).expand(-1, -1, x.size(2))
+    return x.gather(1, idx)

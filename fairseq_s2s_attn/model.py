@@ -1,0 +1,167 @@
+"""The fairseq model ``rnn_s2s`` and its named architectures.
+
+    rnn_vanilla   encoder-decoder with a fixed context vector (Sutskever et al. 2014, Cho et al. 2014)
+    rnn_bahdanau  additive attention before the RNN step (Bahdanau et al. 2014)
+    rnn_luong     general attention after the RNN step, input feeding (Luong et al. 2015)
+    *_tiny        the same, small enough for tests and smoke runs
+"""
+
+from fairseq.models import (
+    FairseqEncoderDecoderModel,
+    register_model,
+    register_model_architecture,
+)
+from fairseq.models.transformer import Embedding
+from fairseq.utils import safe_getattr
+
+from .config import RNNS2SConfig, add_bool_args, fill_defaults
+from .decoder import RNNDecoder
+from .encoder import RNNEncoder
+
+
+class ConfigError(ValueError):
+    """Options that cannot work together."""
+
+
+@register_model("rnn_s2s", dataclass=RNNS2SConfig)
+class RNNS2SModel(FairseqEncoderDecoderModel):
+    """RNN encoder-decoder: vanilla, Bahdanau or Luong, chosen by --attention-placement."""
+
+    @classmethod
+    def add_args(cls, parser):
+        add_bool_args(parser)
+        super().add_args(parser)
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        fill_defaults(cfg)
+        check_config(cfg)
+        src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
+
+        encoder_embed = Embedding(len(src_dict), cfg.encoder_embed_dim, src_dict.pad())
+        if cfg.share_all_embeddings:
+            if src_dict != tgt_dict:
+                raise ConfigError(
+                    "--share-all-embeddings needs one joined dictionary for source and target "
+                    "(fairseq-preprocess --joined-dictionary)"
+                )
+            if cfg.encoder_embed_dim != cfg.decoder_embed_dim:
+                raise ConfigError(
+                    f"--share-all-embeddings needs --encoder-embed-dim ({cfg.encoder_embed_dim}) "
+                    f"== --decoder-embed-dim ({cfg.decoder_embed_dim})"
+                )
+            decoder_embed = encoder_embed
+        else:
+            decoder_embed = Embedding(len(tgt_dict), cfg.decoder_embed_dim, tgt_dict.pad())
+
+        encoder = RNNEncoder(
+            src_dict,
+            encoder_embed,
+            hidden_size=cfg.encoder_hidden_size,
+            num_layers=cfg.encoder_layers,
+            rnn_type=str(cfg.rnn_type),
+            bidirectional=cfg.encoder_bidirectional,
+            dropout_in=cfg.encoder_dropout_in,
+            dropout_out=cfg.encoder_dropout_out,
+            reverse_source=cfg.reverse_source,
+            max_source_positions=cfg.max_source_positions,
+        )
+        decoder = RNNDecoder(
+            tgt_dict,
+            decoder_embed,
+            hidden_size=cfg.decoder_hidden_size,
+            num_layers=cfg.decoder_layers,
+            encoder_output_dim=encoder.output_dim,
+            rnn_type=str(cfg.rnn_type),
+            attention=str(cfg.attention),
+            attention_placement=str(cfg.attention_placement),
+            attention_dim=cfg.attention_dim,
+            input_feeding=cfg.input_feeding,
+            out_embed_dim=cfg.decoder_out_embed_dim,
+            dropout_in=cfg.decoder_dropout_in,
+            dropout_out=cfg.decoder_dropout_out,
+            init=str(cfg.decoder_init),
+            share_input_output_embed=cfg.share_decoder_input_output_embed or cfg.share_all_embeddings,
+            max_target_positions=cfg.max_target_positions,
+        )
+        return cls(encoder, decoder)
+
+    def max_positions(self):
+        return (self.encoder.max_positions(), self.decoder.max_positions())
+
+
+def check_config(cfg) -> None:
+    """Rejects sizes that cannot fit together, naming the options involved."""
+    for name in (
+        "encoder_embed_dim", "encoder_hidden_size", "encoder_layers", "decoder_embed_dim",
+        "decoder_hidden_size", "decoder_layers", "decoder_out_embed_dim", "attention_dim",
+        "max_source_positions", "max_target_positions",
+    ):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    for name in ("encoder_dropout_in", "encoder_dropout_out", "decoder_dropout_in", "decoder_dropout_out"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value!r}")
+    enc_out = cfg.encoder_hidden_size * (2 if cfg.encoder_bidirectional else 1)
+    if str(cfg.attention) == "dot" and str(cfg.attention_placement) != "none" and enc_out != cfg.decoder_hidden_size:
+        raise ConfigError(
+            f"--attention dot needs --decoder-hidden-size ({cfg.decoder_hidden_size}) equal to the "
+            f"encoder output size ({enc_out} = --encoder-hidden-size x directions); "
+            "use --attention general or concat, or match the sizes"
+        )
+    share = cfg.share_decoder_input_output_embed or cfg.share_all_embeddings
+    if share and cfg.decoder_out_embed_dim != cfg.decoder_embed_dim:
+        raise ConfigError(
+            f"sharing decoder input/output embeddings needs --decoder-out-embed-dim "
+            f"({cfg.decoder_out_embed_dim}) == --decoder-embed-dim ({cfg.decoder_embed_dim})"
+        )
+
+
+# --------------------------------------------------------------------- architectures
+# Each sets its own defaults for options the user did not give, then fills the rest from
+# RNNS2SConfig, the one place where defaults live (``--arch rnn_s2s`` takes them all from there).
+
+
+def _set_defaults(args, **defaults):
+    for key, value in defaults.items():
+        setattr(args, key, safe_getattr(args, key, value))
+    fill_defaults(args)
+
+
+@register_model_architecture("rnn_s2s", "rnn_bahdanau")
+def rnn_bahdanau(args, **sizes):
+    _set_defaults(args, attention_placement="before", attention="additive", **sizes)
+
+
+@register_model_architecture("rnn_s2s", "rnn_luong")
+def rnn_luong(args, **sizes):
+    _set_defaults(args, attention_placement="after", attention="general", input_feeding=True, **sizes)
+
+
+@register_model_architecture("rnn_s2s", "rnn_vanilla")
+def rnn_vanilla(args, **sizes):
+    _set_defaults(args, attention_placement="none", **sizes)
+
+
+TINY = dict(
+    encoder_embed_dim=32, encoder_hidden_size=32, decoder_embed_dim=32, decoder_hidden_size=64,
+    decoder_out_embed_dim=32, attention_dim=32, encoder_dropout_in=0.1, encoder_dropout_out=0.1,
+    decoder_dropout_in=0.1, decoder_dropout_out=0.1,
+)
+
+
+@register_model_architecture("rnn_s2s", "rnn_bahdanau_tiny")
+def rnn_bahdanau_tiny(args):
+    rnn_bahdanau(args, **TINY)
+
+
+@register_model_architecture("rnn_s2s", "rnn_luong_tiny")
+def rnn_luong_tiny(args):
+    rnn_luong(args, **TINY)
+
+
+@register_model_architecture("rnn_s2s", "rnn_vanilla_tiny")
+def rnn_vanilla_tiny(args):
+    rnn_vanilla(args, **TINY)
