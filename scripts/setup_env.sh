@@ -13,7 +13,7 @@ PY="${PYTHON:-python3}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 FAIRSEQ_SPEC="fairseq-fixed==0.12.3.1"
 # fairseq's real runtime needs (its metadata also asks for torchaudio, which would pull another torch).
-FAIRSEQ_RUNTIME="hydra-core>=1.3,<1.4 omegaconf>=2.1,<2.4 bitarray regex sacrebleu>=2.0 tqdm cffi scikit-learn packaging"
+FAIRSEQ_RUNTIME="hydra-core==1.3.2 omegaconf==2.3.0 bitarray regex sacrebleu>=2.0 tqdm cffi scikit-learn packaging"
 EXTRAS="sentencepiece matplotlib pytest pytest-timeout"
 STAMP_KEY="v3 torch=$TORCH_VERSION $FAIRSEQ_SPEC | $FAIRSEQ_RUNTIME | $EXTRAS | $(sha1sum "$ROOT/setup.py" | cut -c1-12)"
 STAMP="$VENV/.fairseq_s2s_attn_stamp"
