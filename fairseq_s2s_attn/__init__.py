@@ -10,6 +10,6 @@ from . import model  # noqa: F401  (registers the model and architectures)
 from .model import RNNS2SModel  # noqa: F401
 
 checkpoint.install()
-runtime.install()
+runtime.install(RNNS2SModel)
 
 __version__ = "0.1.0"

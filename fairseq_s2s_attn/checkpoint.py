@@ -19,6 +19,8 @@ import zipfile
 import numpy as np
 import torch
 
+from .errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,10 +43,6 @@ def _numpy_safe_globals():
 
 
 SAFE_GLOBALS = [argparse.Namespace, collections.OrderedDict, collections.defaultdict] + _numpy_safe_globals()
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded safely or at all."""
 
 
 def allow_fairseq_checkpoints() -> None:

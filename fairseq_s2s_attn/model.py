@@ -17,10 +17,7 @@ from fairseq.utils import safe_getattr
 from .config import RNNS2SConfig, add_bool_args, fill_defaults
 from .decoder import RNNDecoder
 from .encoder import RNNEncoder
-
-
-class ConfigError(ValueError):
-    """Options that cannot work together."""
+from .errors import ConfigError
 
 
 @register_model("rnn_s2s", dataclass=RNNS2SConfig)

@@ -7,10 +7,20 @@
 - fairseq's ``batch_by_size`` drops the last batch when its size is not a multiple of
   --required-batch-size-multiple (default 8), so fairseq-generate silently skips up to 7
   sentences of a test set and BLEU is computed on fewer sentences. We keep that batch.
+- ``--print-alignment`` with a model that has no attention (rnn_vanilla) crashed deep in fairseq
+  (it transposes an empty attention tensor). There is no alignment to print, so the command now
+  translates as usual, warns once and prints empty ``A-`` lines rather than made-up ones.
+- ``fairseq-train --arch rnn_bahdanau --help`` printed fairseq's general options only (its first
+  parse handles --help before model options are added). When help is asked for with one of our
+  architectures, the model options (every field of RNNS2SConfig, with its help) are added first.
+- Our own errors (bad options, unsafe or corrupt checkpoints) end the command with one
+  ``error: ...`` line instead of a traceback through fairseq.
 """
 
+import argparse
 import logging
 import os
+import sys
 
 import torch
 
@@ -49,6 +59,86 @@ def keep_remainder_batches() -> None:
     data_utils.batch_by_size = batch_by_size
 
 
-def install() -> None:
+def has_attention(model) -> bool:
+    decoder = getattr(model, "decoder", None)
+    return getattr(decoder, "attention", True) is not None
+
+
+def empty_alignments_without_attention() -> None:
+    from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithAlignment
+
+    original = SequenceGeneratorWithAlignment.generate
+    if getattr(original, "_s2s_patched", False):
+        return
+
+    def generate(self, models, sample, **kwargs):
+        if all(has_attention(m) for m in self.model.models):
+            return original(self, models, sample, **kwargs)
+        if not getattr(self, "_s2s_warned", False):
+            logger.warning("--print-alignment: a model without attention (rnn_vanilla) has no "
+                           "alignment; A- lines will be empty")
+            self._s2s_warned = True
+        finalized = SequenceGenerator._generate(self, sample, **kwargs)
+        for hypos in finalized:
+            for hypo in hypos:
+                hypo["alignment"] = []
+        return finalized
+
+    generate._s2s_patched = True
+    SequenceGeneratorWithAlignment.generate = torch.no_grad()(generate)
+
+
+def _arch_in_argv(argv):
+    for i, arg in enumerate(argv):
+        if arg in ("--arch", "-a") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--arch="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def model_options_in_help(model_cls, argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not {"-h", "--help"} & set(argv):
+        return
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    if ARCH_MODEL_REGISTRY.get(_arch_in_argv(argv)) is not model_cls:
+        return
+    original = argparse.ArgumentParser.parse_known_args
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not getattr(self, "_s2s_help", False) and any(a.dest == "arch" for a in self._actions):
+            self._s2s_help = True
+            group = self.add_argument_group("Model-specific configuration (fairseq_s2s_attn)",
+                                            argument_default=argparse.SUPPRESS)
+            model_cls.add_args(group)
+        return original(self, args, namespace)
+
+    argparse.ArgumentParser.parse_known_args = parse_known_args
+
+
+def clean_error_exit() -> None:
+    from .errors import S2SError
+
+    previous = sys.excepthook
+    if getattr(previous, "_s2s", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, S2SError):
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook._s2s = True
+    sys.excepthook = hook
+
+
+def install(model_cls) -> None:
+    clean_error_exit()
+    model_options_in_help(model_cls)
     set_thread_defaults()
     keep_remainder_batches()
+    empty_alignments_without_attention()

@@ -1,0 +1,142 @@
+"""Command line, as a user runs it: fairseq-preprocess -> fairseq-train --user-dir -> fairseq-generate
+(beam 5, --print-alignment) -> sacrebleu; fairseq-interactive; --help; bad input."""
+
+import re
+
+import pytest
+import torch
+
+from clitools import REPO, make_reverse_data, parse_generate, run
+
+pytestmark = pytest.mark.slow
+
+ARCHS = ["rnn_vanilla_tiny", "rnn_bahdanau_tiny", "rnn_luong_tiny"]
+USER_DIR = ("--user-dir", REPO / "fairseq_s2s_attn")
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    # test sentences of many lengths, so every generate batch has left-padded sources
+    return make_reverse_data(tmp_path_factory.mktemp("cli"), train=600, max_len=10, vocab=12, test=37)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(data_bin, tmp_path_factory):
+    out = {}
+    for arch in ARCHS:
+        save = tmp_path_factory.mktemp(arch)
+        run("fairseq-train", data_bin, *USER_DIR, "--arch", arch, "--optimizer", "adam",
+            "--lr", "0.005", "--max-tokens", 1000, "--max-epoch", 2, "--save-dir", save,
+            "--no-progress-bar", "--cpu", "--seed", 3)
+        out[arch] = save / "checkpoint_best.pt"
+        assert out[arch].exists()
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_generate_print_alignment(arch, data_bin, checkpoints, tmp_path):
+    gen = run("fairseq-generate", data_bin, *USER_DIR, "--path", checkpoints[arch], "--beam", 5,
+              "--print-alignment", "--cpu", "--batch-size", 16)
+    res = parse_generate(gen.stdout)
+    # every one of the 37 test sentences is translated (none dropped by batching)
+    assert sorted(res["S"]) == list(range(37))
+    assert sorted(res["H"]) == list(range(37))
+    assert "Generate test with beam=5: BLEU4" in gen.stdout
+    for sid, src in res["S"].items():
+        n_src = len(src.split()) + 1  # + EOS
+        pairs = [tuple(map(int, p.split("-"))) for p in res["A"].get(sid, "").split()]
+        if arch == "rnn_vanilla_tiny":
+            assert pairs == []  # no attention: an empty alignment, not a made-up one
+            continue
+        n_hyp = len(res["H"][sid].split())
+        assert len(pairs) == n_hyp, (sid, pairs, res["H"][sid])
+        assert all(0 <= s < n_src and 0 <= t < n_hyp for s, t in pairs), (sid, src, pairs)
+
+    # sacrebleu on the hypotheses against the references, as users score
+    hyp, ref = tmp_path / "hyp.txt", tmp_path / "ref.txt"
+    hyp.write_text("\n".join(res["H"][i] for i in range(37)) + "\n")
+    ref.write_text("\n".join(res["T"][i] for i in range(37)) + "\n")
+    score = run("sacrebleu", ref, "-i", hyp, "-m", "bleu", "chrf", "-b", "-f", "text")
+    values = [float(x) for x in score.stdout.split()]
+    assert len(values) == 2 and all(0.0 <= v <= 100.0 for v in values)
+
+
+@pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "rnn_luong_tiny"])
+def test_alignment_independent_of_padding(arch, data_bin, checkpoints):
+    """fairseq left-pads sources; alignments must index the source as given, so a sentence gets
+    the same alignment alone (no padding) as in a padded batch."""
+    padded = parse_generate(run("fairseq-generate", data_bin, *USER_DIR, "--path", checkpoints[arch],
+                                "--beam", 5, "--print-alignment", "--cpu", "--batch-size", 37).stdout)
+    alone = parse_generate(run("fairseq-generate", data_bin, *USER_DIR, "--path", checkpoints[arch],
+                               "--beam", 5, "--print-alignment", "--cpu", "--batch-size", 1).stdout)
+    lengths = {len(s.split()) for s in padded["S"].values()}
+    assert len(lengths) > 3  # the batch of 37 really mixes lengths, so most rows are padded
+    same = [i for i in padded["H"] if padded["H"][i] == alone["H"][i]]
+    assert len(same) >= 30
+    assert all(padded["A"][i] == alone["A"][i] for i in same)
+
+
+def test_checkpoint_is_plain_data(checkpoints):
+    """Our checkpoints load with torch's safe loader (weights_only=True) and nothing else."""
+    state = torch.load(checkpoints["rnn_bahdanau_tiny"], weights_only=True)
+    assert state["cfg"]["model"]["_name"] == "rnn_bahdanau_tiny"
+    assert state["cfg"]["model"]["attention_placement"] == "before"
+
+
+def test_interactive(data_bin, checkpoints):
+    proc = run("fairseq-interactive", data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
+               "--beam", 5, "--source-lang", "src", "--target-lang", "tgt", "--cpu",
+               "--print-alignment", input="w1 w2 w3\nw4\n")
+    hyps = [line for line in proc.stdout.splitlines() if line.startswith("H-")]
+    assert len(hyps) == 2
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("A-")]) == 2
+
+
+def test_help_documents_every_option():
+    proc = run("fairseq-train", "--user-dir", REPO / "fairseq_s2s_attn", "--arch", "rnn_bahdanau",
+               "--task", "translation", "--help")
+    from dataclasses import fields
+
+    from fairseq_s2s_attn.config import RNNS2SConfig
+
+    assert "Model-specific configuration" in proc.stdout
+    section = proc.stdout.split("Model-specific configuration", 1)[1]
+    for f in fields(RNNS2SConfig):
+        if f.name.startswith("_"):
+            continue
+        flag = "\n  --" + f.name.replace("_", "-") + " "
+        assert flag in section, flag
+        # the help text follows the flag (argparse may wrap it onto the next lines)
+        block = section.split(flag, 1)[1][:400]
+        words = f.metadata["help"].split()[:2]
+        assert " ".join(words) in re.sub(r"\s+", " ", block), (flag, block)
+
+
+def test_bool_option_can_be_switched_off(data_bin, tmp_path):
+    """rnn_bahdanau defaults to a bidirectional encoder; '--encoder-bidirectional false' turns it off."""
+    run("fairseq-train", data_bin, *USER_DIR, "--arch", "rnn_bahdanau_tiny",
+        "--encoder-bidirectional", "false", "--optimizer", "adam", "--lr", "0.005",
+        "--max-tokens", 1000, "--max-update", 1, "--save-dir", tmp_path, "--no-progress-bar", "--cpu",
+        "--disable-validation")
+    state = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    assert state["cfg"]["model"]["encoder_bidirectional"] is False
+    # the encoder LSTM then has no reverse-direction weights
+    assert not any("reverse" in k for k in state["model"] if k.startswith("encoder.rnn"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--attention", "bilinear"], "invalid choice"),
+        (["--attention", "dot", "--decoder-hidden-size", "48"], "--attention dot needs"),
+        (["--encoder-layers", "0"], "--encoder-layers must be a positive integer"),
+        (["--encoder-bidirectional", "maybe"], "expected a boolean"),
+    ],
+)
+def test_bad_options_clear_error(data_bin, tmp_path, args, message):
+    proc = run("fairseq-train", data_bin, *USER_DIR, "--arch", "rnn_luong_tiny", *args,
+               "--optimizer", "adam", "--max-update", 1, "--max-tokens", 1000, "--save-dir", tmp_path,
+               "--cpu", check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr  # one clear line, not a trace through fairseq
