@@ -103,20 +103,22 @@ def build_scorer(name: str, query_dim: int, value_dim: int, attention_dim: int) 
 def masked_softmax(scores: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
     """Softmax over the last (source) dimension with padded positions excluded.
 
-    Padded positions get exactly zero weight. The softmax is computed in fp32, so fp16/bf16
-    scores cannot overflow, and a row whose positions are all padding yields zeros, not NaN.
+    Padded positions get exactly zero weight. The softmax is computed in fp32 (fp64 stays fp64),
+    so fp16/bf16 scores cannot overflow, and a row whose positions are all padding yields zeros,
+    not NaN.
     padding_mask: B x S, True at padding.
     """
     dtype = scores.dtype
+    compute = torch.promote_types(dtype, torch.float32)  # fp32 at least; fp64 stays fp64
     if padding_mask is None:
-        return F.softmax(scores.float(), dim=-1).to(dtype)
+        return F.softmax(scores.to(compute), dim=-1).to(dtype)
     if scores.dim() == 3:
         padding_mask = padding_mask.unsqueeze(1)  # B x 1 x S
-    scores = scores.float().masked_fill(padding_mask, -math.inf)
+    scores = scores.to(compute).masked_fill(padding_mask, -math.inf)
     # a row of only padding: max is -inf; subtract 0 there so exp() gives 0, not NaN
-    row_max = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+    row_max = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(compute).min)
     expo = torch.exp(scores - row_max)
-    denom = expo.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    denom = expo.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(compute).tiny)
     return (expo / denom).to(dtype)
 
 
