@@ -1,0 +1,126 @@
+"""Shared small fixtures: a tiny dictionary, a fake task and a model builder.
+
+Models are built the way fairseq builds them: a namespace filled by one of the architecture
+functions registered in ``fairseq_s2s_attn.model``, then ``RNNS2SModel.build_model(cfg, task)``.
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from fairseq.data import Dictionary  # noqa: E402
+
+import fairseq_s2s_attn  # noqa: E402,F401  (registers the model and architectures)
+from fairseq_s2s_attn import model as s2s_model  # noqa: E402
+from fairseq_s2s_attn.model import RNNS2SModel  # noqa: E402
+
+torch.set_num_threads(1)
+
+ARCH_FNS = {
+    "rnn_vanilla": s2s_model.rnn_vanilla,
+    "rnn_bahdanau": s2s_model.rnn_bahdanau,
+    "rnn_luong": s2s_model.rnn_luong,
+    "rnn_vanilla_tiny": s2s_model.rnn_vanilla_tiny,
+    "rnn_bahdanau_tiny": s2s_model.rnn_bahdanau_tiny,
+    "rnn_luong_tiny": s2s_model.rnn_luong_tiny,
+}
+
+# dropout off: outputs are deterministic and every parameter gets a gradient
+NO_DROPOUT = dict(
+    encoder_dropout_in=0.0, encoder_dropout_out=0.0, decoder_dropout_in=0.0, decoder_dropout_out=0.0
+)
+
+
+def make_dict(n_words: int = 12, prefix: str = "w") -> Dictionary:
+    d = Dictionary()
+    for i in range(n_words):
+        d.add_symbol(f"{prefix}{i}")
+    d.finalize(padding_factor=1)
+    return d
+
+
+class FakeTask:
+    """What build_model needs from a task: the two dictionaries."""
+
+    def __init__(self, src_dict: Dictionary, tgt_dict: Dictionary):
+        self._src, self._tgt = src_dict, tgt_dict
+
+    @property
+    def source_dictionary(self):
+        return self._src
+
+    @property
+    def target_dictionary(self):
+        return self._tgt
+
+
+def make_args(arch: str = "rnn_bahdanau_tiny", dropout: bool = False, **overrides):
+    """Namespace as fairseq would hand it to build_model: user options, then the architecture."""
+    values = dict(overrides)
+    if not dropout:
+        for k, v in NO_DROPOUT.items():
+            values.setdefault(k, v)
+    args = argparse.Namespace(arch=arch, **values)
+    ARCH_FNS[arch](args)
+    return args
+
+
+# Weights drawn from U(-INIT_RANGE, INIT_RANGE): with the default initialisation a tiny untrained
+# model attends almost uniformly (weights within 1e-3 of 1/S), which would hide errors in which
+# state or key the attention uses. Larger weights give peaked attention and distinct logits.
+INIT_RANGE = 0.7
+
+
+def build_model(arch: str = "rnn_bahdanau_tiny", task=None, seed: int = 0, dropout: bool = False,
+                init_range: float = INIT_RANGE, **overrides):
+    """RNNS2SModel as fairseq builds it (architecture function, then build_model).
+
+    Dropout is off unless ``dropout`` (then the architecture's own values apply); weights are
+    re-drawn from U(-init_range, init_range) (embedding padding rows stay zero) unless 0.
+    """
+    torch.manual_seed(seed)
+    if task is None:
+        d = make_dict()
+        task = FakeTask(d, d)
+    args = make_args(arch, dropout=dropout, **overrides)
+    model = RNNS2SModel.build_model(args, task)
+    if init_range:
+        with torch.no_grad():
+            for p in model.parameters():
+                torch.nn.init.uniform_(p, -init_range, init_range)
+            for emb in (model.encoder.embed_tokens, model.decoder.embed_tokens):
+                emb.weight[emb.padding_idx].zero_()
+    return model
+
+
+def random_tokens(d: Dictionary, lengths, left_pad: bool, generator=None, with_eos: bool = True):
+    """B x max(lengths) tokens of d (no special symbols except a final eos), padded left or right."""
+    bsz, width = len(lengths), max(lengths)
+    out = torch.full((bsz, width), d.pad(), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        words = torch.randint(d.nspecial, len(d), (n,), generator=generator)
+        if with_eos:
+            words[-1] = d.eos()
+        if left_pad:
+            out[b, width - n:] = words
+        else:
+            out[b, :n] = words
+    return out
+
+
+@pytest.fixture
+def tiny_dict():
+    return make_dict()
+
+
+@pytest.fixture
+def tiny_task(tiny_dict):
+    return FakeTask(tiny_dict, tiny_dict)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,307 @@
+"""Attention: masking, each score function against its paper formula, batched vs per-step."""
+
+import math
+
+import pytest
+import torch
+
+from fairseq_s2s_attn.attention import (
+    SCORERS,
+    AdditiveScorer,
+    Attention,
+    DotScorer,
+    GeneralScorer,
+    build_scorer,
+    masked_softmax,
+)
+
+B, S, T, Q, C, A = 3, 5, 4, 6, 6, 7  # Q == C so that every scorer (dot included) applies
+
+
+def make_mask(left: bool) -> torch.Tensor:
+    """B x S padding masks: lengths 5, 3, 1, padded on the left or on the right."""
+    lengths = [5, 3, 1]
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if left:
+            mask[b, : S - n] = True
+        else:
+            mask[b, n:] = True
+    return mask
+
+
+def make_attention(score: str, seed: int = 0, dtype=torch.float64) -> Attention:
+    torch.manual_seed(seed)
+    attn = Attention(score, Q, C, A).to(dtype)
+    # non-trivial biases/weights so that a missing term would show
+    for p in attn.parameters():
+        torch.nn.init.uniform_(p, -0.8, 0.8)
+    return attn
+
+
+@pytest.mark.parametrize("score", SCORERS)
+@pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
+@pytest.mark.parametrize("batched", [False, True], ids=["one_step", "all_steps"])
+def test_weights_sum_to_one_and_padding_gets_zero(score, left, batched):
+    attn = make_attention(score)
+    torch.manual_seed(1)
+    values = torch.randn(B, S, C, dtype=torch.float64)
+    query = torch.randn(B, T, Q, dtype=torch.float64) if batched else torch.randn(B, Q, dtype=torch.float64)
+    mask = make_mask(left)
+    context, weights = attn(query, attn.keys(values), values, mask)
+
+    expect_shape = (B, T, S) if batched else (B, S)
+    assert weights.shape == expect_shape
+    assert context.shape == expect_shape[:-1] + (C,)
+    m = mask.unsqueeze(1).expand(B, T, S) if batched else mask
+    assert torch.all(weights[m] == 0.0), "padding must get exactly zero weight"
+    assert torch.all(weights[~m] > 0.0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(expect_shape[:-1], dtype=torch.float64))
+    # the one-token sentence attends to its single token with weight 1
+    single = weights[2] if not batched else weights[2, 0]
+    assert single[~mask[2]].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("score", SCORERS)
+def test_padding_values_do_not_leak_into_context(score):
+    """Changing the encoder outputs at padded positions must not change the context."""
+    attn = make_attention(score)
+    torch.manual_seed(2)
+    values = torch.randn(B, S, C, dtype=torch.float64)
+    query = torch.randn(B, T, Q, dtype=torch.float64)
+    mask = make_mask(left=True)
+    ctx1, w1 = attn(query, attn.keys(values), values, mask)
+    garbage = values.masked_fill(mask.unsqueeze(-1), 1e3)
+    ctx2, w2 = attn(query, attn.keys(garbage), garbage, mask)
+    torch.testing.assert_close(ctx1, ctx2)
+    torch.testing.assert_close(w1, w2)
+
+
+def _hand_attention(scores, values, mask):
+    """softmax over non-padding, then sum_j a_j h_j, with Python loops (B x S scores)."""
+    weights = torch.zeros_like(scores)
+    context = torch.zeros(values.size(0), values.size(2), dtype=values.dtype)
+    for b in range(scores.size(0)):
+        idx = [j for j in range(scores.size(1)) if not mask[b, j]]
+        exps = {j: math.exp(scores[b, j].item()) for j in idx}
+        z = sum(exps.values())
+        for j in idx:
+            weights[b, j] = exps[j] / z
+            context[b] += weights[b, j] * values[b, j]
+    return weights, context
+
+
+def _check_against_hand(attn, query, values, mask, hand_scores):
+    scores = attn.scorer(query, attn.keys(values))
+    torch.testing.assert_close(scores, hand_scores, rtol=1e-10, atol=1e-10)
+    context, weights = attn(query, attn.keys(values), values, mask)
+    w_hand, c_hand = _hand_attention(hand_scores, values, mask)
+    torch.testing.assert_close(weights, w_hand, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(context, c_hand, rtol=1e-10, atol=1e-12)
+
+
+def _inputs(seed=3):
+    torch.manual_seed(seed)
+    return torch.randn(B, Q, dtype=torch.float64), torch.randn(B, S, C, dtype=torch.float64)
+
+
+def test_additive_is_bahdanau_formula():
+    """e_ij = v^T tanh(W s_{i-1} + U h_j + b_U) (Bahdanau eq. 6, with the bias U carries)."""
+    attn = make_attention("additive")
+    sc = attn.scorer
+    assert isinstance(sc, AdditiveScorer)
+    W, U, bU, v = sc.query_proj.weight, sc.key_proj.weight, sc.key_proj.bias, sc.v.weight[0]
+    assert sc.query_proj.bias is None and sc.v.bias is None
+    assert W.shape == (A, Q) and U.shape == (A, C) and v.shape == (A,)
+    s, h = _inputs()
+    mask = make_mask(left=False)
+    hand = torch.zeros(B, S, dtype=torch.float64)
+    with torch.no_grad():
+        for b in range(B):
+            for j in range(S):
+                hand[b, j] = v @ torch.tanh(W @ s[b] + U @ h[b, j] + bU)
+        _check_against_hand(attn, s, h, mask, hand)
+
+
+def test_dot_is_luong_formula():
+    """score(h_t, h_s) = h_t^T h_s (Luong eq. 8, dot)."""
+    attn = make_attention("dot")
+    assert isinstance(attn.scorer, DotScorer)
+    assert len(list(attn.parameters())) == 0
+    ht, hs = _inputs()
+    mask = make_mask(left=True)
+    hand = torch.zeros(B, S, dtype=torch.float64)
+    for b in range(B):
+        for j in range(S):
+            hand[b, j] = sum(ht[b, k] * hs[b, j, k] for k in range(C))
+    with torch.no_grad():
+        _check_against_hand(attn, ht, hs, mask, hand)
+
+
+def test_general_is_luong_formula():
+    """score(h_t, h_s) = h_t^T W_a h_s (Luong eq. 8, general); W_a is Q x C, no bias."""
+    attn = make_attention("general")
+    sc = attn.scorer
+    assert isinstance(sc, GeneralScorer)
+    Wa = sc.key_proj.weight
+    assert Wa.shape == (Q, C) and sc.key_proj.bias is None
+    ht, hs = _inputs()
+    mask = make_mask(left=False)
+    hand = torch.zeros(B, S, dtype=torch.float64)
+    with torch.no_grad():
+        for b in range(B):
+            for j in range(S):
+                hand[b, j] = ht[b] @ Wa @ hs[b, j]
+        _check_against_hand(attn, ht, hs, mask, hand)
+
+
+def test_general_differs_from_dot():
+    """general must actually use W_a: with a non-identity W_a the scores differ from dot."""
+    gen, dot = make_attention("general"), make_attention("dot")
+    ht, hs = _inputs()
+    with torch.no_grad():
+        s_gen = gen.scorer(ht, gen.keys(hs))
+        s_dot = dot.scorer(ht, dot.keys(hs))
+        assert not torch.allclose(s_gen, s_dot)
+        gen.scorer.key_proj.weight.copy_(torch.eye(Q, C, dtype=torch.float64))
+        torch.testing.assert_close(gen.scorer(ht, gen.keys(hs)), s_dot)
+
+
+def test_concat_is_luong_formula_from_additive_weights():
+    """score = v^T tanh(W_a [h_t; h_s] + b) with W_a = [W | U], built from the module's weights."""
+    attn = make_attention("concat")
+    sc = attn.scorer
+    assert isinstance(sc, AdditiveScorer)
+    Wa = torch.cat([sc.query_proj.weight, sc.key_proj.weight], dim=1)  # A x (Q + C)
+    b_a, v = sc.key_proj.bias, sc.v.weight[0]
+    ht, hs = _inputs()
+    mask = make_mask(left=True)
+    hand = torch.zeros(B, S, dtype=torch.float64)
+    with torch.no_grad():
+        for b in range(B):
+            for j in range(S):
+                hand[b, j] = v @ torch.tanh(Wa @ torch.cat([ht[b], hs[b, j]]) + b_a)
+        _check_against_hand(attn, ht, hs, mask, hand)
+
+
+@pytest.mark.parametrize("score", SCORERS)
+@pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
+def test_batched_query_equals_separate_steps(score, left):
+    attn = make_attention(score)
+    torch.manual_seed(4)
+    values = torch.randn(B, S, C, dtype=torch.float64)
+    query = torch.randn(B, T, Q, dtype=torch.float64)
+    mask = make_mask(left)
+    keys = attn.keys(values)
+    with torch.no_grad():
+        ctx_all, w_all = attn(query, keys, values, mask)
+        for t in range(T):
+            ctx_t, w_t = attn(query[:, t], keys, values, mask)
+            torch.testing.assert_close(ctx_all[:, t], ctx_t, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(w_all[:, t], w_t, rtol=1e-12, atol=1e-12)
+
+
+def test_keys_depend_only_on_source():
+    """keys() is the per-sentence part: the scores for any query come from the same keys."""
+    attn = make_attention("additive")
+    torch.manual_seed(5)
+    values = torch.randn(B, S, C, dtype=torch.float64)
+    keys = attn.keys(values)
+    assert keys.shape == (B, S, A)
+    with torch.no_grad():
+        torch.testing.assert_close(keys, values @ attn.scorer.key_proj.weight.t() + attn.scorer.key_proj.bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batched", [False, True], ids=["one_step", "all_steps"])
+def test_masked_softmax_fully_padded_row_is_finite(dtype, batched):
+    scores = torch.randn(B, T, S) if batched else torch.randn(B, S)
+    scores = scores.to(dtype)
+    mask = make_mask(left=True)
+    mask[1] = True  # row 1 is all padding
+    w = masked_softmax(scores, mask)
+    assert w.dtype == dtype
+    assert torch.isfinite(w).all()
+    assert torch.all(w[1] == 0)
+    sums = w.float().sum(-1)
+    torch.testing.assert_close(sums[0], torch.ones_like(sums[0]), atol=1e-2, rtol=0)
+    torch.testing.assert_close(sums[2], torch.ones_like(sums[2]), atol=1e-2, rtol=0)
+    m = mask.unsqueeze(1).expand(B, T, S) if batched else mask
+    assert torch.all(w[m] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_masked_softmax_large_scores_low_precision(dtype):
+    """Scores near the fp16 maximum must not overflow exp() (softmax runs in fp32)."""
+    scores = torch.tensor([[60000.0, 59990.0, -60000.0, 0.0]], dtype=dtype)
+    mask = torch.tensor([[False, False, False, True]])
+    w = masked_softmax(scores, mask)
+    assert torch.isfinite(w).all()
+    ref = torch.softmax(scores.float()[:, :3], dim=-1)
+    torch.testing.assert_close(w.float()[:, :3], ref, atol=1e-2, rtol=0)
+    assert w[0, 3] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("score", ["dot", "general"])
+def test_attention_low_precision_fully_padded_row(dtype, score):
+    attn = make_attention(score, dtype=dtype)
+    torch.manual_seed(6)
+    values = torch.randn(B, S, C).to(dtype)
+    query = torch.randn(B, T, Q).to(dtype)
+    mask = make_mask(left=False)
+    mask[0] = True
+    with torch.no_grad():
+        context, weights = attn(query, attn.keys(values), values, mask)
+    assert weights.dtype == dtype and context.dtype == dtype
+    assert torch.isfinite(weights).all() and torch.isfinite(context).all()
+    assert torch.all(weights[0] == 0) and torch.all(context[0] == 0)
+
+
+def test_masked_softmax_without_mask_is_softmax():
+    scores = torch.randn(B, T, S)
+    torch.testing.assert_close(masked_softmax(scores, None), torch.softmax(scores, -1))
+
+
+def test_dot_with_mismatched_sizes_raises():
+    with pytest.raises(ValueError, match="dot"):
+        Attention("dot", 8, 6, 4)
+    with pytest.raises(ValueError):
+        DotScorer(4, 5)
+    # the other scorers map between sizes
+    for score in ("additive", "general", "concat"):
+        attn = Attention(score, 8, 6, 4)
+        values = torch.randn(2, 3, 6)
+        ctx, w = attn(torch.randn(2, 8), attn.keys(values), values, None)
+        assert ctx.shape == (2, 6) and w.shape == (2, 3)
+
+
+def test_unknown_scorer_raises():
+    with pytest.raises(ValueError, match="unknown attention score"):
+        build_scorer("cosine", 4, 4, 4)
+
+
+def test_masked_softmax_keeps_float64_precision():
+    """fp64 scores are not rounded through fp32 (would break gradcheck and fp64 references)."""
+    scores = torch.tensor([[0.1, 0.1 + 1e-12, 0.3, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[False, False, False, True]])
+    w = masked_softmax(scores, mask)
+    assert w.dtype == torch.float64
+    ref = torch.softmax(scores[:, :3], dim=-1)
+    torch.testing.assert_close(w[:, :3], ref, rtol=1e-14, atol=1e-15)
+    assert w[0, 1] > w[0, 0]  # a 1e-12 difference survives
+
+
+@pytest.mark.parametrize("score", SCORERS)
+def test_attention_gradcheck(score):
+    """Analytic gradients of the masked attention match finite differences (fp64)."""
+    attn = make_attention(score)
+    torch.manual_seed(7)
+    values = torch.randn(2, 4, C, dtype=torch.float64, requires_grad=True)
+    query = torch.randn(2, 3, Q, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, False, False], [False, False, True, True]])
+
+    def fn(q, v):
+        return attn(q, attn.keys(v), v, mask)
+
+    assert torch.autograd.gradcheck(fn, (query, values))

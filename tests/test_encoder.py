@@ -1,0 +1,174 @@
+"""RNN encoder: shapes, left/right padding, final states, reverse_source, reordering."""
+
+import itertools
+
+import pytest
+import torch
+from fairseq.models.transformer import Embedding
+
+from fairseq_s2s_attn.encoder import RNNEncoder, compact_left
+
+from conftest import random_tokens
+
+E, H = 8, 5
+LENGTHS = [6, 3, 1, 4]
+
+CONFIGS = [
+    dict(rnn_type=r, num_layers=n, bidirectional=bi)
+    for r, n, bi in itertools.product(["lstm", "gru"], [1, 2], [False, True])
+]
+
+
+def cfg_id(c):
+    return f"{c['rnn_type']}-L{c['num_layers']}-{'bi' if c['bidirectional'] else 'uni'}"
+
+
+def make_encoder(d, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("rnn_type", "lstm")
+    kw.setdefault("num_layers", 1)
+    enc = RNNEncoder(d, Embedding(len(d), E, d.pad()), hidden_size=H, **kw)
+    return enc.eval()
+
+
+def run(enc, tokens):
+    with torch.no_grad():
+        return enc(tokens, tokens.ne(enc.padding_idx).sum(1))
+
+
+def token_positions(tokens, pad):
+    return [row.ne(pad).nonzero().flatten() for row in tokens]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
+def test_output_shapes(tiny_dict, gen, cfg):
+    enc = make_encoder(tiny_dict, **cfg)
+    tokens = random_tokens(tiny_dict, LENGTHS, left_pad=True, generator=gen)
+    out = run(enc, tokens)
+    bsz, seqlen = tokens.shape
+    dirs = 2 if cfg["bidirectional"] else 1
+    C = H * dirs
+    assert enc.output_dim == C
+    assert out["encoder_out"].shape == (seqlen, bsz, C)
+    assert out["encoder_padding_mask"].shape == (bsz, seqlen)
+    assert torch.equal(out["encoder_padding_mask"], tokens.eq(tiny_dict.pad()))
+    assert out["final_hidden"].shape == (cfg["num_layers"], bsz, C)
+    if cfg["rnn_type"] == "lstm":
+        assert out["final_cell"].shape == (cfg["num_layers"], bsz, C)
+    else:
+        assert out["final_cell"] is None
+
+
+@pytest.mark.parametrize("reverse_source", [False, True], ids=["fwd", "reversed"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
+def test_left_and_right_padding_agree_and_match_unpadded(tiny_dict, gen, cfg, reverse_source):
+    enc = make_encoder(tiny_dict, reverse_source=reverse_source, **cfg)
+    left = random_tokens(tiny_dict, LENGTHS, left_pad=True, generator=gen)
+    pad = tiny_dict.pad()
+    # the same sentences, right padded
+    right = torch.full_like(left, pad)
+    for b, n in enumerate(LENGTHS):
+        right[b, :n] = left[b, left.size(1) - n:]
+    out_l, out_r = run(enc, left), run(enc, right)
+    pos_l, pos_r = token_positions(left, pad), token_positions(right, pad)
+
+    for b, n in enumerate(LENGTHS):
+        # outputs stay at the positions of the tokens as given
+        yl = out_l["encoder_out"][pos_l[b], b]
+        yr = out_r["encoder_out"][pos_r[b], b]
+        torch.testing.assert_close(yl, yr, rtol=1e-5, atol=1e-6)
+        # zeros at padding
+        assert torch.all(out_l["encoder_out"][left[b].eq(pad), b] == 0)
+        assert torch.all(out_r["encoder_out"][right[b].eq(pad), b] == 0)
+        # the sentence alone, unpadded: same outputs and final states
+        alone = run(enc, right[b : b + 1, :n])
+        torch.testing.assert_close(yl, alone["encoder_out"][:, 0], rtol=1e-5, atol=1e-6)
+        for key in ("final_hidden", "final_cell"):
+            if alone[key] is None:
+                assert out_l[key] is None and out_r[key] is None
+                continue
+            torch.testing.assert_close(out_l[key][:, b], alone[key][:, 0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out_r[key][:, b], alone[key][:, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_bidirectional_final_state_is_last_forward_and_first_backward_output(tiny_dict, gen, rnn_type):
+    """final_hidden[-1] = [forward output at the last token; backward output at the first token]."""
+    enc = make_encoder(tiny_dict, rnn_type=rnn_type, num_layers=2, bidirectional=True)
+    tokens = random_tokens(tiny_dict, LENGTHS, left_pad=True, generator=gen)
+    out = run(enc, tokens)
+    for b, pos in enumerate(token_positions(tokens, tiny_dict.pad())):
+        first, last = pos[0], pos[-1]
+        torch.testing.assert_close(out["final_hidden"][-1, b, :H], out["encoder_out"][last, b, :H])
+        torch.testing.assert_close(out["final_hidden"][-1, b, H:], out["encoder_out"][first, b, H:])
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("left_pad", [True, False], ids=["left_pad", "right_pad"])
+def test_reverse_source_reads_the_sentence_backwards(tiny_dict, gen, bidirectional, left_pad):
+    """reverse_source on x == the plain encoder on reversed x, outputs mapped back to x's positions."""
+    rev = make_encoder(tiny_dict, bidirectional=bidirectional, reverse_source=True)
+    plain = make_encoder(tiny_dict, bidirectional=bidirectional, reverse_source=False)
+    plain.load_state_dict(rev.state_dict())
+    tokens = random_tokens(tiny_dict, LENGTHS, left_pad=left_pad, generator=gen)
+    pad = tiny_dict.pad()
+    out = run(rev, tokens)
+    differs = False
+    for b, pos in enumerate(token_positions(tokens, pad)):
+        sent = tokens[b, pos]
+        ref = run(plain, sent.flip(0).unsqueeze(0))
+        torch.testing.assert_close(out["encoder_out"][pos, b], ref["encoder_out"][:, 0].flip(0),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["final_hidden"][:, b], ref["final_hidden"][:, 0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["final_cell"][:, b], ref["final_cell"][:, 0], rtol=1e-5, atol=1e-6)
+        fwd = run(plain, sent.unsqueeze(0))
+        if len(pos) > 1 and not torch.allclose(fwd["final_hidden"], ref["final_hidden"]):
+            differs = True
+    assert differs, "reversing the source should change the encoding"
+    assert torch.all(out["encoder_out"][tokens.eq(pad).t()] == 0)
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_reorder_encoder_out_equals_encoding_reordered_batch(tiny_dict, gen, rnn_type):
+    enc = make_encoder(tiny_dict, rnn_type=rnn_type, num_layers=2, bidirectional=True)
+    tokens = random_tokens(tiny_dict, LENGTHS, left_pad=True, generator=gen)
+    new_order = torch.tensor([2, 0, 0, 3, 1])  # a permutation with a repeat, like a beam expansion
+    reordered = enc.reorder_encoder_out(run(enc, tokens), new_order)
+    direct = run(enc, tokens[new_order])
+    assert set(reordered) == set(direct)
+    for key, val in direct.items():
+        if val is None:
+            assert reordered[key] is None
+        else:
+            assert reordered[key].shape == val.shape
+            torch.testing.assert_close(reordered[key], val, rtol=1e-5, atol=1e-6)
+
+
+def test_training_dropout_keeps_padding_zero_and_eval_is_deterministic(tiny_dict, gen):
+    enc = make_encoder(tiny_dict, bidirectional=True, num_layers=2, dropout_in=0.3, dropout_out=0.3)
+    tokens = random_tokens(tiny_dict, LENGTHS, left_pad=True, generator=gen)
+    enc.train()
+    out = enc(tokens, None)["encoder_out"]
+    assert torch.all(out[tokens.eq(tiny_dict.pad()).t()] == 0)
+    enc.eval()
+    a, b = run(enc, tokens), run(enc, tokens)
+    assert torch.equal(a["encoder_out"], b["encoder_out"])
+
+
+def test_compact_left():
+    mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    order = compact_left(mask)
+    assert order.tolist() == [[2, 3, 0, 1], [0, 1, 2, 3]]
+    assert compact_left(torch.tensor([[False, False, True], [False, True, True]])) is None
+    assert compact_left(torch.zeros(2, 3, dtype=torch.bool)) is None
+
+
+def test_no_padding_batch(tiny_dict, gen):
+    """A batch without padding takes the unpacked path and gives the same as per-sentence runs."""
+    enc = make_encoder(tiny_dict, bidirectional=True)
+    tokens = random_tokens(tiny_dict, [4, 4], left_pad=True, generator=gen)
+    out = run(enc, tokens)
+    for b in range(2):
+        alone = run(enc, tokens[b : b + 1])
+        torch.testing.assert_close(out["encoder_out"][:, b], alone["encoder_out"][:, 0])
+        torch.testing.assert_close(out["final_hidden"][:, b], alone["final_hidden"][:, 0])

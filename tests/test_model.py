@@ -1,0 +1,305 @@
+"""The rnn_s2s model: architectures, embedding sharing, configuration checks and fairseq's
+SequenceGenerator on tiny untrained models."""
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+from fairseq.sequence_generator import SequenceGenerator
+
+from conftest import ARCH_FNS, FakeTask, build_model, make_args, make_dict, random_tokens
+from fairseq_s2s_attn.config import RNNS2SConfig
+from fairseq_s2s_attn.model import TINY, ConfigError, RNNS2SModel, check_config
+
+ARCHS = sorted(ARCH_FNS)
+TINY_ARCHS = ["rnn_vanilla_tiny", "rnn_bahdanau_tiny", "rnn_luong_tiny"]
+
+
+# ------------------------------------------------------------------ registry and architectures
+
+
+def test_registry_has_the_six_architectures():
+    for arch in ARCHS:
+        assert ARCH_MODEL_REGISTRY[arch] is RNNS2SModel, arch
+        assert ARCH_CONFIG_REGISTRY[arch] is ARCH_FNS[arch], arch
+    assert len(ARCHS) == 6
+
+
+@pytest.mark.parametrize(
+    "arch, placement, attention",
+    [
+        ("rnn_vanilla", "none", None),
+        ("rnn_bahdanau", "before", "additive"),
+        ("rnn_luong", "after", "general"),
+        ("rnn_vanilla_tiny", "none", None),
+        ("rnn_bahdanau_tiny", "before", "additive"),
+        ("rnn_luong_tiny", "after", "general"),
+    ],
+)
+def test_architecture_defaults(arch, placement, attention):
+    args = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY[arch](args)
+    assert args.attention_placement == placement
+    if attention is not None:
+        assert args.attention == attention
+    if arch.startswith("rnn_luong"):
+        assert args.input_feeding is True
+    # every config field is filled
+    for name in RNNS2SConfig.__dataclass_fields__:
+        if not name.startswith("_"):
+            assert getattr(args, name, None) is not None, name
+    if arch.endswith("_tiny"):
+        for k, v in TINY.items():
+            assert getattr(args, k) == v, k
+    else:
+        assert args.encoder_hidden_size == RNNS2SConfig.encoder_hidden_size
+
+
+def test_user_options_override_architecture():
+    args = argparse.Namespace(attention="dot", input_feeding=False, encoder_embed_dim=16)
+    ARCH_CONFIG_REGISTRY["rnn_luong_tiny"](args)
+    assert args.attention == "dot" and args.input_feeding is False and args.encoder_embed_dim == 16
+    assert args.attention_placement == "after" and args.decoder_hidden_size == TINY["decoder_hidden_size"]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_build_model_uses_the_configured_sizes(arch):
+    model = build_model(arch)
+    assert isinstance(model, RNNS2SModel)
+    enc, dec = model.encoder, model.decoder
+    assert enc.embed_tokens.embedding_dim == TINY["encoder_embed_dim"]
+    assert enc.hidden_size == TINY["encoder_hidden_size"] and enc.bidirectional
+    assert dec.hidden_size == TINY["decoder_hidden_size"]
+    assert dec.out_embed_dim == TINY["decoder_out_embed_dim"]
+    assert dec.placement == {"rnn_vanilla_tiny": "none", "rnn_bahdanau_tiny": "before",
+                             "rnn_luong_tiny": "after"}[arch]
+    assert (dec.attention is None) == (arch == "rnn_vanilla_tiny")
+    assert model.max_positions() == (1024, 1024)
+
+
+def test_tiny_architectures_keep_their_dropout():
+    model = build_model("rnn_bahdanau_tiny", dropout=True)
+    assert model.encoder.dropout_in.p == TINY["encoder_dropout_in"]
+    assert model.decoder.dropout_out.p == TINY["decoder_dropout_out"]
+
+
+# ------------------------------------------------------------------ embedding sharing
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_share_decoder_input_output_embed_ties_weights(arch):
+    d = make_dict()
+    model = build_model(arch, share_decoder_input_output_embed=True)
+    dec = model.decoder
+    assert dec.fc_out is None
+    n_tied = sum(p.numel() for p in model.parameters())
+    n_untied = sum(p.numel() for p in build_model(arch).parameters())
+    assert n_untied - n_tied == len(d) * TINY["decoder_out_embed_dim"] + len(d)  # W_out and its bias
+    feats = torch.randn(2, 3, TINY["decoder_embed_dim"])
+    torch.testing.assert_close(dec.output_layer(feats), feats @ dec.embed_tokens.weight.t())
+    # the same tensor: changing the input embedding changes the output layer
+    with torch.no_grad():
+        dec.embed_tokens.weight[5].add_(1.0)
+    torch.testing.assert_close(dec.output_layer(feats), feats @ dec.embed_tokens.weight.t())
+    # one gradient, from both uses
+    src = random_tokens(d, [3, 2], left_pad=True)
+    prev = torch.tensor([[d.eos(), 5], [d.eos(), 6]])
+    logits, _ = model(src, src.ne(d.pad()).sum(1), prev)
+    logits.sum().backward()
+    assert dec.embed_tokens.weight.grad is not None
+    assert dec.embed_tokens.weight.grad[7].abs().sum() > 0  # never an input: grad from the output use
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_share_all_embeddings_ties_encoder_decoder_and_output(arch):
+    model = build_model(arch, share_all_embeddings=True)
+    assert model.encoder.embed_tokens is model.decoder.embed_tokens
+    assert model.encoder.embed_tokens.weight is model.decoder.embed_tokens.weight
+    assert model.decoder.fc_out is None
+    names = [n for n, _ in model.named_parameters()]
+    assert sum("embed_tokens" in n for n in names) == 1  # one parameter, shared
+    state = model.state_dict()
+    assert torch.equal(state["encoder.embed_tokens.weight"], state["decoder.embed_tokens.weight"])
+
+
+def test_share_all_embeddings_needs_a_joined_dictionary():
+    task = FakeTask(make_dict(prefix="src"), make_dict(prefix="tgt"))
+    with pytest.raises(ConfigError, match="joined"):
+        build_model("rnn_bahdanau_tiny", task=task, share_all_embeddings=True)
+
+
+def test_share_all_embeddings_needs_equal_embedding_sizes():
+    with pytest.raises(ConfigError, match="encoder-embed-dim"):
+        build_model("rnn_bahdanau_tiny", share_all_embeddings=True, encoder_embed_dim=16)
+
+
+@pytest.mark.parametrize("flag", ["share_decoder_input_output_embed", "share_all_embeddings"])
+def test_sharing_with_mismatched_output_size_raises(flag):
+    with pytest.raises(ConfigError, match="decoder-out-embed-dim"):
+        build_model("rnn_luong_tiny", **{flag: True, "decoder_out_embed_dim": 16})
+
+
+def test_separate_dictionaries_without_sharing():
+    src_d, tgt_d = make_dict(10, "src"), make_dict(7, "tgt")
+    model = build_model("rnn_luong_tiny", task=FakeTask(src_d, tgt_d)).eval()
+    src = random_tokens(src_d, [4, 2], left_pad=True)
+    prev = torch.full((2, 3), tgt_d.eos())
+    logits, _ = model(src, src.ne(src_d.pad()).sum(1), prev)
+    assert model.encoder.embed_tokens.num_embeddings == len(src_d)
+    assert logits.shape == (2, 3, len(tgt_d))
+
+
+# ------------------------------------------------------------------ configuration checks
+
+
+def _checked(arch="rnn_bahdanau_tiny", **opts):
+    return check_config(make_args(arch, **opts))
+
+
+def test_valid_configs_pass_check():
+    for arch in ARCHS:
+        _checked(arch)
+    _checked("rnn_luong_tiny", attention="dot")  # 2 x 32 == 64
+    _checked("rnn_vanilla_tiny", attention="dot", decoder_hidden_size=10)  # vanilla has no attention
+
+
+@pytest.mark.parametrize("opts", [
+    dict(attention="dot", encoder_bidirectional=False),  # 32 != 64
+    dict(attention="dot", decoder_hidden_size=48),
+    dict(attention="dot", encoder_hidden_size=16),
+])
+def test_dot_attention_with_mismatched_sizes_raises(opts):
+    with pytest.raises(ConfigError, match="attention dot"):
+        _checked("rnn_luong_tiny", **opts)
+    with pytest.raises(ConfigError):
+        build_model("rnn_luong_tiny", **opts)
+
+
+@pytest.mark.parametrize("name", [
+    "encoder_embed_dim", "encoder_hidden_size", "encoder_layers", "decoder_embed_dim",
+    "decoder_hidden_size", "decoder_layers", "decoder_out_embed_dim", "attention_dim",
+    "max_source_positions", "max_target_positions",
+])
+@pytest.mark.parametrize("value", [0, -3, 2.5])
+def test_non_positive_sizes_raise(name, value):
+    with pytest.raises(ConfigError, match=name.replace("_", "-")):
+        _checked(**{name: value})
+
+
+@pytest.mark.parametrize("name", ["encoder_dropout_in", "encoder_dropout_out",
+                                  "decoder_dropout_in", "decoder_dropout_out"])
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_dropout_out_of_range_raises(name, value):
+    with pytest.raises(ConfigError, match=name.replace("_", "-")):
+        _checked(**{name: value})
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# ------------------------------------------------------------------ fairseq's SequenceGenerator
+
+
+def _sample(d, lengths=(6, 3, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = random_tokens(d, list(lengths), left_pad=True, generator=g)  # fairseq pads sources left
+    return {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1)}}
+
+
+def _teacher_forced(model, d, src, tokens):
+    """Log-probabilities of tokens (ending in eos) and attention, by a full forward pass."""
+    prev = torch.cat([torch.tensor([d.eos()]), tokens[:-1]]).unsqueeze(0)
+    with torch.no_grad():
+        logits, extra = model(src.unsqueeze(0), src.ne(d.pad()).sum().view(1), prev)
+    lprobs = F.log_softmax(logits.float(), dim=-1)[0]
+    attn = extra["attn"][0]
+    return lprobs.gather(1, tokens.unsqueeze(1)).squeeze(1), None if attn is None else attn[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("opts", [{}, dict(rnn_type="gru", decoder_layers=2)], ids=["lstm", "gru-2layer"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_sequence_generator_beam3(arch, opts, dtype):
+    d = make_dict()
+    model = build_model(arch, seed=3, **opts).eval().to(dtype)
+    # fairseq keeps beam scores in fp32 and derives positional scores from their running sums;
+    # in fp32 the untrained recurrent nets also amplify rounding over the steps (~1e-4), so the
+    # tight comparison is made in fp64
+    tol = 1e-3 if dtype == torch.float32 else 1e-5
+    sample = _sample(d)
+    src = sample["net_input"]["src_tokens"]
+    max_len_b = 7
+    generator = SequenceGenerator([model], d, beam_size=3, max_len_a=0, max_len_b=max_len_b)
+    hypos = generator.generate([model], sample)
+    assert len(hypos) == src.size(0)
+    for i, sent_hypos in enumerate(hypos):
+        assert len(sent_hypos) == 3
+        scores = [h["score"].item() for h in sent_hypos]
+        assert scores == sorted(scores, reverse=True)
+        for h in sent_hypos:
+            tokens = h["tokens"]
+            assert tokens[-1].item() == d.eos()
+            assert 2 <= len(tokens) <= max_len_b + 1  # min_len 1, then eos
+            assert not tokens.eq(d.pad()).any()
+            # the beam's scores are the model's own log-probabilities: incremental decoding and
+            # state reordering inside the beam search agree with a full forward pass
+            lp, attn = _teacher_forced(model, d, src[i], tokens)
+            torch.testing.assert_close(h["positional_scores"], lp.float(), atol=tol, rtol=tol)
+            if arch == "rnn_vanilla_tiny":
+                assert h["attention"].numel() == 0
+            else:
+                assert h["attention"].shape == (src.size(1), len(tokens))  # S x T_hyp
+                torch.testing.assert_close(h["attention"], attn.t().to(h["attention"].dtype),
+                                           atol=tol, rtol=tol)
+                pad = src[i].eq(d.pad())
+                assert torch.all(h["attention"][pad] == 0)
+                torch.testing.assert_close(h["attention"].sum(0).float(), torch.ones(len(tokens)))
+
+
+def test_sequence_generator_greedy_equals_manual_greedy():
+    d = make_dict()
+    model = build_model("rnn_luong_tiny", seed=5).eval()
+    sample = _sample(d, lengths=(4, 6))
+    src = sample["net_input"]["src_tokens"]
+    max_len = 6
+    generator = SequenceGenerator([model], d, beam_size=1, max_len_a=0, max_len_b=max_len)
+    hypos = generator.generate([model], sample)
+    for i in range(src.size(0)):
+        prev = torch.tensor([[d.eos()]])
+        out = []
+        for step in range(max_len + 1):
+            with torch.no_grad():
+                logits, _ = model(src[i : i + 1], src[i : i + 1].ne(d.pad()).sum(1), prev)
+            lp = F.log_softmax(logits[0, -1], -1)
+            lp[d.pad()] = -float("inf")
+            if step == 0:
+                lp[d.eos()] = -float("inf")  # min_len 1
+            tok = d.eos() if step == max_len else int(lp.argmax())
+            out.append(tok)
+            if tok == d.eos():
+                break
+            prev = torch.cat([prev, torch.tensor([[tok]])], 1)
+        assert hypos[i][0]["tokens"].tolist() == out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_low_precision_forward_is_finite_and_close_to_fp32(arch, dtype):
+    d = make_dict()
+    model = build_model(arch).eval()
+    src = _sample(d)["net_input"]["src_tokens"]
+    lengths = src.ne(d.pad()).sum(1)
+    prev = torch.full((src.size(0), 4), d.eos())
+    with torch.no_grad():
+        ref, ref_extra = model(src, lengths, prev)
+        out, extra = model.to(dtype)(src, lengths, prev)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=0.25, rtol=0)
+    attn = extra["attn"][0]
+    if attn is not None:
+        assert attn.dtype == dtype
+        assert torch.all(attn[src.eq(d.pad()).unsqueeze(1).expand_as(attn)] == 0)
+        torch.testing.assert_close(attn.float(), ref_extra["attn"][0], atol=0.05, rtol=0)
