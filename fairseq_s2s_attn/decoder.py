@@ -62,6 +62,49 @@ class StateInit(nn.Module):
         return torch.tanh(final) if self.mode == "bridge" else final.contiguous()
 
 
+class StackedCell:
+    """Steps a multi-layer ``nn.LSTM``/``nn.GRU`` one time step at a time with its own weights.
+
+    The first layer's input is [E y; x] (x: the context or the fed-back h~). Its embedding part
+    W_e E y (+ biases) does not depend on the previous step, so ``embedding_part`` computes it
+    for all steps in one product; ``step`` adds W_x x and the recurrent part. Equal to running
+    the module itself step by step (dropout between layers as nn.LSTM applies it).
+    """
+
+    def __init__(self, rnn: nn.RNNBase, embed_dim: int, dropout: nn.Module):
+        self.lstm = isinstance(rnn, nn.LSTM)
+        self.layers = rnn.num_layers
+        self.dropout = dropout
+        self.w_ih = [getattr(rnn, f"weight_ih_l{k}") for k in range(self.layers)]
+        self.w_hh = [getattr(rnn, f"weight_hh_l{k}") for k in range(self.layers)]
+        self.b_ih = [getattr(rnn, f"bias_ih_l{k}") for k in range(self.layers)]
+        self.b_hh = [getattr(rnn, f"bias_hh_l{k}") for k in range(self.layers)]
+        self.w_emb = self.w_ih[0][:, :embed_dim]
+        self.w_x = self.w_ih[0][:, embed_dim:].contiguous()
+
+    def embedding_part(self, emb: Tensor) -> Tensor:
+        """W_e E y + b for all steps: T x B x E -> T x B x G (G = 4H for LSTM, 3H for GRU)."""
+        bias = self.b_ih[0] + self.b_hh[0] if self.lstm else self.b_ih[0]
+        return F.linear(emb, self.w_emb, bias)
+
+    def step(self, pre: Tensor, x: Tensor, hs: List[Tensor], cs: Optional[List[Tensor]]):
+        """One time step through all layers. pre: B x G, x: B x X, hs/cs: per-layer B x H."""
+        new_h, new_c = [], []
+        for k in range(self.layers):
+            if k == 0:
+                w_ih, b_ih, b_hh = self.w_x, pre, (None if self.lstm else self.b_hh[0])
+            else:
+                x = self.dropout(new_h[-1])
+                w_ih, b_ih, b_hh = self.w_ih[k], self.b_ih[k], self.b_hh[k]
+            if self.lstm:
+                h, c = torch.lstm_cell(x, (hs[k], cs[k]), w_ih, self.w_hh[k], b_ih, b_hh)
+                new_c.append(c)
+            else:
+                h = torch.gru_cell(x, hs[k], w_ih, self.w_hh[k], b_ih, b_hh)
+            new_h.append(h)
+        return new_h, (new_c if self.lstm else None)
+
+
 class RNNDecoder(FairseqIncrementalDecoder):
     def __init__(
         self,
@@ -173,13 +216,7 @@ class RNNDecoder(FairseqIncrementalDecoder):
             fixed = None
 
         if self.placement == "before" or self.input_feeding:
-            outs, attns = [], []
-            for t in range(emb.size(0)):
-                out, attn, state = self.step(emb[t], state, keys, values, padding_mask)
-                outs.append(out)
-                attns.append(attn)
-            x = torch.stack(outs, dim=1)  # B x T x O
-            attn = torch.stack(attns, dim=1)  # B x T x S
+            x, attn, state = self.run_steps(emb, state, keys, values, padding_mask)
         else:
             x, attn, state = self.run_parallel(emb, state, keys, values, padding_mask, fixed)
 
@@ -188,32 +225,48 @@ class RNNDecoder(FairseqIncrementalDecoder):
             self.set_incremental_state(incremental_state, "state", state)
         return x, attn
 
-    def step(
+    def run_steps(
         self, emb: Tensor, state: State, keys: Optional[Tensor], values: Tensor, padding_mask: Tensor
     ) -> Tuple[Tensor, Tensor, State]:
-        """One step of a decoder with a step-to-step dependency outside the RNN.
+        """Step loop for decoders with a step-to-step dependency outside the RNN. emb: T x B x E.
 
-        emb: B x E. Returns (t_i: B x O, attention weights: B x S, new state).
+        Work that does not depend on the previous step is hoisted out of the loop: the embedding
+        part of the first layer's input product (for all steps in one matrix product) and, for
+        Bahdanau, the readout. Returns (t: B x T x O, attention: B x T x S, final state).
         """
-        if self.placement == "before":
-            # Bahdanau eq. (5)-(6): score with the previous state s_{i-1}
-            query = state["h"][-1]  # B x H
-            context, attn = self.attention(query, keys, values, padding_mask)
-            rnn_in = torch.cat([emb, context], dim=-1)
-            h, new_state = self._rnn(rnn_in.unsqueeze(0), state)
-            h = self.dropout_out(h[0])
-            out = self.readout(torch.cat([h, context, emb], dim=-1))
+        cell = StackedCell(self.rnn, emb.size(-1), self.dropout_out)
+        pre = cell.embedding_part(emb)  # T x B x G
+        hs = list(state["h"].unbind(0))
+        cs = list(state["c"].unbind(0)) if state["c"] is not None else None
+        feed = state.get("feed")
+        outs, contexts, attns = [], [], []
+        for t in range(emb.size(0)):
+            if self.placement == "before":
+                # Bahdanau eq. (5)-(6): score with the previous state s_{i-1}; c_i enters the RNN
+                context, attn = self.attention(hs[-1], keys, values, padding_mask)
+                hs, cs = cell.step(pre[t], context, hs, cs)
+                contexts.append(context)
+                outs.append(hs[-1])
+            else:
+                # Luong sec. 3.3: input feeding concatenates h~_{t-1} with the input
+                hs, cs = cell.step(pre[t], feed, hs, cs)
+                h = self.dropout_out(hs[-1])
+                context, attn = self.attention(h, keys, values, padding_mask)
+                feed = self.dropout_out(torch.tanh(self.readout(torch.cat([h, context], dim=-1))))
+                outs.append(feed)
+            attns.append(attn)
+        if self.placement == "before":  # t_i = tanh(W_o [s_i; c_i; E y_{i-1}]) for all i at once
+            h = self.dropout_out(torch.stack(outs, dim=1))  # B x T x H
+            parts = [h, torch.stack(contexts, dim=1), emb.transpose(0, 1)]
+            x = self.dropout_out(torch.tanh(self.readout(torch.cat(parts, dim=-1))))
         else:
-            # Luong sec. 3.3: input feeding concatenates h~_{t-1} with the input
-            rnn_in = torch.cat([emb, state["feed"]], dim=-1)
-            h, new_state = self._rnn(rnn_in.unsqueeze(0), state)
-            h = self.dropout_out(h[0])
-            context, attn = self.attention(h, keys, values, padding_mask)
-            out = self.readout(torch.cat([h, context], dim=-1))
-        out = self.dropout_out(torch.tanh(out))
-        if self.input_feeding:
-            new_state["feed"] = out
-        return out, attn, new_state
+            x = torch.stack(outs, dim=1)  # B x T x O
+        new_state: State = {
+            "h": torch.stack(hs, dim=0),
+            "c": torch.stack(cs, dim=0) if cs is not None else None,
+            "feed": feed if self.input_feeding else None,
+        }
+        return x, torch.stack(attns, dim=1), new_state
 
     def run_parallel(
         self,

@@ -75,11 +75,13 @@ INIT_RANGE = 0.7
 
 
 def build_model(arch: str = "rnn_bahdanau_tiny", task=None, seed: int = 0, dropout: bool = False,
-                init_range: float = INIT_RANGE, **overrides):
+                init_range: float = INIT_RANGE, dtype: torch.dtype = torch.float32, **overrides):
     """RNNS2SModel as fairseq builds it (architecture function, then build_model).
 
     Dropout is off unless ``dropout`` (then the architecture's own values apply); weights are
     re-drawn from U(-init_range, init_range) (embedding padding rows stay zero) unless 0.
+    Equality checks between code paths (incremental vs full, fused step vs nn.LSTM) build fp64
+    models, so they test the math, not fp32 rounding of differently blocked products.
     """
     torch.manual_seed(seed)
     if task is None:
@@ -93,7 +95,7 @@ def build_model(arch: str = "rnn_bahdanau_tiny", task=None, seed: int = 0, dropo
                 torch.nn.init.uniform_(p, -init_range, init_range)
             for emb in (model.encoder.embed_tokens, model.decoder.embed_tokens):
                 emb.weight[emb.padding_idx].zero_()
-    return model
+    return model.to(dtype)
 
 
 def random_tokens(d: Dictionary, lengths, left_pad: bool, generator=None, with_eos: bool = True):

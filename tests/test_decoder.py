@@ -102,7 +102,7 @@ def test_output_shapes(variant):
 def test_incremental_decoding_equals_full_forward(variant):
     arch, opts = variant
     d = make_dict()
-    model = build_model(arch, **opts).eval()
+    model = build_model(arch, dtype=torch.float64, **opts).eval()
     src, lengths, prev = make_batch(d, seed=1)
     logits, attn = full_forward(model, src, lengths, prev)
     with torch.no_grad():
@@ -118,7 +118,7 @@ def test_incremental_decoding_equals_full_forward(variant):
 def test_reorder_incremental_state_equals_reordered_batch(variant):
     arch, opts = variant
     d = make_dict()
-    model = build_model(arch, **opts).eval()
+    model = build_model(arch, dtype=torch.float64, **opts).eval()
     src, lengths, prev = make_batch(d, seed=2, tgt_len=5)
     new_order = torch.tensor([2, 2, 0, 1])  # beam-like: a repeat, a permutation, a change of size
     ref_logits, ref_attn = full_forward(model, src[new_order], lengths[new_order], prev[new_order])
@@ -161,7 +161,7 @@ def test_padding_side_of_source_does_not_matter(variant):
     """The same sentences left- or right-padded: same logits, attention on the same tokens."""
     arch, opts = variant
     d = make_dict()
-    model = build_model(arch, **opts).eval()
+    model = build_model(arch, dtype=torch.float64, **opts).eval()
     src_l, lengths, prev = make_batch(d, seed=4, left_pad=True)
     src_r = torch.full_like(src_l, d.pad())
     for b, n in enumerate(SRC_LENGTHS):
@@ -179,7 +179,7 @@ def test_batch_equals_sentences_alone(variant):
     """Each sentence decoded alone (no padding) gives what it gets inside the padded batch."""
     arch, opts = variant
     d = make_dict()
-    model = build_model(arch, **opts).eval()
+    model = build_model(arch, dtype=torch.float64, **opts).eval()
     src, lengths, prev = make_batch(d, seed=5)
     logits, attn = full_forward(model, src, lengths, prev)
     for b, n in enumerate(SRC_LENGTHS):
