@@ -235,7 +235,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
         Bahdanau, the readout. Returns (t: B x T x O, attention: B x T x S, final state).
         """
         cell = StackedCell(self.rnn, emb.size(-1), self.dropout_out)
-        pre = cell.embedding_part(emb)  # T x B x G
+        # unbind once: indexing pre[t] would make backward fill a T x B x G zero tensor per step
+        pre = cell.embedding_part(emb).unbind(0)  # T x (B x G)
         hs = list(state["h"].unbind(0))
         cs = list(state["c"].unbind(0)) if state["c"] is not None else None
         feed = state.get("feed")

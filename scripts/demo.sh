@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The main job, end to end on this machine's own data (run by `make demo`):
+#   gettext catalogs -> English-German corpus -> sentencepiece -> fairseq-preprocess
+#   -> fairseq-train rnn_bahdanau (bounded CPU time) -> fairseq-generate --beam 5
+#   -> detokenise -> sacrebleu BLEU and chrF -> attention heatmaps -> summary.
+# A second run reuses what is already built (data, finished training, translations).
+#
+# Settings (environment variables):
+#   DEMO_LANG=de         target language (any with gettext catalogs on the machine)
+#   DEMO_ARCH=rnn_bahdanau
+#   DEMO_MINUTES=18      training budget in minutes of wall-clock time
+#   DEMO_WORK=work/demo  where everything is written
+#   DEMO_TRAIN_ARGS=...  extra fairseq-train options
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${VENV:-$ROOT/.venv}"
+export PATH="$VENV/bin:$PATH"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+PY="$VENV/bin/python"
+
+LANG_T="${DEMO_LANG:-de}"
+ARCH="${DEMO_ARCH:-rnn_bahdanau}"
+MINUTES="${DEMO_MINUTES:-18}"
+WORK="${DEMO_WORK:-work/demo}"
+[ "$LANG_T" = de ] || WORK="${DEMO_WORK:-work/demo-$LANG_T}"
+CKPT="$WORK/checkpoints/$ARCH"
+OUT="$WORK/results/$ARCH"
+mkdir -p "$OUT"
+
+step() { printf '\n==== %s\n' "$*"; }
+
+step "1/5 data: English -> $LANG_T pairs from the gettext catalogs, sentencepiece, fairseq-preprocess"
+"$PY" scripts/prepare_data.py all --lang "$LANG_T" --work "$WORK" --vocab-size 8000 --max-len 64
+
+step "2/5 train $ARCH for at most $MINUTES minutes (fairseq-train; progress below)"
+if [ -f "$CKPT/.done" ]; then
+    echo "reusing the finished training in $CKPT (delete $CKPT/.done to train again)"
+else
+    HOURS=$("$PY" -c "print(round($MINUTES / 60, 4))")
+    # a killed run restarts from $CKPT/checkpoint_last.pt; the time budget counts across restarts
+    # shellcheck disable=SC2086
+    fairseq-train "$WORK/data-bin" --user-dir fairseq_s2s_attn --arch "$ARCH" \
+        --optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --lr-scheduler inverse_sqrt \
+        --warmup-updates 400 --clip-norm 1.0 --max-tokens 4000 \
+        --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
+        --stop-time-hours "$HOURS" --max-epoch 60 --save-dir "$CKPT" --no-epoch-checkpoints \
+        --log-format simple --log-interval 50 --cpu --seed 1 ${DEMO_TRAIN_ARGS:-} \
+        2>&1 | tee "$OUT/train.log" | grep --line-buffered -E "\| (train_inner|train|valid) \|"
+    touch "$CKPT/.done"
+fi
+
+step "3/5 translate the test set with beam search (fairseq-generate --beam 5)"
+if [ ! -s "$OUT/hyp.txt" ] || [ "$OUT/hyp.txt" -ot "$CKPT/checkpoint_best.pt" ]; then
+    fairseq-generate "$WORK/data-bin" --user-dir fairseq_s2s_attn --path "$CKPT/checkpoint_best.pt" \
+        --beam 5 --batch-size 64 --post-process sentencepiece --cpu \
+        > "$OUT/generate.out" 2> "$OUT/generate.log"
+    # D- lines hold the detokenised hypotheses; order them by sentence id
+    grep '^D-' "$OUT/generate.out" | sed 's/^D-//' | sort -n -k1,1 | cut -f3 > "$OUT/hyp.txt"
+fi
+tail -n 2 "$OUT/generate.log" | sed 's/^/  /'
+
+step "4/5 score with sacrebleu against the untokenised references"
+REF="$WORK/data/test.$LANG_T"
+if [ "$(wc -l < "$OUT/hyp.txt")" != "$(wc -l < "$REF")" ]; then
+    echo "error: $OUT/hyp.txt has $(wc -l < "$OUT/hyp.txt") lines, $REF has $(wc -l < "$REF")" >&2
+    exit 1
+fi
+sacrebleu "$REF" -i "$OUT/hyp.txt" -m bleu chrf -f text | tee "$OUT/scores.txt"
+
+step "5/5 attention heatmaps for a few test sentences"
+"$PY" scripts/plot_attention.py --model-dir "$CKPT" --data "$WORK/data-bin" \
+    --spm-model "$WORK/spm/spm.model" --input "$WORK/data/test.en" --num 4 --out "$OUT/plots" \
+    | tee "$OUT/plots.txt"
+
+step "summary"
+cat <<EOF
+  corpus (raw text, splits):   $WORK/data/{train,valid,test}.{en,$LANG_T}
+  sentencepiece model:         $WORK/spm/spm.model
+  fairseq data-bin:            $WORK/data-bin
+  checkpoints:                 $CKPT/checkpoint_best.pt
+  training log:                $OUT/train.log
+  translations (test set):     $OUT/hyp.txt  (fairseq output: $OUT/generate.out)
+  scores:                      $OUT/scores.txt
+$(sed 's/^/      /' "$OUT/scores.txt")
+  attention heatmaps:          $OUT/plots/attention_*.png
+EOF

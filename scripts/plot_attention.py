@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Attention heatmaps: translate a few sentences and plot where the model attended.
+
+    python scripts/plot_attention.py --model-dir work/demo/checkpoints --data work/demo/data-bin \
+        --spm-model work/demo/spm/spm.model --input work/demo/data/test.en --num 4 --out work/demo/plots
+
+One PNG per sentence: source pieces on the x axis, output pieces on the y axis, cell (i, j) =
+weight of source piece j when the model produced output piece i (each row sums to 1).
+"""
+import argparse
+import os
+import sys
+
+
+def pick_sentences(path: str, num: int, min_words: int, max_words: int):
+    """The first `num` lines of the file whose word count is in [min_words, max_words]."""
+    picked = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            words = line.split()
+            if min_words <= len(words) <= max_words:
+                picked.append(line.strip())
+            if len(picked) == num:
+                break
+    return picked
+
+
+def plot(result, path: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attn = result.attention.numpy()
+    h, w = attn.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * w + 2), max(3.0, 0.4 * h + 1.5)))
+    im = ax.imshow(attn, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(w))
+    ax.set_xticklabels(result.source_pieces, rotation=60, ha="right", fontsize=9)
+    ax.set_yticks(range(h))
+    ax.set_yticklabels(result.target_pieces, fontsize=9)
+    ax.set_xlabel("source")
+    ax.set_ylabel("output")
+    ax.set_title(title, fontsize=9, wrap=True)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", required=True, help="folder with the checkpoint")
+    p.add_argument("--checkpoint", default="checkpoint_best.pt")
+    p.add_argument("--data", required=True, help="data-bin with the dictionaries")
+    p.add_argument("--spm-model", default=None, help="sentencepiece model (omit for pre-tokenised text)")
+    p.add_argument("--input", required=True, help="text file, one source sentence per line")
+    p.add_argument("--num", type=int, default=4, help="how many sentences to plot")
+    p.add_argument("--min-words", type=int, default=4)
+    p.add_argument("--max-words", type=int, default=14)
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--out", required=True, help="output folder for the PNGs")
+    args = p.parse_args(argv)
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from fairseq_s2s_attn.errors import S2SError
+    from fairseq_s2s_attn.hub import Translator
+
+    if not os.path.isfile(args.input):
+        p.error(f"input file not found: {args.input}")
+    sentences = pick_sentences(args.input, args.num, args.min_words, args.max_words)
+    if not sentences:
+        p.error(f"no sentence of {args.min_words}-{args.max_words} words in {args.input}")
+    try:
+        translator = Translator.from_pretrained(args.model_dir, args.checkpoint, data=args.data,
+                                                spm_model=args.spm_model)
+    except S2SError as e:
+        p.error(str(e))
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+    for i, (sent, res) in enumerate(zip(sentences, translator.translate(sentences, beam=args.beam,
+                                                                          return_attention=True))):
+        if res.attention is None:
+            print("the model has no attention (rnn_vanilla): nothing to plot", file=sys.stderr)
+            return 1
+        path = os.path.join(args.out, f"attention_{i}.png")
+        plot(res, path, f"{sent}\n→ {res.translation}")
+        written.append(path)
+        print(f"{path}\t{sent}\t{res.translation}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
