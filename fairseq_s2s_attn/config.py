@@ -89,6 +89,12 @@ class RNNS2SConfig(FairseqDataclass):
         metadata={"help": "share encoder, decoder and output embeddings (needs a joined "
                   "dictionary and equal embedding sizes)"},
     )
+    cpu_bf16: bool = field(
+        default=False,
+        metadata={"help": "run the model's matrix products in bfloat16 on CPU (torch autocast; "
+                  "weights, gradients and loss stay fp32); for generation pass "
+                  "--model-overrides \"{'cpu_bf16': True}\". On GPU use fairseq's --fp16/--bf16/--amp"},
+    )
     max_source_positions: int = field(
         default=1024, metadata={"help": "maximum source length the model accepts"}
     )

@@ -29,6 +29,7 @@ from fairseq.modules import FairseqDropout
 
 from .attention import Attention
 from .encoder import RNN_TYPES
+from .precision import cpu_autocast
 
 PLACEMENTS = ("none", "before", "after")
 DECODER_INITS = ("zeros", "final", "bridge")
@@ -124,8 +125,10 @@ class RNNDecoder(FairseqIncrementalDecoder):
         init: str = "final",
         share_input_output_embed: bool = False,
         max_target_positions: int = 100000,
+        cpu_bf16: bool = False,
     ):
         super().__init__(dictionary)
+        self.cpu_bf16 = cpu_bf16
         if attention_placement not in PLACEMENTS:
             raise ValueError(f"attention placement {attention_placement!r}; choose one of {PLACEMENTS}")
         if init not in DECODER_INITS:
@@ -186,9 +189,10 @@ class RNNDecoder(FairseqIncrementalDecoder):
         features_only: bool = False,
         **unused,
     ):
-        x, attn = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
-        if not features_only:
-            x = self.output_layer(x)
+        with cpu_autocast(self.cpu_bf16, prev_output_tokens):
+            x, attn = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
+            if not features_only:
+                x = self.output_layer(x)
         return x, {"attn": [attn]}
 
     def extract_features(

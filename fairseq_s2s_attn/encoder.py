@@ -9,6 +9,8 @@ from torch import Tensor
 from fairseq.models import FairseqEncoder
 from fairseq.modules import FairseqDropout
 
+from .precision import cpu_autocast
+
 RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
@@ -50,8 +52,10 @@ class RNNEncoder(FairseqEncoder):
         dropout_out: float = 0.0,
         reverse_source: bool = False,
         max_source_positions: int = 100000,
+        cpu_bf16: bool = False,
     ):
         super().__init__(dictionary)
+        self.cpu_bf16 = cpu_bf16
         self.embed_tokens = embed_tokens
         self.padding_idx = embed_tokens.padding_idx
         self.hidden_size = hidden_size
@@ -74,6 +78,10 @@ class RNNEncoder(FairseqEncoder):
 
     def forward(self, src_tokens: Tensor, src_lengths: Optional[Tensor] = None, **unused):
         """src_tokens: B x T (left or right padded). src_lengths are recomputed from padding."""
+        with cpu_autocast(self.cpu_bf16, src_tokens):
+            return self._forward(src_tokens)
+
+    def _forward(self, src_tokens: Tensor):
         bsz, seqlen = src_tokens.size()
         padding_mask = src_tokens.eq(self.padding_idx)  # B x T
         lengths = (~padding_mask).long().sum(dim=1).clamp(min=1)  # B

@@ -62,6 +62,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
             dropout_out=cfg.encoder_dropout_out,
             reverse_source=cfg.reverse_source,
             max_source_positions=cfg.max_source_positions,
+            cpu_bf16=cfg.cpu_bf16,
         )
         decoder = RNNDecoder(
             tgt_dict,
@@ -80,6 +81,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
             init=str(cfg.decoder_init),
             share_input_output_embed=cfg.share_decoder_input_output_embed or cfg.share_all_embeddings,
             max_target_positions=cfg.max_target_positions,
+            cpu_bf16=cfg.cpu_bf16,
         )
         return cls(encoder, decoder)
 
