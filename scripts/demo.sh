@@ -20,6 +20,7 @@ cd "$ROOT"
 VENV="${VENV:-$ROOT/.venv}"
 export PATH="$VENV/bin:$PATH"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export PYTHONUNBUFFERED=1  # show fairseq's progress as it comes
 PY="$VENV/bin/python"
 
 LANG_T="${DEMO_LANG:-de}"

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Train several architectures on the same data and wall-clock budget; compare BLEU, chrF,
+training speed, and BLEU by source length (the analogue of Bahdanau et al.'s Figure 2).
+
+    python scripts/compare.py --work work/demo --minutes 10 --out work/compare \
+        --archs rnn_vanilla rnn_bahdanau rnn_luong lstm_wiseman_iwslt_de_en
+
+--work is a folder made by `scripts/prepare_data.py all` (data-bin/, spm/spm.model, data/).
+Every model gets the same optimizer, schedule, batch size, seed and time budget; our models use
+their architecture's defaults with the overrides in --ours-args (fairseq's own lstm cannot take
+them). Writes OUT/results.md (tables + the commands), OUT/length_bleu.png, OUT/<arch>/...
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+USER_DIR = os.path.join(ROOT, "fairseq_s2s_attn")
+BUCKETS = [(1, 3), (4, 6), (7, 10), (11, 15), (16, 25), (26, 1000)]
+
+
+def sh(cmd, log_path):
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = open(log_path).read()[-3000:]
+        raise SystemExit(f"error: {' '.join(cmd[:3])} ... failed (exit {proc.returncode}); "
+                         f"log {log_path}:\n{tail}")
+
+
+def train_cmd(args, arch, save_dir):
+    cmd = [os.path.join(BIN, "fairseq-train"), os.path.join(args.work, "data-bin"),
+           "--user-dir", USER_DIR, "--arch", arch,
+           "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
+           "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup),
+           "--clip-norm", "1.0", "--max-tokens", str(args.max_tokens),
+           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+           "--stop-time-hours", str(round(args.minutes / 60, 4)), "--max-epoch", "200",
+           "--save-dir", save_dir, "--no-epoch-checkpoints", "--log-format", "simple",
+           "--log-interval", "50", "--cpu", "--seed", str(args.seed)]
+    if arch.startswith("rnn_"):
+        cmd += args.ours_args.split()
+    return cmd
+
+
+def words_per_second(train_log):
+    """Mean of the end-of-epoch 'train' wps values fairseq logged (target tokens per second)."""
+    values = [float(m.group(1)) for m in re.finditer(r"\| train \| .*?\| wps ([\d.]+)", open(train_log).read())]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def generate(args, arch, save_dir, out_dir):
+    gen_out = os.path.join(out_dir, "generate.out")
+    sh([os.path.join(BIN, "fairseq-generate"), os.path.join(args.work, "data-bin"),
+        "--user-dir", USER_DIR, "--path", os.path.join(save_dir, "checkpoint_best.pt"),
+        "--beam", "5", "--batch-size", "64", "--post-process", "sentencepiece", "--cpu",
+        "--results-path", out_dir], os.path.join(out_dir, "generate.log"))
+    produced = os.path.join(out_dir, "generate-test.txt")
+    hyps = {}
+    for line in open(produced, encoding="utf-8"):
+        if line.startswith("D-"):  # D-<id> <score> <detokenised hypothesis>
+            head, _score, text = line.rstrip("\n").split("\t", 2)
+            hyps[int(head[2:])] = text
+    os.replace(produced, gen_out)
+    return [hyps.get(i, "") for i in range(len(hyps))]
+
+
+def run_one(args, arch):
+    out_dir = os.path.join(args.out, arch)
+    save_dir = os.path.join(out_dir, "checkpoints")
+    os.makedirs(out_dir, exist_ok=True)
+    train_log = os.path.join(out_dir, "train.log")
+    cmd = train_cmd(args, arch, save_dir)
+    if not os.path.exists(os.path.join(save_dir, ".done")):
+        print(f"[{arch}] training for {args.minutes} min", flush=True)
+        t0 = time.time()
+        sh(cmd, train_log)
+        open(os.path.join(save_dir, ".done"), "w").write(f"{time.time() - t0:.0f}\n")
+    print(f"[{arch}] translating the test set", flush=True)
+    hyps = generate(args, arch, save_dir, out_dir)
+    with open(os.path.join(out_dir, "hyp.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(hyps) + "\n")
+    return {"arch": arch, "wps": words_per_second(train_log), "hyps": hyps, "command": " ".join(cmd)}
+
+
+def bucket_of(n):
+    for lo, hi in BUCKETS:
+        if lo <= n <= hi:
+            return (lo, hi)
+    return BUCKETS[-1]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="folder from prepare_data.py all")
+    p.add_argument("--out", required=True)
+    p.add_argument("--archs", nargs="+",
+                   default=["rnn_vanilla", "rnn_bahdanau", "rnn_luong", "lstm_wiseman_iwslt_de_en"])
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget per model")
+    p.add_argument("--parallel", type=int, default=2, help="models trained at once (one core each)")
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--warmup", type=int, default=400)
+    p.add_argument("--max-tokens", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--ours-args", default="--decoder-hidden-size 256 --attention-dim 256",
+                   help="extra fairseq-train options for our rnn_* models")
+    args = p.parse_args(argv)
+    import sacrebleu
+
+    meta = json.load(open(os.path.join(args.work, "data", "meta.json")))
+    src_lang, tgt_lang = meta.get("src_lang", "en"), meta.get("tgt_lang", "de")
+    src = open(os.path.join(args.work, "data", f"test.{src_lang}"), encoding="utf-8").read().splitlines()
+    ref = open(os.path.join(args.work, "data", f"test.{tgt_lang}"), encoding="utf-8").read().splitlines()
+    os.makedirs(args.out, exist_ok=True)
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        results = list(pool.map(lambda a: run_one(args, a), args.archs))
+
+    rows, curves = [], {}
+    for r in results:
+        if len(r["hyps"]) != len(ref):
+            raise SystemExit(f"error: {r['arch']}: {len(r['hyps'])} translations for {len(ref)} references")
+        bleu = sacrebleu.corpus_bleu(r["hyps"], [ref]).score
+        chrf = sacrebleu.corpus_chrf(r["hyps"], [ref]).score
+        rows.append((r["arch"], bleu, chrf, r["wps"]))
+        curve = []
+        for lo, hi in BUCKETS:
+            idx = [i for i, s in enumerate(src) if bucket_of(len(s.split())) == (lo, hi)]
+            if idx:
+                b = sacrebleu.corpus_bleu([r["hyps"][i] for i in idx], [[ref[i] for i in idx]]).score
+                curve.append(((lo, hi), len(idx), b))
+        curves[r["arch"]] = curve
+
+    labels = [f"{lo}-{hi}" if hi < 1000 else f"{lo}+" for lo, hi in BUCKETS]
+    lines = [f"# Comparison on {args.work} ({src_lang}->{tgt_lang}), {args.minutes} min per model", "",
+             "| model | BLEU | chrF | train tokens/s |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b:.2f} | {c:.2f} | {w:.0f} |" for a, b, c, w in rows]
+    lines += ["", "BLEU by source length (words):", "",
+              "| model | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for arch, curve in curves.items():
+        by = {f"{lo}-{hi}" if hi < 1000 else f"{lo}+": f"{b:.1f}" for (lo, hi), _, b in curve}
+        lines.append(f"| {arch} | " + " | ".join(by.get(lab, "-") for lab in labels) + " |")
+    counts = {f"{lo}-{hi}" if hi < 1000 else f"{lo}+": n for (lo, hi), n, _ in next(iter(curves.values()))}
+    lines.append("| sentences | " + " | ".join(str(counts.get(lab, 0)) for lab in labels) + " |")
+    lines += ["", "Commands:", "", "```", "python scripts/compare.py " + " ".join(argv or sys.argv[1:])]
+    lines += [r["command"] for r in results] + ["```", ""]
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for arch, curve in curves.items():
+        xs = [labels[BUCKETS.index(bk)] for bk, _, _ in curve]
+        ax.plot(xs, [b for _, _, b in curve], marker="o", label=arch)
+    ax.set_xlabel("source sentence length (words)")
+    ax.set_ylabel("BLEU")
+    ax.set_title(f"BLEU by source length, {src_lang}->{tgt_lang}, {args.minutes} min each")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "length_bleu.png"), dpi=110)
+    print("\n".join(lines))
+    print(f"wrote {args.out}/results.md and {args.out}/length_bleu.png")
+
+
+if __name__ == "__main__":
+    main()
