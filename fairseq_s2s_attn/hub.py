@@ -65,8 +65,11 @@ class Translator:
             if not return_attention:
                 out.append(text)
                 continue
-            attn = best.get("attention")
+            attn = best.get("attention")  # S_batch x T_out: columns of the padded batch
             if attn is not None and attn.numel() > 0:
+                n = len(src)
+                extra = attn.size(0) - n  # padding positions (left by default) get zero weight
+                attn = attn[extra:] if not attn[:extra].any() else attn[:n]
                 attn = attn.t().float().cpu()  # T_out x S_in
             else:
                 attn = None

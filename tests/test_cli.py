@@ -140,3 +140,38 @@ def test_bad_options_clear_error(data_bin, tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr  # one clear line, not a trace through fairseq
+
+
+def test_user_dir_printed_by_module():
+    """``python -m fairseq_s2s_attn`` gives the --user-dir path for a pip-installed package."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fairseq_s2s_attn"], capture_output=True, text=True,
+                         cwd="/", check=True).stdout.strip()
+    assert (REPO / "fairseq_s2s_attn").resolve() == __import__("pathlib").Path(out).resolve()
+
+
+def test_hub_translate_with_attention(data_bin, checkpoints):
+    from fairseq_s2s_attn.hub import Translator
+
+    t = Translator.from_pretrained(str(checkpoints["rnn_bahdanau_tiny"].parent), data=str(data_bin))
+    text = t.translate("w1 w2 w3 w4", beam=3)
+    assert isinstance(text, str) and text
+    res = t.translate(["w1 w2 w3 w4", "w5"], beam=3, return_attention=True)
+    assert [r.source_pieces for r in res] == [["w1", "w2", "w3", "w4", "</s>"], ["w5", "</s>"]]
+    for r in res:
+        assert r.attention.shape == (len(r.target_pieces), len(r.source_pieces))
+        torch.testing.assert_close(r.attention.sum(-1), torch.ones(len(r.target_pieces)))
+        assert r.translation.split() == r.target_pieces[:-1]
+
+
+def test_plot_attention_script(data_bin, checkpoints, tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_text("w1 w2 w3 w4 w5\nw2\nw3 w4 w5 w6 w7 w8\n")
+    proc = run("plot_attention.py", "--model-dir", checkpoints["rnn_luong_tiny"].parent, "--data", data_bin,
+               "--input", src, "--num", 2, "--min-words", 3, "--out", tmp_path / "plots")
+    pngs = sorted((tmp_path / "plots").glob("*.png"))
+    assert [p.name for p in pngs] == ["attention_0.png", "attention_1.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert len(proc.stdout.splitlines()) == 2
