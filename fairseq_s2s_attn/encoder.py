@@ -35,7 +35,14 @@ class RNNEncoder(FairseqEncoder):
       - encoder_out:          T x B x C   outputs, zero at padding (C = hidden x directions)
       - encoder_padding_mask: B x T       True at padding
       - final_hidden:         L x B x C   last state of every layer, directions concatenated
-      - final_cell:           L x B x C   LSTM cell state (absent for GRU)
+      - final_cell:           L x B x C   LSTM cell state (None for GRU)
+      - backward_first_hidden: L x B x H  state of the direction that reads the source right to
+                                          left, at the first real token (= that direction's final
+                                          state): Bahdanau's h<-_1 (Appendix A.2.2). With
+                                          --reverse-source the RNN's forward direction reads the
+                                          source as given right to left, so it is that one's state
+                                          (unidirectional encoders have it only then); else None
+      - backward_first_cell:  L x B x H  its LSTM cell state (None for GRU or when absent)
     Outputs stay at the positions of ``src_tokens``, so attention weights index the caller's
     tokens (fairseq's own ``lstm`` returns them shifted for left-padded sentences).
     """
@@ -113,8 +120,22 @@ class RNNEncoder(FairseqEncoder):
             "encoder_padding_mask": padding_mask,  # B x T
             "final_hidden": self._combine_directions(hidden),  # L x B x C
             "final_cell": None if cell is None else self._combine_directions(cell),
+            "backward_first_hidden": self._right_to_left(hidden),  # L x B x H
+            "backward_first_cell": None if cell is None else self._right_to_left(cell),
         }
         return result
+
+    def _right_to_left(self, state: Tensor) -> Optional[Tensor]:
+        """(L*D) x B x H final states -> L x B x H of the direction reading the source right to
+        left (None when no direction does: unidirectional without --reverse-source)."""
+        if not self.bidirectional:
+            return state if self.reverse_source else None
+        state = state.view(self.num_layers, 2, state.size(1), self.hidden_size)
+        return state[:, 0 if self.reverse_source else 1]
+
+    @property
+    def has_right_to_left(self) -> bool:
+        return self.bidirectional or self.reverse_source
 
     def _combine_directions(self, state: Tensor) -> Tensor:
         # (L*D) x B x H -> L x B x (D*H)
@@ -125,7 +146,8 @@ class RNNEncoder(FairseqEncoder):
         return torch.cat([state[:, 0], state[:, 1]], dim=-1)
 
     def reorder_encoder_out(self, encoder_out: Dict[str, Optional[Tensor]], new_order: Tensor):
-        batch_dim = {"encoder_out": 1, "encoder_padding_mask": 0, "final_hidden": 1, "final_cell": 1}
+        batch_dim = {"encoder_out": 1, "encoder_padding_mask": 0, "final_hidden": 1, "final_cell": 1,
+                     "backward_first_hidden": 1, "backward_first_cell": 1}
         return {
             k: (None if v is None else v.index_select(batch_dim[k], new_order))
             for k, v in encoder_out.items()

@@ -172,3 +172,43 @@ def test_no_padding_batch(tiny_dict, gen):
         alone = run(enc, tokens[b : b + 1])
         torch.testing.assert_close(out["encoder_out"][:, b], alone["encoder_out"][:, 0])
         torch.testing.assert_close(out["final_hidden"][:, b], alone["final_hidden"][:, 0])
+
+
+@pytest.mark.parametrize("left_pad", [True, False], ids=["left_pad", "right_pad"])
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_final_state_is_the_output_at_the_last_real_token(tiny_dict, gen, rnn_type, left_pad):
+    """decoder_init 'final' starts from final_hidden: the last state, i.e. the (unidirectional)
+    encoder's output at the last real token, wherever the padding is."""
+    enc = make_encoder(tiny_dict, rnn_type=rnn_type, num_layers=2, bidirectional=False)
+    tokens = random_tokens(tiny_dict, LENGTHS, left_pad=left_pad, generator=gen)
+    out = run(enc, tokens)
+    for b, pos in enumerate(token_positions(tokens, tiny_dict.pad())):
+        torch.testing.assert_close(out["final_hidden"][-1, b], out["encoder_out"][pos[-1], b])
+
+
+@pytest.mark.parametrize("reverse_source", [False, True], ids=["fwd", "reversed"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("left_pad", [True, False], ids=["left_pad", "right_pad"])
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_backward_first_is_the_right_to_left_state_at_the_first_token(
+        tiny_dict, gen, rnn_type, left_pad, bidirectional, reverse_source):
+    """Bahdanau's h<-_1: the state of the direction reading the source right to left, at the first
+    real token (its final state). Without reversal that is the backward direction (output half
+    H:); with --reverse-source the forward direction reads the given source right to left."""
+    enc = make_encoder(tiny_dict, rnn_type=rnn_type, num_layers=2, bidirectional=bidirectional,
+                       reverse_source=reverse_source)
+    tokens = random_tokens(tiny_dict, LENGTHS, left_pad=left_pad, generator=gen)
+    out = run(enc, tokens)
+    if not bidirectional and not reverse_source:
+        assert out["backward_first_hidden"] is None and out["backward_first_cell"] is None
+        return
+    first = out["backward_first_hidden"]
+    assert first.shape == (2, len(LENGTHS), H)
+    half = slice(0, H) if reverse_source or not bidirectional else slice(H, 2 * H)
+    for b, pos in enumerate(token_positions(tokens, tiny_dict.pad())):
+        torch.testing.assert_close(first[-1, b], out["encoder_out"][pos[0], b, half])
+        torch.testing.assert_close(first[:, b], out["final_hidden"][:, b, half])
+    if rnn_type == "lstm":
+        torch.testing.assert_close(out["backward_first_cell"], out["final_cell"][..., half])
+    else:
+        assert out["backward_first_cell"] is None
