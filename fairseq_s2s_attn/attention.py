@@ -1,14 +1,18 @@
-"""Attention: one module, interchangeable score functions.
+"""Attention: one module, interchangeable score functions, global or local.
 
 Every scorer splits its work into a part that depends only on the source (``keys``, computed
 once per sentence and cached across decoder steps) and a part that depends on the decoder state
-(``forward``, computed per step or, where the math allows, for all steps at once).
+(``forward(query, keys)``, computed per step or, where the math allows, for all steps at once).
 
 Shapes (B = batch, S = source length, T = target steps, C = encoder output size,
 Q = decoder query size, A = attention hidden size):
 
     values: B x S x C      keys: B x S x K      query: B x Q  or  B x T x Q
     scores / weights: B x S  or  B x T x S       context: B x C  or  B x T x C
+
+Source positions: fairseq pads sources on the left, so the padded index of a token is not its
+position in the sentence. Whatever depends on a position (the location score, local windows)
+uses positions counted from the first real token and the real length S of each sentence.
 """
 
 import math
@@ -19,68 +23,144 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-SCORERS = ("additive", "dot", "general", "concat")
+SCORERS = ("additive", "dot", "general", "concat", "location")
+MODES = ("global", "local-m", "local-p")
+
+
+def source_positions(padding_mask: Optional[Tensor], like: Tensor) -> Tuple[Tensor, Tensor]:
+    """(positions B x S counted from each sentence's first real token, real lengths B).
+
+    Positions at padding are meaningless (the padding is masked). like: B x S x ... tensor.
+    """
+    if padding_mask is None:
+        bsz, seqlen = like.shape[:2]
+        pos = torch.arange(seqlen, device=like.device).unsqueeze(0).expand(bsz, seqlen)
+        return pos, torch.full((bsz,), seqlen, device=like.device, dtype=torch.long)
+    real = (~padding_mask).long()
+    return real.cumsum(dim=1) - 1, real.sum(dim=1)
 
 
 class AdditiveScorer(nn.Module):
-    """Bahdanau et al. (2014), eq. (6) / Appendix A.1.2: e_ij = v^T tanh(W s + U h_j).
+    """Bahdanau et al. (2014), eq. (6) / Appendix A.1.2: e_ij = v^T tanh(W s + U h_j + b).
 
     Luong et al. (2015)'s *concat* score, v^T tanh(W_a [h_t; h_s]), is the same function
     (W_a [h_t; h_s] = W h_t + U h_s), so ``concat`` is served by this class.
-    U h_j (with the bias) is the key, computed once per sentence.
+    U h_j + b is the key, computed once per sentence.
+
+    normalize (Luong et al.'s tf-nmt ``normed_bahdanau``, after Salimans & Kingma 2016 weight
+    normalisation): v is replaced by g v / ||v|| with a learned scalar g (initialised to
+    sqrt(1/A)); the bias b inside the tanh is the key projection's bias, present in both forms.
+    coverage (Tu et al. 2016, eq. (6), linguistic coverage without fertility):
+    e_ij = v^T tanh(W s + U h_j + b + w_c cov_ij) with cov_ij = sum_{k<i} a_kj.
     """
 
-    def __init__(self, query_dim: int, value_dim: int, attention_dim: int):
+    def __init__(self, query_dim: int, value_dim: int, attention_dim: int,
+                 normalize: bool = False, coverage: bool = False):
         super().__init__()
         self.query_proj = nn.Linear(query_dim, attention_dim, bias=False)  # W
-        self.key_proj = nn.Linear(value_dim, attention_dim, bias=True)  # U (+ bias)
+        self.key_proj = nn.Linear(value_dim, attention_dim, bias=True)  # U (+ bias b)
         self.v = nn.Linear(attention_dim, 1, bias=False)  # v
+        self.normalize = normalize
+        if normalize:
+            self.g = nn.Parameter(torch.tensor(math.sqrt(1.0 / attention_dim)))
+        self.coverage_proj = nn.Linear(1, attention_dim, bias=False) if coverage else None  # w_c
 
-    def keys(self, values: Tensor) -> Tensor:
+    def keys(self, values: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         # B x S x C -> B x S x A
         return self.key_proj(values)
 
-    def forward(self, query: Tensor, keys: Tensor) -> Tensor:
+    def v_weight(self) -> Tensor:
+        """v (A), or g v / ||v|| when normalised."""
+        v = self.v.weight[0]
+        if self.normalize:
+            v = self.g * v / v.norm()
+        return v
+
+    def forward(self, query: Tensor, keys: Tensor, coverage: Optional[Tensor] = None) -> Tensor:
         q = self.query_proj(query)  # B x A  or  B x T x A
+        if coverage is not None:  # B x S -> B x S x A
+            if self.coverage_proj is None:
+                raise ValueError("coverage given to a scorer built without coverage")
+            keys = keys + self.coverage_proj(coverage.unsqueeze(-1).to(keys.dtype))
         if q.dim() == 2:
-            return self.v(torch.tanh(keys + q.unsqueeze(1))).squeeze(-1)  # B x S
-        # B x T x 1 x A + B x 1 x S x A -> B x T x S
-        return self.v(torch.tanh(keys.unsqueeze(1) + q.unsqueeze(2))).squeeze(-1)
+            hidden = torch.tanh(keys + q.unsqueeze(1))  # B x S x A
+        else:
+            if coverage is not None:
+                raise ValueError("coverage changes every step: score one step at a time")
+            hidden = torch.tanh(keys.unsqueeze(1) + q.unsqueeze(2))  # B x T x S x A
+        return F.linear(hidden, self.v_weight().unsqueeze(0).to(hidden.dtype)).squeeze(-1)
 
 
 class DotScorer(nn.Module):
-    """Luong et al. (2015), eq. (8) *dot*: score(h_t, h_s) = h_t^T h_s."""
+    """Luong et al. (2015), eq. (8) *dot*: score(h_t, h_s) = h_t^T h_s.
 
-    def __init__(self, query_dim: int, value_dim: int):
+    scale: g h_t^T h_s with a learned scalar g initialised to 1 (tf-nmt's ``scaled_luong``).
+    """
+
+    def __init__(self, query_dim: int, value_dim: int, scale: bool = False):
         super().__init__()
         if query_dim != value_dim:
             raise ValueError(
                 f"dot attention needs the decoder state size ({query_dim}) to equal the encoder "
                 f"output size ({value_dim}); use 'general' or 'concat', or match the sizes"
             )
+        self.g = nn.Parameter(torch.tensor(1.0)) if scale else None
 
-    def keys(self, values: Tensor) -> Tensor:
+    def keys(self, values: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         return values
 
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
-        return _bdot(query, keys)
+        return _scaled(_bdot(query, keys), self.g)
 
 
 class GeneralScorer(nn.Module):
     """Luong et al. (2015), eq. (8) *general*: score(h_t, h_s) = h_t^T W_a h_s.
 
     The key W_a h_s is computed once per sentence; each step is then a dot product.
+    scale: g h_t^T W_a h_s with a learned scalar g initialised to 1 (tf-nmt's ``scaled_luong``).
     """
 
-    def __init__(self, query_dim: int, value_dim: int):
+    def __init__(self, query_dim: int, value_dim: int, scale: bool = False):
         super().__init__()
         self.key_proj = nn.Linear(value_dim, query_dim, bias=False)  # W_a
+        self.g = nn.Parameter(torch.tensor(1.0)) if scale else None
 
-    def keys(self, values: Tensor) -> Tensor:
+    def keys(self, values: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         return self.key_proj(values)  # B x S x Q
 
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
-        return _bdot(query, keys)
+        return _scaled(_bdot(query, keys), self.g)
+
+
+class LocationScorer(nn.Module):
+    """Luong et al. (2015), eq. (9) *location*: a_t = softmax(W_a h_t), scores from the query alone.
+
+    W_a h_t has one score per source position up to ``max_positions`` (Luong's fixed maximum
+    length); a sentence uses the scores of its first S positions, counted from its first real
+    token (padding is masked). The key is that position index (B x S, long), computed once per
+    sentence; fairseq skips sentences longer than --max-source-positions, and longer ones would
+    share the last score.
+    """
+
+    def __init__(self, query_dim: int, max_positions: int):
+        super().__init__()
+        self.max_positions = max_positions
+        self.proj = nn.Linear(query_dim, max_positions, bias=False)  # W_a
+
+    def keys(self, values: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        pos, _ = source_positions(padding_mask, values)
+        return pos.clamp(0, self.max_positions - 1)  # B x S
+
+    def forward(self, query: Tensor, keys: Tensor) -> Tensor:
+        scores = self.proj(query)  # B x P  or  B x T x P
+        if scores.dim() == 2:
+            return scores.gather(1, keys)  # B x S
+        index = keys.unsqueeze(1).expand(-1, scores.size(1), -1)  # B x T x S
+        return scores.gather(2, index)
+
+
+def _scaled(scores: Tensor, g: Optional[Tensor]) -> Tensor:
+    return scores if g is None else scores * g.to(scores.dtype)
 
 
 def _bdot(query: Tensor, keys: Tensor) -> Tensor:
@@ -90,14 +170,25 @@ def _bdot(query: Tensor, keys: Tensor) -> Tensor:
     return torch.bmm(query, keys.transpose(1, 2))
 
 
-def build_scorer(name: str, query_dim: int, value_dim: int, attention_dim: int) -> nn.Module:
-    if name in ("additive", "concat"):
-        return AdditiveScorer(query_dim, value_dim, attention_dim)
+def build_scorer(name: str, query_dim: int, value_dim: int, attention_dim: int,
+                 scale: bool = False, normalize: bool = False, coverage: bool = False,
+                 max_positions: int = 1024) -> nn.Module:
+    if name not in SCORERS:
+        raise ValueError(f"unknown attention score {name!r}; choose one of {', '.join(SCORERS)}")
+    additive = name in ("additive", "concat")
+    if scale and name not in ("dot", "general"):
+        raise ValueError(f"attention scale (a learned gain g) applies to dot and general, not {name!r}")
+    if normalize and not additive:
+        raise ValueError(f"attention normalize (g v/||v||) applies to additive and concat, not {name!r}")
+    if coverage and not additive:
+        raise ValueError(f"coverage enters the additive/concat score, not {name!r}")
+    if additive:
+        return AdditiveScorer(query_dim, value_dim, attention_dim, normalize=normalize, coverage=coverage)
     if name == "dot":
-        return DotScorer(query_dim, value_dim)
+        return DotScorer(query_dim, value_dim, scale=scale)
     if name == "general":
-        return GeneralScorer(query_dim, value_dim)
-    raise ValueError(f"unknown attention score {name!r}; choose one of {', '.join(SCORERS)}")
+        return GeneralScorer(query_dim, value_dim, scale=scale)
+    return LocationScorer(query_dim, max_positions)
 
 
 def masked_softmax(scores: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
@@ -106,13 +197,13 @@ def masked_softmax(scores: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
     Padded positions get exactly zero weight. The softmax is computed in fp32 (fp64 stays fp64),
     so fp16/bf16 scores cannot overflow, and a row whose positions are all padding yields zeros,
     not NaN.
-    padding_mask: B x S, True at padding.
+    padding_mask: B x S (or B x T x S), True at padding.
     """
     dtype = scores.dtype
     compute = torch.promote_types(dtype, torch.float32)  # fp32 at least; fp64 stays fp64
     if padding_mask is None:
         return F.softmax(scores.to(compute), dim=-1).to(dtype)
-    if scores.dim() == 3:
+    if scores.dim() == 3 and padding_mask.dim() == 2:
         padding_mask = padding_mask.unsqueeze(1)  # B x 1 x S
     scores = scores.to(compute).masked_fill(padding_mask, -math.inf)
     # a row of only padding: max is -inf; subtract 0 there so exp() gives 0, not NaN
@@ -123,28 +214,95 @@ def masked_softmax(scores: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Global attention over encoder outputs with a pluggable score function.
+    """Attention over encoder outputs with a pluggable score function, global or local.
 
-    weights a = softmax(score(query, keys)) over source positions (padding excluded),
-    context c = sum_j a_j h_j (Bahdanau eq. (5), Luong eq. (7) / sec. 3.1).
+    global (Bahdanau eq. (5)-(6), Luong sec. 3.1): a = softmax(score(query, keys)) over the
+        source (padding excluded), c = sum_j a_j h_j.
+    local-m (Luong sec. 3.2): p_t = t (the 0-based target step, kept at most S-1 so that a step
+        past the source's end still attends to its last words); a = softmax over the window
+        [p_t - D, p_t + D] only (eq. 7 restricted to the window).
+    local-p (Luong eq. (9)-(10)): p_t = S sigmoid(v_p^T tanh(W_p h_t)) with S the real source
+        length; a_s = softmax over the window (as local-m) times exp(-(s - p_t)^2 / (2 sigma^2)),
+        sigma = D / 2. These weights sum to less than 1, as in the paper.
+    Positions s and p_t count from each sentence's first real token (see the module docstring).
     """
 
-    def __init__(self, score: str, query_dim: int, value_dim: int, attention_dim: int):
+    def __init__(self, score: str, query_dim: int, value_dim: int, attention_dim: int,
+                 mode: str = "global", window: int = 10, scale: bool = False,
+                 normalize: bool = False, coverage: bool = False, max_positions: int = 1024):
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown attention mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode != "global" and window < 1:
+            raise ValueError(f"local attention needs a window D >= 1, got {window}")
         self.score_name = score
-        self.scorer = build_scorer(score, query_dim, value_dim, attention_dim)
+        self.mode = mode
+        self.window = window
+        self.coverage = coverage
+        self.scorer = build_scorer(score, query_dim, value_dim, attention_dim, scale=scale,
+                                   normalize=normalize, coverage=coverage, max_positions=max_positions)
+        if mode == "local-p":
+            self.position_proj = nn.Linear(query_dim, attention_dim, bias=False)  # W_p
+            self.position_v = nn.Linear(attention_dim, 1, bias=False)  # v_p
 
-    def keys(self, values: Tensor) -> Tensor:
+    def keys(self, values: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Source-side part of the score, once per sentence. values: B x S x C."""
-        return self.scorer.keys(values)
+        return self.scorer.keys(values, padding_mask)
 
     def forward(
-        self, query: Tensor, keys: Tensor, values: Tensor, padding_mask: Optional[Tensor]
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        padding_mask: Optional[Tensor],
+        step: Optional[Tensor] = None,
+        coverage: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
-        """query: B x Q or B x T x Q -> (context B x [T x] C, weights B x [T x] S)."""
-        weights = masked_softmax(self.scorer(query, keys), padding_mask).to(values.dtype)
+        """query: B x Q or B x T x Q -> (context B x [T x] C, weights B x [T x] S).
+
+        step: B (long), the 0-based target position of the (first) query, needed by local-m;
+        a B x T x Q query covers steps step .. step + T - 1.
+        coverage: B x S, sum of the previous steps' weights (one step at a time only).
+        """
+        scores = self.scorer(query, keys) if coverage is None else self.scorer(query, keys, coverage)
+        if self.mode == "global":
+            weights = masked_softmax(scores, padding_mask)
+        else:
+            weights = self._local_weights(query, scores, values, padding_mask, step)
+        weights = weights.to(values.dtype)
         if weights.dim() == 2:
             context = torch.bmm(weights.unsqueeze(1), values).squeeze(1)
         else:
             context = torch.bmm(weights, values)
         return context, weights
+
+    def predict_position(self, query: Tensor, lengths: Tensor) -> Tensor:
+        """local-p, Luong eq. (9): p_t = S sigmoid(v_p^T tanh(W_p h_t)); B [x T]."""
+        p = torch.sigmoid(self.position_v(torch.tanh(self.position_proj(query))).squeeze(-1))
+        p = p.to(torch.promote_types(p.dtype, torch.float32))  # positions need more than bf16
+        return lengths.view(-1, *([1] * (p.dim() - 1))).to(p.dtype) * p
+
+    def _local_weights(self, query, scores, values, padding_mask, step):
+        pos, lengths = source_positions(padding_mask, values)  # B x S, B
+        batched = scores.dim() == 3
+        if self.mode == "local-m":
+            if step is None:
+                raise ValueError("local-m attention needs the target step")
+            centre = step.view(-1, 1) + torch.arange(scores.size(1), device=step.device) if batched \
+                else step
+            centre = torch.minimum(centre, (lengths - 1).view(-1, *([1] * (centre.dim() - 1))))
+            centre = centre.to(torch.promote_types(scores.dtype, torch.float32))
+        else:
+            centre = self.predict_position(query, lengths)  # B [x T]
+        if batched:
+            pos = pos.unsqueeze(1)  # B x 1 x S
+        dist = pos.to(centre.dtype) - centre.unsqueeze(-1)  # B [x T] x S
+        outside = dist.abs() > self.window
+        if padding_mask is not None:
+            outside = outside | (padding_mask.unsqueeze(1) if batched else padding_mask)
+        weights = masked_softmax(scores, outside)
+        if self.mode == "local-p":
+            sigma = self.window / 2.0
+            gauss = torch.exp(-dist.pow(2) / (2 * sigma * sigma))
+            weights = weights * gauss.to(weights.dtype)
+        return weights

@@ -6,9 +6,12 @@ from dataclasses import dataclass, field, fields
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 RNN_TYPE_CHOICES = ChoiceEnum(["lstm", "gru"])
-ATTENTION_CHOICES = ChoiceEnum(["additive", "dot", "general", "concat"])
+ATTENTION_CHOICES = ChoiceEnum(["additive", "dot", "general", "concat", "location"])
+ATTENTION_MODE_CHOICES = ChoiceEnum(["global", "local-m", "local-p"])
 PLACEMENT_CHOICES = ChoiceEnum(["none", "before", "after"])
-INIT_CHOICES = ChoiceEnum(["zeros", "final", "bridge"])
+INIT_CHOICES = ChoiceEnum(["zeros", "final", "bridge", "backward_first"])
+READOUT_CHOICES = ChoiceEnum(["tanh", "maxout"])
+READOUT_STATE_CHOICES = ChoiceEnum(["current", "previous"])
 
 
 @dataclass
@@ -50,10 +53,31 @@ class RNNS2SConfig(FairseqDataclass):
         default=0.2,
         metadata={"help": "dropout on the decoder RNN's outputs, between its layers and on the readout"},
     )
+    readout: READOUT_CHOICES = field(
+        default="tanh",
+        metadata={"help": "readout before the output projection (vanilla and Bahdanau): "
+                  "tanh = tanh(W_o [s; c; E y_{i-1}]); maxout = Bahdanau's deep output "
+                  "(Appendix A.2.2): t_i = max over pairs of U_o s + V_o E y_{i-1} + C_o c_i, "
+                  "--maxout-dim units. Luong's h~ = tanh(W_c [h_t; c_t]) is always tanh"},
+    )
+    maxout_dim: int = field(
+        default=0,
+        metadata={"help": "number of maxout units l (each the max of 2 linear pieces) with "
+                  "--readout maxout; 0 = --decoder-out-embed-dim"},
+    )
+    readout_state: READOUT_STATE_CHOICES = field(
+        default="current",
+        metadata={"help": "decoder state in the readout (vanilla and Bahdanau): current = s_i, "
+                  "after the step; previous = s_{i-1}, as in Bahdanau et al.'s RNNsearch "
+                  "(eq. A.2.2: t~_i = U_o s_{i-1} + V_o E y_{i-1} + C_o c_i)"},
+    )
     decoder_init: INIT_CHOICES = field(
         default="final",
-        metadata={"help": "decoder initial state: zeros; final = the encoder's final state "
-                  "(linearly projected when sizes differ); bridge = tanh(W h_final + b)"},
+        metadata={"help": "decoder initial state: zeros; final = the encoder's last state (each "
+                  "direction's, concatenated; linearly projected when sizes differ); "
+                  "bridge = tanh(W h_final + b); backward_first = Bahdanau's "
+                  "s_0 = tanh(W_s h<-_1 + b) from the right-to-left encoder direction's state at "
+                  "the first source word (needs --encoder-bidirectional or --reverse-source)"},
     )
     rnn_type: RNN_TYPE_CHOICES = field(
         default="lstm", metadata={"help": "recurrent cell for encoder and decoder"}
@@ -67,11 +91,42 @@ class RNNS2SConfig(FairseqDataclass):
     )
     attention: ATTENTION_CHOICES = field(
         default="additive",
-        metadata={"help": "score function: additive v^T tanh(W s + U h) (Bahdanau), "
-                  "dot, general s^T W h, concat v^T tanh(W [s;h]) (Luong)"},
+        metadata={"help": "score function: additive v^T tanh(W s + U h + b) (Bahdanau), "
+                  "dot s^T h, general s^T W h, concat v^T tanh(W [s;h]) (Luong eq. 8), "
+                  "location a = softmax(W_a s) (Luong eq. 9: one score per source position up to "
+                  "--max-source-positions, positions counted from the first real token)"},
     )
     attention_dim: int = field(
-        default=512, metadata={"help": "hidden size of the additive/concat score"}
+        default=512,
+        metadata={"help": "hidden size of the additive/concat score and of local-p's "
+                  "position network W_p"},
+    )
+    attention_mode: ATTENTION_MODE_CHOICES = field(
+        default="global",
+        metadata={"help": "global = attend to every source word; local-m = only the window "
+                  "[p_t - D, p_t + D] with p_t = t (Luong sec. 3.2); local-p = the window around "
+                  "p_t = S sigmoid(v_p^T tanh(W_p h_t)), weights times exp(-(s - p_t)^2 / "
+                  "(2 sigma^2)), sigma = D/2 (Luong eq. 9-10); S = real source length"},
+    )
+    local_window: int = field(
+        default=10, metadata={"help": "half-width D of the local attention window (Luong: 10)"}
+    )
+    attention_scale: bool = field(
+        default=False,
+        metadata={"help": "scaled Luong: multiply the dot/general score by a learned scalar g "
+                  "(initialised to 1; tf-nmt's scaled_luong)"},
+    )
+    attention_normalize: bool = field(
+        default=False,
+        metadata={"help": "normalised Bahdanau: additive/concat score with v replaced by "
+                  "g v/||v|| (weight normalisation, g learned, initialised to sqrt(1/A)); "
+                  "tf-nmt's normed_bahdanau"},
+    )
+    coverage: bool = field(
+        default=False,
+        metadata={"help": "coverage (Tu et al. 2016): the sum of previous attention weights "
+                  "cov_j = sum_{k<i} a_kj enters the additive/concat score, "
+                  "e_ij = v^T tanh(W s + U h_j + b + w_c cov_j)"},
     )
     input_feeding: bool = field(
         default=True,

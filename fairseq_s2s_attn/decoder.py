@@ -4,17 +4,21 @@ Luong (attention after the RNN step, optional input feeding).
 Per target step i, with previous word embedding E y_{i-1} and top-layer state s:
 
   none   (Cho et al. 2014):  s_i = RNN([E y_{i-1}; c], s_{i-1}),    c fixed (encoder summary)
-                             t_i = tanh(W_o [s_i; c; E y_{i-1}])
+                             t_i = R(W_o [s; c; E y_{i-1}])
   before (Bahdanau et al.):  c_i = Attn(query=s_{i-1});   s_i = RNN([E y_{i-1}; c_i], s_{i-1})
-                             t_i = tanh(W_o [s_i; c_i; E y_{i-1}])
+                             t_i = R(W_o [s; c_i; E y_{i-1}])
   after  (Luong et al.):     h_t = RNN([E y_{t-1}; h~_{t-1}] if input feeding else E y_{t-1})
                              c_t = Attn(query=h_t);    h~_t = tanh(W_c [h_t; c_t])   (eq. 5)
   p(y_i | ...) = softmax(W_out t_i)
 
+In the readout, s is s_i (``readout_state`` current) or s_{i-1} (previous, RNNsearch) and R is
+tanh or maxout (Bahdanau's deep output, Appendix A.2.2: t_i = [max(t~_{2j-1}, t~_{2j})]_j).
+
 The attention ``keys`` (e.g. U h_j of the additive score) are computed once per sentence and kept
-in the incremental state. Without a step-to-step dependency outside the RNN (vanilla, and Luong
-without input feeding) the RNN runs over the whole target in one call and attention is batched
-over all steps; otherwise the decoder loops over steps.
+in the incremental state, with the target step (local-m's p_t = t) and the coverage vector
+(sum of previous attention weights). Without a step-to-step dependency outside the RNN (vanilla,
+and Luong without input feeding or coverage) the RNN runs over the whole target in one call and
+attention is batched over all steps; otherwise the decoder loops over steps.
 """
 
 from typing import Dict, List, Optional, Tuple
@@ -32,35 +36,43 @@ from .encoder import RNN_TYPES
 from .precision import cpu_autocast
 
 PLACEMENTS = ("none", "before", "after")
-DECODER_INITS = ("zeros", "final", "bridge")
+DECODER_INITS = ("zeros", "final", "bridge", "backward_first")
+READOUTS = ("tanh", "maxout")
+READOUT_STATES = ("current", "previous")
 
 State = Dict[str, Optional[Tensor]]
 
 
 class StateInit(nn.Module):
-    """Decoder initial state from the encoder's final state (one per layer).
+    """Decoder initial state from an encoder state (one per layer).
 
     zeros:  s_0 = 0
-    final:  s_0 = h_final, through a linear map when the sizes differ
+    final:  s_0 = h_final (the encoder's last state), through a linear map when the sizes differ
     bridge: s_0 = tanh(W h_final + b)
+    backward_first: s_0 = tanh(W_s h<-_1 + b) (Bahdanau et al., Appendix A.2.2; the paper omits
+            biases from its equations), h<-_1 the right-to-left direction's state at the first
+            source word; the caller passes that state, of size encoder_dim
     """
 
     def __init__(self, mode: str, encoder_dim: int, decoder_dim: int):
         super().__init__()
         self.mode = mode
         self.proj: Optional[nn.Linear] = None
-        if mode == "bridge" or (mode == "final" and encoder_dim != decoder_dim):
+        if mode in ("bridge", "backward_first") or (mode == "final" and encoder_dim != decoder_dim):
             self.proj = nn.Linear(encoder_dim, decoder_dim)
 
     def forward(self, final: Optional[Tensor], num_layers: int, shape: Tuple[int, int], like: Tensor):
         bsz, dim = shape
+        if self.mode == "backward_first" and final is None:
+            raise ValueError("decoder init backward_first needs a right-to-left encoder direction "
+                             "(a bidirectional encoder, or --reverse-source)")
         if self.mode == "zeros" or final is None:
             return like.new_zeros(num_layers, bsz, dim)
         if final.size(0) != num_layers:  # different depths: every layer starts from the top one
             final = final[-1:].expand(num_layers, -1, -1)
         if self.proj is not None:
             final = self.proj(final)
-        return torch.tanh(final) if self.mode == "bridge" else final.contiguous()
+        return final.contiguous() if self.mode == "final" else torch.tanh(final)
 
 
 class StackedCell:
@@ -89,7 +101,7 @@ class StackedCell:
         return F.linear(emb, self.w_emb, bias)
 
     def step(self, pre: Tensor, x: Tensor, hs: List[Tensor], cs: Optional[List[Tensor]]):
-        """One time step through all layers. pre: B x G, x: B x X, hs/cs: per-layer B x H."""
+        """One time step through all layers. pre: B x G, x: B x X (X may be 0), hs/cs: per-layer B x H."""
         new_h, new_c = [], []
         for k in range(self.layers):
             if k == 0:
@@ -126,6 +138,16 @@ class RNNDecoder(FairseqIncrementalDecoder):
         share_input_output_embed: bool = False,
         max_target_positions: int = 100000,
         cpu_bf16: bool = False,
+        attention_mode: str = "global",
+        local_window: int = 10,
+        attention_scale: bool = False,
+        attention_normalize: bool = False,
+        coverage: bool = False,
+        readout: str = "tanh",
+        maxout_dim: int = 0,
+        readout_state: str = "current",
+        encoder_direction_dim: Optional[int] = None,
+        max_source_positions: int = 1024,
     ):
         super().__init__(dictionary)
         self.cpu_bf16 = cpu_bf16
@@ -133,11 +155,25 @@ class RNNDecoder(FairseqIncrementalDecoder):
             raise ValueError(f"attention placement {attention_placement!r}; choose one of {PLACEMENTS}")
         if init not in DECODER_INITS:
             raise ValueError(f"decoder init {init!r}; choose one of {DECODER_INITS}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout {readout!r}; choose one of {READOUTS}")
+        if readout_state not in READOUT_STATES:
+            raise ValueError(f"readout state {readout_state!r}; choose one of {READOUT_STATES}")
+        if attention_placement == "after" and (readout != "tanh" or readout_state != "current"):
+            raise ValueError("with attention after the RNN step the readout is Luong's "
+                             "h~_t = tanh(W_c [h_t; c_t]): readout tanh, readout state current")
+        if attention_placement == "none" and (coverage or attention_mode != "global"):
+            raise ValueError("coverage and local attention need attention (placement before/after)")
         self.placement = attention_placement
         self.input_feeding = input_feeding and attention_placement == "after"
+        self.coverage = coverage
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.rnn_type = rnn_type
+        self.maxout = readout == "maxout"
+        self.readout_previous = readout_state == "previous"
+        if self.maxout and maxout_dim:
+            out_embed_dim = maxout_dim
         self.out_embed_dim = out_embed_dim
         self.max_target_positions = max_target_positions
         self.embed_tokens = embed_tokens
@@ -160,14 +196,25 @@ class RNNDecoder(FairseqIncrementalDecoder):
         self.attention = (
             None
             if attention_placement == "none"
-            else Attention(attention, hidden_size, encoder_output_dim, attention_dim)
+            else Attention(attention, hidden_size, encoder_output_dim, attention_dim,
+                           mode=attention_mode, window=local_window, scale=attention_scale,
+                           normalize=attention_normalize, coverage=coverage,
+                           max_positions=max_source_positions)
         )
-        # readout: [s; c] (Luong eq. 5), plus E y_{i-1} for vanilla/Bahdanau (their deep output)
+        # readout: [s; c] (Luong eq. 5), plus E y_{i-1} for vanilla/Bahdanau (their deep output);
+        # maxout: 2 linear pieces per unit (U_o, V_o, C_o of Bahdanau A.2.2 in one matrix)
         self.readout_uses_embedding = attention_placement != "after"
         readout_in = hidden_size + encoder_output_dim + (embed_dim if self.readout_uses_embedding else 0)
-        self.readout = nn.Linear(readout_in, out_embed_dim, bias=attention_placement != "after")
-        self.init_hidden = StateInit(init, encoder_output_dim, hidden_size)
-        self.init_cell = StateInit(init, encoder_output_dim, hidden_size) if rnn_type == "lstm" else None
+        self.readout = nn.Linear(readout_in, out_embed_dim * (2 if self.maxout else 1),
+                                 bias=attention_placement != "after")
+        self.init_from = "backward_first" if init == "backward_first" else "final"
+        init_dim = encoder_output_dim
+        if init == "backward_first":
+            if encoder_direction_dim is None:
+                raise ValueError("decoder init backward_first needs the encoder's per-direction size")
+            init_dim = encoder_direction_dim
+        self.init_hidden = StateInit(init, init_dim, hidden_size)
+        self.init_cell = StateInit(init, init_dim, hidden_size) if rnn_type == "lstm" else None
 
         self.share_input_output_embed = share_input_output_embed
         if share_input_output_embed:
@@ -209,7 +256,7 @@ class RNNDecoder(FairseqIncrementalDecoder):
         padding_mask = encoder_out["encoder_padding_mask"]  # B x S
         if cached is None:
             state = self.initial_state(encoder_out)
-            keys = self.attention.keys(values) if self.attention is not None else None
+            keys = self.attention.keys(values, padding_mask) if self.attention is not None else None
         else:
             state, keys = cached, cached.get("keys")
 
@@ -219,7 +266,7 @@ class RNNDecoder(FairseqIncrementalDecoder):
         else:
             fixed = None
 
-        if self.placement == "before" or self.input_feeding:
+        if self.placement == "before" or self.input_feeding or self.coverage:
             x, attn, state = self.run_steps(emb, state, keys, values, padding_mask)
         else:
             x, attn, state = self.run_parallel(emb, state, keys, values, padding_mask, fixed)
@@ -232,7 +279,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
     def run_steps(
         self, emb: Tensor, state: State, keys: Optional[Tensor], values: Tensor, padding_mask: Tensor
     ) -> Tuple[Tensor, Tensor, State]:
-        """Step loop for decoders with a step-to-step dependency outside the RNN. emb: T x B x E.
+        """Step loop for decoders with a step-to-step dependency outside the RNN (Bahdanau, input
+        feeding, coverage). emb: T x B x E.
 
         Work that does not depend on the previous step is hoisted out of the loop: the embedding
         part of the first layer's input product (for all steps in one matrix product) and, for
@@ -244,32 +292,42 @@ class RNNDecoder(FairseqIncrementalDecoder):
         hs = list(state["h"].unbind(0))
         cs = list(state["c"].unbind(0)) if state["c"] is not None else None
         feed = state.get("feed")
+        if feed is None:  # Luong without input feeding: the RNN's input is E y_{t-1} alone
+            feed = emb.new_zeros(emb.size(1), 0)
+        cov, step = state.get("cov"), state["step"]  # B x S, B
         outs, contexts, attns = [], [], []
         for t in range(emb.size(0)):
             if self.placement == "before":
                 # Bahdanau eq. (5)-(6): score with the previous state s_{i-1}; c_i enters the RNN
-                context, attn = self.attention(hs[-1], keys, values, padding_mask)
+                s_prev = hs[-1]
+                context, attn = self.attention(s_prev, keys, values, padding_mask, step + t, cov)
                 hs, cs = cell.step(pre[t], context, hs, cs)
                 contexts.append(context)
-                outs.append(hs[-1])
+                outs.append(s_prev if self.readout_previous else hs[-1])
             else:
                 # Luong sec. 3.3: input feeding concatenates h~_{t-1} with the input
                 hs, cs = cell.step(pre[t], feed, hs, cs)
                 h = self.dropout_out(hs[-1])
-                context, attn = self.attention(h, keys, values, padding_mask)
-                feed = self.dropout_out(torch.tanh(self.readout(torch.cat([h, context], dim=-1))))
-                outs.append(feed)
+                context, attn = self.attention(h, keys, values, padding_mask, step + t, cov)
+                h_tilde = self.dropout_out(torch.tanh(self.readout(torch.cat([h, context], dim=-1))))
+                if self.input_feeding:
+                    feed = h_tilde
+                outs.append(h_tilde)
+            if cov is not None:  # Tu et al. (2016): cov_i = cov_{i-1} + a_{i-1}
+                cov = cov + attn
             attns.append(attn)
-        if self.placement == "before":  # t_i = tanh(W_o [s_i; c_i; E y_{i-1}]) for all i at once
+        if self.placement == "before":  # t_i = R(W_o [s; c_i; E y_{i-1}]) for all i at once
             h = self.dropout_out(torch.stack(outs, dim=1))  # B x T x H
             parts = [h, torch.stack(contexts, dim=1), emb.transpose(0, 1)]
-            x = self.dropout_out(torch.tanh(self.readout(torch.cat(parts, dim=-1))))
+            x = self.dropout_out(self._activate(self.readout(torch.cat(parts, dim=-1))))
         else:
             x = torch.stack(outs, dim=1)  # B x T x O
         new_state: State = {
             "h": torch.stack(hs, dim=0),
             "c": torch.stack(cs, dim=0) if cs is not None else None,
             "feed": feed if self.input_feeding else None,
+            "step": step + emb.size(0),
+            "cov": cov,
         }
         return x, torch.stack(attns, dim=1), new_state
 
@@ -282,31 +340,43 @@ class RNNDecoder(FairseqIncrementalDecoder):
         padding_mask: Tensor,
         fixed: Optional[Tensor],
     ) -> Tuple[Tensor, Optional[Tensor], State]:
-        """All steps in one RNN call: vanilla, and Luong without input feeding. emb: T x B x E."""
+        """All steps in one RNN call: vanilla, and Luong without input feeding or coverage.
+        emb: T x B x E."""
         seqlen = emb.size(0)
         if fixed is not None:  # vanilla: the context vector enters every step
             rnn_in = torch.cat([emb, fixed.unsqueeze(0).expand(seqlen, -1, -1)], dim=-1)
         else:
             rnn_in = emb
-        h, new_state = self._rnn(rnn_in, state)  # T x B x H
-        h = self.dropout_out(h).transpose(0, 1)  # B x T x H
+        out, new_state = self._rnn(rnn_in, state)  # T x B x H
+        new_state["step"] = state["step"] + seqlen
+        if self.readout_previous:  # s_{i-1}: the state before each step (vanilla only)
+            out = torch.cat([state["h"][-1:], out[:-1]], dim=0)
+        h = self.dropout_out(out).transpose(0, 1)  # B x T x H
         emb = emb.transpose(0, 1)  # B x T x E
         if self.attention is None:
             context = fixed.unsqueeze(1).expand(-1, seqlen, -1)  # B x T x C
             attn = None
-        else:
-            context, attn = self.attention(h, keys, values, padding_mask)  # B x T x C, B x T x S
+        else:  # B x T x C, B x T x S
+            context, attn = self.attention(h, keys, values, padding_mask, state["step"])
         parts = [h, context] + ([emb] if self.readout_uses_embedding else [])
-        out = self.dropout_out(torch.tanh(self.readout(torch.cat(parts, dim=-1))))
+        out = self.dropout_out(self._activate(self.readout(torch.cat(parts, dim=-1))))
         return out, attn, new_state
+
+    def _activate(self, x: Tensor) -> Tensor:
+        """Readout nonlinearity: tanh, or maxout over adjacent pairs (Bahdanau A.2.2:
+        t_i = [max{t~_{i,2j-1}, t~_{i,2j}}]_{j=1..l}). x: ... x (2l) -> ... x l."""
+        if not self.maxout:
+            return torch.tanh(x)
+        return x.view(*x.shape[:-1], -1, 2).amax(dim=-1)
 
     def _rnn(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
         """Runs the (multi-layer) RNN over x (T x B x I) from state; returns outputs T x B x H."""
         if self.rnn_type == "lstm":
             out, (h, c) = self.rnn(x, (state["h"], state["c"]))
-            return out, {"h": h, "c": c, "feed": state.get("feed")}
-        out, h = self.rnn(x, state["h"])
-        return out, {"h": h, "c": None, "feed": state.get("feed")}
+        else:
+            out, h = self.rnn(x, state["h"])
+            c = None
+        return out, {"h": h, "c": c, "feed": state.get("feed"), "cov": state.get("cov")}
 
     def output_layer(self, features: Tensor) -> Tensor:
         if self.fc_out is None:
@@ -319,14 +389,18 @@ class RNNDecoder(FairseqIncrementalDecoder):
         return encoder_out["final_hidden"][-1]
 
     def initial_state(self, encoder_out: Dict[str, Optional[Tensor]]) -> State:
-        values = encoder_out["encoder_out"]
+        """h, c (L x B x H), fed-back h~ (B x O), target step (B, long), coverage (B x S)."""
+        values = encoder_out["encoder_out"]  # S x B x C
         shape = (values.size(1), self.hidden_size)
-        h = self.init_hidden(encoder_out["final_hidden"], self.num_layers, shape, values)
+        source = self.init_from  # final, or backward_first (Bahdanau's h<-_1)
+        h = self.init_hidden(encoder_out[source + "_hidden"], self.num_layers, shape, values)
         c = None
         if self.init_cell is not None:
-            c = self.init_cell(encoder_out.get("final_cell"), self.num_layers, shape, values)
+            c = self.init_cell(encoder_out.get(source + "_cell"), self.num_layers, shape, values)
         feed = values.new_zeros(shape[0], self.out_embed_dim) if self.input_feeding else None
-        return {"h": h, "c": c, "feed": feed}
+        step = torch.zeros(shape[0], dtype=torch.long, device=values.device)
+        cov = values.new_zeros(shape[0], values.size(0)) if self.coverage else None
+        return {"h": h, "c": c, "feed": feed, "step": step, "cov": cov}
 
     def _get_cache(self, incremental_state) -> Optional[State]:
         if incremental_state is None:
@@ -339,7 +413,7 @@ class RNNDecoder(FairseqIncrementalDecoder):
         cached = self._get_cache(incremental_state)
         if cached is None:
             return
-        batch_dim = {"h": 1, "c": 1, "feed": 0, "keys": 0}
+        batch_dim = {"h": 1, "c": 1, "feed": 0, "keys": 0, "step": 0, "cov": 0}
         reordered = {
             k: (None if v is None else v.index_select(batch_dim[k], new_order)) for k, v in cached.items()
         }

@@ -1,9 +1,13 @@
 """The fairseq model ``rnn_s2s`` and its named architectures.
 
-    rnn_vanilla   encoder-decoder with a fixed context vector (Sutskever et al. 2014, Cho et al. 2014)
-    rnn_bahdanau  additive attention before the RNN step (Bahdanau et al. 2014)
-    rnn_luong     general attention after the RNN step, input feeding (Luong et al. 2015)
-    *_tiny        the same, small enough for tests and smoke runs
+    rnn_vanilla         encoder-decoder with a fixed context vector (Sutskever et al. 2014,
+                        Cho et al. 2014)
+    rnn_bahdanau        additive attention before the RNN step (Bahdanau et al. 2014)
+    rnn_luong           general attention after the RNN step, input feeding (Luong et al. 2015)
+    rnn_bahdanau_paper  RNNsearch-50 as published (sizes, GRU, s_0 from h<-_1, maxout deep output)
+    rnn_luong_paper     Luong et al.'s best single model (4 x 1000 LSTM, local-p general, input
+                        feeding, reversed source)
+    *_tiny              vanilla/Bahdanau/Luong, small enough for tests and smoke runs
 """
 
 from fairseq.models import (
@@ -82,6 +86,16 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
             share_input_output_embed=cfg.share_decoder_input_output_embed or cfg.share_all_embeddings,
             max_target_positions=cfg.max_target_positions,
             cpu_bf16=cfg.cpu_bf16,
+            attention_mode=str(cfg.attention_mode),
+            local_window=cfg.local_window,
+            attention_scale=cfg.attention_scale,
+            attention_normalize=cfg.attention_normalize,
+            coverage=cfg.coverage,
+            readout=str(cfg.readout),
+            maxout_dim=cfg.maxout_dim,
+            readout_state=str(cfg.readout_state),
+            encoder_direction_dim=cfg.encoder_hidden_size,
+            max_source_positions=cfg.max_source_positions,
         )
         return cls(encoder, decoder)
 
@@ -111,11 +125,49 @@ def check_config(cfg) -> None:
             "use --attention general or concat, or match the sizes"
         )
     share = cfg.share_decoder_input_output_embed or cfg.share_all_embeddings
-    if share and cfg.decoder_out_embed_dim != cfg.decoder_embed_dim:
+    maxout_sized = str(cfg.readout) == "maxout" and cfg.maxout_dim
+    if share and maxout_sized and cfg.maxout_dim != cfg.decoder_embed_dim:
+        raise ConfigError(
+            f"sharing decoder input/output embeddings needs --maxout-dim ({cfg.maxout_dim}) == "
+            f"--decoder-embed-dim ({cfg.decoder_embed_dim}) (or --maxout-dim 0)"
+        )
+    if share and not maxout_sized and cfg.decoder_out_embed_dim != cfg.decoder_embed_dim:
         raise ConfigError(
             f"sharing decoder input/output embeddings needs --decoder-out-embed-dim "
             f"({cfg.decoder_out_embed_dim}) == --decoder-embed-dim ({cfg.decoder_embed_dim})"
         )
+    check_variant(cfg)
+
+
+def check_variant(cfg) -> None:
+    """Rejects attention/readout/initialisation options that do not apply together."""
+    placement, score, mode = str(cfg.attention_placement), str(cfg.attention), str(cfg.attention_mode)
+    if not isinstance(cfg.local_window, int) or cfg.local_window < 1:
+        raise ConfigError(f"--local-window must be a positive integer, got {cfg.local_window!r}")
+    if not isinstance(cfg.maxout_dim, int) or cfg.maxout_dim < 0:
+        raise ConfigError(f"--maxout-dim must be 0 or a positive integer, got {cfg.maxout_dim!r}")
+    if placement == "none":
+        for flag, on in (("--attention-mode " + mode, mode != "global"), ("--coverage", cfg.coverage)):
+            if on:
+                raise ConfigError(f"{flag} needs attention (--attention-placement before or after)")
+    if cfg.attention_scale and score not in ("dot", "general"):
+        raise ConfigError(f"--attention-scale (Luong's score times a learned g) needs --attention "
+                          f"dot or general, not {score}")
+    if cfg.attention_normalize and score not in ("additive", "concat"):
+        raise ConfigError(f"--attention-normalize (g v/||v||) needs --attention additive or concat, "
+                          f"not {score}")
+    if cfg.coverage and score not in ("additive", "concat"):
+        raise ConfigError(f"--coverage enters the additive score: needs --attention additive or "
+                          f"concat, not {score}")
+    if placement == "after" and str(cfg.readout) != "tanh":
+        raise ConfigError("--readout maxout is the deep output of vanilla/Bahdanau decoders; with "
+                          "--attention-placement after the readout is Luong's h~ = tanh(W_c[h;c])")
+    if placement == "after" and str(cfg.readout_state) != "current":
+        raise ConfigError("--readout-state previous applies to --attention-placement none/before; "
+                          "Luong's h~_t uses the current state h_t")
+    if str(cfg.decoder_init) == "backward_first" and not (cfg.encoder_bidirectional or cfg.reverse_source):
+        raise ConfigError("--decoder-init backward_first needs an encoder direction that reads the "
+                          "source right to left: --encoder-bidirectional true or --reverse-source")
 
 
 # --------------------------------------------------------------------- architectures
@@ -142,6 +194,40 @@ def rnn_luong(args, **sizes):
 @register_model_architecture("rnn_s2s", "rnn_vanilla")
 def rnn_vanilla(args, **sizes):
     _set_defaults(args, attention_placement="none", **sizes)
+
+
+@register_model_architecture("rnn_s2s", "rnn_bahdanau_paper")
+def rnn_bahdanau_paper(args):
+    """RNNsearch-50 (Bahdanau et al. 2014, Appendix A.2 and B.1): GRU (the paper's gated unit),
+    bidirectional encoder of 1000 units per direction, embeddings 620, decoder 1000, alignment
+    model 1000 (n' = 1000), maxout deep output of l = 500 units over U_o s_{i-1} + V_o E y_{i-1}
+    + C_o c_i, s_0 = tanh(W_s h<-_1). The paper uses no dropout; one layer each side."""
+    _set_defaults(
+        args, attention_placement="before", attention="additive", rnn_type="gru",
+        encoder_bidirectional=True, encoder_layers=1, decoder_layers=1,
+        encoder_embed_dim=620, decoder_embed_dim=620, encoder_hidden_size=1000,
+        decoder_hidden_size=1000, attention_dim=1000, readout="maxout", maxout_dim=500,
+        decoder_out_embed_dim=500, readout_state="previous", decoder_init="backward_first",
+        encoder_dropout_in=0.0, encoder_dropout_out=0.0, decoder_dropout_in=0.0,
+        decoder_dropout_out=0.0,
+    )
+
+
+@register_model_architecture("rnn_s2s", "rnn_luong_paper")
+def rnn_luong_paper(args):
+    """Luong et al. (2015)'s best single system (Table 1, 'local-p (general)' + feed input): stacked
+    4-layer LSTMs of 1000 cells, 1000-dimensional embeddings, unidirectional encoder reading the
+    source reversed, decoder started from the encoder's last state, input feeding, local-p
+    attention with the general score and D = 10, dropout 0.2 (sec. 4.1). h~_t has 1000 units."""
+    _set_defaults(
+        args, attention_placement="after", attention="general", attention_mode="local-p",
+        local_window=10, input_feeding=True, rnn_type="lstm", encoder_bidirectional=False,
+        reverse_source=True, encoder_layers=4, decoder_layers=4, encoder_embed_dim=1000,
+        decoder_embed_dim=1000, encoder_hidden_size=1000, decoder_hidden_size=1000,
+        decoder_out_embed_dim=1000, attention_dim=1000, decoder_init="final",
+        encoder_dropout_in=0.2, encoder_dropout_out=0.2, decoder_dropout_in=0.2,
+        decoder_dropout_out=0.2,
+    )
 
 
 TINY = dict(

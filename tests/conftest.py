@@ -26,6 +26,17 @@ ARCH_FNS = {
     "rnn_vanilla_tiny": s2s_model.rnn_vanilla_tiny,
     "rnn_bahdanau_tiny": s2s_model.rnn_bahdanau_tiny,
     "rnn_luong_tiny": s2s_model.rnn_luong_tiny,
+    "rnn_bahdanau_paper": s2s_model.rnn_bahdanau_paper,
+    "rnn_luong_paper": s2s_model.rnn_luong_paper,
+}
+
+# the paper architectures at sizes small enough for unit tests (their other settings unchanged)
+PAPER_TINY = {
+    "rnn_bahdanau_paper": dict(encoder_embed_dim=12, decoder_embed_dim=10, encoder_hidden_size=16,
+                               decoder_hidden_size=20, attention_dim=14, maxout_dim=9),
+    "rnn_luong_paper": dict(encoder_embed_dim=12, decoder_embed_dim=10, encoder_hidden_size=20,
+                            decoder_hidden_size=20, decoder_out_embed_dim=11, attention_dim=14,
+                            encoder_layers=2, decoder_layers=2, local_window=2),
 }
 
 # dropout off: outputs are deterministic and every parameter gets a gradient

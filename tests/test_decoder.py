@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_model, make_dict, random_tokens
+from conftest import PAPER_TINY, build_model, make_dict, random_tokens
 
 SRC_LENGTHS = [5, 2, 4]
 TGT_LEN = 4
@@ -36,6 +36,33 @@ VARIANTS = [
     # encoder output size 48 != decoder hidden 64: 'final' init goes through a projection
     ("rnn_bahdanau_tiny", dict(encoder_hidden_size=24)),
     ("rnn_luong_tiny", dict(reverse_source=True)),
+    # attention variants (issue #3); small local windows so that the window cuts the sources
+    ("rnn_luong_tiny", dict(attention="location")),
+    ("rnn_luong_tiny", dict(attention="location", input_feeding=False)),
+    ("rnn_luong_tiny", dict(attention_mode="local-m", local_window=1)),
+    ("rnn_luong_tiny", dict(attention_mode="local-m", local_window=1, input_feeding=False)),
+    ("rnn_luong_tiny", dict(attention_mode="local-p", local_window=1)),
+    ("rnn_luong_tiny", dict(attention_mode="local-p", local_window=2, input_feeding=False,
+                            attention="dot", attention_scale=True)),
+    ("rnn_luong_tiny", dict(attention_mode="local-m", local_window=1, attention="location",
+                            reverse_source=True)),
+    ("rnn_bahdanau_tiny", dict(attention_mode="local-p", local_window=1)),
+    ("rnn_bahdanau_tiny", dict(attention_mode="local-m", local_window=1, coverage=True)),
+    ("rnn_luong_tiny", dict(attention_scale=True)),
+    ("rnn_bahdanau_tiny", dict(attention_normalize=True)),
+    ("rnn_luong_tiny", dict(attention="concat", attention_normalize=True, input_feeding=False)),
+    ("rnn_bahdanau_tiny", dict(coverage=True)),
+    ("rnn_bahdanau_tiny", dict(coverage=True, attention_normalize=True, rnn_type="gru")),
+    ("rnn_luong_tiny", dict(attention="concat", coverage=True)),
+    ("rnn_luong_tiny", dict(attention="concat", coverage=True, input_feeding=False)),
+    ("rnn_bahdanau_tiny", dict(readout="maxout")),
+    ("rnn_bahdanau_tiny", dict(readout_state="previous")),
+    ("rnn_vanilla_tiny", dict(readout="maxout", readout_state="previous", maxout_dim=20)),
+    ("rnn_bahdanau_tiny", dict(decoder_init="backward_first")),
+    ("rnn_bahdanau_tiny", dict(decoder_init="backward_first", encoder_bidirectional=False,
+                               reverse_source=True, encoder_layers=2, decoder_layers=2)),
+    ("rnn_bahdanau_paper", PAPER_TINY["rnn_bahdanau_paper"]),
+    ("rnn_luong_paper", PAPER_TINY["rnn_luong_paper"]),
 ]
 
 
@@ -94,7 +121,10 @@ def test_output_shapes(variant):
         assert attn.shape == (len(SRC_LENGTHS), TGT_LEN, src.size(1))
         pad = src.eq(d.pad()).unsqueeze(1).expand_as(attn)
         assert torch.all(attn[pad] == 0)
-        torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:2]))
+        if model.decoder.attention.mode == "local-p":  # softmax times a Gaussian: sums to < 1
+            assert torch.all(attn.sum(-1) > 0) and torch.all(attn.sum(-1) <= 1 + 1e-6)
+        else:
+            torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:2]))
     feats, _ = model(src, lengths, prev, features_only=True)
     assert feats.shape == (len(SRC_LENGTHS), TGT_LEN, model.decoder.out_embed_dim)
 

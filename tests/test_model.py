@@ -20,11 +20,13 @@ TINY_ARCHS = ["rnn_vanilla_tiny", "rnn_bahdanau_tiny", "rnn_luong_tiny"]
 # ------------------------------------------------------------------ registry and architectures
 
 
-def test_registry_has_the_six_architectures():
+def test_registry_has_the_eight_architectures():
     for arch in ARCHS:
         assert ARCH_MODEL_REGISTRY[arch] is RNNS2SModel, arch
         assert ARCH_CONFIG_REGISTRY[arch] is ARCH_FNS[arch], arch
-    assert len(ARCHS) == 6
+    assert len(ARCHS) == 8
+    registered = {a for a, m in ARCH_MODEL_REGISTRY.items() if m is RNNS2SModel} - {"rnn_s2s"}
+    assert registered == set(ARCHS)
 
 
 @pytest.mark.parametrize(
