@@ -133,7 +133,7 @@ class GeneralScorer(nn.Module):
 
 
 class LocationScorer(nn.Module):
-    """Luong et al. (2015), eq. (9) *location*: a_t = softmax(W_a h_t), scores from the query alone.
+    """Luong et al. (2015), sec. 3.1 *location*: a_t = softmax(W_a h_t), scores from the query alone.
 
     W_a h_t has one score per source position up to ``max_positions`` (Luong's fixed maximum
     length); a sentence uses the scores of its first S positions, counted from its first real

@@ -93,7 +93,7 @@ class RNNS2SConfig(FairseqDataclass):
         default="additive",
         metadata={"help": "score function: additive v^T tanh(W s + U h + b) (Bahdanau), "
                   "dot s^T h, general s^T W h, concat v^T tanh(W [s;h]) (Luong eq. 8), "
-                  "location a = softmax(W_a s) (Luong eq. 9: one score per source position up to "
+                  "location a = softmax(W_a s) (Luong sec. 3.1: one score per source position up to "
                   "--max-source-positions, positions counted from the first real token)"},
     )
     attention_dim: int = field(

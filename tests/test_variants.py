@@ -74,7 +74,7 @@ def test_source_positions_count_from_the_first_real_token():
     assert pos_r[1, :4].tolist() == [0, 1, 2, 3]
 
 
-# ------------------------------------------------------------------ location (Luong eq. 9)
+# ------------------------------------------------------------------ location (Luong sec. 3.1)
 
 
 @pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
