@@ -1,0 +1,47 @@
+"""scripts/ablation.py without running fairseq: every variant of the table is a valid model
+configuration (parsed by fairseq's own option parser, then built), and the table's shape."""
+
+import shlex
+import sys
+
+import pytest
+from fairseq import options
+
+from clitools import SCRIPTS
+from conftest import FakeTask, make_dict
+from fairseq_s2s_attn.model import RNNS2SModel
+
+sys.path.insert(0, str(SCRIPTS))
+import ablation  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(ablation.VARIANTS))
+def test_every_variant_parses_and_builds(name):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, ["data-bin", *ablation.VARIANTS[name], *shlex.split(ablation.DEFAULT_MODEL_ARGS)])
+    d = make_dict()
+    model = RNNS2SModel.build_model(args, FakeTask(d, d))
+    if "local-" in name:
+        assert model.decoder.attention.mode == name.split(" ")[0]
+    if name.startswith("global ("):
+        assert model.decoder.attention.score_name == name[len("global ("):].split(",")[0].rstrip(")")
+
+
+def test_table_has_luong_table_4_shape():
+    rows = [dict(name="global (dot)", ppl={"valid": 1.234, "test": 1.5}, bleu=42.04, params=1000,
+                 updates=10, seconds=12.3)]
+    text = ablation.table(rows, "Data: x.")
+    lines = text.splitlines()
+    assert lines[0] == "Data: x."
+    assert lines[2].startswith("| System | Ppl (valid) | Ppl (test) | BLEU (test, beam 5) |")
+    assert lines[4] == "| global (dot) | 1.23 | 1.50 | 42.0 | 1,000 | 10 | 12 s |"
+
+
+def test_unknown_variant_and_missing_budget_are_errors(capsys):
+    with pytest.raises(SystemExit):
+        ablation.main(["--variants", "global (cosine)"])
+    assert "unknown variant" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablation.main(["--max-update", "0"])
+    assert "budget" in capsys.readouterr().err
