@@ -46,7 +46,7 @@ else
     # shellcheck disable=SC2086
     fairseq-train "$WORK/data-bin" --user-dir fairseq_s2s_attn --arch "$ARCH" \
         --optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --lr-scheduler inverse_sqrt \
-        --warmup-updates 400 --clip-norm 1.0 --max-tokens 4000 \
+        --warmup-updates 200 --clip-norm 1.0 --max-tokens 2000 \
         --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
         --stop-time-hours "$HOURS" --max-epoch 60 --save-dir "$CKPT" --no-epoch-checkpoints \
         --log-format simple --log-interval 50 --cpu --seed 1 \

@@ -13,16 +13,16 @@ import sys
 
 
 def pick_sentences(path: str, num: int, min_words: int, max_words: int):
-    """The first `num` lines of the file whose word count is in [min_words, max_words]."""
-    picked = []
+    """`num` lines spread evenly over the file, of min..max words, plain words only (no format
+    placeholders or markup, which say little about alignment)."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            words = line.split()
-            if min_words <= len(words) <= max_words:
-                picked.append(line.strip())
-            if len(picked) == num:
-                break
-    return picked
+        lines = [ln.strip() for ln in f]
+    ok = [ln for ln in lines if min_words <= len(ln.split()) <= max_words
+          and not any(ch in ln for ch in "%{}<>\"\\|_=")]
+    if len(ok) <= num:
+        return ok
+    step = len(ok) / num
+    return [ok[int(i * step + step / 2)] for i in range(num)]
 
 
 def plot(result, path: str, title: str):
@@ -63,6 +63,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from fairseq_s2s_attn.errors import S2SError
     from fairseq_s2s_attn.hub import Translator
 
