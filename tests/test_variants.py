@@ -519,3 +519,37 @@ def test_maxout_dim_can_feed_shared_embeddings():
     model = build_model("rnn_bahdanau_tiny", readout="maxout", maxout_dim=32,
                         share_decoder_input_output_embed=True)
     assert model.decoder.out_embed_dim == 32 and model.decoder.fc_out is None
+
+
+# ------------------------------------------------------------------ beam search (fairseq's generator)
+
+
+@pytest.mark.parametrize("arch, opts", [
+    ("rnn_luong_tiny", dict(attention_mode="local-m", local_window=1)),
+    ("rnn_luong_tiny", dict(attention_mode="local-p", local_window=1, input_feeding=False)),
+    ("rnn_luong_tiny", dict(attention="location", attention_mode="local-m", local_window=1,
+                            input_feeding=False)),
+    ("rnn_bahdanau_tiny", dict(coverage=True, attention_normalize=True)),
+    ("rnn_luong_tiny", dict(attention="concat", coverage=True, input_feeding=False)),
+    ("rnn_bahdanau_paper", PAPER_TINY["rnn_bahdanau_paper"]),
+    ("rnn_luong_paper", PAPER_TINY["rnn_luong_paper"]),
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items() if "dim" not in k))
+def test_sequence_generator_scores_are_the_models_own(arch, opts):
+    """Beam search (beam 3) reorders the incremental state (step, coverage) as hypotheses move
+    between beams; every hypothesis' positional scores and attention must equal a full pass."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from test_model import _sample, _teacher_forced
+
+    d = make_dict()
+    model = build_model(arch, seed=3, dtype=F64, **opts).eval()
+    sample = _sample(d)
+    src = sample["net_input"]["src_tokens"]
+    hypos = SequenceGenerator([model], d, beam_size=3, max_len_a=0, max_len_b=7).generate([model], sample)
+    for i, sent in enumerate(hypos):
+        assert len(sent) == 3
+        for h in sent:
+            lp, attn = _teacher_forced(model, d, src[i], h["tokens"])
+            torch.testing.assert_close(h["positional_scores"], lp.float(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(h["attention"], attn.t().to(h["attention"].dtype),
+                                       atol=1e-5, rtol=1e-5)
