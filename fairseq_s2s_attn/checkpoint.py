@@ -11,9 +11,11 @@ A checkpoint that needs anything else is refused with a message naming the file 
 
 import argparse
 import collections
+import inspect
 import logging
 import os
 import pickle
+import re
 import zipfile
 
 import numpy as np
@@ -52,26 +54,90 @@ def allow_fairseq_checkpoints() -> None:
         add(SAFE_GLOBALS)
 
 
+_UNSAFE = re.compile(r"unsupported global|global \S+ was not|call reduce|unsupported class|is blocked", re.I)
+
+
+def _unsafe_detail(msg: str):
+    """The line of torch's weights_only error that names a forbidden import, if that is the cause
+    (rather than bytes that are no pickle at all, which torch reports the same way)."""
+    for line in msg.splitlines():
+        if _UNSAFE.search(line):
+            name = re.search(r"GLOBAL (\S+)", line)
+            return name.group(1) if name else line.strip()[:200]
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    line = msg.splitlines()[0].strip() if msg else "no detail"
+    if "WeightsUnpickler error" in msg:  # torch's message: the cause is on the lines that follow
+        line = next((ln.strip() for ln in msg.split("WeightsUnpickler error:", 1)[1].splitlines()
+                     if ln.strip()), line)
+    return f"{type(e).__name__}: {line.split('. ')[0][:160]}"
+
+
 def safe_load(path: str):
     """torch.load with the safe unpickler, turning failures into messages a user can act on."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with open(path, "rb") as f:
-            return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+            state = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        detail = next((ln.strip() for ln in msg.splitlines() if "Unsupported global" in ln), msg[:300])
+        unsafe = _unsafe_detail(str(e))
+        if unsafe is None:
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: the file is truncated or corrupt, or not a "
+                f"checkpoint ({_first_line(e)})"
+            ) from None
         raise CheckpointError(
-            f"refusing to load {path}: it contains objects outside the safe allow-list of fairseq "
-            f"checkpoint types, and unpickling them could run code ({detail}). "
-            "Only load checkpoints you trust; this loader never disables torch's safe mode."
+            f"refusing to load {path}: it asks to import {unsafe}, which is not one of the plain "
+            "data types of a fairseq checkpoint, and unpickling it could run code. Only load "
+            "checkpoints you trust; this loader never disables torch's safe mode"
         ) from None
-    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # zip/IO/pickle-structure errors of a damaged file
         raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated or corrupt ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})"
+            f"cannot read checkpoint {path}: the file is truncated or corrupt, or not a "
+            f"checkpoint ({_first_line(e)})"
         ) from None
+    _check_crc(path)
+    return state
+
+
+def _check_crc(path: str) -> None:
+    """torch does not verify the CRC-32 its zip format stores per tensor, so damaged bytes inside
+    a tensor would load as silently wrong weights. One extra read of the file catches that."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (pre-1.6) format has no checksums
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        bad = f"({type(e).__name__}: {e})"
+    if bad is not None:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is corrupt (checksum mismatch in {bad}; "
+            "it was damaged after it was written)"
+        )
+
+
+def check_fairseq_checkpoint(state, path: str) -> None:
+    """What fairseq's loaders read from a checkpoint: a dict with the weights and the options."""
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} is not a fairseq checkpoint: it holds a {type(state).__name__}, not the "
+            "dict fairseq-train saves"
+        )
+    missing = [k for k in ("model",) if k not in state]
+    if state.get("cfg") is None and state.get("args") is None:
+        missing.append("cfg")
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a fairseq checkpoint: it has no {' or '.join(repr(k) for k in missing)} "
+            f"entry (keys: {', '.join(sorted(map(str, state))[:8]) or 'none'})"
+        )
 
 
 def _patched_torch_load(original):
@@ -84,7 +150,9 @@ def _patched_torch_load(original):
         if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
             if hasattr(f, "close"):
                 f.close()
-            return safe_load(os.fspath(path))
+            state = safe_load(os.fspath(path))
+            check_fairseq_checkpoint(state, os.fspath(path))
+            return state
         kwargs["weights_only"] = True
         return original(f, *args, **kwargs)
 
@@ -103,9 +171,33 @@ class _TorchProxy:
         return getattr(self._torch, name)
 
 
+def _checked_ensemble_loader(original):
+    """fairseq raises a bare IOError (a traceback) for a --path that does not exist."""
+    from fairseq.checkpoint_utils import get_maybe_sharded_checkpoint_filename
+    from fairseq.file_io import PathManager
+
+    signature = inspect.signature(original)
+
+    def load_model_ensemble_and_task(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        if not a["suffix"] and a["num_shards"] == 1 and a["state"] is None:
+            for name in a["filenames"]:
+                if not PathManager.exists(get_maybe_sharded_checkpoint_filename(name, "", 0, 1)):
+                    raise CheckpointError(f"checkpoint not found: {name}")
+        return original(*args, **kwargs)
+
+    load_model_ensemble_and_task._s2s = True
+    return load_model_ensemble_and_task
+
+
 def install() -> None:
     allow_fairseq_checkpoints()
     from fairseq import checkpoint_utils
 
     if not isinstance(checkpoint_utils.torch, _TorchProxy):
         checkpoint_utils.torch = _TorchProxy(checkpoint_utils.torch)
+    if not getattr(checkpoint_utils.load_model_ensemble_and_task, "_s2s", False):
+        checkpoint_utils.load_model_ensemble_and_task = _checked_ensemble_loader(
+            checkpoint_utils.load_model_ensemble_and_task)

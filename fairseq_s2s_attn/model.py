@@ -21,7 +21,7 @@ from fairseq.utils import safe_getattr
 from .config import RNNS2SConfig, add_bool_args, fill_defaults
 from .decoder import RNNDecoder
 from .encoder import RNNEncoder
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 
 @register_model("rnn_s2s", dataclass=RNNS2SConfig)
@@ -101,6 +101,41 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
 
     def max_positions(self):
         return (self.encoder.max_positions(), self.decoder.max_positions())
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        check_state_dict_fits(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+
+# parameters whose first dimension is the size of a dictionary
+_DICT_PARAMS = {
+    "encoder.embed_tokens.weight": "source",
+    "decoder.embed_tokens.weight": "target",
+    "decoder.fc_out.weight": "target",
+    "decoder.fc_out.bias": "target",
+}
+
+
+def check_state_dict_fits(model, state_dict) -> None:
+    """A checkpoint used with other dictionaries (another data-bin), or with sizes changed by
+    --model-overrides, would fail in torch with a long list of size mismatches. Say what differs."""
+    own = model.state_dict()
+    for name, side in _DICT_PARAMS.items():
+        if name in state_dict and name in own and state_dict[name].shape[0] != own[name].shape[0]:
+            raise CheckpointError(
+                f"the checkpoint was trained with a {side} dictionary of {state_dict[name].shape[0]} "
+                f"types, but the {side} dictionary loaded now has {own[name].shape[0]} types: use the "
+                "data directory (dict.*.txt) the model was trained with"
+            )
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items()
+                  if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    if mismatched:
+        shown = "; ".join(f"{k} is {a} in the checkpoint, {b} in the model" for k, a, b in mismatched[:3])
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        raise CheckpointError(
+            f"the checkpoint does not fit the model built from its options: {shown}{more}; "
+            "were sizes changed with --model-overrides?"
+        )
 
 
 def check_config(cfg) -> None:
