@@ -1,0 +1,136 @@
+"""Defined behaviour for source sentences a model cannot translate as given.
+
+- Empty source lines (nothing but end-of-sentence, e.g. a blank line in fairseq-interactive or
+  an empty line of a test set) translate to an empty hypothesis (score 0), and one warning is
+  logged. Decoded from an empty encoding the model would otherwise write made-up words, and
+  skipping the line would shift every later output line against its input. One hypothesis per
+  input is kept, with the line's id, so outputs stay aligned with inputs.
+  This applies to ensembles of ``rnn_s2s`` models; other fairseq models are left alone.
+- Sources longer than the limit (``--max-source-positions`` of the task, and of the model's
+  training options): fairseq stops with ``Size of sample #N is invalid`` and a traceback. We
+  keep its choices and say them in one ``error:`` line: ``--skip-invalid-size-inputs-valid-test``
+  skips such sentences (fairseq logs how many, and their ids; they get no output line), and for
+  binarized data ``--truncate-source`` cuts sources to the limit. Nothing is truncated or skipped
+  unless asked for.
+"""
+
+import logging
+
+import torch
+
+from .errors import S2SError
+
+logger = logging.getLogger(__name__)
+
+
+class InputError(S2SError, ValueError):
+    """Input a model cannot handle as given (reported as one ``error:`` line)."""
+
+
+def _all_rnn_s2s(generator) -> bool:
+    from .model import RNNS2SModel
+
+    models = getattr(getattr(generator, "model", None), "models", None)
+    return bool(models) and all(isinstance(m, RNNS2SModel) for m in models)
+
+
+def _empty_hypothesis(eos: int, src_len: int, like: torch.Tensor):
+    return {
+        "tokens": torch.tensor([eos], dtype=torch.long, device=like.device),
+        "score": torch.tensor(0.0, device=like.device),
+        "attention": torch.zeros(src_len, 1, device=like.device),  # src_len x tgt_len
+        "alignment": torch.empty(0),
+        "positional_scores": torch.zeros(1, device=like.device),
+    }
+
+
+def _select_rows(sample, rows: torch.Tensor, bsz: int):
+    """The sample restricted to some sentences (every tensor whose first dimension is the batch)."""
+
+    def pick(value):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == bsz:
+            return value.index_select(0, rows.to(value.device))
+        if isinstance(value, dict):
+            return {k: pick(v) for k, v in value.items()}
+        return value
+
+    return pick(sample)
+
+
+def empty_sources_translate_to_empty() -> None:
+    from fairseq.sequence_generator import SequenceGenerator
+
+    original = SequenceGenerator._generate
+    if getattr(original, "_s2s_empty", False):
+        return
+
+    def _generate(self, sample, prefix_tokens=None, constraints=None, bos_token=None):
+        src = sample.get("net_input", {}).get("src_tokens")
+        if src is None or src.dim() != 2 or not _all_rnn_s2s(self):
+            return original(self, sample, prefix_tokens=prefix_tokens, constraints=constraints,
+                            bos_token=bos_token)
+        empty = (src.ne(self.pad) & src.ne(self.eos)).sum(dim=1).eq(0)
+        if not bool(empty.any()):
+            return original(self, sample, prefix_tokens=prefix_tokens, constraints=constraints,
+                            bos_token=bos_token)
+        if not getattr(self, "_s2s_warned_empty", False):
+            logger.warning("empty source sentence(s): translated to empty output")
+            self._s2s_warned_empty = True
+        bsz = src.size(0)
+        finalized = [None] * bsz
+        keep = (~empty).nonzero().squeeze(1)
+        if keep.numel() > 0:
+            sub = _select_rows(sample, keep, bsz)
+            sub_prefix = None if prefix_tokens is None else prefix_tokens.index_select(0, keep)
+            sub_constraints = None if constraints is None else constraints.index_select(0, keep)
+            done = original(self, sub, prefix_tokens=sub_prefix, constraints=sub_constraints,
+                            bos_token=bos_token)
+            for j, i in enumerate(keep.tolist()):
+                finalized[i] = done[j]
+        for i in empty.nonzero().squeeze(1).tolist():
+            # as many hypotheses as the beam gives, which SequenceGeneratorWithAlignment expects
+            finalized[i] = [_empty_hypothesis(self.eos, src.size(1), src) for _ in range(self.beam_size)]
+        return finalized
+
+    _generate._s2s_empty = True
+    SequenceGenerator._generate = _generate
+
+
+def clear_error_for_long_sources() -> None:
+    from fairseq.tasks.fairseq_task import FairseqTask
+
+    original = FairseqTask.filter_indices_by_size
+    if getattr(original, "_s2s_long", False):
+        return
+
+    def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
+        try:
+            return original(self, indices, dataset, max_positions=max_positions,
+                            ignore_invalid_inputs=ignore_invalid_inputs)
+        except Exception as e:
+            if ignore_invalid_inputs or not str(e).startswith("Size of sample #"):
+                raise
+        _, ignored = dataset.filter_indices_by_size(indices, max_positions)
+        raise InputError(
+            f"{len(ignored)} input sentence(s) longer than the limit: the first has "
+            f"{_describe(dataset.size(int(ignored[0])))} tokens (counting </s>), the limit is "
+            f"{_describe(max_positions)} (--max-source-positions/--max-target-positions, and the "
+            "model's own). Add --skip-invalid-size-inputs-valid-test to skip them (with a warning), "
+            "or --truncate-source to cut binarized sources to the limit"
+        ) from None
+
+    filter_indices_by_size._s2s_long = True
+    FairseqTask.filter_indices_by_size = filter_indices_by_size
+
+
+def _describe(size) -> str:
+    """(source, target) sizes or limits as words."""
+    if isinstance(size, (int, float)) or size is None:
+        return f"{size} source"
+    parts = [f"{'-' if n is None else int(n)} {side}" for n, side in zip(size, ("source", "target"))]
+    return " / ".join(parts)
+
+
+def install() -> None:
+    empty_sources_translate_to_empty()
+    clear_error_for_long_sources()
