@@ -2,14 +2,17 @@
 
 Loaded by fairseq with ``--user-dir fairseq_s2s_attn`` (or by importing this package), which
 registers the model ``rnn_s2s`` and its architectures, lets torch's safe checkpoint loader accept
-the plain types fairseq checkpoints hold, and applies the run-time defaults in ``runtime``.
+the plain types fairseq checkpoints hold, makes fairseq's data-parallel training work on CPU
+processes (``distributed``, see docs/distributed.md), defines what happens to empty and too-long
+sources (``inputs``), and applies the run-time defaults in ``runtime``.
 """
 
-from . import checkpoint, inputs, runtime
+from . import checkpoint, distributed, inputs, runtime
 from . import model  # noqa: F401  (registers the model and architectures)
 from .model import RNNS2SModel  # noqa: F401
 
 checkpoint.install()
+distributed.install()
 inputs.install()
 runtime.install(RNNS2SModel)
 

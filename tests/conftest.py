@@ -137,3 +137,13 @@ def tiny_task(tiny_dict):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def small_data_bin(tmp_path_factory):
+    """A small binarised reversal corpus (200 training pairs, up to 8 words, 10 words + specials)
+    for command-line tests that train a few updates."""
+    from clitools import make_reverse_data
+
+    return make_reverse_data(tmp_path_factory.mktemp("small"), train=200, max_len=8, vocab=10,
+                             valid=20, test=20)

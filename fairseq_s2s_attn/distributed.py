@@ -1,0 +1,144 @@
+"""Data-parallel training on CPU processes (gloo) with fairseq's own launcher or torchrun.
+
+fairseq 0.12 assumes one process per GPU, so on a machine without GPUs:
+
+- ``fairseq-train --cpu --distributed-world-size 2`` stops at "world size is 2 but have 0
+  available devices" (and would spawn min(#GPUs, world size) = 0 processes);
+- under ``torchrun`` it divides the rank by the GPU count (ZeroDivisionError), and without
+  ``--distributed-world-size`` its default world size (#GPUs, so 1) makes it ignore torchrun's
+  environment: every process then trains alone on all the data, silently;
+- the default backend is nccl (CUDA only), and DistributedDataParallel is built with
+  ``device_ids=[device_id]``, which torch refuses for a model on the CPU.
+
+For a CPU run (``--cpu``, or no CUDA) with more than one process we therefore
+
+- take rank, world size and LOCAL_RANK from torchrun's environment when it is there
+  (``env://`` rendezvous, one process per torchrun worker);
+- otherwise spawn ``--distributed-world-size`` processes on this machine with a free local
+  port (``--distributed-port`` if given), as fairseq does for GPUs;
+- with an explicit ``--distributed-init-method``, run one process per command
+  (``--distributed-rank`` says which), i.e. as if ``--distributed-no-spawn`` were given;
+- use the gloo backend unless another one than nccl was asked for;
+- build DistributedDataParallel without device ids when the model is on the CPU.
+
+GPU runs are left to fairseq unchanged. See docs/distributed.md for the commands.
+"""
+
+import logging
+import os
+import socket
+
+import torch
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+
+
+def is_cpu_run(cfg) -> bool:
+    return not cfg.common.tpu and (bool(cfg.common.cpu) or not torch.cuda.is_available())
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def configure_cpu(dt, environ=None) -> bool:
+    """Fills the distributed options of a CPU run in place; returns True when this process
+    must spawn the workers itself (fairseq's single-node launcher)."""
+    env = os.environ if environ is None else environ
+    spawn = False
+    if dt.distributed_init_method is None and all(k in env for k in TORCHRUN_ENV):
+        world = int(env["WORLD_SIZE"])
+        if dt.distributed_world_size not in (1, world):
+            raise ConfigError(
+                f"--distributed-world-size {dt.distributed_world_size} does not match the "
+                f"{world} processes torchrun started (WORLD_SIZE); leave the option out or make "
+                "it equal to nnodes x nproc-per-node"
+            )
+        if world > 1:
+            dt.distributed_init_method = "env://"
+            dt.distributed_world_size = world
+            dt.distributed_rank = int(env["RANK"])
+            dt.device_id = int(env.get("LOCAL_RANK", 0))
+            dt.distributed_no_spawn = True
+    elif dt.distributed_world_size > 1 and dt.distributed_init_method is None:
+        if dt.distributed_no_spawn:
+            raise ConfigError(
+                "--distributed-no-spawn on CPU needs --distributed-init-method tcp://HOST:PORT and "
+                "--distributed-rank for each process, or a launcher that sets them (torchrun)"
+            )
+        port = dt.distributed_port if dt.distributed_port > 0 else _free_port()
+        dt.distributed_init_method = f"tcp://localhost:{port}"
+        spawn = True
+    elif dt.distributed_init_method is not None and dt.distributed_world_size > 1:
+        dt.distributed_no_spawn = True  # one process per command, --distributed-rank says which
+    if dt.distributed_world_size > 1 and dt.distributed_backend == "nccl":
+        dt.distributed_backend = "gloo"
+    return spawn
+
+
+def cpu_launcher() -> None:
+    from fairseq.distributed import utils as distributed_utils
+
+    original = distributed_utils.call_main
+    if getattr(original, "_s2s_cpu", False):
+        return
+
+    def call_main(cfg, main, **kwargs):
+        if not is_cpu_run(cfg):
+            return original(cfg, main, **kwargs)
+        dt = cfg.distributed_training
+        if not configure_cpu(dt):
+            return original(cfg, main, **kwargs)  # one process, or one rank of a launcher
+        logger.info(f"data-parallel training on {dt.distributed_world_size} CPU processes "
+                    f"({dt.distributed_backend}, {dt.distributed_init_method})")
+        kwargs["start_rank"] = dt.distributed_rank
+        dt.distributed_rank = None  # distributed_main assigns start_rank + process index
+        torch.multiprocessing.spawn(
+            fn=_cpu_worker,
+            args=(main, cfg, kwargs),
+            nprocs=dt.distributed_world_size,
+            join=True,
+        )
+
+    call_main._s2s_cpu = True
+    distributed_utils.call_main = call_main
+
+
+def _cpu_worker(index, main, cfg, kwargs):
+    """One spawned training process. Spawned processes inherit the 'spawn' start method, so each
+    data-loader worker would start a fresh interpreter and import fairseq again (seconds on a
+    small machine, before the first update); fork them instead, as a torchrun process does."""
+    import multiprocessing
+
+    from fairseq.distributed import utils as distributed_utils
+
+    if "fork" in multiprocessing.get_all_start_methods():
+        multiprocessing.set_start_method("fork", force=True)
+    distributed_utils.distributed_main(index, main, cfg, kwargs)
+
+
+def cpu_ddp() -> None:
+    from fairseq.models import distributed_fairseq_model as dfm
+
+    original = dfm.DistributedDataParallel
+    if getattr(original, "_s2s_cpu", False):
+        return
+
+    def DistributedDataParallel(module, device_ids=None, output_device=None, **kwargs):
+        if all(p.device.type == "cpu" for p in module.parameters()):
+            device_ids = output_device = None  # torch: device ids are for GPU modules only
+        return original(module, device_ids=device_ids, output_device=output_device, **kwargs)
+
+    DistributedDataParallel._s2s_cpu = True
+    dfm.DistributedDataParallel = DistributedDataParallel
+
+
+def install() -> None:
+    cpu_launcher()
+    cpu_ddp()

@@ -1,0 +1,114 @@
+"""Data-parallel training on CPU processes (gloo), as docs/distributed.md tells users to run it.
+
+Two processes that each take every other batch make the same updates as one process that
+accumulates two batches per update (--update-freq 2): the batches, their order and the gradient
+normalisation are the same, so the parameters must agree. DistributedDataParallel runs with
+find_unused_parameters=False (fairseq's default), so an architecture with a parameter that gets
+no gradient would fail at its second update.
+"""
+
+import argparse
+
+import pytest
+import torch
+
+from clitools import BIN, REPO, run
+from fairseq_s2s_attn.distributed import configure_cpu
+from fairseq_s2s_attn.errors import ConfigError
+
+ARCHS = ["rnn_vanilla_tiny", "rnn_bahdanau_tiny", "rnn_luong_tiny"]
+USER_DIR = ("--user-dir", REPO / "fairseq_s2s_attn")
+NO_DROPOUT = ("--encoder-dropout-in", 0, "--encoder-dropout-out", 0,
+              "--decoder-dropout-in", 0, "--decoder-dropout-out", 0)
+
+
+def train_args(data_bin, arch, save_dir):
+    return [data_bin, *USER_DIR, "--arch", arch, *NO_DROPOUT, "--optimizer", "adam", "--lr", "0.005",
+            "--max-tokens", 100, "--seed", 3, "--max-update", 6, "--disable-validation",
+            "--no-progress-bar", "--cpu", "--num-workers", 0, "--save-dir", save_dir]
+
+
+def params(save_dir):
+    state = torch.load(save_dir / "checkpoint_last.pt", weights_only=True)
+    assert state["optimizer_history"][-1]["num_updates"] == 6
+    return state["model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, launcher", [
+    ("rnn_vanilla_tiny", "torchrun"),
+    ("rnn_bahdanau_tiny", "fairseq"),
+    ("rnn_luong_tiny", "fairseq"),
+])
+def test_two_cpu_processes_equal_update_freq_2(small_data_bin, tmp_path, arch, launcher):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run("fairseq-train", *train_args(small_data_bin, arch, one), "--update-freq", 2)
+    if launcher == "fairseq":  # fairseq's own launcher spawns the processes
+        proc = run("fairseq-train", *train_args(small_data_bin, arch, two),
+                   "--distributed-world-size", 2)
+        assert "data-parallel training on 2 CPU processes (gloo" in proc.stderr + proc.stdout
+    else:
+        proc = run("torchrun", "--standalone", "--nproc-per-node", 2, BIN / "fairseq-train",
+                   *train_args(small_data_bin, arch, two))
+    log = proc.stderr + proc.stdout
+    assert "training on 2 devices" in log
+    assert "distributed init (rank 1)" in log
+    p1, p2 = params(one), params(two)
+    assert p1.keys() == p2.keys()
+    for name in p1:
+        torch.testing.assert_close(p2[name], p1[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------- launcher logic (no processes)
+
+
+def dt(**kw):
+    values = dict(distributed_world_size=1, distributed_init_method=None, distributed_rank=0,
+                  distributed_no_spawn=False, distributed_port=-1, distributed_backend="nccl",
+                  device_id=0)
+    values.update(kw)
+    return argparse.Namespace(**values)
+
+
+TORCHRUN = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "4", "RANK": "3",
+            "LOCAL_RANK": "1"}
+
+
+def test_torchrun_environment_is_used_on_cpu():
+    cfg = dt()  # the default world size on CPU is 1: fairseq alone would ignore torchrun
+    assert configure_cpu(cfg, TORCHRUN) is False
+    assert (cfg.distributed_init_method, cfg.distributed_world_size, cfg.distributed_rank,
+            cfg.device_id, cfg.distributed_no_spawn, cfg.distributed_backend) == (
+        "env://", 4, 3, 1, True, "gloo")
+
+
+def test_torchrun_with_other_world_size_is_an_error():
+    with pytest.raises(ConfigError, match="does not match the 4 processes torchrun started"):
+        configure_cpu(dt(distributed_world_size=2), TORCHRUN)
+
+
+def test_single_node_spawn_on_cpu():
+    cfg = dt(distributed_world_size=3)
+    assert configure_cpu(cfg, {}) is True
+    assert cfg.distributed_init_method.startswith("tcp://localhost:")
+    assert cfg.distributed_backend == "gloo"
+    cfg = dt(distributed_world_size=2, distributed_port=12345, distributed_backend="mpi")
+    configure_cpu(cfg, {})
+    assert (cfg.distributed_init_method, cfg.distributed_backend) == ("tcp://localhost:12345", "mpi")
+
+
+def test_explicit_init_method_runs_one_process_per_command():
+    cfg = dt(distributed_world_size=4, distributed_init_method="tcp://node0:23456", distributed_rank=2)
+    assert configure_cpu(cfg, {}) is False
+    assert cfg.distributed_no_spawn and cfg.distributed_rank == 2 and cfg.distributed_backend == "gloo"
+
+
+def test_one_process_is_left_alone():
+    cfg = dt()
+    assert configure_cpu(cfg, {}) is False
+    assert cfg == dt()
+
+
+def test_no_spawn_without_init_method_is_an_error():
+    with pytest.raises(ConfigError, match="--distributed-init-method"):
+        configure_cpu(dt(distributed_world_size=2, distributed_no_spawn=True), {})
