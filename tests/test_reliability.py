@@ -1,0 +1,433 @@
+"""Reliability: resuming a killed training run, safe and checked checkpoint loading, clear errors
+for bad input, defined behaviour for empty and too-long sources, and numerics in fp16/bf16 and
+with gradient clipping. The command-line tests are marked slow (they still run in make test);
+data-parallel training is in test_distributed.py."""
+
+import contextlib
+import dataclasses
+import enum
+import io
+import os
+import re
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq import checkpoint_utils, options
+from fairseq.sequence_generator import SequenceGenerator
+
+from clitools import REPO, parse_generate, run
+from conftest import FakeTask, build_model, make_dict, random_tokens
+from fairseq_s2s_attn.config import RNNS2SConfig
+from fairseq_s2s_attn.errors import CheckpointError
+
+TINY_ARCHS = ["rnn_vanilla_tiny", "rnn_bahdanau_tiny", "rnn_luong_tiny"]
+USER_DIR = ("--user-dir", REPO / "fairseq_s2s_attn")
+slow = pytest.mark.slow
+
+
+def one_error_line(proc, *needles):
+    """The command failed with a single 'error:' line (containing needles) and no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert str(needle) in errors[0], errors[0]
+    return errors[0]
+
+
+def load_state(path):
+    return torch.load(path, weights_only=True)
+
+
+# =========================================================================== 1. resume
+
+
+def luong_cmd(data_bin, save_dir, max_update):
+    """The user's training command; only --max-update differs between the runs below."""
+    return [data_bin, *USER_DIR, "--arch", "rnn_luong_tiny", "--optimizer", "adam", "--lr", "0.005",
+            "--max-tokens", 100, "--seed", 7, "--save-interval-updates", 3, "--no-epoch-checkpoints",
+            "--max-update", max_update, "--save-dir", save_dir, "--no-progress-bar", "--cpu"]
+
+
+RESUME_AT, TOTAL = 4, 20  # an epoch of this corpus is 16 updates: 4 is mid-epoch, 20 in epoch 2
+
+
+@pytest.fixture(scope="module")
+def luong_runs(small_data_bin, tmp_path_factory):
+    """One uninterrupted run of TOTAL updates, and one stopped after RESUME_AT updates (mid-epoch)
+    then restarted with the same command. Stopping at --max-update is a deterministic kill: it
+    leaves the checkpoint_last.pt of a mid-epoch update, as a run killed some time after its
+    --save-interval-updates checkpoint does (the restart then redoes the updates after it)."""
+    resumed, straight = tmp_path_factory.mktemp("resumed"), tmp_path_factory.mktemp("straight")
+    run("fairseq-train", *luong_cmd(small_data_bin, resumed, RESUME_AT))
+    killed = load_state(resumed / "checkpoint_last.pt")
+    restart = run("fairseq-train", *luong_cmd(small_data_bin, resumed, TOTAL))
+    run("fairseq-train", *luong_cmd(small_data_bin, straight, TOTAL))
+    return killed, restart, resumed, straight
+
+
+@slow
+def test_resume_mid_epoch_matches_uninterrupted_run(luong_runs):
+    killed, restart, resumed, straight = luong_runs
+    # the checkpoint the restart continues from is mid-epoch, with dropout on
+    itr = killed["extra_state"]["train_iterator"]
+    assert (itr["epoch"], itr["iterations_in_epoch"]) == (1, RESUME_AT)
+    assert killed["cfg"]["model"]["decoder_dropout_out"] > 0
+    assert f"(epoch 1 @ {RESUME_AT} updates)" in restart.stdout + restart.stderr  # it did resume
+
+    a, b = load_state(resumed / "checkpoint_last.pt"), load_state(straight / "checkpoint_last.pt")
+    assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == TOTAL
+    assert a["extra_state"]["train_iterator"] == b["extra_state"]["train_iterator"]
+    assert b["extra_state"]["train_iterator"]["epoch"] == 2  # crossed an epoch boundary after resuming
+    for name in b["model"]:  # bitwise: same batches, same dropout masks, same optimizer state
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    sa, sb = a["last_optimizer_state"]["state"], b["last_optimizer_state"]["state"]
+    for k in sb:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[k][key], sb[k][key]), (k, key)
+
+
+# =========================================================================== 5c. gradient clipping
+
+
+@slow
+def test_clip_norm_bounds_the_update(small_data_bin, luong_runs, tmp_path):
+    *_, straight = luong_runs
+    shutil.copy(straight / "checkpoint_last.pt", tmp_path / "checkpoint_last.pt")
+    before = load_state(tmp_path / "checkpoint_last.pt")["model"]
+    clip, lr = 1e-3, 1.0
+    # one update with plain SGD: the step is lr x the clipped gradient, of norm at most --clip-norm
+    cmd = luong_cmd(small_data_bin, tmp_path, 1)
+    cmd[cmd.index("adam")] = "sgd"
+    cmd[cmd.index("--lr") + 1] = str(lr)
+    proc = run("fairseq-train", *cmd, "--clip-norm", clip, "--reset-optimizer", "--log-interval", 1,
+               "--disable-validation")
+    log = proc.stdout + proc.stderr
+    gnorm = float(re.search(r"gnorm[= ]([0-9.]+)", log).group(1))
+    assert gnorm > 10 * clip  # the gradient norm is reported, and clipping is active
+    assert re.search(r"clip[= ]100", log)
+    after = load_state(tmp_path / "checkpoint_last.pt")["model"]
+    step = torch.sqrt(sum(((after[k].double() - before[k].double()) ** 2).sum() for k in before))
+    assert 0.98 * lr * clip < step <= 1.01 * lr * clip
+
+
+# =========================================================================== 3. safe loading
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def craft_malicious(src, dst, marker):
+    state = load_state(src)
+    state["extra_state"]["payload"] = _RunsCode(marker)
+    torch.save(state, dst)
+
+
+def tiny_checkpoint(path, arch="rnn_bahdanau_tiny", n_words=12):
+    d = make_dict(n_words)
+    model = build_model(arch, task=FakeTask(d, d))
+    torch.save({"model": model.state_dict(), "cfg": {"model": None}, "optimizer_history": [],
+                "extra_state": {}}, path)
+    return model
+
+
+def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    good, bad, marker = tmp_path / "good.pt", tmp_path / "bad.pt", tmp_path / "PWNED"
+    tiny_checkpoint(good)
+    craft_malicious(good, bad, marker)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*bad\.pt.*posix\.system|"
+                                              r"refusing to load .*bad\.pt.*os\.system"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(bad))
+    assert not marker.exists()
+    # control: the payload is live -- an unsafe load would have run it
+    torch.load(bad, weights_only=False)
+    assert marker.exists()
+
+
+def _flip_tensor_bytes(data: bytes, tensor: torch.Tensor) -> bytes:
+    raw = tensor.detach().contiguous().numpy().tobytes()
+    at = data.find(raw[:256])
+    assert at > 0
+    return data[:at] + bytes(b ^ 0xFF for b in data[at:at + 64]) + data[at + 64:]
+
+
+def test_damaged_checkpoints_give_clear_errors(tmp_path):
+    good = tmp_path / "good.pt"
+    model = tiny_checkpoint(good)
+    data = good.read_bytes()
+    buf = io.BytesIO()
+    torch.save(torch.zeros(3), buf)
+    dict_buf = io.BytesIO()
+    torch.save({"weights": torch.zeros(3)}, dict_buf)
+    cases = {
+        "empty": (b"", "truncated or corrupt"),
+        "header_only": (data[:300], "truncated or corrupt"),
+        "half": (data[: len(data) // 2], "truncated or corrupt"),
+        "no_end": (data[:-10], "truncated or corrupt"),
+        "text": (b"this is not a checkpoint\n" * 20, "truncated or corrupt"),
+        "random": (torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0))
+                   .to(torch.uint8).numpy().tobytes(), "truncated or corrupt"),
+        "flipped": (_flip_tensor_bytes(data, model.decoder.fc_out.weight), "checksum mismatch"),
+        "a_tensor": (buf.getvalue(), "not a fairseq checkpoint"),
+        "no_model": (dict_buf.getvalue(), "not a fairseq checkpoint"),
+    }
+    with open(good, "rb") as f:  # the torch.load that fairseq's checkpoint_utils calls
+        assert checkpoint_utils.torch.load(f, map_location="cpu")["model"].keys() == model.state_dict().keys()
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError) as err:
+            checkpoint_utils.load_checkpoint_to_cpu(str(path))
+        assert str(path) in str(err.value) and message in str(err.value), (name, str(err.value))
+        assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*missing.pt"):
+        checkpoint_utils.load_model_ensemble([str(tmp_path / "missing.pt")])
+
+
+@pytest.fixture(scope="module")
+def fairseq_builtin_checkpoints(small_data_bin, tmp_path_factory):
+    """fairseq's own lstm and transformer, tiny, trained 2 updates by stock fairseq (no --user-dir)."""
+    sizes = {
+        "lstm": ["--encoder-embed-dim", 16, "--decoder-embed-dim", 16, "--decoder-out-embed-dim", 16,
+                 "--encoder-hidden-size", 16, "--decoder-hidden-size", 16],
+        "transformer": ["--encoder-embed-dim", 16, "--decoder-embed-dim", 16,
+                        "--encoder-ffn-embed-dim", 32, "--decoder-ffn-embed-dim", 32,
+                        "--encoder-layers", 1, "--decoder-layers", 1, "--encoder-attention-heads", 2,
+                        "--decoder-attention-heads", 2],
+    }
+    out = {}
+    for arch, opts in sizes.items():
+        save = tmp_path_factory.mktemp(arch)
+        run("fairseq-train", small_data_bin, "--arch", arch, *opts, "--optimizer", "adam",
+            "--lr", "0.005", "--max-tokens", 200, "--max-update", 2, "--save-dir", save,
+            "--no-progress-bar", "--cpu", "--disable-validation", "--no-epoch-checkpoints")
+        out[arch] = save / "checkpoint_last.pt"
+    return out
+
+
+@slow
+def test_fairseq_lstm_and_transformer_checkpoints_still_load(small_data_bin, fairseq_builtin_checkpoints,
+                                                              tmp_path):
+    from fairseq.models.lstm import LSTMModel
+    from fairseq.models.transformer import TransformerModel
+
+    paths = fairseq_builtin_checkpoints
+    for arch, cls in (("lstm", LSTMModel), ("transformer", TransformerModel)):
+        models, _ = checkpoint_utils.load_model_ensemble([str(paths[arch])])
+        assert isinstance(models[0], cls)
+    # and they generate with the plugin loaded (both at once: an ensemble of the two)
+    gen = run("fairseq-generate", small_data_bin, *USER_DIR, "--path",
+              f"{paths['lstm']}:{paths['transformer']}", "--beam", 2, "--cpu", "--batch-size", 32)
+    assert sorted(parse_generate(gen.stdout)["H"]) == list(range(20))
+
+    # a crafted checkpoint: one error line naming the file, and the payload never runs
+    marker, bad = tmp_path / "PWNED", tmp_path / "crafted.pt"
+    craft_malicious(paths["lstm"], bad, marker)
+    proc = run("fairseq-generate", small_data_bin, *USER_DIR, "--path", bad, "--cpu", check=False)
+    one_error_line(proc, "refusing to load", bad)
+    assert not marker.exists()
+
+
+@slow
+def test_truncated_checkpoint_last_on_resume(small_data_bin, luong_runs, tmp_path):
+    """A run killed while its checkpoint was copied: restarting says so in one line."""
+    *_, straight = luong_runs
+    data = (straight / "checkpoint_last.pt").read_bytes()
+    (tmp_path / "checkpoint_last.pt").write_bytes(data[: len(data) * 2 // 3])
+    proc = run("fairseq-train", *luong_cmd(small_data_bin, tmp_path, TOTAL + 1), check=False)
+    one_error_line(proc, "truncated or corrupt", tmp_path / "checkpoint_last.pt")
+
+
+# =========================================================================== 4. bad input
+
+
+def _parse_error(args):
+    parser = options.get_training_parser()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        options.parse_args_and_arch(parser, input_args=args)
+    return err.getvalue()
+
+
+CHOICE_FIELDS = [f for f in dataclasses.fields(RNNS2SConfig)
+                 if isinstance(f.type, type) and issubclass(f.type, enum.Enum)]
+
+
+@pytest.mark.parametrize("field", CHOICE_FIELDS, ids=lambda f: f.name)
+def test_invalid_choice_lists_the_valid_ones(field, tmp_path):
+    flag = "--" + field.name.replace("_", "-")
+    message = _parse_error([str(tmp_path), *map(str, USER_DIR), "--arch", "rnn_luong_tiny", flag, "bogus"])
+    assert f"argument {flag}: invalid choice: 'bogus'" in message
+    for choice in field.type:
+        assert repr(choice.value) in message.splitlines()[-1], (choice, message[-300:])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--encoder-layers", "two", "invalid int value: 'two'"),
+    ("--decoder-dropout-out", "high", "invalid float value: 'high'"),
+    ("--reverse-source", "perhaps", "expected a boolean"),
+])
+def test_invalid_values_are_named(flag, value, message, tmp_path):
+    out = _parse_error([str(tmp_path), *map(str, USER_DIR), "--arch", "rnn_bahdanau_tiny", flag, value])
+    assert message in out and flag in out
+
+
+def test_checkpoint_with_other_dictionary_names_both_sizes():
+    trained = build_model("rnn_luong_tiny", task=FakeTask(make_dict(20), make_dict(12)))
+    other = build_model("rnn_luong_tiny", task=FakeTask(make_dict(28), make_dict(12)))
+    n_trained, n_now = len(trained.encoder.dictionary), len(other.encoder.dictionary)
+    with pytest.raises(CheckpointError, match=f"source dictionary of {n_trained} types.* has {n_now} types"):
+        other.load_state_dict(trained.state_dict())
+    other = build_model("rnn_luong_tiny", task=FakeTask(make_dict(20), make_dict(5)))
+    with pytest.raises(CheckpointError, match=f"target dictionary of {len(trained.decoder.dictionary)} "
+                                              f"types.* has {len(other.decoder.dictionary)} types"):
+        other.load_state_dict(trained.state_dict())
+
+
+def test_checkpoint_with_other_sizes_says_which():
+    trained = build_model("rnn_bahdanau_tiny")
+    other = build_model("rnn_bahdanau_tiny", decoder_hidden_size=48)
+    with pytest.raises(CheckpointError, match=r"decoder\.rnn\.weight_ih_l0 is \(256, 96\) in the "
+                                              r"checkpoint, \(192, 96\) in the model"):
+        other.load_state_dict(trained.state_dict())
+    build_model("rnn_bahdanau_tiny").load_state_dict(trained.state_dict())  # same sizes still load
+
+
+@slow
+def test_generate_with_other_data_bin(small_data_bin, luong_runs, tmp_path):
+    *_, straight = luong_runs
+    other = tmp_path / "data-bin"
+    shutil.copytree(small_data_bin, other)
+    with open(other / "dict.src.txt", "a") as f:  # a corpus with more source words
+        f.writelines(f"extra{i} 1\n" for i in range(9))
+    proc = run("fairseq-generate", other, *USER_DIR, "--path", straight / "checkpoint_last.pt",
+               "--cpu", check=False)
+    from fairseq.data import Dictionary
+
+    n_trained, n_now = (len(Dictionary.load(str(d / "dict.src.txt"))) for d in (small_data_bin, other))
+    assert n_now == n_trained + 9
+    line = one_error_line(proc, f"source dictionary of {n_trained} types", f"has {n_now} types")
+    assert "size mismatch" not in proc.stderr, line
+
+
+# ------------------------------------------------------------------ empty and too-long sources
+
+LINES = ["w1 w2 w3", "", "   ", "w4 w5 w6 w7 w8 w9 w1 w2", "w4"]
+
+
+@slow
+def test_interactive_empty_and_too_long_lines(small_data_bin, luong_runs):
+    """Empty lines translate to empty output; with --skip-invalid-size-inputs-valid-test a line
+    longer than --max-source-positions is skipped with a warning (no output line, the others keep
+    their ids); without it the command stops with one error line."""
+    *_, straight = luong_runs
+    args = [small_data_bin, *USER_DIR, "--path", straight / "checkpoint_last.pt", "--beam", 3,
+            "--source-lang", "src", "--target-lang", "tgt", "--cpu", "--print-alignment",
+            "--max-source-positions", 6]
+    text = "\n".join(LINES) + "\n"
+    proc = run("fairseq-interactive", *args, "--skip-invalid-size-inputs-valid-test",
+               "--buffer-size", 8, "--batch-size", 8, input=text)
+    res = parse_generate(proc.stdout)
+    assert sorted(res["H"]) == [0, 1, 2, 4]  # line 3 (9 tokens with </s>) skipped
+    assert res["H"][1] == res["H"][2] == "" and res["A"][1] == ""
+    assert res["H"][0] and res["H"][4]
+    assert "empty source sentence(s): translated to empty output" in proc.stderr
+    assert "1 samples have invalid sizes and will be skipped" in proc.stderr
+
+    proc = run("fairseq-interactive", *args, input=text, check=False)
+    one_error_line(proc, "longer than the limit", "9 source", "6 source",
+                   "--skip-invalid-size-inputs-valid-test", "--truncate-source")
+
+
+@slow
+def test_generate_truncate_source(small_data_bin, luong_runs):
+    *_, straight = luong_runs
+    proc = run("fairseq-generate", small_data_bin, *USER_DIR, "--path", straight / "checkpoint_last.pt",
+               "--beam", 2, "--cpu", "--max-source-positions", 5, "--truncate-source")
+    res = parse_generate(proc.stdout)
+    assert sorted(res["S"]) == list(range(20))  # nothing skipped
+    assert max(len(s.split()) for s in res["S"].values()) == 4  # 4 words + </s> = the limit
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_empty_source_rows_in_a_batch(arch):
+    """An empty row gets an empty hypothesis (one per beam slot); the other rows are translated
+    exactly as without it."""
+    d = make_dict()
+    model = build_model(arch, task=FakeTask(d, d)).eval()
+    g = torch.Generator().manual_seed(3)
+    src = random_tokens(d, [5, 1, 3, 1], left_pad=True, generator=g)  # rows 1 and 3: just </s>
+    sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1)}, "id": torch.arange(4)}
+    gen = SequenceGenerator([model], d, beam_size=3, max_len_b=10)
+    hypos = gen.generate([model], sample)
+    assert [len(h) for h in hypos] == [3, 3, 3, 3]
+    for i in (1, 3):
+        assert hypos[i][0]["tokens"].tolist() == [d.eos()] and float(hypos[i][0]["score"]) == 0.0
+    kept = src[[0, 2]]  # the batch without its empty rows
+    alone = gen.generate([model], {"net_input": {"src_tokens": kept, "src_lengths": kept.ne(d.pad()).sum(1)}})
+    for i, j in ((0, 0), (2, 1)):
+        assert hypos[i][0]["tokens"].tolist() == alone[j][0]["tokens"].tolist()
+        assert torch.allclose(hypos[i][0]["score"], alone[j][0]["score"], atol=1e-5)
+
+
+# =========================================================================== 5. numerics
+
+
+def _long_batch(d, gen):
+    """Sources of 500 and 250 tokens, one of a single </s>, and one of padding only."""
+    src = random_tokens(d, [500, 3, 1, 250], left_pad=True, generator=gen)
+    src[1, :] = d.pad()
+    tgt = random_tokens(d, [30, 5, 1, 12], left_pad=False, generator=gen)
+    prev = tgt.roll(1, dims=1)
+    prev[:, 0] = d.eos()
+    prev[tgt.eq(d.pad())] = d.pad()
+    return src, prev, tgt
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_half_precision_forward_is_finite(arch, dtype):
+    d = make_dict(20)
+    model = build_model(arch, task=FakeTask(d, d)).to(dtype).eval()
+    src, prev, _ = _long_batch(d, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, extra = model(src, src.ne(d.pad()).sum(1), prev)
+    assert logits.dtype == dtype
+    assert torch.isfinite(logits).all()
+    assert torch.isfinite(model.get_normalized_probs((logits, extra), log_probs=True)).all()
+    attn = extra["attn"][0]
+    if attn is not None:
+        assert torch.isfinite(attn).all()
+        assert attn[1].abs().sum() == 0  # a source of padding only: no weight anywhere
+        sums = attn[[0, 2, 3]].float().sum(-1)
+        assert torch.allclose(sums, torch.ones_like(sums), atol=2e-2)
+        assert attn[0].float().masked_select(src[0].eq(d.pad())).abs().sum() == 0
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_cpu_bf16_training_step(arch):
+    d = make_dict(20)
+    model = build_model(arch, task=FakeTask(d, d), cpu_bf16=True, dropout=True, init_range=0.1).train()
+    src, prev, tgt = _long_batch(d, torch.Generator().manual_seed(1))
+    logits, extra = model(src, src.ne(d.pad()).sum(1), prev)
+    assert logits.dtype == torch.bfloat16  # autocast was on
+    lprobs = model.get_normalized_probs((logits, extra), log_probs=True)
+    loss = F.nll_loss(lprobs.view(-1, lprobs.size(-1)), tgt.view(-1), ignore_index=d.pad(), reduction="sum")
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
