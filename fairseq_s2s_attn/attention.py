@@ -224,7 +224,9 @@ class Attention(nn.Module):
     local-p (Luong eq. (9)-(10)): p_t = S sigmoid(v_p^T tanh(W_p h_t)) with S the real source
         length; a_s = softmax over the window (as local-m) times exp(-(s - p_t)^2 / (2 sigma^2)),
         sigma = D / 2. These weights sum to less than 1, as in the paper.
-    Positions s and p_t count from each sentence's first real token (see the module docstring).
+    Positions s and p_t count from each sentence's first real token (see the module docstring),
+    in the source as given, also with --reverse-source (the encoder maps its outputs back), so
+    local-m's p_t = t assumes a monotone alignment with the source as the user wrote it.
     """
 
     def __init__(self, score: str, query_dim: int, value_dim: int, attention_dim: int,
