@@ -103,7 +103,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         return (self.encoder.max_positions(), self.decoder.max_positions())
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        check_state_dict_fits(self, state_dict)
+        check_state_dict_fits(self, state_dict, strict=strict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
@@ -116,10 +116,23 @@ _DICT_PARAMS = {
 }
 
 
-def check_state_dict_fits(model, state_dict) -> None:
-    """A checkpoint used with other dictionaries (another data-bin), or with sizes changed by
-    --model-overrides, would fail in torch with a long list of size mismatches. Say what differs."""
+def check_state_dict_fits(model, state_dict, strict: bool = True) -> None:
+    """A checkpoint used with other dictionaries (another data-bin), with other options (another
+    --arch in the same --save-dir, sizes changed by --model-overrides) would fail in torch with a
+    long list of mismatches, or in fairseq with a bare "architectures must match". Say what differs."""
     own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} parameter(s) of this model are not in it (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} of its parameters are not in this model (e.g. {unexpected[0]})")
+        raise CheckpointError(
+            f"the checkpoint holds another model: {' and '.join(parts)}; the options (--arch, "
+            "attention, layers, sharing) differ from those it was trained with"
+        )
     for name, side in _DICT_PARAMS.items():
         if name in state_dict and name in own and state_dict[name].shape[0] != own[name].shape[0]:
             raise CheckpointError(
@@ -134,7 +147,7 @@ def check_state_dict_fits(model, state_dict) -> None:
         more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
         raise CheckpointError(
             f"the checkpoint does not fit the model built from its options: {shown}{more}; "
-            "were sizes changed with --model-overrides?"
+            "the options (sizes, --model-overrides) differ from those it was trained with"
         )
 
 

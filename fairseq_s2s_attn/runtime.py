@@ -118,6 +118,16 @@ def model_options_in_help(model_cls, argv=None) -> None:
     argparse.ArgumentParser.parse_known_args = parse_known_args
 
 
+def _our_error(exc, kind):
+    """exc if it is one of our errors, or ours if fairseq caught it and raised its own instead
+    (the trainer turns any failure of load_state_dict into "Cannot load model parameters from
+    checkpoint X; please ensure that the architectures match")."""
+    if isinstance(exc, kind):
+        return exc
+    inner = exc.__cause__ or exc.__context__
+    return inner if type(exc) is Exception and isinstance(inner, kind) else None
+
+
 def clean_error_exit() -> None:
     from .errors import S2SError
 
@@ -126,11 +136,14 @@ def clean_error_exit() -> None:
         return
 
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, S2SError):
-            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
-            print(f"{prog}: error: {exc}", file=sys.stderr)
-        else:
-            previous(exc_type, exc, tb)
+        ours = _our_error(exc, S2SError)
+        if ours is None:
+            return previous(exc_type, exc, tb)
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
+        message = str(ours)
+        if ours is not exc:  # keep the part of fairseq's message that names the file
+            message = f"{message} ({str(exc).split(';')[0].strip()})"
+        print(f"{prog}: error: {message}", file=sys.stderr)
 
     hook._s2s = True
     sys.excepthook = hook

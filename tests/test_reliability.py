@@ -296,11 +296,35 @@ def test_checkpoint_with_other_dictionary_names_both_sizes():
 
 def test_checkpoint_with_other_sizes_says_which():
     trained = build_model("rnn_bahdanau_tiny")
-    other = build_model("rnn_bahdanau_tiny", decoder_hidden_size=48)
-    with pytest.raises(CheckpointError, match=r"decoder\.rnn\.weight_ih_l0 is \(256, 96\) in the "
-                                              r"checkpoint, \(192, 96\) in the model"):
+    other = build_model("rnn_bahdanau_tiny", attention_dim=24)
+    with pytest.raises(CheckpointError, match=r"decoder\.attention\.scorer\.query_proj\.weight is "
+                                              r"\(32, 64\) in the checkpoint, \(24, 64\) in the model"):
         other.load_state_dict(trained.state_dict())
     build_model("rnn_bahdanau_tiny").load_state_dict(trained.state_dict())  # same sizes still load
+
+
+def test_checkpoint_of_another_architecture_says_so():
+    trained = build_model("rnn_luong_tiny")
+    with pytest.raises(CheckpointError, match=r"holds another model: .*decoder\.attention.*--arch"):
+        build_model("rnn_vanilla_tiny").load_state_dict(trained.state_dict())
+
+
+def test_errors_fairseq_wraps_still_print_as_one_line(capsys):
+    """fairseq's trainer re-raises any load_state_dict failure as a bare Exception without the
+    cause; the command still ends with our one line (plus the file fairseq names)."""
+    import sys
+
+    try:
+        try:
+            raise CheckpointError("the checkpoint was trained with a source dictionary of 16 types")
+        except Exception:
+            raise Exception("Cannot load model parameters from checkpoint /x/checkpoint_last.pt; "
+                            "please ensure that the architectures match.")
+    except Exception as e:
+        sys.excepthook(type(e), e, e.__traceback__)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: the checkpoint was trained with a source dictionary of 16 types " \
+        "(Cannot load model parameters from checkpoint /x/checkpoint_last.pt)" in err[0], err
 
 
 @slow
