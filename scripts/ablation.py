@@ -171,6 +171,8 @@ def bleu(data: Path, checkpoint: Path, args, log: Path) -> float:
         raise SystemExit(f"error: fairseq-generate translated {len(hyps)} of {len(refs)} sentences")
     if args.ref:  # untokenised references, one per line in test-set order
         lines = Path(args.ref).read_text(encoding="utf-8").splitlines()
+        if len(lines) != len(ids):
+            raise SystemExit(f"error: {args.ref} has {len(lines)} lines, the test set {len(ids)} sentences")
         refs = dict(enumerate(lines))
     return sacrebleu.corpus_bleu([hyps[i] for i in ids], [[refs[i] for i in ids]]).score
 
