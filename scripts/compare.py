@@ -107,10 +107,10 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget per model")
     p.add_argument("--parallel", type=int, default=2, help="models trained at once (one core each)")
     p.add_argument("--lr", type=float, default=0.002)
-    p.add_argument("--warmup", type=int, default=400)
-    p.add_argument("--max-tokens", type=int, default=4000)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--max-tokens", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--ours-args", default="--decoder-hidden-size 256 --attention-dim 256",
+    p.add_argument("--ours-args", default="--decoder-hidden-size 256 --attention-dim 256 --cpu-bf16",
                    help="extra fairseq-train options for our rnn_* models")
     args = p.parse_args(argv)
     import sacrebleu
