@@ -147,3 +147,14 @@ def small_data_bin(tmp_path_factory):
 
     return make_reverse_data(tmp_path_factory.mktemp("small"), train=200, max_len=8, vocab=10,
                              valid=20, test=20)
+
+
+def padding_mask(lengths, width: int, left: bool) -> torch.Tensor:
+    """B x width padding masks (True at padding) for rows of the given lengths, padded left or right."""
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if left:
+            mask[b, : width - n] = True
+        else:
+            mask[b, n:] = True
+    return mask

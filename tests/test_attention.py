@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import padding_mask
 from fairseq_s2s_attn.attention import (
     SCORERS,
     AdditiveScorer,
@@ -20,14 +21,7 @@ B, S, T, Q, C, A = 3, 5, 4, 6, 6, 7  # Q == C so that every scorer (dot included
 
 def make_mask(left: bool) -> torch.Tensor:
     """B x S padding masks: lengths 5, 3, 1, padded on the left or on the right."""
-    lengths = [5, 3, 1]
-    mask = torch.zeros(B, S, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        if left:
-            mask[b, : S - n] = True
-        else:
-            mask[b, n:] = True
-    return mask
+    return padding_mask([5, 3, 1], S, left)
 
 
 def make_attention(score: str, seed: int = 0, dtype=torch.float64) -> Attention:

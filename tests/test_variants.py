@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from conftest import ARCH_FNS, PAPER_TINY, build_model, make_args, make_dict
+from conftest import ARCH_FNS, PAPER_TINY, build_model, make_args, make_dict, padding_mask
 from fairseq_s2s_attn.attention import Attention, LocationScorer, source_positions
 from fairseq_s2s_attn.model import ConfigError, RNNS2SModel, check_config
 from test_decoder import full_forward, incremental_forward, make_batch
@@ -25,13 +25,7 @@ F64 = torch.float64
 
 
 def mask_for(left: bool, lengths=LENGTHS, width=S):
-    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        if left:
-            mask[b, : width - n] = True
-        else:
-            mask[b, n:] = True
-    return mask
+    return padding_mask(lengths, width, left)
 
 
 def make_attn(score="general", seed=0, **kw):
