@@ -4,16 +4,18 @@ Loaded by fairseq with ``--user-dir fairseq_s2s_attn`` (or by importing this pac
 registers the model ``rnn_s2s`` and its architectures, lets torch's safe checkpoint loader accept
 the plain types fairseq checkpoints hold, makes fairseq's data-parallel training work on CPU
 processes (``distributed``, see docs/distributed.md), defines what happens to empty and too-long
-sources (``inputs``), and applies the run-time defaults in ``runtime``.
+sources (``inputs``), runs beam search of ``--cpu-bf16`` models in one autocast region
+(``precision``), and applies the run-time defaults in ``runtime``.
 """
 
-from . import checkpoint, distributed, inputs, runtime
+from . import checkpoint, distributed, inputs, precision, runtime
 from . import model  # noqa: F401  (registers the model and architectures)
 from .model import RNNS2SModel  # noqa: F401
 
 checkpoint.install()
 distributed.install()
 inputs.install()
+precision.install()
 runtime.install(RNNS2SModel)
 
 __version__ = "0.1.0"

@@ -83,12 +83,48 @@ class AdditiveScorer(nn.Module):
                 raise ValueError("coverage given to a scorer built without coverage")
             keys = keys + self.coverage_proj(coverage.unsqueeze(-1).to(keys.dtype))
         if q.dim() == 2:
-            hidden = torch.tanh(keys + q.unsqueeze(1))  # B x S x A
+            q, keys = q.unsqueeze(1), keys  # B x 1 x A, B x S x A
         else:
             if coverage is not None:
                 raise ValueError("coverage changes every step: score one step at a time")
-            hidden = torch.tanh(keys.unsqueeze(1) + q.unsqueeze(2))  # B x T x S x A
-        return F.linear(hidden, self.v_weight().unsqueeze(0).to(hidden.dtype)).squeeze(-1)
+            q, keys = q.unsqueeze(2), keys.unsqueeze(1)  # B x T x 1 x A, B x 1 x S x A
+        return AdditiveScore.apply(q, keys, self.v_weight())
+
+
+class AdditiveScore(torch.autograd.Function):
+    """e = v^T tanh(q + k), reduced over the last dimension, for broadcastable q and k.
+
+    The tanh (B x S x A per decoder step) is not kept for backward but recomputed there from q
+    and k, which autograd keeps anyway: training memory then grows with B x S x A only during
+    one step's backward, not for every step of the sentence (the same trade as activation
+    checkpointing, one add and one tanh more per step). Computed in the dtype of q and k.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        ctx.save_for_backward(q, k, v)
+        hidden = torch.tanh(q + k)
+        return torch.matmul(hidden, v.to(hidden.dtype).unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v = ctx.saved_tensors
+        hidden = torch.tanh(q + k)
+        grad = grad.to(hidden.dtype).unsqueeze(-1)  # ... x S x 1
+        grad_v = (grad * hidden).reshape(-1, hidden.size(-1)).sum(0).to(v.dtype)
+        d_pre = grad * v.to(hidden.dtype) * (1 - hidden * hidden)  # d e / d (q + k)
+        return _sum_to(d_pre, q), _sum_to(d_pre, k), grad_v
+
+
+def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
+    """grad of a broadcast result, summed back to the shape (and dtype) of the input ``like``."""
+    extra = grad.dim() - like.dim()
+    if extra:
+        grad = grad.sum(dim=tuple(range(extra)))
+    dims = tuple(i for i, n in enumerate(like.shape) if n == 1 and grad.size(i) != 1)
+    if dims:
+        grad = grad.sum(dim=dims, keepdim=True)
+    return grad.to(like.dtype)
 
 
 class DotScorer(nn.Module):
@@ -165,8 +201,10 @@ def _scaled(scores: Tensor, g: Optional[Tensor]) -> Tensor:
 
 def _bdot(query: Tensor, keys: Tensor) -> Tensor:
     """Dot products of queries (B x Q or B x T x Q) with keys (B x S x Q): B x S or B x T x S."""
+    # one query per sentence as a 1 x Q by Q x S product: on CPU this is ~8x faster than the
+    # S x Q by Q x 1 form (a matrix-vector product per sentence)
     if query.dim() == 2:
-        return torch.bmm(keys, query.unsqueeze(2)).squeeze(2)
+        return torch.bmm(query.unsqueeze(1), keys.transpose(1, 2)).squeeze(1)
     return torch.bmm(query, keys.transpose(1, 2))
 
 
@@ -205,12 +243,10 @@ def masked_softmax(scores: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         return F.softmax(scores.to(compute), dim=-1).to(dtype)
     if scores.dim() == 3 and padding_mask.dim() == 2:
         padding_mask = padding_mask.unsqueeze(1)  # B x 1 x S
-    scores = scores.to(compute).masked_fill(padding_mask, -math.inf)
-    # a row of only padding: max is -inf; subtract 0 there so exp() gives 0, not NaN
-    row_max = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(compute).min)
-    expo = torch.exp(scores - row_max)
-    denom = expo.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(compute).tiny)
-    return (expo / denom).to(dtype)
+    weights = F.softmax(scores.to(compute).masked_fill(padding_mask, -math.inf), dim=-1)
+    # a row of only padding is NaN after the softmax (exp(-inf - -inf)); every one of its
+    # positions is masked, so this sets it to zeros (elsewhere the masked weights are already 0)
+    return weights.masked_fill(padding_mask, 0.0).to(dtype)
 
 
 class Attention(nn.Module):

@@ -32,7 +32,7 @@ from fairseq.models import FairseqIncrementalDecoder
 from fairseq.modules import FairseqDropout
 
 from .attention import Attention
-from .encoder import RNN_TYPES
+from .encoder import RNN_TYPES, same_sources
 from .precision import cpu_autocast
 
 PLACEMENTS = ("none", "before", "after")
@@ -78,37 +78,45 @@ class StateInit(nn.Module):
 class StackedCell:
     """Steps a multi-layer ``nn.LSTM``/``nn.GRU`` one time step at a time with its own weights.
 
-    The first layer's input is [E y; x] (x: the context or the fed-back h~). Its embedding part
-    W_e E y (+ biases) does not depend on the previous step, so ``embedding_part`` computes it
-    for all steps in one product; ``step`` adds W_x x and the recurrent part. Equal to running
-    the module itself step by step (dropout between layers as nn.LSTM applies it).
+    The first layer's input is [E y; x] (x: the context or the fed-back h~). Over many steps
+    (teacher forcing), its embedding part W_e E y (+ biases) does not depend on the previous step,
+    so ``embedding_part`` computes it for all steps in one product and ``step`` adds W_x x and the
+    recurrent part. For a single step (incremental decoding) ``step`` takes the whole input
+    [E y; x] in one product instead. Equal to running the module itself step by step (dropout
+    between layers as nn.LSTM applies it).
     """
 
     def __init__(self, rnn: nn.RNNBase, embed_dim: int, dropout: nn.Module):
         self.lstm = isinstance(rnn, nn.LSTM)
         self.layers = rnn.num_layers
         self.dropout = dropout
+        self.embed_dim = embed_dim
         self.w_ih = [getattr(rnn, f"weight_ih_l{k}") for k in range(self.layers)]
         self.w_hh = [getattr(rnn, f"weight_hh_l{k}") for k in range(self.layers)]
         self.b_ih = [getattr(rnn, f"bias_ih_l{k}") for k in range(self.layers)]
         self.b_hh = [getattr(rnn, f"bias_hh_l{k}") for k in range(self.layers)]
-        self.w_emb = self.w_ih[0][:, :embed_dim]
-        self.w_x = self.w_ih[0][:, embed_dim:].contiguous()
+        self.w_x: Optional[Tensor] = None
 
     def embedding_part(self, emb: Tensor) -> Tensor:
         """W_e E y + b for all steps: T x B x E -> T x B x G (G = 4H for LSTM, 3H for GRU)."""
+        self.w_x = self.w_ih[0][:, self.embed_dim:].contiguous()
         bias = self.b_ih[0] + self.b_hh[0] if self.lstm else self.b_ih[0]
-        return F.linear(emb, self.w_emb, bias)
+        return F.linear(emb, self.w_ih[0][:, :self.embed_dim], bias)
 
-    def step(self, pre: Tensor, x: Tensor, hs: List[Tensor], cs: Optional[List[Tensor]]):
-        """One time step through all layers. pre: B x G, x: B x X (X may be 0), hs/cs: per-layer B x H."""
+    def step(self, x: Tensor, hs: List[Tensor], cs: Optional[List[Tensor]], pre: Optional[Tensor] = None):
+        """One time step through all layers; returns the new per-layer (h, c) lists.
+
+        x: B x X, the part of the first layer's input after the embedding (X may be 0) when
+        ``pre`` (B x G, from ``embedding_part``) is given, else the whole input [E y; x].
+        hs/cs: per-layer B x H.
+        """
         new_h, new_c = [], []
         for k in range(self.layers):
-            if k == 0:
-                w_ih, b_ih, b_hh = self.w_x, pre, (None if self.lstm else self.b_hh[0])
-            else:
+            w_ih, b_ih, b_hh = self.w_ih[k], self.b_ih[k], self.b_hh[k]
+            if k > 0:
                 x = self.dropout(new_h[-1])
-                w_ih, b_ih, b_hh = self.w_ih[k], self.b_ih[k], self.b_hh[k]
+            elif pre is not None:  # the input-side biases are in pre (GRU keeps b_hh apart)
+                w_ih, b_ih, b_hh = self.w_x, pre, (None if self.lstm else self.b_hh[0])
             if self.lstm:
                 h, c = torch.lstm_cell(x, (hs[k], cs[k]), w_ih, self.w_hh[k], b_ih, b_hh)
                 new_c.append(c)
@@ -257,8 +265,9 @@ class RNNDecoder(FairseqIncrementalDecoder):
         if cached is None:
             state = self.initial_state(encoder_out)
             keys = self.attention.keys(values, padding_mask) if self.attention is not None else None
+            src_ids = encoder_out.get("src_ids")
         else:
-            state, keys = cached, cached.get("keys")
+            state, keys, src_ids = cached, cached.get("keys"), cached.get("src_ids")
 
         emb = self.dropout_in(self.embed_tokens(prev_output_tokens)).transpose(0, 1)  # T x B x E
         if self.placement == "none":
@@ -273,6 +282,7 @@ class RNNDecoder(FairseqIncrementalDecoder):
 
         if incremental_state is not None:
             state["keys"] = keys
+            state["src_ids"] = src_ids
             self.set_incremental_state(incremental_state, "state", state)
         return x, attn
 
@@ -287,8 +297,12 @@ class RNNDecoder(FairseqIncrementalDecoder):
         Bahdanau, the readout. Returns (t: B x T x O, attention: B x T x S, final state).
         """
         cell = StackedCell(self.rnn, emb.size(-1), self.dropout_out)
-        # unbind once: indexing pre[t] would make backward fill a T x B x G zero tensor per step
-        pre = cell.embedding_part(emb).unbind(0)  # T x (B x G)
+        steps = emb.unbind(0)  # T x (B x E)
+        if len(steps) > 1:
+            # unbind once: indexing pre[t] would make backward fill a T x B x G zero tensor per step
+            pre: List[Optional[Tensor]] = list(cell.embedding_part(emb).unbind(0))  # T x (B x G)
+        else:  # one step (incremental decoding): one input product over [E y; x] is cheaper
+            pre = [None]
         hs = list(state["h"].unbind(0))
         cs = list(state["c"].unbind(0)) if state["c"] is not None else None
         feed = state.get("feed")
@@ -301,12 +315,12 @@ class RNNDecoder(FairseqIncrementalDecoder):
                 # Bahdanau eq. (5)-(6): score with the previous state s_{i-1}; c_i enters the RNN
                 s_prev = hs[-1]
                 context, attn = self.attention(s_prev, keys, values, padding_mask, step + t, cov)
-                hs, cs = cell.step(pre[t], context, hs, cs)
+                hs, cs = cell.step(self._cell_input(context, steps[t], pre[t]), hs, cs, pre[t])
                 contexts.append(context)
                 outs.append(s_prev if self.readout_previous else hs[-1])
             else:
                 # Luong sec. 3.3: input feeding concatenates h~_{t-1} with the input
-                hs, cs = cell.step(pre[t], feed, hs, cs)
+                hs, cs = cell.step(self._cell_input(feed, steps[t], pre[t]), hs, cs, pre[t])
                 h = self.dropout_out(hs[-1])
                 context, attn = self.attention(h, keys, values, padding_mask, step + t, cov)
                 h_tilde = self.dropout_out(torch.tanh(self.readout(torch.cat([h, context], dim=-1))))
@@ -330,6 +344,11 @@ class RNNDecoder(FairseqIncrementalDecoder):
             "cov": cov,
         }
         return x, torch.stack(attns, dim=1), new_state
+
+    @staticmethod
+    def _cell_input(x: Tensor, emb: Tensor, pre: Optional[Tensor]) -> Tensor:
+        """The first layer's input after its hoisted embedding part, or all of [E y; x]."""
+        return x if pre is not None else torch.cat([emb, x], dim=-1)
 
     def run_parallel(
         self,
@@ -413,9 +432,13 @@ class RNNDecoder(FairseqIncrementalDecoder):
         cached = self._get_cache(incremental_state)
         if cached is None:
             return
-        batch_dim = {"h": 1, "c": 1, "feed": 0, "keys": 0, "step": 0, "cov": 0}
+        batch_dim = {"h": 1, "c": 1, "feed": 0, "keys": 0, "step": 0, "cov": 0, "src_ids": 0}
+        # per-hypothesis state is reordered; the source side (keys) only when a row's source changes
+        same = same_sources(cached.get("src_ids"), new_order)
         reordered = {
-            k: (None if v is None else v.index_select(batch_dim[k], new_order)) for k, v in cached.items()
+            k: (None if v is None else v if same and k in ("keys", "src_ids")
+                else v.index_select(batch_dim[k], new_order))
+            for k, v in cached.items()
         }
         self.set_incremental_state(incremental_state, "state", reordered)
 

@@ -122,6 +122,8 @@ class RNNEncoder(FairseqEncoder):
             "final_cell": None if cell is None else self._combine_directions(cell),
             "backward_first_hidden": self._right_to_left(hidden),  # L x B x H
             "backward_first_cell": None if cell is None else self._right_to_left(cell),
+            # which source sentence each row holds (B); see same_sources
+            "src_ids": torch.arange(bsz, device=src_tokens.device),
         }
         return result
 
@@ -146,8 +148,10 @@ class RNNEncoder(FairseqEncoder):
         return torch.cat([state[:, 0], state[:, 1]], dim=-1)
 
     def reorder_encoder_out(self, encoder_out: Dict[str, Optional[Tensor]], new_order: Tensor):
+        if same_sources(encoder_out.get("src_ids"), new_order):
+            return encoder_out  # a shuffle among one sentence's beams: every row stays the same
         batch_dim = {"encoder_out": 1, "encoder_padding_mask": 0, "final_hidden": 1, "final_cell": 1,
-                     "backward_first_hidden": 1, "backward_first_cell": 1}
+                     "backward_first_hidden": 1, "backward_first_cell": 1, "src_ids": 0}
         return {
             k: (None if v is None else v.index_select(batch_dim[k], new_order))
             for k, v in encoder_out.items()
@@ -155,6 +159,18 @@ class RNNEncoder(FairseqEncoder):
 
     def max_positions(self) -> int:
         return self.max_source_positions
+
+
+def same_sources(src_ids: Optional[Tensor], new_order: Tensor) -> bool:
+    """Whether reordering rows by new_order keeps the source sentence of every row.
+
+    Beam search reorders the batch at every step, but mostly among the hypotheses of one
+    sentence, whose source-side tensors (encoder outputs, attention keys) are equal row for row:
+    then they need no copy. src_ids (B, long) says which sentence each row holds.
+    """
+    if src_ids is None or new_order.numel() != src_ids.numel():
+        return False
+    return torch.equal(src_ids.index_select(0, new_order), src_ids)
 
 
 def _reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:

@@ -136,7 +136,11 @@ def test_reorder_encoder_out_equals_encoding_reordered_batch(tiny_dict, gen, rnn
     reordered = enc.reorder_encoder_out(run(enc, tokens), new_order)
     direct = run(enc, tokens[new_order])
     assert set(reordered) == set(direct)
+    # src_ids says which sentence of the encoded batch each row holds
+    assert torch.equal(reordered["src_ids"], new_order)
     for key, val in direct.items():
+        if key == "src_ids":
+            continue
         if val is None:
             assert reordered[key] is None
         else:
@@ -212,3 +216,25 @@ def test_backward_first_is_the_right_to_left_state_at_the_first_token(
         torch.testing.assert_close(out["backward_first_cell"], out["final_cell"][..., half])
     else:
         assert out["backward_first_cell"] is None
+
+
+def test_reorder_within_each_sentence_keeps_the_source_tensors(tiny_dict, gen):
+    """Beam search shuffles rows among one sentence's hypotheses at every step: the source side is
+    then equal row for row and is kept as it is; a reorder that moves sentences copies it."""
+    enc = make_encoder(tiny_dict, num_layers=1, bidirectional=True)
+    tokens = random_tokens(tiny_dict, LENGTHS, left_pad=True, generator=gen)
+    bsz, beam = tokens.size(0), 3
+    expand = torch.arange(bsz).repeat_interleave(beam)  # what SequenceGenerator does first
+    out = enc.reorder_encoder_out(run(enc, tokens), expand)
+    within = (torch.arange(bsz * beam).view(bsz, beam).flip(1)).reshape(-1)  # rows stay in their sentence
+    kept = enc.reorder_encoder_out(out, within)
+    assert kept["encoder_out"] is out["encoder_out"]
+    for key, val in out.items():  # and equal to copying the rows
+        if val is not None:
+            dim = 1 if val.dim() == 3 else 0
+            torch.testing.assert_close(kept[key], val.index_select(dim, within))
+    moved = torch.tensor([0, 0, 0, 4, 3, 3])  # a finished sentence removed: rows move
+    shrunk = enc.reorder_encoder_out(out, moved)
+    assert shrunk["encoder_out"].size(1) == len(moved)
+    torch.testing.assert_close(shrunk["encoder_out"], out["encoder_out"].index_select(1, moved))
+    assert torch.equal(shrunk["src_ids"], expand[moved])
