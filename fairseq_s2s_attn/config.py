@@ -150,6 +150,12 @@ class RNNS2SConfig(FairseqDataclass):
                   "weights, gradients and loss stay fp32); for generation pass "
                   "--model-overrides \"{'cpu_bf16': True}\". On GPU use fairseq's --fp16/--bf16/--amp"},
     )
+    init_range: float = field(
+        default=0.1,
+        metadata={"help": "initialise every parameter from U(-r, r), as Luong et al. (2015, sec. "
+                  "4.1) and fairseq's lstm do (0.1); padding embeddings stay zero. 0 keeps "
+                  "PyTorch's per-layer defaults, which learn far slower at the start"},
+    )
     max_source_positions: int = field(
         default=1024, metadata={"help": "maximum source length the model accepts"}
     )

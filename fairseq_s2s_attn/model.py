@@ -10,6 +10,8 @@
     *_tiny              vanilla/Bahdanau/Luong, small enough for tests and smoke runs
 """
 
+import torch
+import torch.nn as nn
 from fairseq.models import (
     FairseqEncoderDecoderModel,
     register_model,
@@ -97,7 +99,10 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
             encoder_direction_dim=cfg.encoder_hidden_size,
             max_source_positions=cfg.max_source_positions,
         )
-        return cls(encoder, decoder)
+        model = cls(encoder, decoder)
+        if cfg.init_range > 0:
+            init_uniform(model, cfg.init_range)
+        return model
 
     def max_positions(self):
         return (self.encoder.max_positions(), self.decoder.max_positions())
@@ -105,6 +110,18 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         check_state_dict_fits(self, state_dict, strict=strict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+
+def init_uniform(model: nn.Module, r: float) -> None:
+    """Every parameter from U(-r, r) (Luong et al. 2015, sec. 4.1); padding embeddings zero.
+    Learned scalar gains (attention scale/normalize g) keep their own initial values."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 0:
+                p.uniform_(-r, r)
+        for m in model.modules():
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
 
 
 # parameters whose first dimension is the size of a dictionary

@@ -346,6 +346,48 @@ def run_generate(spec, cfg, task, batches, autocast, result):
         seconds = time.perf_counter() - t0
         result[f"beam{beam}"] = dict(seconds=seconds, sentences=sentences, tokens=tokens,
                                      sent_s=sentences / seconds, tok_s=tokens / seconds)
+        if beam == spec["beams"][0]:
+            result[f"beam{beam}"]["breakdown"] = generation_breakdown(gen, batches, translate)
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+              "aten::mkldnn_rnn_layer"}
+
+
+def generation_breakdown(gen, batches, translate):
+    """Where one generation pass spends its time (from a separate, profiled pass): matrix
+    products (self time of the matmul kernels), the rest of the model (encoder, decoder steps,
+    output softmax, state reorders) and fairseq's search itself (topk, bookkeeping, finalising).
+    Profiling adds a little time per operation, so read these as shares, not as speeds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ensemble = gen.model
+    in_model = [0.0]
+    wrapped = {}
+    for name in ("forward_encoder", "forward_decoder", "reorder_encoder_out", "reorder_incremental_state"):
+        method = getattr(ensemble, name)
+
+        def timed(*a, _method=method, **k):
+            t = time.perf_counter()
+            try:
+                return _method(*a, **k)
+            finally:
+                in_model[0] += time.perf_counter() - t
+
+        wrapped[name] = method
+        setattr(ensemble, name, timed)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for sample, length in batches:
+                translate(sample, length)
+            total = time.perf_counter() - t0
+    finally:
+        for name in wrapped:
+            delattr(ensemble, name)  # back to the class's methods
+    matmul = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
+    return dict(matmul=matmul / total, model_other=max(0.0, in_model[0] - matmul) / total,
+                search=max(0.0, total - in_model[0]) / total)
 
 
 def runtime_warmup(spec, cfg, task, train, gen, autocast):
@@ -640,6 +682,25 @@ def report(rows, size, args, peaks):
             cells = [row["name"], precision_label(row["name"], row["precision"])]
             cells += [ratio(metric(row["result"], key), best.get(key, (None,))[0]) for key, _ in keys]
             lines.append("| " + " | ".join(cells) + " |")
+
+    # where beam search spends its time, and what that bounds
+    shares = [(r, metric(r["result"], f"beam{beams[0]}.breakdown")) for r in rows if r["result"]]
+    shares = [(r, sh) for r, sh in shares if sh]
+    if shares:
+        lines += ["", f"Beam-{beams[0]} generation time by part (shares of one profiled pass):", "",
+                  "| config | precision | matrix products | rest of the model | fairseq's search |",
+                  "|---|---|---:|---:|---:|"]
+        for r, sh in shares:
+            lines.append(f"| {r['name']} | {precision_label(r['name'], r['precision'])} | "
+                         f"{100 * sh['matmul']:.0f}% | {100 * sh['model_other']:.0f}% | {100 * sh['search']:.0f}% |")
+        for r, sh in shares:
+            if r["name"] == BASELINE:
+                floor = sh["matmul"] + sh["search"]
+                lines.append(
+                    f"\nfairseq lstm {r['precision']}: matrix products plus fairseq's search take "
+                    f"{100 * floor:.0f}% of its beam-{beams[0]} time. A model doing the same products "
+                    "(the same sizes) under the same search can be at most "
+                    f"{1 / floor:.2f}x as fast as it at this precision, however little else it does.")
 
     # how the FLOPs were counted
     analytic = [(r["name"], r["precision"], r["result"]["flops_analytic"] / r["result"]["flops_counted"])

@@ -89,8 +89,8 @@ def build_model(arch: str = "rnn_bahdanau_tiny", task=None, seed: int = 0, dropo
                 init_range: float = INIT_RANGE, dtype: torch.dtype = torch.float32, **overrides):
     """RNNS2SModel as fairseq builds it (architecture function, then build_model).
 
-    Dropout is off unless ``dropout`` (then the architecture's own values apply); weights are
-    re-drawn from U(-init_range, init_range) (embedding padding rows stay zero) unless 0.
+    Dropout is off unless ``dropout`` (then the architecture's own values apply); weights start
+    from U(-init_range, init_range) (the model option --init-range; 0: PyTorch's defaults).
     Equality checks between code paths (incremental vs full, fused step vs nn.LSTM) build fp64
     models, so they test the math, not fp32 rounding of differently blocked products.
     """
@@ -98,15 +98,8 @@ def build_model(arch: str = "rnn_bahdanau_tiny", task=None, seed: int = 0, dropo
     if task is None:
         d = make_dict()
         task = FakeTask(d, d)
-    args = make_args(arch, dropout=dropout, **overrides)
-    model = RNNS2SModel.build_model(args, task)
-    if init_range:
-        with torch.no_grad():
-            for p in model.parameters():
-                torch.nn.init.uniform_(p, -init_range, init_range)
-            for emb in (model.encoder.embed_tokens, model.decoder.embed_tokens):
-                emb.weight[emb.padding_idx].zero_()
-    return model.to(dtype)
+    args = make_args(arch, dropout=dropout, init_range=init_range, **overrides)
+    return RNNS2SModel.build_model(args, task).to(dtype)
 
 
 def random_tokens(d: Dictionary, lengths, left_pad: bool, generator=None, with_eos: bool = True):

@@ -305,3 +305,26 @@ def test_low_precision_forward_is_finite_and_close_to_fp32(arch, dtype):
         assert attn.dtype == dtype
         assert torch.all(attn[src.eq(d.pad()).unsqueeze(1).expand_as(attn)] == 0)
         torch.testing.assert_close(attn.float(), ref_extra["attn"][0], atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("init_range", [0.1, 0.7])
+def test_parameters_start_uniform_within_init_range(init_range):
+    model = build_model("rnn_luong_tiny", init_range=init_range, attention_scale=True)
+    matrices = [(n, p) for n, p in model.named_parameters() if p.dim() > 0]
+    for name, p in matrices:
+        assert p.abs().max() <= init_range, name
+        if p.numel() >= 1000:  # spread over the whole range, not a narrower default
+            assert p.abs().max() > 0.9 * init_range, name
+            assert abs(p.mean().item()) < 0.1 * init_range, name
+    for emb in (model.encoder.embed_tokens, model.decoder.embed_tokens):
+        assert torch.all(emb.weight[emb.padding_idx] == 0)
+    assert model.decoder.attention.scorer.g.item() == 1.0  # a learned gain keeps its own start
+
+
+def test_init_range_zero_keeps_pytorch_defaults():
+    model = build_model("rnn_luong_tiny", init_range=0)
+    hidden = model.decoder.hidden_size
+    w_hh = model.decoder.rnn.weight_hh_l0  # nn.LSTM: U(-1/sqrt(H), 1/sqrt(H))
+    assert w_hh.abs().max() <= hidden ** -0.5
+    emb = model.encoder.embed_tokens.weight  # fairseq's Embedding: N(0, dim^-1/2)
+    assert emb.abs().max() > 2 * emb.size(1) ** -0.5
