@@ -99,7 +99,11 @@ class StackedCell:
 
     def embedding_part(self, emb: Tensor) -> Tensor:
         """W_e E y + b for all steps: T x B x E -> T x B x G (G = 4H for LSTM, 3H for GRU)."""
-        self.w_x = self.w_ih[0][:, self.embed_dim:].contiguous()
+        w_x = self.w_ih[0][:, self.embed_dim:]
+        if torch.is_autocast_enabled(emb.device.type):
+            # autocast re-casts (and keeps for backward) a non-parameter weight at every step
+            w_x = w_x.to(torch.get_autocast_dtype(emb.device.type))
+        self.w_x = w_x.contiguous()
         bias = self.b_ih[0] + self.b_hh[0] if self.lstm else self.b_ih[0]
         return F.linear(emb, self.w_ih[0][:, :self.embed_dim], bias)
 
