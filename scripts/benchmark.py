@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Speed, memory and FLOP-efficiency benchmark: our architectures against fairseq's own ``lstm``.
 
-    python scripts/benchmark.py --data work/demo/data-bin --updates 30 --warmup 5 \
-        --gen-sentences 200 --out BENCHMARKS.md
+    python scripts/benchmark.py --data work/demo/data-bin --out BENCHMARKS.md
+
+(defaults: 20 timed updates, beam search over the first 48 test sentences in batches of 16;
+about 10 minutes for the 9 configurations on one core.)
 
 One run measures, on the same binarised data and with matched sizes, every configuration
 
@@ -738,15 +740,15 @@ def main(argv=None):
     p.add_argument("--dropout", type=float, default=0.1, help="dropout everywhere (fairseq lstm's default)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per measurement")
     p.add_argument("--max-tokens", type=int, default=2000, help="training batch size in tokens")
-    p.add_argument("--warmup", type=int, default=5, help="untimed updates before timing")
-    p.add_argument("--updates", type=int, default=30, help="timed updates")
-    p.add_argument("--flop-batches", type=int, default=5,
+    p.add_argument("--warmup", type=int, default=3, help="untimed updates before timing")
+    p.add_argument("--updates", type=int, default=20, help="timed updates")
+    p.add_argument("--flop-batches", type=int, default=2,
                    help="timed batches whose FLOPs are counted (0 = all)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--gen-split", default="test")
-    p.add_argument("--gen-sentences", type=int, default=200, help="first N sentences of --gen-split")
-    p.add_argument("--gen-batch-size", type=int, default=50, help="sentences per generation batch")
+    p.add_argument("--gen-sentences", type=int, default=48, help="first N sentences of --gen-split")
+    p.add_argument("--gen-batch-size", type=int, default=16, help="sentences per generation batch")
     p.add_argument("--beams", nargs="+", type=int, default=[5, 1], help="beam sizes")
     p.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak measurement")
     p.add_argument("--out", default=None, help="Markdown file: a dated section is appended")

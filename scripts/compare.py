@@ -84,11 +84,24 @@ def run_one(args, arch):
         t0 = time.time()
         sh(cmd, train_log)
         open(os.path.join(save_dir, ".done"), "w").write(f"{time.time() - t0:.0f}\n")
-    print(f"[{arch}] translating the test set", flush=True)
-    hyps = generate(args, arch, save_dir, out_dir)
-    with open(os.path.join(out_dir, "hyp.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(hyps) + "\n")
-    return {"arch": arch, "wps": words_per_second(train_log), "hyps": hyps, "command": " ".join(cmd)}
+    hyp_path = os.path.join(out_dir, "hyp.txt")
+    best = os.path.join(save_dir, "checkpoint_best.pt")
+    if os.path.exists(hyp_path) and os.path.getmtime(hyp_path) > os.path.getmtime(best):
+        print(f"[{arch}] reusing the translations in {hyp_path}", flush=True)
+        hyps = open(hyp_path, encoding="utf-8").read().split("\n")[:-1]
+    else:
+        print(f"[{arch}] translating the test set", flush=True)
+        hyps = generate(args, arch, save_dir, out_dir)
+        with open(hyp_path, "w", encoding="utf-8") as f:
+            f.write("\n".join(hyps) + "\n")
+    return {"arch": arch, "wps": words_per_second(train_log), "updates": updates(train_log),
+            "hyps": hyps, "command": " ".join(cmd)}
+
+
+def updates(train_log):
+    """Updates done within the budget (the last num_updates fairseq logged)."""
+    found = re.findall(r"num_updates[ =](\d+)", open(train_log).read())
+    return int(found[-1]) if found else 0
 
 
 def bucket_of(n):
@@ -133,7 +146,7 @@ def main(argv=None):
             raise SystemExit(f"error: {r['arch']}: {len(r['hyps'])} translations for {len(ref)} references")
         bleu = sacrebleu.corpus_bleu(r["hyps"], [ref]).score
         chrf = sacrebleu.corpus_chrf(r["hyps"], [ref]).score
-        rows.append((r["arch"], bleu, chrf, r["wps"]))
+        rows.append((r["arch"], bleu, chrf, r["wps"], r["updates"]))
         curve = []
         for lo, hi in BUCKETS:
             idx = [i for i, s in enumerate(src) if bucket_of(len(s.split())) == (lo, hi)]
@@ -144,8 +157,8 @@ def main(argv=None):
 
     labels = [f"{lo}-{hi}" if hi < 1000 else f"{lo}+" for lo, hi in BUCKETS]
     lines = [f"# Comparison on {args.work} ({src_lang}->{tgt_lang}), {args.minutes} min per model", "",
-             "| model | BLEU | chrF | train tokens/s |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b:.2f} | {c:.2f} | {w:.0f} |" for a, b, c, w in rows]
+             "| model | BLEU | chrF | train tokens/s | updates |", "|---|---|---|---|---|"]
+    lines += [f"| {a} | {b:.2f} | {c:.2f} | {w:.0f} | {n} |" for a, b, c, w, n in rows]
     lines += ["", "BLEU by source length (words):", "",
               "| model | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for arch, curve in curves.items():

@@ -61,6 +61,13 @@ def test_benchmark_end_to_end(tmp_path):
             assert float(r[i]) > 0, (head[i], r)
         if r[0] == "lstm (fairseq)" and r[1] == "fp32":
             assert [r[i] for i in ratio_cols] == ["1.00"] * 4
+    # where beam search spends its time: three shares per configuration, and the bound they imply
+    parts = [ln for ln in text.splitlines() if ln.startswith("| rnn_luong_nofeed |") or ln.startswith("| lstm |")]
+    assert len(parts) == 4
+    for ln in parts:
+        shares = [float(c.strip().rstrip("%")) for c in ln.strip("|").split("|")[2:]]
+        assert len(shares) == 3 and all(0 <= x <= 100 for x in shares) and 90 <= sum(shares) <= 102
+    assert "can be at most" in text
     # the fused RNN kernel of the non-input-feeding decoder was added analytically
     assert "added analytically for: " in text and "rnn_luong_nofeed fp32" in text
 

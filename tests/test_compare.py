@@ -1,0 +1,48 @@
+"""scripts/compare.py end to end on a tiny corpus: every model trained under one budget, the
+results table (BLEU, chrF, tokens/s, updates), BLEU by source length, the plot, and reuse."""
+
+import re
+
+from clitools import run
+
+
+def tiny_work(root):
+    """A work folder as `prepare_data.py all` makes it, from a small plain-text corpus."""
+    src, tgt = [], []
+    for i in range(240):
+        k = 1 + i % 9  # sources of 3 to 11 words: several length buckets
+        src.append(" ".join(["open"] + [f"file{(i + j) % 7}" for j in range(k)] + [str(i)]))
+        tgt.append(" ".join(["öffne"] + [f"Datei{(i + j) % 7}" for j in range(k)] + [str(i)]))
+    (root / "c.en").write_text("\n".join(src) + "\n", encoding="utf-8")
+    (root / "c.de").write_text("\n".join(tgt) + "\n", encoding="utf-8")
+    work = root / "work"
+    run("prepare_data.py", "all", "--src", root / "c.en", "--tgt", root / "c.de", "--work", work,
+        "--valid-size", 10, "--test-size", 20, "--vocab-size", 40, "--workers", 1, timeout=300)
+    return work
+
+
+def test_compare_end_to_end(tmp_path):
+    work = tiny_work(tmp_path)
+    out = tmp_path / "cmp"
+    args = ["--work", work, "--out", out, "--minutes", 0.1, "--parallel", 2, "--warmup", 10,
+            "--archs", "rnn_vanilla_tiny", "rnn_bahdanau_tiny", "--ours-args", "--init-range 0.1"]
+    proc = run("compare.py", *args, timeout=600)
+    text = (out / "results.md").read_text(encoding="utf-8")
+    assert text in proc.stdout
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(
+        r"^\| (rnn_\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \|$", text, re.M)}
+    assert set(rows) == {"rnn_vanilla_tiny", "rnn_bahdanau_tiny"}
+    for bleu, chrf, wps, updates in rows.values():
+        assert 0 <= float(bleu) <= 100 and 0 <= float(chrf) <= 100
+        assert float(wps) > 0 and int(updates) > 0
+    buckets = re.search(r"^\| sentences \| (.*) \|$", text, re.M).group(1).split(" | ")
+    assert sum(int(n) for n in buckets) == 20  # every test sentence in one bucket
+    assert (out / "length_bleu.png").stat().st_size > 1000
+    for arch in ("rnn_vanilla_tiny", "rnn_bahdanau_tiny"):
+        hyps = (out / arch / "hyp.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        assert len(hyps) == 20
+        assert f"--arch {arch}" in text  # the commands that made the numbers
+
+    again = run("compare.py", *args, timeout=300)  # trained and translated: nothing is redone
+    assert again.stdout.count("reusing the translations") == 2 and "training for" not in again.stdout
+    assert (out / "results.md").read_text(encoding="utf-8") == text
