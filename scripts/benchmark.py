@@ -4,7 +4,7 @@
     python scripts/benchmark.py --data work/demo/data-bin --out BENCHMARKS.md
 
 (defaults: 20 timed updates, beam search over the first 48 test sentences in batches of 16;
-about 10 minutes for the 9 configurations on one core.)
+about 5 minutes for the 9 configurations on one core.)
 
 One run measures, on the same binarised data and with matched sizes, every configuration
 
