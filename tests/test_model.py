@@ -328,3 +328,23 @@ def test_init_range_zero_keeps_pytorch_defaults():
     assert w_hh.abs().max() <= hidden ** -0.5
     emb = model.encoder.embed_tokens.weight  # fairseq's Embedding: N(0, dim^-1/2)
     assert emb.abs().max() > 2 * emb.size(1) ** -0.5
+
+
+@pytest.mark.parametrize("cpu_bf16", [True, False], ids=["cpu_bf16", "fp32"])
+def test_beam_search_of_a_cpu_bf16_model_runs_in_one_autocast_region(cpu_bf16):
+    """With --cpu-bf16 the whole search is one autocast region (weights cast to bf16 once per
+    batch): autocast is already on when fairseq calls the encoder and every decoder step. An fp32
+    model's search runs without autocast."""
+    d = make_dict()
+    model = build_model("rnn_luong_tiny", seed=3, cpu_bf16=cpu_bf16).eval()
+    seen = []
+    for module in (model.encoder, model.decoder):  # fairseq calls .forward itself: no hooks run
+        def forward(*args, _forward=module.forward, **kwargs):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return _forward(*args, **kwargs)
+        module.forward = forward
+    generator = SequenceGenerator([model], d, beam_size=3, max_len_a=0, max_len_b=5)
+    hypos = generator.generate([model], _sample(d))
+    assert len(hypos) == 3 and len(seen) > 2  # the encoder, then one call per step
+    assert seen == [cpu_bf16] * len(seen)
+    assert not torch.is_autocast_enabled("cpu")  # and the region is closed afterwards
