@@ -75,6 +75,54 @@ class StateInit(nn.Module):
         return final.contiguous() if self.mode == "final" else torch.tanh(final)
 
 
+# The element-wise half of an LSTM/GRU step, from the two gate pre-activations. On CUDA it is one
+# fused kernel (the one nn.LSTMCell/torch.lstm_cell use there); these kernels exist for CUDA only
+# and check their arguments strictly: 2-D gates of one size and dtype, 1-D biases or none.
+# Elsewhere the same formulas run as tensor operations. Tests replace the two names below with
+# CPU references that enforce the CUDA kernels' checks, so CI (no GPU) runs the CUDA branch.
+FUSED_LSTM_CELL = torch.ops.aten._thnn_fused_lstm_cell
+FUSED_GRU_CELL = torch.ops.aten._thnn_fused_gru_cell
+
+
+def use_fused_cells(like: Tensor) -> bool:
+    """Whether the fused CUDA cell kernels run the step of a tensor on this device."""
+    return like.is_cuda
+
+
+def lstm_from_gates(igates: Tensor, hgates: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
+    """LSTM cell from its gate pre-activations (PyTorch's gate order i, f, g, o):
+
+      i, f, g, o = split(igates + hgates);  c' = s(f) * c + s(i) * tanh(g);  h' = s(o) * tanh(c')
+
+    igates = W_i x + b (B x 4H), hgates = W_h h (+ b_h) (B x 4H), c: B x H -> (h', c'), B x H each.
+    """
+    c = c.to(igates.dtype)
+    if use_fused_cells(igates):
+        h, c, _workspace = FUSED_LSTM_CELL(igates, hgates, c)
+        return h, c
+    i, f, g, o = (igates + hgates).chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def gru_from_gates(igates: Tensor, hgates: Tensor, h: Tensor) -> Tensor:
+    """GRU cell from its gate pre-activations (Cho et al. 2014; PyTorch's order r, z, n):
+
+      r = s(i_r + h_r);  z = s(i_z + h_z);  n = tanh(i_n + r * h_n);  h' = (1 - z) * n + z * h
+
+    igates = W_i x + b_i (B x 3H), hgates = W_h h + b_h (B x 3H: b_h stays inside r * (...)).
+    """
+    h = h.to(igates.dtype)
+    if use_fused_cells(igates):
+        return FUSED_GRU_CELL(igates, hgates, h)[0]
+    i_r, i_z, i_n = igates.chunk(3, dim=1)
+    h_r, h_z, h_n = hgates.chunk(3, dim=1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
+
+
 class StackedCell:
     """Steps a multi-layer ``nn.LSTM``/``nn.GRU`` one time step at a time with its own weights.
 
@@ -112,20 +160,25 @@ class StackedCell:
 
         x: B x X, the part of the first layer's input after the embedding (X may be 0) when
         ``pre`` (B x G, from ``embedding_part``) is given, else the whole input [E y; x].
-        hs/cs: per-layer B x H.
+        hs/cs: per-layer B x H. Per layer: two matrix products (input, recurrent) and the
+        element-wise cell (one fused kernel on CUDA); the biases are 1-D or folded into ``pre``.
         """
         new_h, new_c = [], []
         for k in range(self.layers):
-            w_ih, b_ih, b_hh = self.w_ih[k], self.b_ih[k], self.b_hh[k]
             if k > 0:
-                x = self.dropout(new_h[-1])
-            elif pre is not None:  # the input-side biases are in pre (GRU keeps b_hh apart)
-                w_ih, b_ih, b_hh = self.w_x, pre, (None if self.lstm else self.b_hh[0])
+                igates = F.linear(self.dropout(new_h[-1]), self.w_ih[k], self.b_ih[k])
+            elif pre is not None:  # W_e E y + biases came with pre: add W_x x
+                igates = torch.addmm(pre, x, self.w_x.t())
+            else:
+                igates = F.linear(x, self.w_ih[0], self.b_ih[0])
+            # the recurrent bias: folded into pre for an LSTM; a GRU keeps it inside r * (...)
+            b_hh = None if (k == 0 and pre is not None and self.lstm) else self.b_hh[k]
+            hgates = F.linear(hs[k], self.w_hh[k], b_hh)
             if self.lstm:
-                h, c = torch.lstm_cell(x, (hs[k], cs[k]), w_ih, self.w_hh[k], b_ih, b_hh)
+                h, c = lstm_from_gates(igates, hgates, cs[k])
                 new_c.append(c)
             else:
-                h = torch.gru_cell(x, hs[k], w_ih, self.w_hh[k], b_ih, b_hh)
+                h = gru_from_gates(igates, hgates, hs[k])
             new_h.append(h)
         return new_h, (new_c if self.lstm else None)
 
