@@ -1,15 +1,28 @@
-"""bf16 mixed precision on CPU.
+"""Reduced precision: fairseq's ``--bf16`` on GPUs (and CPUs), and ``--cpu-bf16`` autocast.
 
-fairseq's ``--bf16`` assumes a TPU when combined with ``--cpu`` and crashes. With the model
-option ``--cpu-bf16`` the encoder and decoder run under ``torch.autocast("cpu", bfloat16)``:
-matrix products (and the RNN cells built on them) run in bf16, while parameters, gradients,
-optimizer state, the softmax of attention and the loss stay fp32. On GPU, use fairseq's own
-``--fp16`` / ``--bf16`` / ``--amp``; this option then does nothing.
+``--bf16`` (every architecture, fairseq's own ``lstm`` and ``transformer`` too): fairseq turns
+``--bf16`` into ``--tpu`` (``options.parse_args_and_arch``: "use bfloat16; implies --tpu"), so on a
+GPU or CPU machine the trainer asks torch_xla for a TPU and dies with ``'NoneType' object has no
+attribute 'xla_device'``. ``bf16_without_tpu`` clears the implied ``--tpu`` where torch_xla is not
+installed (no TPU can be meant there), before fairseq's entry points read it. ``--bf16`` then does
+on CUDA what ``--fp16`` does, in bfloat16 and without loss scaling: the trainer converts the model
+to bf16 and keeps fp32 master weights (fairseq's FP16Optimizer). fairseq-generate and
+fairseq-interactive convert the model for ``--fp16`` only; ``bf16_inference`` converts it for
+``--bf16`` as well (log-probabilities and beam scores stay fp32 in fairseq's search).
+
+``--cpu-bf16`` (model option, CPU only): the encoder and decoder run under
+``torch.autocast("cpu", bfloat16)``: matrix products run in bf16, while parameters, gradients,
+optimizer state, the softmax of attention and the loss stay fp32. On a GPU it does nothing; use
+``--bf16``, ``--fp16`` or ``--amp`` there.
 """
 
 import contextlib
+import importlib.util
+import logging
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def cpu_autocast(enabled: bool, like: torch.Tensor):
@@ -48,5 +61,63 @@ def generate_in_one_autocast_region() -> None:
     SequenceGenerator._generate = _generate
 
 
+def tpu_available() -> bool:
+    return importlib.util.find_spec("torch_xla") is not None
+
+
+def clear_implied_tpu(cfg) -> bool:
+    """--bf16 without torch_xla: drop the --tpu that fairseq's option parsing added, from
+    ``common`` and every section that copied it (distributed_training, optimizer, ...). Returns
+    whether it did."""
+    common = getattr(cfg, "common", None)
+    if common is None or not (common.bf16 and common.tpu) or tpu_available():
+        return False
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        for name in list(cfg.keys()):
+            section = cfg.get(name)
+            if hasattr(section, "keys") and "tpu" in section and section.get("tpu") is True:
+                section.tpu = False
+    device = "CPU" if common.cpu or not torch.cuda.is_available() else "CUDA"
+    logger.info(f"--bf16 on {device}: bfloat16 model with fp32 master weights "
+                f"(fairseq's --bf16 implies --tpu; torch_xla is not installed, so no TPU is used)")
+    return True
+
+
+def bf16_without_tpu() -> None:
+    from fairseq.distributed import utils as distributed_utils
+
+    original = distributed_utils.call_main
+    if getattr(original, "_s2s_bf16", False):
+        return
+
+    def call_main(cfg, main, **kwargs):
+        clear_implied_tpu(cfg)
+        return original(cfg, main, **kwargs)
+
+    call_main._s2s_bf16 = True
+    distributed_utils.call_main = call_main
+
+
+def bf16_inference() -> None:
+    from fairseq.models import BaseFairseqModel
+
+    original = BaseFairseqModel.prepare_for_inference_
+    if getattr(original, "_s2s_bf16", False):
+        return
+
+    def prepare_for_inference_(self, cfg):
+        common = getattr(cfg, "common", None)
+        if getattr(common, "bf16", False) and not getattr(common, "fp16", False):
+            self.to(torch.bfloat16)
+        return original(self, cfg)
+
+    prepare_for_inference_._s2s_bf16 = True
+    BaseFairseqModel.prepare_for_inference_ = prepare_for_inference_
+
+
 def install() -> None:
     generate_in_one_autocast_region()
+    bf16_without_tpu()
+    bf16_inference()
