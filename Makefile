@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo gpu-check clean
 
 setup:
 	@VENV=$(VENV) bash scripts/setup_env.sh
@@ -18,6 +18,12 @@ test-fast: setup
 
 demo: setup
 	@VENV=$(VENV) bash scripts/demo.sh
+
+# on a machine with a CUDA GPU: CUDA tests, every architecture through fairseq in every precision,
+# the GPU benchmark (scripts/gpu_check.sh; the demo's data-bin is built first)
+gpu-check: setup
+	$(PY) scripts/prepare_data.py all --lang de --work work/demo --vocab-size 6000 --max-len 64
+	bash scripts/gpu_check.sh work/demo/data-bin work/gpu-check
 
 clean:
 	rm -rf work .pytest_cache

@@ -1,0 +1,103 @@
+"""On a CUDA device: every architecture trains and decodes, in fp32, fp16, bf16 and autocast, and
+gives the CPU's results for the same weights. Skipped without CUDA (CI has none; run it with
+scripts/gpu_check.sh on a GPU machine). The CPU-side guard for the same class of bug is
+test_cuda_contracts.py, which runs in CI."""
+
+import copy
+
+import pytest
+import torch
+from fairseq.sequence_generator import SequenceGenerator
+
+from conftest import build_model, make_dict
+from test_cuda_contracts import PRECISION_ARCHS, forward_backward
+from test_decoder import VARIANTS, full_forward, incremental_forward, make_batch, vid
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def to_cuda(*tensors):
+    return [t.cuda() for t in tensors]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """No TF32: fp32 products on CUDA then differ from the CPU's by rounding only."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[vid(v) for v in VARIANTS])
+def test_cuda_training_step_equals_cpu(variant):
+    arch, opts = variant
+    d = make_dict()
+    cpu = build_model(arch, dtype=torch.float64, **opts).train()
+    gpu = copy.deepcopy(cpu).cuda()
+    src, lengths, prev = make_batch(d, seed=2)
+    c_logits, c_attn, c_grads = forward_backward(cpu, src, lengths, prev)
+    g_logits, g_attn, g_grads = forward_backward(gpu, *to_cuda(src, lengths, prev))
+    torch.testing.assert_close(g_logits.cpu(), c_logits)
+    if c_attn is not None:
+        torch.testing.assert_close(g_attn.cpu(), c_attn)
+    for name, grad in c_grads.items():
+        torch.testing.assert_close(g_grads[name].cpu(), grad, msg=name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[vid(v) for v in VARIANTS])
+def test_cuda_incremental_decoding_and_beam_search_equal_cpu(variant):
+    arch, opts = variant
+    d = make_dict()
+    cpu = build_model(arch, dtype=torch.float64, **opts).eval()
+    gpu = copy.deepcopy(cpu).cuda()
+    src, lengths, prev = make_batch(d, seed=3)
+    logits, attn = full_forward(cpu, src, lengths, prev)
+    g_src, g_lengths, g_prev = to_cuda(src, lengths, prev)
+    with torch.no_grad():
+        enc = gpu.encoder(g_src, g_lengths)
+    inc_logits, inc_attn = incremental_forward(gpu, enc, g_prev, {})
+    torch.testing.assert_close(inc_logits.cpu(), logits, atol=1e-6, rtol=1e-6)
+    if attn is not None:
+        torch.testing.assert_close(inc_attn.cpu(), attn, atol=1e-6, rtol=1e-6)
+    hyps = []
+    for model, s, n in ((cpu, src, lengths), (gpu, g_src, g_lengths)):
+        gen = SequenceGenerator([model], d, beam_size=4, max_len_b=7)
+        hyps.append(gen.generate([model], {"net_input": {"src_tokens": s, "src_lengths": n}}))
+    for a, b in zip(*hyps):
+        for ha, hb in zip(a, b):
+            assert torch.equal(ha["tokens"], hb["tokens"].cpu())
+            torch.testing.assert_close(hb["score"].cpu(), ha["score"])
+
+
+def in_precision(model, precision):
+    """As fairseq-train runs it: --fp16 / --bf16 convert the model, --amp autocasts fp32."""
+    if precision == "fp16":
+        return model.half(), torch.autocast("cuda", enabled=False)
+    if precision == "bf16":
+        return model.to(torch.bfloat16), torch.autocast("cuda", enabled=False)
+    if precision == "amp-bf16":
+        return model, torch.autocast("cuda", dtype=torch.bfloat16)
+    return model, torch.autocast("cuda", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "amp", "amp-bf16"])
+@pytest.mark.parametrize("variant", PRECISION_ARCHS, ids=[vid(v) for v in PRECISION_ARCHS])
+def test_cuda_low_precision_training_and_beam_search(variant, precision):
+    arch, opts = variant
+    d = make_dict()
+    reference = build_model(arch, **opts).train()
+    src, lengths, prev = make_batch(d, seed=4)
+    ref_logits = forward_backward(reference, src, lengths, prev)[0]
+    model, region = in_precision(build_model(arch, **opts).cuda().train(), precision)
+    g_src, g_lengths, g_prev = to_cuda(src, lengths, prev)
+    with region:
+        logits, _attn, grads = forward_backward(model, g_src, g_lengths, g_prev)
+    assert all(torch.isfinite(g.float()).all() for g in grads.values())
+    torch.testing.assert_close(torch.log_softmax(logits.float().cpu(), -1),
+                               torch.log_softmax(ref_logits, -1), atol=0.1, rtol=0.05)
+    model.eval()
+    gen = SequenceGenerator([model], d, beam_size=3, max_len_b=6)
+    with torch.no_grad(), region:
+        hypos = gen.generate([model], {"net_input": {"src_tokens": g_src, "src_lengths": g_lengths}})
+    assert len(hypos) == src.size(0) and all(len(h) == 3 for h in hypos)
