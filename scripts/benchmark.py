@@ -80,7 +80,7 @@ plus this repository) measures every configuration at every precision, one after
 precision by precision, lstm first, so that a cut-short run still has whole precisions. Defaults:
 sizes 512, --max-tokens 8000, 5 warm-up + 30 timed updates, beam 5 at generation batch sizes 128
 (first 256 --gen-split sentences) and 1 (first --gen-sentences-bs1 = 32 sentences), --precisions
-fp16 bf16 (also fp32, amp), --time-budget 135 s (configurations not started by then are listed as
+fp16 bf16 (also fp32, amp), --time-budget 120 s (configurations not started by then are listed as
 skipped, so the report is always written; designed to finish in well under 150 s on an H100/H200).
 --configs (= --archs) may add rnn_bahdanau_paper and rnn_luong_paper; with --paper-sizes they keep
 their architectures' own sizes.
@@ -1461,6 +1461,9 @@ def device_report(state, args):
                f"{'on' if info.get('tf32_matmul') else 'off'}, for cuDNN "
                f"{'on' if info.get('tf32_cudnn') else 'off'} (torch defaults); host {cpu_name}, "
                f"{os.cpu_count()} logical cores, Linux {platform.release()}.", ""]
+    elif cuda:
+        md += [f"Machine: the worker stopped before it named the GPU; host {cpu_name}, "
+               f"{os.cpu_count()} logical cores, Linux {platform.release()}.", ""]
     else:
         md += [f"Machine: {cpu_name}, {os.cpu_count()} logical cores, Linux {platform.release()}; "
                f"{versions}; {info.get('threads', args.threads)} intra-op thread(s). "
@@ -1659,7 +1662,7 @@ def main(argv=None):
     p.add_argument("--gen-batch-size", nargs="+", type=int, default=None,
                    help="sentences per generation batch (default 16; GPU mode several: 128 1)")
     p.add_argument("--beams", nargs="+", type=int, default=None, help="beam sizes (default 5 1; GPU mode 5)")
-    p.add_argument("--breakdown-batches", type=int, default=2,
+    p.add_argument("--breakdown-batches", type=int, default=1,
                    help="GPU mode: batches of the first generation batch size in the pass that splits "
                    "generation time into model and search (0 = all)")
     p.add_argument("--peak-size", type=int, default=None,
@@ -1672,7 +1675,7 @@ def main(argv=None):
     p.add_argument("--time-budget", type=float, default=None,
                    help="GPU mode: seconds after the worker's start past which the remaining "
                    "configurations are skipped (marked in the table), so that a report is always "
-                   "written (default: 135 on cuda, none with --gpu-style; 0 = none)")
+                   "written (default: 120 on cuda, none with --gpu-style; 0 = none)")
     p.add_argument("--json", default=None, help="also write every result as JSON here "
                    "(GPU mode: rewritten after every configuration, so a killed run keeps its results)")
     p.add_argument("--out", default=None, help="Markdown file: a dated section is appended")
@@ -1702,7 +1705,7 @@ def main(argv=None):
                         sizes=[512], max_tokens=8000, warmup=5, updates=30, gen_sentences=256,
                         gen_batch_size=[128, 1], beams=[5],
                         peak_size=8192 if args.device == "cuda" else 2048,
-                        time_budget=135 if args.device == "cuda" else 0)
+                        time_budget=120 if args.device == "cuda" else 0)
     else:
         defaults.update(precisions=list(PRECISIONS), sizes=[256], max_tokens=2000, warmup=3,
                         updates=20, gen_sentences=48, gen_batch_size=[16], beams=[5, 1], peak_size=2048)
