@@ -1682,7 +1682,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace --out instead of appending")
     p.add_argument("--log-dir", default=None, help="keep the workers' logs here")
     p.add_argument("--timeout", type=int, default=None,
-                   help="seconds per configuration (default 1800; GPU mode: for the one worker, 1800)")
+                   help="seconds per configuration (default 1800); GPU mode: for the one worker, which "
+                   "is then killed and what it measured reported (default --time-budget + 25 s, "
+                   "1800 without a budget)")
     p.add_argument("--separate-phases", action="store_true",
                    help="run training and generation in separate subprocesses and take peak memory "
                    "from ru_maxrss (automatic where /proc/self/clear_refs cannot reset the peak)")
@@ -1709,6 +1711,9 @@ def main(argv=None):
     else:
         defaults.update(precisions=list(PRECISIONS), sizes=[256], max_tokens=2000, warmup=3,
                         updates=20, gen_sentences=48, gen_batch_size=[16], beams=[5, 1], peak_size=2048)
+    if device_mode and args.timeout is None:  # a hung worker must not eat a GPU run's budget
+        budget = args.time_budget if args.time_budget is not None else defaults["time_budget"]
+        args.timeout = int(budget + 25) if budget else 1800
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
