@@ -1382,7 +1382,10 @@ def device_main(args, argv_line, log_dir, data_desc, vocab):
             print("        " + device_summary(r, args), flush=True)
         elif kind == "search":
             state["max_tokens_search"][msg["name"]] = msg["result"]
-            print(f"        {msg['name']}: {msg['result']}", flush=True)
+            res = msg["result"]
+            print(f"        {msg['name']} {res.get('precision')}: " + (res["error"] if res.get("error") else
+                  f"largest fit {res.get('largest_fit')}, first failure {res.get('smallest_fail')}"
+                  + (f" ({res['limit']})" if res.get("limit") else "")), flush=True)
         elif kind == "done":
             state["worker_seconds"] = msg["seconds"]
         save_json()
