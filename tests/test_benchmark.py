@@ -99,3 +99,135 @@ def test_analytic_rnn_flops_match_the_decomposed_count(layers, bidirectional):
     fused_total, decomposed_total = totals
     # the decomposed cells skip a few products with the zero initial state; within 3%
     assert abs(fused_total - decomposed_total) <= 0.03 * decomposed_total
+
+
+def device_table(markdown: str):
+    """The main table of the --device cuda / --gpu-style report: (head, rows as dicts, raw rows)."""
+    return table_rows(markdown)
+
+
+def table_after(markdown: str, title: str):
+    lines = markdown.splitlines()
+    start = next(i for i, ln in enumerate(lines) if title in ln)
+    table = []
+    for ln in lines[start + 1:]:
+        if ln.startswith("|"):
+            table.append([c.strip() for c in ln.strip().strip("|").split("|")])
+        elif table:
+            break
+    return table[0], table[2:]
+
+
+@pytest.mark.slow
+def test_gpu_style_path_on_the_cpu(tmp_path):
+    """--device cpu --gpu-style: the --device cuda code path (one worker process, every config and
+    precision, model.to(bf16) with an fp32 master copy, several generation batch sizes, the
+    model/search split, the max-tokens search, JSON) on a tiny synthetic data-bin."""
+    import json
+
+    out, js = tmp_path / "BENCH.md", tmp_path / "bench.json"
+    proc = run("benchmark.py", "--device", "cpu", "--gpu-style", "--synthetic", "--synthetic-train", 300,
+               "--sizes", 16, "--precisions", "fp32", "bf16", "--updates", 2, "--warmup", 1,
+               "--flop-batches", 1, "--max-tokens", 300, "--gen-sentences", 8, "--gen-batch-size", 4, 1,
+               "--gen-sentences-bs1", 2, "--breakdown-batches", 1, "--peak-size", 128,
+               "--max-tokens-search", "--max-tokens-search-cap", 600,
+               "--out", out, "--json", js, timeout=300)
+    text = out.read_text(encoding="utf-8")
+    assert text in proc.stdout
+    assert "(--device cpu, --gpu-style)" in text and "Matmul peak" in text
+    assert "ONE worker process" in text
+
+    configs = ["lstm (fairseq)", "rnn_vanilla", "rnn_bahdanau", "rnn_luong", "rnn_luong_nofeed"]
+    precisions = ["fp32", "bf16 (model.to(bfloat16))"]
+    head, rows, raw = device_table(text)
+    assert all(len(r) == len(head) for r in raw)
+    assert [(r["config"], r["precision"]) for r in rows] == [(c, p) for p in precisions for c in configs]
+    for col in ("train tok/s", "beam-5 bs-4 sent/s", "beam-5 bs-4 tok/s", "beam-5 bs-1 sent/s",
+                "beam-5 bs-1 tok/s", "GFLOP/update", "GFLOP/s", "% of peak"):
+        assert col in head
+    ratio_cols = [i for i, h in enumerate(head) if h == "× lstm"]
+    assert len(ratio_cols) == 5  # training, beam 5 at batch 4 and 1, train and generation memory
+    numeric = [i for i, h in enumerate(head) if h not in ("config", "precision", "notes")]
+    for r in raw:
+        assert r[-1] == "", r  # no failed phase
+        for i in numeric:
+            if "peak MB" in head[i] and r[i] == "–":  # RSS peak not resettable here
+                continue
+            assert float(r[i].replace(",", "")) >= 0, (head[i], r)
+        if r[0] == "lstm (fairseq)":  # every ratio is against lstm at the same precision
+            assert all(r[i] in ("1.00", "–") for i in ratio_cols), r
+            assert r[ratio_cols[0]] == "1.00"
+
+    # the model/search split of generation at the first batch size: one row per config and precision
+    bhead, brows = table_after(text, "generation time at batch 4 by part")
+    assert len(brows) == 10
+    for r in brows:
+        model, search = float(r[2].rstrip("%")), float(r[4].rstrip("%"))
+        assert 0 <= model <= 100 and 0 <= search <= 100 and 98 <= model + search <= 102, r
+
+    # the max-tokens search: a row per config, at the first precision
+    shead, srows = table_after(text, "Largest --max-tokens")
+    assert sorted(r[0] for r in srows) == sorted(c.split()[0] for c in configs)
+    assert all(r[1].replace(",", "").isdigit() for r in srows)
+
+    data = json.loads(js.read_text())
+    assert data["worker_error"] is None and set(data["peaks"]) == {"fp32", "bf16"}
+    assert len(data["rows"]) == 10
+    for r in data["rows"]:
+        assert r["train_tok_s"] > 0 and r["beam5_bs4"]["sent_s"] > 0 and r["beam5_bs1"]["sentences"] == 2
+        assert r["train_updates"] == 2
+    assert set(data["max_tokens_search"]) == {"lstm", "rnn_vanilla", "rnn_bahdanau", "rnn_luong",
+                                              "rnn_luong_nofeed"}
+
+
+def test_gpu_only_options_are_refused_on_the_cpu_benchmark():
+    proc = run("benchmark.py", "--synthetic", "--precisions", "fp16", check=False, timeout=60)
+    assert proc.returncode == 2 and "only with --device cuda" in proc.stderr
+    proc = run("benchmark.py", "--synthetic", "--gen-batch-size", 8, 1, check=False, timeout=60)
+    assert proc.returncode == 2 and "one value" in proc.stderr
+
+
+def test_fp32_master_adam_is_adam_on_an_fp32_copy():
+    """The fp16/bf16 optimizer step of the GPU mode: Adam on a flat fp32 master copy, copied back."""
+    bench = load_benchmark()
+    torch.manual_seed(0)
+    low = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(torch.bfloat16)
+    ref = [p.detach().float().clone().requires_grad_(True) for p in low.parameters()]
+    opt = bench.FP32MasterAdam(low.parameters(), lr=0.01)
+    ref_opt = torch.optim.Adam(ref, lr=0.01)
+    for step in range(3):
+        for p, r in zip(low.parameters(), ref):
+            g = torch.randn_like(r)
+            p.grad, r.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
+        opt.step()
+        opt.zero_grad()
+        ref_opt.step()
+        assert all(p.grad is None for p in low.parameters())
+        flat = torch.cat([r.detach().reshape(-1) for r in ref])
+        assert torch.allclose(opt.master.detach(), flat, atol=1e-6)
+        for p, r in zip(low.parameters(), ref):
+            assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), r.detach().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_analytic_cudnn_rnn_flops(layers, bidirectional):
+    """The formula for cuDNN's fused RNN (aten._cudnn_rnn, which FlopCounterMode does not count):
+    2 * tokens * 4H * (I + H) per layer and direction, twice that for backward; from the shapes of
+    the weight list, as FlopCounterMode hands them over."""
+    bench = load_benchmark()
+    aten = torch.ops.aten
+    if not hasattr(aten, "_cudnn_rnn"):
+        pytest.skip("this torch build has no aten._cudnn_rnn")
+    tally = {}
+    formulas = bench.rnn_flop_formulas(tally)
+    rnn = nn.LSTM(24, 16, num_layers=layers, bidirectional=bidirectional)
+    shapes = [tuple(w.shape) for w in rnn._flat_weights]
+    T, B = 7, 5
+    expected = 0
+    for layer in range(layers):
+        in_dim = 24 if layer == 0 else 16 * (2 if bidirectional else 1)
+        expected += (2 if bidirectional else 1) * 2 * T * B * 64 * (in_dim + 16)
+    assert formulas[aten._cudnn_rnn]((T, B, 24), shapes, 4, None, (layers, B, 16)) == expected
+    assert formulas[aten._cudnn_rnn]((T * B, 24), shapes, 4, None, (layers, B, 16)) == expected  # packed
+    assert formulas[aten._cudnn_rnn_backward]((T, B, 24), shapes, 4) == 2 * expected
+    assert tally == {"cudnn_rnn": 2 * expected, "cudnn_rnn_backward": 2 * expected}
