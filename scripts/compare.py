@@ -9,6 +9,14 @@ training speed, and BLEU by source length (the analogue of Bahdanau et al.'s Fig
 Every model gets the same optimizer, schedule, batch size, seed and time budget; our models use
 their architecture's defaults with the overrides in --ours-args (fairseq's own lstm cannot take
 them). Writes OUT/results.md (tables + the commands), OUT/length_bleu.png, OUT/<arch>/...
+
+On a GPU: --device cuda, --precision fp32|fp16|bf16|amp (fairseq's --fp16 / --bf16 / --amp, for
+training and generation; --cpu-bf16 is dropped from --ours-args there), and an entry of --archs
+may carry its own precision, ARCH@PRECISION (rnn_bahdanau@fp32 rnn_bahdanau@bf16 compares
+precisions). --minutes 0 trains without a time limit, until --max-epoch or until validation loss
+has not improved for --patience epochs. The table gives each model's best validation loss and
+the wall-clock time at which its best checkpoint was reached. Models run --parallel at a time
+(on one GPU they share it: their tokens/s are not those of a model alone).
 """
 import argparse
 import json
@@ -20,7 +28,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
 USER_DIR = os.path.join(ROOT, "fairseq_s2s_attn")
 BUCKETS = [(1, 3), (4, 6), (7, 10), (11, 15), (16, 25), (26, 1000)]
 
@@ -36,18 +43,54 @@ def sh(cmd, log_path):
                          f"log {log_path}:\n{tail}")
 
 
-def train_cmd(args, arch, save_dir):
-    cmd = [os.path.join(BIN, "fairseq-train"), os.path.join(args.work, "data-bin"),
+PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"], "amp": ["--amp"]}
+
+
+def split_entry(entry, args):
+    """ARCH or ARCH@PRECISION -> (arch, precision)."""
+    arch, _, precision = entry.partition("@")
+    precision = precision or args.precision
+    if precision not in PRECISION_FLAGS:
+        raise SystemExit(f"error: {entry}: precision {precision!r}; choose one of {', '.join(PRECISION_FLAGS)}")
+    if args.device == "cpu" and precision in ("fp16", "amp"):
+        raise SystemExit(f"error: {entry}: {precision} needs --device cuda (on CPU: fp32, bf16 or --cpu-bf16)")
+    return arch, precision
+
+
+def device_flags(args, precision, training):
+    flags = ["--cpu"] if args.device == "cpu" else []
+    if precision == "amp" and not training:
+        return flags  # --amp is a training option; generation runs the fp32 model
+    return flags + PRECISION_FLAGS[precision]
+
+
+def ours_args(args):
+    extra = args.ours_args.split()
+    if args.device != "cpu":  # CPU autocast: does nothing on a GPU
+        extra = [x for i, x in enumerate(extra) if x != "--cpu-bf16"
+                 and not (i > 0 and extra[i - 1] == "--cpu-bf16" and x in ("true", "false"))]
+    return extra
+
+
+def fairseq_tool(name):
+    """fairseq's command as `python -m` (also where no fairseq-* scripts are installed)."""
+    return [sys.executable, "-m", f"fairseq_cli.{name}"]
+
+
+def train_cmd(args, entry, save_dir):
+    arch, precision = split_entry(entry, args)
+    budget = (["--stop-time-hours", str(round(args.minutes / 60, 4))] if args.minutes > 0 else [])
+    cmd = fairseq_tool("train") + [os.path.join(args.work, "data-bin"),
            "--user-dir", USER_DIR, "--arch", arch,
            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup),
            "--clip-norm", "1.0", "--max-tokens", str(args.max_tokens),
            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-           "--stop-time-hours", str(round(args.minutes / 60, 4)), "--max-epoch", "200",
+           *budget, "--max-epoch", str(args.max_epoch), "--patience", str(args.patience),
            "--save-dir", save_dir, "--no-epoch-checkpoints", "--log-format", "simple",
-           "--log-interval", "50", "--cpu", "--seed", str(args.seed)]
+           "--log-interval", "50", "--seed", str(args.seed), *device_flags(args, precision, True)]
     if arch.startswith("rnn_"):
-        cmd += args.ours_args.split()
+        cmd += ours_args(args)
     return cmd
 
 
@@ -57,11 +100,25 @@ def words_per_second(train_log):
     return sum(values) / len(values) if values else float("nan")
 
 
-def generate(args, arch, save_dir, out_dir):
+def best_point(train_log):
+    """(best validation loss, wall-clock seconds of training when its epoch ended) from the
+    log: fairseq validates after each epoch; 'wall' is on the epoch's train line."""
+    text = open(train_log).read()
+    valid = {int(e): float(v) for e, v in re.findall(r"\| valid \| epoch (\d+) \| .*?\| loss ([\d.]+)", text)}
+    wall = {int(e): float(w) for e, w in re.findall(r"\| train \| epoch (\d+) \| .*?\| wall (\d+)", text)}
+    if not valid:
+        return float("nan"), float("nan")
+    epoch = min(valid, key=lambda e: (valid[e], e))
+    return valid[epoch], wall.get(epoch, float("nan"))
+
+
+def generate(args, entry, save_dir, out_dir):
+    _arch, precision = split_entry(entry, args)
     gen_out = os.path.join(out_dir, "generate.out")
-    sh([os.path.join(BIN, "fairseq-generate"), os.path.join(args.work, "data-bin"),
+    sh(fairseq_tool("generate") + [os.path.join(args.work, "data-bin"),
         "--user-dir", USER_DIR, "--path", os.path.join(save_dir, "checkpoint_best.pt"),
-        "--beam", "5", "--batch-size", "64", "--post-process", "sentencepiece", "--cpu",
+        "--beam", "5", "--batch-size", str(args.gen_batch_size), "--post-process", "sentencepiece",
+        *device_flags(args, precision, False),
         "--results-path", out_dir], os.path.join(out_dir, "generate.log"))
     produced = os.path.join(out_dir, "generate-test.txt")
     hyps = {}
@@ -80,7 +137,8 @@ def run_one(args, arch):
     train_log = os.path.join(out_dir, "train.log")
     cmd = train_cmd(args, arch, save_dir)
     if not os.path.exists(os.path.join(save_dir, ".done")):
-        print(f"[{arch}] training for {args.minutes} min", flush=True)
+        budget = f"{args.minutes} min" if args.minutes > 0 else f"at most {args.max_epoch} epochs"
+        print(f"[{arch}] training for {budget}", flush=True)
         t0 = time.time()
         sh(cmd, train_log)
         open(os.path.join(save_dir, ".done"), "w").write(f"{time.time() - t0:.0f}\n")
@@ -94,8 +152,10 @@ def run_one(args, arch):
         hyps = generate(args, arch, save_dir, out_dir)
         with open(hyp_path, "w", encoding="utf-8") as f:
             f.write("\n".join(hyps) + "\n")
+    best_loss, best_wall = best_point(train_log)
     return {"arch": arch, "wps": words_per_second(train_log), "updates": updates(train_log),
-            "hyps": hyps, "command": " ".join(cmd)}
+            "hyps": hyps, "best_loss": best_loss, "best_wall": best_wall,
+            "command": " ".join(["fairseq-" + cmd[2].split(".")[1]] + cmd[3:])}
 
 
 def updates(train_log):
@@ -117,7 +177,15 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--archs", nargs="+",
                    default=["rnn_vanilla", "rnn_bahdanau", "rnn_luong", "lstm_wiseman_iwslt_de_en"])
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget per model")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="training wall-clock budget per model (0: none; --max-epoch, --patience)")
+    p.add_argument("--max-epoch", type=int, default=200)
+    p.add_argument("--patience", type=int, default=-1,
+                   help="stop when validation loss has not improved for this many epochs (-1: off)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=list(PRECISION_FLAGS), default="fp32",
+                   help="fairseq's precision options for every model without its own @PRECISION")
+    p.add_argument("--gen-batch-size", type=int, default=64)
     p.add_argument("--parallel", type=int, default=2, help="models trained at once (one core each)")
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--warmup", type=int, default=200)
@@ -129,6 +197,8 @@ def main(argv=None):
                    help="extra fairseq-train options for our rnn_* models (default: the sizes of "
                    "make demo, bf16, and lstm_wiseman_iwslt_de_en's dropout)")
     args = p.parse_args(argv)
+    for entry in args.archs:  # every entry checked before any training starts
+        split_entry(entry, args)
     import sacrebleu
 
     meta = json.load(open(os.path.join(args.work, "data", "meta.json")))
@@ -146,7 +216,7 @@ def main(argv=None):
             raise SystemExit(f"error: {r['arch']}: {len(r['hyps'])} translations for {len(ref)} references")
         bleu = sacrebleu.corpus_bleu(r["hyps"], [ref]).score
         chrf = sacrebleu.corpus_chrf(r["hyps"], [ref]).score
-        rows.append((r["arch"], bleu, chrf, r["wps"], r["updates"]))
+        rows.append((r["arch"], bleu, chrf, r["wps"], r["updates"], r["best_loss"], r["best_wall"]))
         curve = []
         for lo, hi in BUCKETS:
             idx = [i for i, s in enumerate(src) if bucket_of(len(s.split())) == (lo, hi)]
@@ -156,9 +226,13 @@ def main(argv=None):
         curves[r["arch"]] = curve
 
     labels = [f"{lo}-{hi}" if hi < 1000 else f"{lo}+" for lo, hi in BUCKETS]
-    lines = [f"# Comparison on {args.work} ({src_lang}->{tgt_lang}), {args.minutes} min per model", "",
-             "| model | BLEU | chrF | train tokens/s | updates |", "|---|---|---|---|---|"]
-    lines += [f"| {a} | {b:.2f} | {c:.2f} | {w:.0f} | {n} |" for a, b, c, w, n in rows]
+    budget = f"{args.minutes} min per model" if args.minutes > 0 else \
+        f"at most {args.max_epoch} epochs, patience {args.patience}"
+    lines = [f"# Comparison on {args.work} ({src_lang}->{tgt_lang}), {budget}, {args.device}", "",
+             "| model | BLEU | chrF | train tokens/s | updates | best valid loss | time to best (s) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {a} | {b:.2f} | {c:.2f} | {w:.0f} | {n} | {bl:.3f} | {bw:.0f} |"
+              for a, b, c, w, n, bl, bw in rows]
     lines += ["", "BLEU by source length (words):", "",
               "| model | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for arch, curve in curves.items():
@@ -182,7 +256,7 @@ def main(argv=None):
         ax.plot(xs, [b for _, _, b in curve], marker="o", label=arch)
     ax.set_xlabel("source sentence length (words)")
     ax.set_ylabel("BLEU")
-    ax.set_title(f"BLEU by source length, {src_lang}->{tgt_lang}, {args.minutes} min each")
+    ax.set_title(f"BLEU by source length, {src_lang}->{tgt_lang}, {budget}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -135,8 +135,9 @@ def reset_fairseq_globals():
         train.should_stop_early.num_runs = 0
 
 
-def check_alignments(text):
-    """Every H- line has an A- line with one pair per hypothesis token, positions in range."""
+def check_alignments(text, empty=False):
+    """Every H- line has an A- line with one pair per hypothesis token, positions in range
+    (empty: every A- line is empty, as for rnn_vanilla, which has no attention)."""
     src, hyp, ali = {}, {}, {}
     for line in text.splitlines():
         head, _, rest = line.partition("\t")
@@ -152,7 +153,9 @@ def check_alignments(text):
     for sid, h in hyp.items():
         n_src, n_hyp = len(src[sid].split()) + 1, len(h.split())
         pairs = [tuple(map(int, p.split("-"))) for p in ali.get(sid, "").split()]
-        if len(pairs) != n_hyp or not all(0 <= s < n_src and 0 <= t < n_hyp for s, t in pairs):
+        if empty:
+            bad += sid not in ali or bool(pairs)
+        elif len(pairs) != n_hyp or not all(0 <= s < n_src and 0 <= t < n_hyp for s, t in pairs):
             bad += 1
     return len(hyp), bad
 
@@ -247,7 +250,7 @@ def run_one(name, precision, args, capture):
     if args.alignment and arch != "lstm":
         text = run_cli(generate, gen_args + ["--print-alignment"])
         capture.take()
-        res["aligned"], res["alignment_errors"] = check_alignments(text)
+        res["aligned"], res["alignment_errors"] = check_alignments(text, empty=arch == "rnn_vanilla")
     if args.interactive:
         text = run_cli(interactive, [args.data, "--user-dir", USER_DIR, "--path", ckpt, "--beam", "5",
                                      *device, *[f for f in flags if f != "--amp"]],

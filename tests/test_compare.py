@@ -30,11 +30,13 @@ def test_compare_end_to_end(tmp_path):
     text = (out / "results.md").read_text(encoding="utf-8")
     assert text in proc.stdout
     rows = {m.group(1): m.groups()[1:] for m in re.finditer(
-        r"^\| (rnn_\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \|$", text, re.M)}
+        r"^\| (rnn_\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| ([\d.]+) \| (\d+) \|$",
+        text, re.M)}
     assert set(rows) == {"rnn_vanilla_tiny", "rnn_bahdanau_tiny"}
-    for bleu, chrf, wps, updates in rows.values():
+    for bleu, chrf, wps, updates, best_loss, best_wall in rows.values():
         assert 0 <= float(bleu) <= 100 and 0 <= float(chrf) <= 100
         assert float(wps) > 0 and int(updates) > 0
+        assert 0 < float(best_loss) < 20 and int(best_wall) <= 0.1 * 60 + 5
     buckets = re.search(r"^\| sentences \| (.*) \|$", text, re.M).group(1).split(" | ")
     assert sum(int(n) for n in buckets) == 20  # every test sentence in one bucket
     assert (out / "length_bleu.png").stat().st_size > 1000
@@ -46,3 +48,25 @@ def test_compare_end_to_end(tmp_path):
     again = run("compare.py", *args, timeout=300)  # trained and translated: nothing is redone
     assert again.stdout.count("reusing the translations") == 2 and "training for" not in again.stdout
     assert (out / "results.md").read_text(encoding="utf-8") == text
+
+
+def test_compare_precisions_and_epoch_budget(tmp_path):
+    """ARCH@PRECISION entries, --minutes 0 with --max-epoch: the same architecture in fp32 and bf16
+    (fairseq's --bf16, here on the CPU), each with its own flags in its command."""
+    work = tiny_work(tmp_path)
+    out = tmp_path / "prec"
+    proc = run("compare.py", "--work", work, "--out", out, "--minutes", 0, "--max-epoch", 2,
+               "--parallel", 2, "--warmup", 10, "--ours-args", "--init-range 0.1",
+               "--archs", "rnn_luong_tiny@fp32", "rnn_luong_tiny@bf16", timeout=600)
+    text = (out / "results.md").read_text(encoding="utf-8")
+    assert "at most 2 epochs" in text
+    commands = [line for line in text.splitlines() if line.startswith("fairseq-train")]
+    assert len(commands) == 2
+    assert sum("--bf16" in c for c in commands) == 1 and all("--max-epoch 2" in c for c in commands)
+    assert "--stop-time-hours" not in proc.stdout
+    for entry in ("rnn_luong_tiny@fp32", "rnn_luong_tiny@bf16"):
+        assert re.search(rf"^\| {re.escape(entry)} \| [\d.]+ \| [\d.]+ \|", text, re.M)
+        assert "epoch 002" in (out / entry / "train.log").read_text()
+    bad = run("compare.py", "--work", work, "--out", out, "--archs", "rnn_luong_tiny@fp16",
+              check=False)
+    assert bad.returncode != 0 and "fp16 needs --device cuda" in bad.stderr

@@ -24,7 +24,9 @@ def runs_steps(model) -> bool:
 def forward_backward(model, src, lengths, prev):
     model.zero_grad(set_to_none=True)
     logits, extra = model(src, lengths, prev)
-    logits.float().logsumexp(-1).sum().backward()
+    # fp64 stays fp64 (a cast to fp32 here would make CPU and CUDA gradients differ by fp32
+    # rounding); fp16/bf16 logits are summed in fp32
+    logits.to(torch.promote_types(logits.dtype, torch.float32)).logsumexp(-1).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), extra["attn"][0], grads
 
