@@ -117,7 +117,23 @@ def bf16_inference() -> None:
     BaseFairseqModel.prepare_for_inference_ = prepare_for_inference_
 
 
+BF16_HELP = ("use bfloat16: the model in bf16 with fp32 master weights, as --fp16 without loss "
+             "scaling, on CUDA or CPU (fairseq_s2s_attn; fairseq alone: implies --tpu); on a TPU "
+             "machine (torch_xla installed) it implies --tpu as before")
+
+
+def document_bf16_option() -> None:
+    """fairseq's help says '--bf16: use bfloat16; implies --tpu', which is no longer what it does."""
+    import types
+
+    from fairseq.dataclass.configs import CommonConfig
+
+    field = CommonConfig.__dataclass_fields__["bf16"]
+    field.metadata = types.MappingProxyType({**field.metadata, "help": BF16_HELP})
+
+
 def install() -> None:
     generate_in_one_autocast_region()
     bf16_without_tpu()
     bf16_inference()
+    document_bf16_option()

@@ -43,6 +43,13 @@ def test_bf16_inference_converts_the_model_and_fp16_wins():
     assert {p.dtype for p in half.parameters()} == {torch.float16}
 
 
+def test_help_describes_what_bf16_now_does():
+    out = run("fairseq-train", "--user-dir", REPO / "fairseq_s2s_attn", "--help").stdout
+    flat = " ".join(out.split())
+    assert "--bf16 use bfloat16: the model in bf16 with fp32 master weights" in flat
+    assert "use bfloat16; implies --tpu" not in flat
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "rnn_luong_tiny", "lstm"])
 def test_bf16_train_generate_interactive(arch, small_data_bin, tmp_path):
