@@ -213,9 +213,11 @@ class RNNDecoder(FairseqIncrementalDecoder):
         readout_state: str = "current",
         encoder_direction_dim: Optional[int] = None,
         max_source_positions: int = 1024,
+        compile_step: bool = False,
     ):
         super().__init__(dictionary)
         self.cpu_bf16 = cpu_bf16
+        self.compile_step = compile_step
         if attention_placement not in PLACEMENTS:
             raise ValueError(f"attention placement {attention_placement!r}; choose one of {PLACEMENTS}")
         if init not in DECODER_INITS:
@@ -367,25 +369,14 @@ class RNNDecoder(FairseqIncrementalDecoder):
             feed = emb.new_zeros(emb.size(1), 0)
         cov, step = state.get("cov"), state["step"]  # B x S, B
         outs, contexts, attns = [], [], []
+        # compiled in training only: a single incremental step gains nothing from it on CPU
+        step_fn = self._compiled_step() if self.compile_step and self.training else self._step
         for t in range(emb.size(0)):
-            if self.placement == "before":
-                # Bahdanau eq. (5)-(6): score with the previous state s_{i-1}; c_i enters the RNN
-                s_prev = hs[-1]
-                context, attn = self.attention(s_prev, keys, values, padding_mask, step + t, cov)
-                hs, cs = cell.step(self._cell_input(context, steps[t], pre[t]), hs, cs, pre[t])
+            hs, cs, feed, cov, out, context, attn = step_fn(
+                cell, steps[t], pre[t], hs, cs, feed, cov, step + t, keys, values, padding_mask)
+            outs.append(out)
+            if context is not None:
                 contexts.append(context)
-                outs.append(s_prev if self.readout_previous else hs[-1])
-            else:
-                # Luong sec. 3.3: input feeding concatenates h~_{t-1} with the input
-                hs, cs = cell.step(self._cell_input(feed, steps[t], pre[t]), hs, cs, pre[t])
-                h = self.dropout_out(hs[-1])
-                context, attn = self.attention(h, keys, values, padding_mask, step + t, cov)
-                h_tilde = self.dropout_out(torch.tanh(self.readout(torch.cat([h, context], dim=-1))))
-                if self.input_feeding:
-                    feed = h_tilde
-                outs.append(h_tilde)
-            if cov is not None:  # Tu et al. (2016): cov_i = cov_{i-1} + a_{i-1}
-                cov = cov + attn
             attns.append(attn)
         if self.placement == "before":  # t_i = R(W_o [s; c_i; E y_{i-1}]) for all i at once
             h = self.dropout_out(torch.stack(outs, dim=1))  # B x T x H
@@ -401,6 +392,39 @@ class RNNDecoder(FairseqIncrementalDecoder):
             "cov": cov,
         }
         return x, torch.stack(attns, dim=1), new_state
+
+    def _step(self, cell: "StackedCell", emb: Tensor, pre: Optional[Tensor], hs: List[Tensor],
+              cs: Optional[List[Tensor]], feed: Tensor, cov: Optional[Tensor], step: Tensor,
+              keys: Tensor, values: Tensor, padding_mask: Tensor):
+        """One target step of ``run_steps``. emb: B x E; pre: B x G or None; hs/cs: per-layer
+        B x H; feed: B x O (h~_{t-1}) or B x 0; cov: B x S or None; step: B (target position).
+        Returns (hs, cs, feed, cov, output B x H or B x O, context B x C or None, attention B x S)."""
+        context = None
+        if self.placement == "before":
+            # Bahdanau eq. (5)-(6): score with the previous state s_{i-1}; c_i enters the RNN
+            s_prev = hs[-1]
+            context, attn = self.attention(s_prev, keys, values, padding_mask, step, cov)
+            hs, cs = cell.step(self._cell_input(context, emb, pre), hs, cs, pre)
+            out = s_prev if self.readout_previous else hs[-1]
+        else:
+            # Luong sec. 3.3: input feeding concatenates h~_{t-1} with the input
+            hs, cs = cell.step(self._cell_input(feed, emb, pre), hs, cs, pre)
+            h = self.dropout_out(hs[-1])
+            attention_out, attn = self.attention(h, keys, values, padding_mask, step, cov)
+            out = self.dropout_out(torch.tanh(self.readout(torch.cat([h, attention_out], dim=-1))))
+            if self.input_feeding:
+                feed = out
+        if cov is not None:  # Tu et al. (2016): cov_i = cov_{i-1} + a_{i-1}
+            cov = cov + attn
+        return hs, cs, feed, cov, out, context, attn
+
+    def _compiled_step(self):
+        """``_step`` compiled by torch.compile (inductor, dynamic shapes), made once per decoder."""
+        compiled = self.__dict__.get("_step_compiled")
+        if compiled is None:
+            compiled = torch.compile(self._step, dynamic=True)
+            self.__dict__["_step_compiled"] = compiled
+        return compiled
 
     @staticmethod
     def _cell_input(x: Tensor, emb: Tensor, pre: Optional[Tensor]) -> Tensor:

@@ -98,6 +98,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
             readout_state=str(cfg.readout_state),
             encoder_direction_dim=cfg.encoder_hidden_size,
             max_source_positions=cfg.max_source_positions,
+            compile_step=cfg.compile_step,
         )
         model = cls(encoder, decoder)
         if cfg.init_range > 0:

@@ -160,7 +160,12 @@ PAPER_CONFIGS = {
     "rnn_bahdanau_paper": ("rnn_bahdanau_paper", []),
     "rnn_luong_paper": ("rnn_luong_paper", []),
 }
-ALL_CONFIGS = dict(CONFIGS, **PAPER_CONFIGS)
+# on request only (--archs): the step-loop decoders with --compile-step (torch.compile of the step)
+COMPILED_CONFIGS = {
+    "rnn_bahdanau_compiled": ("rnn_bahdanau", ["--compile-step", "true"]),
+    "rnn_luong_compiled": ("rnn_luong", ["--input-feeding", "true", "--compile-step", "true"]),
+}
+ALL_CONFIGS = dict(CONFIGS, **PAPER_CONFIGS, **COMPILED_CONFIGS)
 BASELINE = "lstm"
 PRECISIONS = ("fp32", "bf16")
 DEVICE_PRECISIONS = ("fp32", "fp16", "bf16", "amp")
@@ -192,7 +197,7 @@ def model_options(name: str, precision: str, size: int, layers: int, dropout: fl
 def precision_label(name: str, precision: str) -> str:
     if precision == "fp32":
         return "fp32"
-    return "bf16 (torch.autocast)" if CONFIGS[name][0] == "lstm" else "bf16 (--cpu-bf16)"
+    return "bf16 (torch.autocast)" if ALL_CONFIGS[name][0] == "lstm" else "bf16 (--cpu-bf16)"
 
 
 # =================================================================== worker (one subprocess)
@@ -540,7 +545,7 @@ def worker(spec):
         pass
     cfg, task = build(spec)
     torch.set_num_threads(threads)  # the plugin's run-time defaults must not change it
-    bf16_outside = spec["precision"] == "bf16" and CONFIGS[spec["name"]][0] == "lstm"
+    bf16_outside = spec["precision"] == "bf16" and ALL_CONFIGS[spec["name"]][0] == "lstm"
 
     def autocast():
         if bf16_outside:
@@ -1725,7 +1730,7 @@ def main(argv=None):
         if bad:
             p.error(f"--precisions {' '.join(bad)}: only with --device cuda (or --gpu-style); "
                     f"the CPU benchmark measures {' '.join(PRECISIONS)}")
-        bad = [x for x in args.archs if x not in CONFIGS]
+        bad = [x for x in args.archs if x in PAPER_CONFIGS]
         if bad:
             p.error(f"--archs {' '.join(bad)}: only with --device cuda (or --gpu-style)")
         if len(args.gen_batch_size) != 1:

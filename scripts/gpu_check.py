@@ -57,6 +57,8 @@ ARCHS = {
     "rnn_luong_local_m": ("rnn_luong", ["--attention-mode", "local-m"]),
     "rnn_bahdanau_coverage": ("rnn_bahdanau", ["--coverage", "true"]),
     "rnn_bahdanau_maxout_gru": ("rnn_bahdanau", ["--readout", "maxout", "--rnn-type", "gru"]),
+    "rnn_bahdanau_compiled": ("rnn_bahdanau", ["--compile-step", "true"]),
+    "rnn_luong_compiled": ("rnn_luong", ["--input-feeding", "true", "--compile-step", "true"]),
 }
 PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"], "amp": ["--amp"]}
 INTERACTIVE_LINES = ["▁Open ▁the ▁file", "▁Save ▁changes ?", "▁The ▁file ▁could ▁not ▁be ▁opened ."]

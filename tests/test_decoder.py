@@ -490,3 +490,46 @@ def test_invalid_decoder_options_raise():
         RNNDecoder(d, emb, 8, 1, 8, init="random")
     with pytest.raises(ValueError, match="decoder_out_embed_dim"):
         RNNDecoder(d, emb, 8, 1, 8, out_embed_dim=6, share_input_output_embed=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,opts", [
+    ("rnn_bahdanau_tiny", {}),
+    ("rnn_luong_tiny", dict(rnn_type="gru", decoder_layers=2, attention="concat", coverage=True)),
+], ids=["bahdanau", "luong-gru-2layers-coverage"])
+def test_compiled_step_equals_eager_step(arch, opts):
+    """--compile-step: the step loop's per-step work through torch.compile gives the eager
+    results, training (outputs and every gradient) and incremental decoding, for batches of
+    several shapes (dynamic shapes: no recompilation per shape)."""
+    import torch._dynamo
+
+    d = make_dict()
+    eager = build_model(arch, dtype=torch.float64, **opts).train()
+    compiled = build_model(arch, compile_step=True, dtype=torch.float64, **opts).train()
+    compiled.load_state_dict(eager.state_dict())
+    assert compiled.decoder.compile_step and not eager.decoder.compile_step
+    torch._dynamo.utils.counters.clear()
+    for seed, src_lengths, tgt_len in [(2, SRC_LENGTHS, TGT_LEN), (3, [6, 3, 2, 5], 6)]:
+        src, lengths, prev = make_batch(d, seed=seed, src_lengths=src_lengths, tgt_len=tgt_len)
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            logits, extra = model(src, lengths, prev)
+            logits.logsumexp(-1).sum().backward()
+            results.append((logits.detach(), extra["attn"][0].detach(),
+                            {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (le, ae, ge), (lc, ac, gc) = results
+        torch.testing.assert_close(lc, le)
+        torch.testing.assert_close(ac, ae)
+        for name in ge:
+            torch.testing.assert_close(gc[name], ge[name], msg=name)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    compiled.eval()
+    eager.eval()
+    src, lengths, prev = make_batch(d, seed=4)
+    logits, attn = full_forward(eager, src, lengths, prev)
+    with torch.no_grad():
+        enc = compiled.encoder(src, lengths)
+    inc_logits, inc_attn = incremental_forward(compiled, enc, prev, {})
+    torch.testing.assert_close(inc_logits, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inc_attn, attn, atol=1e-5, rtol=1e-5)
