@@ -499,8 +499,8 @@ def test_invalid_decoder_options_raise():
 ], ids=["bahdanau", "luong-gru-2layers-coverage"])
 def test_compiled_step_equals_eager_step(arch, opts):
     """--compile-step: the step loop's per-step work through torch.compile gives the eager
-    results, training (outputs and every gradient) and incremental decoding, for batches of
-    several shapes (dynamic shapes: no recompilation per shape)."""
+    results in training (outputs and every gradient), for batches of
+    several shapes (dynamic shapes); a compile-step model decodes incrementally as the eager one."""
     import torch._dynamo
 
     d = make_dict()
