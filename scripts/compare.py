@@ -8,7 +8,8 @@ training speed, and BLEU by source length (the analogue of Bahdanau et al.'s Fig
 --work is a folder made by `scripts/prepare_data.py all` (data-bin/, spm/spm.model, data/).
 Every model gets the same optimizer, schedule, batch size, seed and time budget; our models use
 their architecture's defaults with the overrides in --ours-args (fairseq's own lstm cannot take
-them). Writes OUT/results.md (tables + the commands), OUT/length_bleu.png, OUT/<arch>/...
+them). Writes OUT/results.md (tables + the commands), OUT/length_bleu.png, training curves
+(OUT/curves_updates.png, OUT/curves_time.png: every model's loss overlaid), OUT/<arch>/...
 
 On a GPU: --device cuda, --precision fp32|fp16|bf16|amp (fairseq's --fp16 / --bf16 / --amp, for
 training and generation; --cpu-bf16 is dropped from --ours-args there), and an entry of --archs
@@ -261,8 +262,29 @@ def main(argv=None):
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "length_bleu.png"), dpi=110)
+    plt.close(fig)
+    curve_pngs = training_curves(args, [r["arch"] for r in results], budget)
     print("\n".join(lines))
-    print(f"wrote {args.out}/results.md and {args.out}/length_bleu.png")
+    print(f"wrote {args.out}/results.md, {args.out}/length_bleu.png and {', '.join(curve_pngs)}")
+
+
+def training_curves(args, entries, budget):
+    """Training and validation loss against updates and wall-clock time from the training logs:
+    every model overlaid (OUT/curves_updates.png, OUT/curves_time.png) and one figure per model
+    (OUT/<arch>/curves.png)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import plot_curves
+
+    try:
+        runs = plot_curves.load_runs([os.path.join(args.out, e, "train.log") for e in entries], entries)
+    except SystemExit as e:  # a log without loss lines: the results stand, the curves are left out
+        print(f"no training curves: {e}", file=sys.stderr)
+        return []
+    written = plot_curves.plot_overlay(runs, os.path.join(args.out, "curves"), title=budget)
+    for run in runs:
+        written += plot_curves.plot_figure([run], os.path.join(args.out, run[0], "curves.png"),
+                                           title=f"{run[0]}, {budget}")
+    return written
 
 
 if __name__ == "__main__":

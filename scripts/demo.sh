@@ -2,7 +2,7 @@
 # The main job, end to end on this machine's own data (run by `make demo`):
 #   gettext catalogs -> English-German corpus -> sentencepiece -> fairseq-preprocess
 #   -> fairseq-train rnn_bahdanau (bounded CPU time) -> fairseq-generate --beam 5
-#   -> detokenise -> sacrebleu BLEU and chrF -> attention heatmaps -> summary.
+#   -> detokenise -> sacrebleu BLEU and chrF -> attention heatmaps, training curves -> summary.
 # A second run reuses what is already built (data, finished training, translations).
 #
 # Settings (environment variables):
@@ -73,10 +73,17 @@ if [ "$(wc -l < "$OUT/hyp.txt")" != "$(wc -l < "$REF")" ]; then
 fi
 sacrebleu "$REF" -i "$OUT/hyp.txt" -m bleu chrf -f text | tee "$OUT/scores.txt"
 
-step "5/5 attention heatmaps for a few test sentences"
+step "5/5 attention heatmaps for a few test sentences, training curves"
 "$PY" scripts/plot_attention.py --model-dir "$CKPT" --data "$WORK/data-bin" \
     --spm-model "$WORK/spm/spm.model" --input "$WORK/data/test.en" --num 4 --out "$OUT/plots" \
     | tee "$OUT/plots.txt"
+# training and validation loss against updates and wall-clock time, from the training log
+if [ -s "$OUT/train.log" ]; then
+    "$PY" scripts/plot_curves.py "$OUT/train.log" --labels "$ARCH" --title "$ARCH, English->$LANG_T" \
+        --out "$OUT/plots/curves.png" | tee -a "$OUT/plots.txt"
+else
+    echo "no training log $OUT/train.log: no training curves"
+fi
 
 step "summary"
 cat <<EOF
@@ -89,4 +96,5 @@ cat <<EOF
   scores:                      $OUT/scores.txt
 $(sed 's/^/      /' "$OUT/scores.txt")
   attention heatmaps:          $OUT/plots/attention_*.png
+  training curves:             $OUT/plots/curves.png
 EOF

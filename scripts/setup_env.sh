@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install everything both README
 # commands need: torch (CPU wheel), fairseq (the fairseq-fixed fork, built without build
-# isolation so it reuses our torch), sentencepiece, sacrebleu, matplotlib, pytest and this package.
+# isolation so it reuses our torch), sentencepiece, sacrebleu, matplotlib, tensorboardX
+# (fairseq-train --tensorboard-logdir), pytest and this package.
 #
 # Idempotent: a second run checks a stamp file and returns in about a second.
 #   VENV=/path/to/venv bash scripts/setup_env.sh      # default: .venv in the repository root
@@ -14,7 +15,7 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 FAIRSEQ_SPEC="fairseq-fixed==0.12.3.1"
 # fairseq's real runtime needs (its metadata also asks for torchaudio, which would pull another torch).
 FAIRSEQ_RUNTIME="hydra-core==1.3.2 omegaconf==2.3.0 bitarray regex sacrebleu>=2.0 tqdm cffi scikit-learn packaging"
-EXTRAS="sentencepiece matplotlib pytest pytest-timeout"
+EXTRAS="sentencepiece matplotlib tensorboardX pytest pytest-timeout"
 STAMP_KEY="v3 torch=$TORCH_VERSION $FAIRSEQ_SPEC | $FAIRSEQ_RUNTIME | $EXTRAS | $(sha1sum "$ROOT/setup.py" | cut -c1-12)"
 STAMP="$VENV/.fairseq_s2s_attn_stamp"
 

@@ -1,5 +1,6 @@
 """scripts/compare.py end to end on a tiny corpus: every model trained under one budget, the
-results table (BLEU, chrF, tokens/s, updates), BLEU by source length, the plot, and reuse."""
+results table (BLEU, chrF, tokens/s, updates), BLEU by source length, the plots (BLEU by length,
+training curves), and reuse."""
 
 import re
 
@@ -40,9 +41,13 @@ def test_compare_end_to_end(tmp_path):
     buckets = re.search(r"^\| sentences \| (.*) \|$", text, re.M).group(1).split(" | ")
     assert sum(int(n) for n in buckets) == 20  # every test sentence in one bucket
     assert (out / "length_bleu.png").stat().st_size > 1000
+    # training curves: every model's loss overlaid, against updates and against time
+    for name in ("curves_updates.png", "curves_time.png"):
+        assert (out / name).stat().st_size > 10000, name
     for arch in ("rnn_vanilla_tiny", "rnn_bahdanau_tiny"):
         hyps = (out / arch / "hyp.txt").read_text(encoding="utf-8").split("\n")[:-1]
         assert len(hyps) == 20
+        assert (out / arch / "curves.png").stat().st_size > 10000
         assert f"--arch {arch}" in text  # the commands that made the numbers
 
     again = run("compare.py", *args, timeout=300)  # trained and translated: nothing is redone
