@@ -1408,13 +1408,7 @@ def device_main(args, argv_line, log_dir, data_desc, vocab):
     save_json()
     text = "\n".join(device_report(state, args)) + "\n"
     print("\n" + text)
-    if args.out:
-        mode = "w" if args.overwrite or not os.path.exists(args.out) else "a"
-        with open(args.out, mode, encoding="utf-8") as f:
-            if mode == "a":
-                f.write("\n")
-            f.write(text)
-        print(f"{'wrote' if mode == 'w' else 'appended to'} {args.out}")
+    write_report(text, args)
     if args.json:
         print(f"wrote {args.json}")
     print(f"total {time.perf_counter() - T_START:.1f} s")
@@ -1624,6 +1618,18 @@ def device_report(state, args):
             md.append(f"- {r['name']} (size {r['size']}): `{' '.join(r['options'])}`")
     md.append("")
     return md
+
+
+def write_report(text, args):
+    """The Markdown report to --out: a new file, or a new section appended (--overwrite replaces)."""
+    if not args.out:
+        return
+    mode = "w" if args.overwrite or not os.path.exists(args.out) else "a"
+    with open(args.out, mode, encoding="utf-8") as f:
+        if mode == "a":
+            f.write("\n")
+        f.write(text)
+    print(f"{'wrote' if mode == 'w' else 'appended to'} {args.out}")
 
 
 def main(argv=None):
@@ -1859,13 +1865,7 @@ def main(argv=None):
                                               fingerprints={k: sorted(v) for k, v in fps.items()})
                                          for size, rows, fps in sections]), f, indent=1)
             print(f"wrote {args.json}")
-        if args.out:
-            mode = "w" if args.overwrite or not os.path.exists(args.out) else "a"
-            with open(args.out, mode, encoding="utf-8") as f:
-                if mode == "a":
-                    f.write("\n")
-                f.write(text)
-            print(f"{'wrote' if mode == 'w' else 'appended to'} {args.out}")
+        write_report(text, args)
     finally:
         if failed:
             print(f"worker logs kept in {log_dir}", file=sys.stderr)

@@ -10,7 +10,7 @@ import torch
 from fairseq.sequence_generator import SequenceGenerator
 
 from conftest import build_model, make_dict
-from test_cuda_contracts import PRECISION_ARCHS, forward_backward
+from test_cuda_contracts import PRECISION_ARCHS, check_low_precision, forward_backward
 from test_decoder import VARIANTS, full_forward, incremental_forward, make_batch, vid
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -93,11 +93,4 @@ def test_cuda_low_precision_training_and_beam_search(variant, precision):
     g_src, g_lengths, g_prev = to_cuda(src, lengths, prev)
     with region:
         logits, _attn, grads = forward_backward(model, g_src, g_lengths, g_prev)
-    assert all(torch.isfinite(g.float()).all() for g in grads.values())
-    torch.testing.assert_close(torch.log_softmax(logits.float().cpu(), -1),
-                               torch.log_softmax(ref_logits, -1), atol=0.1, rtol=0.05)
-    model.eval()
-    gen = SequenceGenerator([model], d, beam_size=3, max_len_b=6)
-    with torch.no_grad(), region:
-        hypos = gen.generate([model], {"net_input": {"src_tokens": g_src, "src_lengths": g_lengths}})
-    assert len(hypos) == src.size(0) and all(len(h) == 3 for h in hypos)
+    check_low_precision(model, region, d, g_src, g_lengths, logits, grads, ref_logits)

@@ -12,7 +12,7 @@ import torch
 from fairseq.sequence_generator import SequenceGenerator
 
 import cuda_contracts
-from conftest import FakeTask, build_model, make_dict
+from conftest import build_model, make_dict
 from test_decoder import VARIANTS, full_forward, incremental_forward, make_batch, vid
 
 
@@ -127,9 +127,14 @@ def test_low_precision_training_and_beam_search_keep_cuda_contracts(monkeypatch,
         logits, _attn, grads = forward_backward(model, src, lengths, prev)
     if runs_steps(model):
         assert calls["lstm"] + calls["gru"] > 0
+    check_low_precision(model, region, d, src, lengths, logits, grads, ref_logits)
+
+
+def check_low_precision(model, region, d, src, lengths, logits, grads, ref_logits):
+    """A low-precision training step's results against the fp32 reference, then beam search."""
     assert all(torch.isfinite(g.float()).all() for g in grads.values())
     # the same function in fewer bits: log-probabilities agree to a few hundredths
-    torch.testing.assert_close(torch.log_softmax(logits.float(), -1),
+    torch.testing.assert_close(torch.log_softmax(logits.float().cpu(), -1),
                                torch.log_softmax(ref_logits, -1), atol=0.1, rtol=0.05)
     model.eval()
     gen = SequenceGenerator([model], d, beam_size=3, max_len_b=6)
