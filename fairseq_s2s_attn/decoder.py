@@ -470,7 +470,18 @@ class RNNDecoder(FairseqIncrementalDecoder):
         return x.view(*x.shape[:-1], -1, 2).amax(dim=-1)
 
     def _rnn(self, x: Tensor, state: State) -> Tuple[Tensor, State]:
-        """Runs the (multi-layer) RNN over x (T x B x I) from state; returns outputs T x B x H."""
+        """Runs the (multi-layer) RNN over x (T x B x I) from state; returns outputs T x B x H.
+
+        One step outside training (incremental decoding) goes through the cell directly: a
+        one-step nn.LSTM/GRU call pays the set-up of the fused sequence kernel (oneDNN, cuDNN)
+        at every step of beam search."""
+        if x.size(0) == 1 and not self.training:
+            cell = StackedCell(self.rnn, x.size(-1), self.dropout_out)
+            hs, cs = cell.step(x[0], list(state["h"].unbind(0)),
+                               list(state["c"].unbind(0)) if state["c"] is not None else None)
+            h = torch.stack(hs, dim=0)
+            c = torch.stack(cs, dim=0) if cs is not None else None
+            return hs[-1].unsqueeze(0), {"h": h, "c": c, "feed": state.get("feed"), "cov": state.get("cov")}
         if self.rnn_type == "lstm":
             out, (h, c) = self.rnn(x, (state["h"], state["c"]))
         else:
