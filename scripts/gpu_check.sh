@@ -8,6 +8,8 @@
 #
 #   bash scripts/gpu_check.sh [DATA-BIN] [OUT]     # defaults: work/demo/data-bin, work/gpu-check
 #
+# Time on an H200: tests ~10 s, gpu_check.py ~15-25 s per architecture and precision (12 x 4 by
+# default: about 15 minutes; CHECK_ARGS="--configs ..." for a subset), benchmark ~90 s.
 # DATA-BIN: the demo corpus's (`python scripts/prepare_data.py all --lang de --work work/demo`).
 # Knobs: CHECK_ARGS (extra options of gpu_check.py, e.g. "--updates 100 --precisions fp16 bf16"),
 # BENCH_ARGS (of benchmark.py), SKIP="tests check bench" (any of them). Python: .venv's if there is
