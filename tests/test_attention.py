@@ -340,3 +340,18 @@ def test_additive_attention_keeps_no_per_step_tanh_for_backward():
             attn(torch.randn(B, Q, dtype=torch.float64), keys, values, make_mask(left=True))
     big = {t.data_ptr() for t in saved if t.numel() >= B * S * A}
     assert big == {keys.data_ptr()}
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 5e-7), (torch.bfloat16, 1e-2), (torch.float64, 0.0)])
+def test_additive_hidden_is_tanh_of_the_sum(dtype, atol):
+    """tanh(q + k) through 2 sigmoid(2x) - 1 on CPU (fp32, bf16): tanh up to rounding, over the
+    whole range (saturation, zero, small values); fp64 is torch.tanh itself."""
+    from fairseq_s2s_attn.attention import additive_hidden
+
+    q = torch.linspace(-12, 12, 97, dtype=torch.float64).view(1, 97, 1)
+    k = torch.tensor([0.0, 1e-6, -3e-4, 0.5], dtype=torch.float64).view(1, 1, 4)
+    got = additive_hidden(q.to(dtype), k.to(dtype))
+    assert got.dtype == dtype and got.shape == (1, 97, 4)
+    want = torch.tanh(q.to(dtype) + k.to(dtype)).double()
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=0)
+    assert got.abs().max() <= 1
