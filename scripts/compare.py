@@ -192,11 +192,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--ours-args", default="--decoder-hidden-size 256 --attention-dim 256 --cpu-bf16 "
-                   "--encoder-dropout-in 0 --encoder-dropout-out 0 --decoder-dropout-in 0 "
-                   "--decoder-dropout-out 0.1",
-                   help="extra fairseq-train options for our rnn_* models (default: the sizes of "
-                   "make demo, bf16, and lstm_wiseman_iwslt_de_en's dropout)")
+    p.add_argument("--ours-args", default="--cpu-bf16",
+                   help="extra fairseq-train options for our rnn_* models (default: bf16 matrix "
+                   "products on CPU, as make demo; sizes and dropout are the architecture's)")
     args = p.parse_args(argv)
     for entry in args.archs:  # every entry checked before any training starts
         split_entry(entry, args)

@@ -11,7 +11,7 @@
 #   DEMO_MINUTES=18      training budget in minutes of wall-clock time
 #   DEMO_WORK=work/demo  where everything is written
 #   DEMO_VOCAB=6000      sentencepiece vocabulary (joint)
-#   DEMO_TRAIN_ARGS=...  fairseq-train model options (default: decoder and attention sizes 256,
+#   DEMO_TRAIN_ARGS=...  fairseq-train model options (default: the architecture's own sizes,
 #                        bf16 matrix products on CPU; see README for the measured speed)
 set -euo pipefail
 
@@ -50,7 +50,7 @@ else
         --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
         --stop-time-hours "$HOURS" --max-epoch 60 --save-dir "$CKPT" --no-epoch-checkpoints \
         --log-format simple --log-interval 50 --cpu --seed 1 \
-        ${DEMO_TRAIN_ARGS:---decoder-hidden-size 256 --attention-dim 256 --cpu-bf16} \
+        ${DEMO_TRAIN_ARGS:---cpu-bf16} \
         2>&1 | tee "$OUT/train.log" | grep --line-buffered -E "\| (train_inner|train|valid) \|"
     touch "$CKPT/.done"
 fi

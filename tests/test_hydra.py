@@ -16,8 +16,8 @@ from fairseq_s2s_attn.config import RNNS2SConfig
 CONFIG_DIR = REPO / "examples" / "hydra"
 ARCHS = ["rnn_vanilla", "rnn_bahdanau", "rnn_luong", "rnn_bahdanau_paper", "rnn_luong_paper"]
 CONFIGS = ARCHS + ["demo"]
-# the demo's model: rnn_bahdanau with the sizes and precision scripts/demo.sh gives fairseq-train
-DEMO_OVERRIDES = dict(decoder_hidden_size=256, attention_dim=256, cpu_bf16=True)
+# the demo's model: rnn_bahdanau with the precision scripts/demo.sh gives fairseq-train
+DEMO_OVERRIDES = dict(cpu_bf16=True)
 MODEL_FIELDS = [f.name for f in fields(RNNS2SConfig) if not f.name.startswith("_")]
 # small sizes for a fast run; every other model setting is the config's own
 SMALL = dict(encoder_embed_dim=8, decoder_embed_dim=8, encoder_hidden_size=8, decoder_hidden_size=16,
