@@ -2,8 +2,12 @@
 """Train several architectures on the same data and wall-clock budget; compare BLEU, chrF,
 training speed, and BLEU by source length (the analogue of Bahdanau et al.'s Figure 2).
 
-    python scripts/compare.py --work work/demo --minutes 10 --out work/compare \
-        --archs rnn_vanilla rnn_bahdanau rnn_luong lstm_wiseman_iwslt_de_en
+    python scripts/compare.py --work work/demo --minutes 15 --out work/compare \
+        --archs rnn_bahdanau lstm_wiseman_iwslt_de_en@bf16 rnn_luong rnn_vanilla
+
+Models run --parallel at a time in the order given: on a 2-core machine each pair shares the
+machine, and a model's speed depends on its neighbour (up to ~30% seen), so pair each of ours with
+the baseline it is compared with.
 
 --work is a folder made by `scripts/prepare_data.py all` (data-bin/, spm/spm.model, data/).
 Every model gets the same optimizer, schedule, batch size, seed and time budget; our models use
@@ -177,7 +181,10 @@ def main(argv=None):
     p.add_argument("--work", required=True, help="folder from prepare_data.py all")
     p.add_argument("--out", required=True)
     p.add_argument("--archs", nargs="+",
-                   default=["rnn_vanilla", "rnn_bahdanau", "rnn_luong", "lstm_wiseman_iwslt_de_en"])
+                   default=["rnn_vanilla", "rnn_bahdanau", "rnn_luong", "lstm_wiseman_iwslt_de_en@bf16"],
+                   help="architectures, each ARCH or ARCH@PRECISION (default: ours, and fairseq's "
+                   "lstm_wiseman_iwslt_de_en at its fastest CPU setting, fairseq's --bf16, which the "
+                   "plugin makes work without a TPU: 1.55x its fp32 on an AMX CPU)")
     p.add_argument("--minutes", type=float, default=10.0,
                    help="training wall-clock budget per model (0: none; --max-epoch, --patience)")
     p.add_argument("--max-epoch", type=int, default=200)
