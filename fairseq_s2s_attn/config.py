@@ -18,9 +18,10 @@ READOUT_STATE_CHOICES = ChoiceEnum(["current", "previous"])
 class RNNS2SConfig(FairseqDataclass):
     """Every model option with its default. The defaults (256 units everywhere, a bidirectional
     256+256 encoder, dropout only on the decoder's output, as fairseq's lstm_wiseman_iwslt_de_en)
-    are the setting measured in examples/comparison.md: at an equal CPU budget it beat fairseq's
-    lstm_wiseman_iwslt_de_en, where the earlier 512-wide decoder with dropout 0.2 lost to it.
-    The *_paper architectures set the papers' own sizes."""
+    are the setting measured in examples/comparison.md: at an equal CPU budget rnn_luong beats
+    fairseq's lstm_wiseman_iwslt_de_en at its fastest (--bf16) on en-fr and en-de; rnn_bahdanau
+    beats it at fp32 but not at --bf16 (slower per update on CPU). The earlier 512-wide decoder
+    with dropout 0.2 lost to it. The *_paper architectures set the papers' own sizes."""
 
     # ---------------------------------------------------------------- encoder
     encoder_embed_dim: int = field(default=256, metadata={"help": "encoder embedding dimension"})
