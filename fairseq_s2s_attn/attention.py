@@ -126,8 +126,10 @@ class AdditiveScore(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         hidden = additive_hidden(q, k)
         grad = grad.to(hidden.dtype).unsqueeze(-1)  # ... x S x 1
-        grad_v = (grad * hidden).reshape(-1, hidden.size(-1)).sum(0).to(v.dtype)
-        d_pre = grad * v.to(hidden.dtype) * (1 - hidden * hidden)  # d e / d (q + k)
+        # d e / d v = sum over positions of grad * tanh(q + k): one product, not a B x S x A temporary
+        grad_v = torch.matmul(grad.reshape(1, -1), hidden.reshape(-1, hidden.size(-1)))[0].to(v.dtype)
+        # d e / d (q + k) = grad v (1 - tanh^2), the last factor in one fused kernel
+        d_pre = torch.ops.aten.tanh_backward(grad * v.to(hidden.dtype), hidden)
         return _sum_to(d_pre, q), _sum_to(d_pre, k), grad_v
 
 
