@@ -249,7 +249,11 @@ def _set_defaults(args, **defaults):
 
 @register_model_architecture("rnn_s2s", "rnn_bahdanau")
 def rnn_bahdanau(args, **sizes):
-    _set_defaults(args, attention_placement="before", attention="additive", **sizes)
+    """Bahdanau et al. (2014): additive attention from the previous state, the context fed into
+    the step. GRU, the paper's gated unit (its Appendix A.1.1): measured on en-de at an equal CPU
+    budget (examples/comparison.md), it also learns faster per update and per second than the
+    LSTM at the same sizes (valid loss 5.59 against 5.99 after 8 minutes)."""
+    _set_defaults(args, attention_placement="before", attention="additive", rnn_type="gru", **sizes)
 
 
 @register_model_architecture("rnn_s2s", "rnn_luong")
