@@ -46,9 +46,10 @@ VARIANTS: Dict[str, List[str]] = {
     "local-m (general)": ["--arch", "rnn_luong", "--attention", "general", "--attention-mode", "local-m"],
     "local-p (dot)": ["--arch", "rnn_luong", "--attention", "dot", "--attention-mode", "local-p"],
     "local-p (general)": ["--arch", "rnn_luong", "--attention", "general", "--attention-mode", "local-p"],
-    "bahdanau (additive)": ["--arch", "rnn_bahdanau"],
-    "bahdanau (normalised)": ["--arch", "rnn_bahdanau", "--attention-normalize"],
-    "bahdanau + coverage": ["--arch", "rnn_bahdanau", "--coverage"],
+    # LSTM like every row above (rnn_bahdanau's default cell is the paper's GRU): one change per row
+    "bahdanau (additive)": ["--arch", "rnn_bahdanau", "--rnn-type", "lstm"],
+    "bahdanau (normalised)": ["--arch", "rnn_bahdanau", "--rnn-type", "lstm", "--attention-normalize"],
+    "bahdanau + coverage": ["--arch", "rnn_bahdanau", "--rnn-type", "lstm", "--coverage"],
     "rnnsearch (GRU, s0 from h<-1, maxout over s_{i-1})": [
         "--arch", "rnn_bahdanau", "--rnn-type", "gru", "--decoder-init", "backward_first",
         "--readout", "maxout", "--readout-state", "previous"],

@@ -22,8 +22,8 @@ bf16 row wraps the whole forward pass in torch.autocast("cpu", bfloat16). Every 
 (per metric, the faster of its fp32 and bf16 rows).
 
 Matched sizes (--sizes, default 256): embedding = encoder hidden = decoder hidden = decoder output
-(readout) = attention size, --layers per side, unidirectional encoder, dropout --dropout everywhere,
-no shared embeddings; the vocabulary is the data-bin's.
+(readout) = attention size, --layers per side, unidirectional encoder, LSTM cells, dropout
+--dropout everywhere, no shared embeddings; the vocabulary is the data-bin's.
 
 What is measured (each configuration in its own subprocess, one after the other, never in parallel):
 
@@ -187,7 +187,9 @@ def model_options(name: str, precision: str, size: int, layers: int, dropout: fl
     if arch == "lstm":  # fairseq's lstm: unidirectional encoder and attention by default
         opts = ["--arch", arch] + sizes + ["--dropout", dropout]
     else:
-        opts = (["--arch", arch] + sizes + ["--attention-dim", size, "--encoder-bidirectional", "false"]
+        # LSTM cells like fairseq's lstm (rnn_bahdanau's own default is the paper's GRU)
+        opts = (["--arch", arch] + sizes + ["--attention-dim", size, "--encoder-bidirectional", "false",
+                                            "--rnn-type", "lstm"]
                 + [x for k in ("encoder-dropout-in", "encoder-dropout-out", "decoder-dropout-in",
                                "decoder-dropout-out") for x in ("--" + k, dropout)]
                 + extra + ["--cpu-bf16", "true" if precision == "bf16" else "false"])

@@ -56,7 +56,7 @@ ARCHS = {
     "rnn_luong_paper": ("rnn_luong_paper", []),
     "rnn_luong_local_m": ("rnn_luong", ["--attention-mode", "local-m"]),
     "rnn_bahdanau_coverage": ("rnn_bahdanau", ["--coverage", "true"]),
-    "rnn_bahdanau_maxout_gru": ("rnn_bahdanau", ["--readout", "maxout", "--rnn-type", "gru"]),
+    "rnn_bahdanau_maxout_lstm": ("rnn_bahdanau", ["--readout", "maxout", "--rnn-type", "lstm"]),
     "rnn_bahdanau_compiled": ("rnn_bahdanau", ["--compile-step", "true"]),
     "rnn_luong_compiled": ("rnn_luong", ["--input-feeding", "true", "--compile-step", "true"]),
 }

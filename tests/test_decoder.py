@@ -17,7 +17,7 @@ VARIANTS = [
     ("rnn_luong_tiny", {}),
     ("rnn_luong_tiny", dict(input_feeding=False)),
     ("rnn_vanilla_tiny", dict(rnn_type="gru")),
-    ("rnn_bahdanau_tiny", dict(rnn_type="gru")),
+    ("rnn_bahdanau_tiny", dict(rnn_type="lstm")),
     ("rnn_luong_tiny", dict(rnn_type="gru")),
     ("rnn_luong_tiny", dict(rnn_type="gru", input_feeding=False)),
     ("rnn_vanilla_tiny", dict(decoder_layers=2)),
@@ -27,7 +27,7 @@ VARIANTS = [
     ("rnn_vanilla_tiny", dict(decoder_init="zeros")),
     ("rnn_vanilla_tiny", dict(decoder_init="bridge")),
     ("rnn_bahdanau_tiny", dict(decoder_init="zeros")),
-    ("rnn_bahdanau_tiny", dict(decoder_init="bridge", rnn_type="gru")),
+    ("rnn_bahdanau_tiny", dict(decoder_init="bridge", rnn_type="lstm")),
     ("rnn_luong_tiny", dict(decoder_init="zeros")),
     ("rnn_luong_tiny", dict(decoder_init="bridge")),
     ("rnn_luong_tiny", dict(attention="dot")),
@@ -52,7 +52,7 @@ VARIANTS = [
     ("rnn_bahdanau_tiny", dict(attention_normalize=True)),
     ("rnn_luong_tiny", dict(attention="concat", attention_normalize=True, input_feeding=False)),
     ("rnn_bahdanau_tiny", dict(coverage=True)),
-    ("rnn_bahdanau_tiny", dict(coverage=True, attention_normalize=True, rnn_type="gru")),
+    ("rnn_bahdanau_tiny", dict(coverage=True, attention_normalize=True, rnn_type="lstm")),
     ("rnn_luong_tiny", dict(attention="concat", coverage=True)),
     ("rnn_luong_tiny", dict(attention="concat", coverage=True, input_feeding=False)),
     ("rnn_bahdanau_tiny", dict(readout="maxout")),
@@ -337,7 +337,7 @@ def test_decoder_init_final_projects_when_sizes_differ():
 
 def test_decoder_init_bridge_is_tanh_of_affine_map():
     d = make_dict()
-    model = build_model("rnn_bahdanau_tiny", decoder_init="bridge")
+    model = build_model("rnn_bahdanau_tiny", decoder_init="bridge", rnn_type="lstm")
     enc = _encode(model, d)
     state = model.decoder.initial_state(enc)
     W, b = model.decoder.init_hidden.proj.weight, model.decoder.init_hidden.proj.bias
@@ -442,7 +442,7 @@ def test_bahdanau_matches_manual_step_loop(layers):
     """c_i = Attn(s_{i-1}); s_i = RNN([E y_{i-1}; c_i], s_{i-1}); t_i = tanh(W_o[s_i; c_i; E y_{i-1}]),
     with s the top layer's state."""
     d = make_dict()
-    model = build_model("rnn_bahdanau_tiny", decoder_layers=layers, encoder_layers=layers).eval()
+    model = build_model("rnn_bahdanau_tiny", rnn_type="lstm", decoder_layers=layers, encoder_layers=layers).eval()
     dec = model.decoder
     src, lengths, prev = make_batch(d)
     with torch.no_grad():
