@@ -117,14 +117,15 @@ def best_point(train_log):
     return valid[epoch], wall.get(epoch, float("nan"))
 
 
-def generate(args, entry, save_dir, out_dir):
+def generate(args, entry, save_dir, out_dir, suffix=""):
     _arch, precision = split_entry(entry, args)
-    gen_out = os.path.join(out_dir, "generate.out")
+    gen_out = os.path.join(out_dir, f"generate{suffix}.out")
     sh(fairseq_tool("generate") + [os.path.join(args.work, "data-bin"),
         "--user-dir", USER_DIR, "--path", os.path.join(save_dir, "checkpoint_best.pt"),
-        "--beam", "5", "--batch-size", str(args.gen_batch_size), "--post-process", "sentencepiece",
+        "--beam", "5", "--lenpen", str(args.lenpen), "--batch-size", str(args.gen_batch_size),
+        "--post-process", "sentencepiece",
         *device_flags(args, precision, False),
-        "--results-path", out_dir], os.path.join(out_dir, "generate.log"))
+        "--results-path", out_dir], os.path.join(out_dir, f"generate{suffix}.log"))
     produced = os.path.join(out_dir, "generate-test.txt")
     hyps = {}
     for line in open(produced, encoding="utf-8"):
@@ -147,14 +148,16 @@ def run_one(args, arch):
         t0 = time.time()
         sh(cmd, train_log)
         open(os.path.join(save_dir, ".done"), "w").write(f"{time.time() - t0:.0f}\n")
-    hyp_path = os.path.join(out_dir, "hyp.txt")
+    # one file per length penalty: a rerun with another --lenpen reuses the training only
+    suffix = "" if args.lenpen == 1.0 else f"-lenpen{args.lenpen:g}"
+    hyp_path = os.path.join(out_dir, f"hyp{suffix}.txt")
     best = os.path.join(save_dir, "checkpoint_best.pt")
     if os.path.exists(hyp_path) and os.path.getmtime(hyp_path) > os.path.getmtime(best):
         print(f"[{arch}] reusing the translations in {hyp_path}", flush=True)
         hyps = open(hyp_path, encoding="utf-8").read().split("\n")[:-1]
     else:
         print(f"[{arch}] translating the test set", flush=True)
-        hyps = generate(args, arch, save_dir, out_dir)
+        hyps = generate(args, arch, save_dir, out_dir, suffix)
         with open(hyp_path, "w", encoding="utf-8") as f:
             f.write("\n".join(hyps) + "\n")
     best_loss, best_wall = best_point(train_log)
@@ -194,6 +197,9 @@ def main(argv=None):
     p.add_argument("--precision", choices=list(PRECISION_FLAGS), default="fp32",
                    help="fairseq's precision options for every model without its own @PRECISION")
     p.add_argument("--gen-batch-size", type=int, default=64)
+    p.add_argument("--lenpen", type=float, default=1.0,
+                   help="fairseq-generate's length penalty for beam 5 (hypothesis score divided by "
+                   "length^lenpen; above 1 favours longer outputs), the same for every model")
     p.add_argument("--parallel", type=int, default=2, help="models trained at once (one core each)")
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--warmup", type=int, default=200)
@@ -220,9 +226,11 @@ def main(argv=None):
     for r in results:
         if len(r["hyps"]) != len(ref):
             raise SystemExit(f"error: {r['arch']}: {len(r['hyps'])} translations for {len(ref)} references")
-        bleu = sacrebleu.corpus_bleu(r["hyps"], [ref]).score
+        scored = sacrebleu.corpus_bleu(r["hyps"], [ref])
         chrf = sacrebleu.corpus_chrf(r["hyps"], [ref]).score
-        rows.append((r["arch"], bleu, chrf, r["wps"], r["updates"], r["best_loss"], r["best_wall"]))
+        length = scored.sys_len / max(scored.ref_len, 1)  # BLEU's tokens: < 1 is cut short
+        rows.append((r["arch"], scored.score, chrf, r["wps"], r["updates"], r["best_loss"],
+                     r["best_wall"], length))
         curve = []
         for lo, hi in BUCKETS:
             idx = [i for i, s in enumerate(src) if bucket_of(len(s.split())) == (lo, hi)]
@@ -234,11 +242,12 @@ def main(argv=None):
     labels = [f"{lo}-{hi}" if hi < 1000 else f"{lo}+" for lo, hi in BUCKETS]
     budget = f"{args.minutes} min per model" if args.minutes > 0 else \
         f"at most {args.max_epoch} epochs, patience {args.patience}"
-    lines = [f"# Comparison on {args.work} ({src_lang}->{tgt_lang}), {budget}, {args.device}", "",
-             "| model | BLEU | chrF | train tokens/s | updates | best valid loss | time to best (s) |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {a} | {b:.2f} | {c:.2f} | {w:.0f} | {n} | {bl:.3f} | {bw:.0f} |"
-              for a, b, c, w, n, bl, bw in rows]
+    lines = [f"# Comparison on {args.work} ({src_lang}->{tgt_lang}), {budget}, {args.device}, "
+             f"beam 5, lenpen {args.lenpen:g}", "",
+             "| model | BLEU | chrF | train tokens/s | updates | best valid loss | time to best (s) "
+             "| hyp/ref length |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {a} | {b:.2f} | {c:.2f} | {w:.0f} | {n} | {bl:.3f} | {bw:.0f} | {ln:.3f} |"
+              for a, b, c, w, n, bl, bw, ln in rows]
     lines += ["", "BLEU by source length (words):", "",
               "| model | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for arch, curve in curves.items():

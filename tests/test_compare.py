@@ -31,13 +31,14 @@ def test_compare_end_to_end(tmp_path):
     text = (out / "results.md").read_text(encoding="utf-8")
     assert text in proc.stdout
     rows = {m.group(1): m.groups()[1:] for m in re.finditer(
-        r"^\| (rnn_\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| ([\d.]+) \| (\d+) \|$",
+        r"^\| (rnn_\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| ([\d.]+) \| (\d+) \| ([\d.]+) \|$",
         text, re.M)}
     assert set(rows) == {"rnn_vanilla_tiny", "rnn_bahdanau_tiny"}
-    for bleu, chrf, wps, updates, best_loss, best_wall in rows.values():
+    for bleu, chrf, wps, updates, best_loss, best_wall, length in rows.values():
         assert 0 <= float(bleu) <= 100 and 0 <= float(chrf) <= 100
         assert float(wps) > 0 and int(updates) > 0
         assert 0 < float(best_loss) < 20 and int(best_wall) <= 0.1 * 60 + 5
+        assert float(length) >= 0
     buckets = re.search(r"^\| sentences \| (.*) \|$", text, re.M).group(1).split(" | ")
     assert sum(int(n) for n in buckets) == 20  # every test sentence in one bucket
     assert (out / "length_bleu.png").stat().st_size > 1000
@@ -53,6 +54,16 @@ def test_compare_end_to_end(tmp_path):
     again = run("compare.py", *args, timeout=300)  # trained and translated: nothing is redone
     assert again.stdout.count("reusing the translations") == 2 and "training for" not in again.stdout
     assert (out / "results.md").read_text(encoding="utf-8") == text
+
+    # another length penalty: the same training, new translations beside the first ones
+    first = {arch: (out / arch / "hyp.txt").read_text(encoding="utf-8")
+             for arch in ("rnn_vanilla_tiny", "rnn_bahdanau_tiny")}
+    longer = run("compare.py", *args, "--lenpen", 3.0, timeout=300)
+    assert "training for" not in longer.stdout and longer.stdout.count("translating the test set") == 2
+    assert "lenpen 3" in (out / "results.md").read_text(encoding="utf-8").splitlines()[0]
+    for arch in ("rnn_vanilla_tiny", "rnn_bahdanau_tiny"):
+        assert len((out / arch / "hyp-lenpen3.txt").read_text(encoding="utf-8").split("\n")[:-1]) == 20
+        assert (out / arch / "hyp.txt").read_text(encoding="utf-8") == first[arch]
 
 
 def test_compare_precisions_and_epoch_budget(tmp_path):
