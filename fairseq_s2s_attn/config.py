@@ -18,10 +18,11 @@ READOUT_STATE_CHOICES = ChoiceEnum(["current", "previous"])
 class RNNS2SConfig(FairseqDataclass):
     """Every model option with its default. The defaults (256 units everywhere, a bidirectional
     256+256 encoder, dropout only on the decoder's output, as fairseq's lstm_wiseman_iwslt_de_en)
-    are the setting measured in examples/comparison.md: at an equal CPU budget rnn_luong beats
-    fairseq's lstm_wiseman_iwslt_de_en at its fastest (--bf16) on en-fr and en-de; rnn_bahdanau
-    beats it at fp32 but not at --bf16 (slower per update on CPU). The earlier 512-wide decoder
-    with dropout 0.2 lost to it. The *_paper architectures set the papers' own sizes."""
+    are the setting measured in examples/comparison.md against fairseq's lstm_wiseman_iwslt_de_en
+    at its fastest (--bf16) at an equal CPU budget; rnn_bahdanau's cell is a GRU (its
+    architecture sets it: the paper's unit, and it beat the LSTM there), the others' an LSTM.
+    The earlier 512-wide decoder with dropout 0.2 lost to fairseq's lstm. The *_paper
+    architectures set the papers' own sizes."""
 
     # ---------------------------------------------------------------- encoder
     encoder_embed_dim: int = field(default=256, metadata={"help": "encoder embedding dimension"})
@@ -87,7 +88,8 @@ class RNNS2SConfig(FairseqDataclass):
                   "the first source word (needs --encoder-bidirectional or --reverse-source)"},
     )
     rnn_type: RNN_TYPE_CHOICES = field(
-        default="lstm", metadata={"help": "recurrent cell for encoder and decoder"}
+        default="lstm",
+        metadata={"help": "recurrent cell for encoder and decoder (rnn_bahdanau: gru, as the paper)"}
     )
     # ---------------------------------------------------------------- attention
     attention_placement: PLACEMENT_CHOICES = field(
