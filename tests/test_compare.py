@@ -38,7 +38,14 @@ def test_compare_end_to_end(tmp_path):
         assert 0 <= float(bleu) <= 100 and 0 <= float(chrf) <= 100
         assert float(wps) > 0 and int(updates) > 0
         assert 0 < float(best_loss) < 20 and int(best_wall) <= 0.1 * 60 + 5
-        assert float(length) >= 0
+    # the length column is sacrebleu's system / reference length of the saved translations
+    import sacrebleu
+
+    ref = (work / "data" / "test.de").read_text(encoding="utf-8").split("\n")[:-1]
+    for arch in ("rnn_vanilla_tiny", "rnn_bahdanau_tiny"):
+        hyps = (out / arch / "hyp.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        scored = sacrebleu.corpus_bleu(hyps, [ref])
+        assert abs(float(rows[arch][6]) - scored.sys_len / scored.ref_len) < 1e-3
     buckets = re.search(r"^\| sentences \| (.*) \|$", text, re.M).group(1).split(" | ")
     assert sum(int(n) for n in buckets) == 20  # every test sentence in one bucket
     assert (out / "length_bleu.png").stat().st_size > 1000
@@ -63,6 +70,7 @@ def test_compare_end_to_end(tmp_path):
     assert "lenpen 3" in (out / "results.md").read_text(encoding="utf-8").splitlines()[0]
     for arch in ("rnn_vanilla_tiny", "rnn_bahdanau_tiny"):
         assert len((out / arch / "hyp-lenpen3.txt").read_text(encoding="utf-8").split("\n")[:-1]) == 20
+        assert "'lenpen': 3.0" in (out / arch / "generate-lenpen3.log").read_text(encoding="utf-8")
         assert (out / arch / "hyp.txt").read_text(encoding="utf-8") == first[arch]
 
 

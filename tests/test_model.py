@@ -48,6 +48,8 @@ def test_architecture_defaults(arch, placement, attention):
         assert args.attention == attention
     if arch.startswith("rnn_luong"):
         assert args.input_feeding is True
+    # Bahdanau et al.'s gated unit is a GRU; the others are LSTMs
+    assert args.rnn_type == ("gru" if arch.startswith("rnn_bahdanau") else "lstm")
     # every config field is filled
     for name in RNNS2SConfig.__dataclass_fields__:
         if not name.startswith("_"):
