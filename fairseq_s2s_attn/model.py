@@ -258,7 +258,12 @@ def rnn_bahdanau(args, **sizes):
 
 @register_model_architecture("rnn_s2s", "rnn_luong")
 def rnn_luong(args, **sizes):
-    _set_defaults(args, attention_placement="after", attention="general", input_feeding=True, **sizes)
+    """Luong et al. (2015): attention from the current state h_t, h~_t = tanh(W_c [c_t; h_t]),
+    the general score and input feeding. The cell is a GRU, not the paper's LSTM (rnn_luong_paper
+    keeps the LSTM): at an equal CPU budget on en-de it learns faster at the same speed (valid
+    loss 5.62 against 5.92 after 8 minutes; examples/comparison.md)."""
+    _set_defaults(args, attention_placement="after", attention="general", input_feeding=True,
+                  rnn_type="gru", **sizes)
 
 
 @register_model_architecture("rnn_s2s", "rnn_vanilla")
