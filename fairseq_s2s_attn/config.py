@@ -19,8 +19,9 @@ class RNNS2SConfig(FairseqDataclass):
     """Every model option with its default. The defaults (256 units everywhere, a bidirectional
     256+256 encoder, dropout only on the decoder's output, as fairseq's lstm_wiseman_iwslt_de_en)
     are the setting measured in examples/comparison.md against fairseq's lstm_wiseman_iwslt_de_en
-    at its fastest (--bf16) at an equal CPU budget; rnn_bahdanau's cell is a GRU (its
-    architecture sets it: the paper's unit, and it beat the LSTM there), the others' an LSTM.
+    at its fastest (--bf16) at an equal CPU budget; rnn_bahdanau's and rnn_luong's cell is a GRU
+    (their architectures set it: Bahdanau's own unit, and it beat the LSTM there for both),
+    rnn_vanilla's an LSTM.
     The earlier 512-wide decoder with dropout 0.2 lost to fairseq's lstm. The *_paper
     architectures set the papers' own sizes."""
 
@@ -89,7 +90,8 @@ class RNNS2SConfig(FairseqDataclass):
     )
     rnn_type: RNN_TYPE_CHOICES = field(
         default="lstm",
-        metadata={"help": "recurrent cell for encoder and decoder (rnn_bahdanau: gru, as the paper)"}
+        metadata={"help": "recurrent cell for encoder and decoder (rnn_bahdanau and rnn_luong: gru, "
+                  "faster to learn in examples/comparison.md; rnn_luong_paper: lstm, as the paper)"}
     )
     # ---------------------------------------------------------------- attention
     attention_placement: PLACEMENT_CHOICES = field(

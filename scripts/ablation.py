@@ -33,19 +33,21 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# Luong et al.'s cells: LSTMs (rnn_luong's own default cell is a GRU, measured faster to learn)
+LUONG = ["--arch", "rnn_luong", "--rnn-type", "lstm"]
 # name -> (architecture, options). Luong et al.'s Table 4 rows first (global location/dot/general,
 # local-m and local-p with dot/general; all with input feeding), then the other variants.
 VARIANTS: Dict[str, List[str]] = {
     "vanilla (no attention)": ["--arch", "rnn_vanilla"],
-    "global (location)": ["--arch", "rnn_luong", "--attention", "location"],
-    "global (dot)": ["--arch", "rnn_luong", "--attention", "dot"],
-    "global (general)": ["--arch", "rnn_luong", "--attention", "general"],
-    "global (concat)": ["--arch", "rnn_luong", "--attention", "concat"],
-    "global (general, scaled)": ["--arch", "rnn_luong", "--attention", "general", "--attention-scale"],
-    "local-m (dot)": ["--arch", "rnn_luong", "--attention", "dot", "--attention-mode", "local-m"],
-    "local-m (general)": ["--arch", "rnn_luong", "--attention", "general", "--attention-mode", "local-m"],
-    "local-p (dot)": ["--arch", "rnn_luong", "--attention", "dot", "--attention-mode", "local-p"],
-    "local-p (general)": ["--arch", "rnn_luong", "--attention", "general", "--attention-mode", "local-p"],
+    "global (location)": [*LUONG, "--attention", "location"],
+    "global (dot)": [*LUONG, "--attention", "dot"],
+    "global (general)": [*LUONG, "--attention", "general"],
+    "global (concat)": [*LUONG, "--attention", "concat"],
+    "global (general, scaled)": [*LUONG, "--attention", "general", "--attention-scale"],
+    "local-m (dot)": [*LUONG, "--attention", "dot", "--attention-mode", "local-m"],
+    "local-m (general)": [*LUONG, "--attention", "general", "--attention-mode", "local-m"],
+    "local-p (dot)": [*LUONG, "--attention", "dot", "--attention-mode", "local-p"],
+    "local-p (general)": [*LUONG, "--attention", "general", "--attention-mode", "local-p"],
     # LSTM like every row above (rnn_bahdanau's default cell is the paper's GRU): one change per row
     "bahdanau (additive)": ["--arch", "rnn_bahdanau", "--rnn-type", "lstm"],
     "bahdanau (normalised)": ["--arch", "rnn_bahdanau", "--rnn-type", "lstm", "--attention-normalize"],

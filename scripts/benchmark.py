@@ -187,7 +187,7 @@ def model_options(name: str, precision: str, size: int, layers: int, dropout: fl
     if arch == "lstm":  # fairseq's lstm: unidirectional encoder and attention by default
         opts = ["--arch", arch] + sizes + ["--dropout", dropout]
     else:
-        # LSTM cells like fairseq's lstm (rnn_bahdanau's own default is the paper's GRU)
+        # LSTM cells like fairseq's lstm (rnn_bahdanau's and rnn_luong's own default is a GRU)
         opts = (["--arch", arch] + sizes + ["--attention-dim", size, "--encoder-bidirectional", "false",
                                             "--rnn-type", "lstm"]
                 + [x for k in ("encoder-dropout-in", "encoder-dropout-out", "decoder-dropout-in",

@@ -97,7 +97,7 @@ PRECISION_ARCHS = [
     ("rnn_luong_tiny", {}),
     ("rnn_luong_tiny", dict(input_feeding=False)),
     ("rnn_bahdanau_tiny", dict(rnn_type="lstm", coverage=True)),
-    ("rnn_luong_tiny", dict(attention_mode="local-p", local_window=1, decoder_layers=2)),
+    ("rnn_luong_tiny", dict(attention_mode="local-p", local_window=1, decoder_layers=2, rnn_type="lstm")),
     ("rnn_bahdanau_paper", {"encoder_embed_dim": 12, "decoder_embed_dim": 10,
                             "encoder_hidden_size": 16, "decoder_hidden_size": 20,
                             "attention_dim": 14, "maxout_dim": 9}),

@@ -18,12 +18,12 @@ VARIANTS = [
     ("rnn_luong_tiny", dict(input_feeding=False)),
     ("rnn_vanilla_tiny", dict(rnn_type="gru")),
     ("rnn_bahdanau_tiny", dict(rnn_type="lstm")),
-    ("rnn_luong_tiny", dict(rnn_type="gru")),
-    ("rnn_luong_tiny", dict(rnn_type="gru", input_feeding=False)),
+    ("rnn_luong_tiny", dict(rnn_type="lstm")),
+    ("rnn_luong_tiny", dict(rnn_type="lstm", input_feeding=False)),
     ("rnn_vanilla_tiny", dict(decoder_layers=2)),
     ("rnn_bahdanau_tiny", dict(decoder_layers=2, encoder_layers=2)),
     ("rnn_luong_tiny", dict(decoder_layers=2)),  # 1-layer encoder, 2-layer decoder
-    ("rnn_luong_tiny", dict(decoder_layers=2, input_feeding=False, rnn_type="gru")),
+    ("rnn_luong_tiny", dict(decoder_layers=2, input_feeding=False, rnn_type="lstm")),
     ("rnn_vanilla_tiny", dict(decoder_init="zeros")),
     ("rnn_vanilla_tiny", dict(decoder_init="bridge")),
     ("rnn_bahdanau_tiny", dict(decoder_init="zeros")),
@@ -311,17 +311,21 @@ def test_decoder_init_final_same_size_is_the_encoder_state(rnn_type):
         torch.testing.assert_close(state["c"], enc["final_cell"])
 
 
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
 @pytest.mark.parametrize("enc_layers, dec_layers", [(1, 2), (2, 1)])
-def test_decoder_init_final_different_depths_start_from_the_top_layer(enc_layers, dec_layers):
+def test_decoder_init_final_different_depths_start_from_the_top_layer(enc_layers, dec_layers, rnn_type):
     d = make_dict()
     model = build_model("rnn_luong_tiny", decoder_init="final", encoder_layers=enc_layers,
-                        decoder_layers=dec_layers)
+                        decoder_layers=dec_layers, rnn_type=rnn_type)
     enc = _encode(model, d)
     state = model.decoder.initial_state(enc)
     assert state["h"].shape[0] == dec_layers
     for layer in range(dec_layers):
         torch.testing.assert_close(state["h"][layer], enc["final_hidden"][-1])
-        torch.testing.assert_close(state["c"][layer], enc["final_cell"][-1])
+        if rnn_type == "lstm":
+            torch.testing.assert_close(state["c"][layer], enc["final_cell"][-1])
+    if rnn_type == "gru":
+        assert state["c"] is None
 
 
 def test_decoder_init_final_projects_when_sizes_differ():
@@ -495,8 +499,8 @@ def test_invalid_decoder_options_raise():
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,opts", [
     ("rnn_bahdanau_tiny", {}),
-    ("rnn_luong_tiny", dict(rnn_type="gru", decoder_layers=2, attention="concat", coverage=True)),
-], ids=["bahdanau", "luong-gru-2layers-coverage"])
+    ("rnn_luong_tiny", dict(rnn_type="lstm", decoder_layers=2, attention="concat", coverage=True)),
+], ids=["bahdanau", "luong-lstm-2layers-coverage"])
 def test_compiled_step_equals_eager_step(arch, opts):
     """--compile-step: the step loop's per-step work through torch.compile gives the eager
     results in training (outputs and every gradient), for batches of

@@ -48,8 +48,10 @@ def test_architecture_defaults(arch, placement, attention):
         assert args.attention == attention
     if arch.startswith("rnn_luong"):
         assert args.input_feeding is True
-    # Bahdanau et al.'s gated unit is a GRU; the others are LSTMs
-    assert args.rnn_type == ("gru" if arch.startswith("rnn_bahdanau") else "lstm")
+    # rnn_bahdanau* and rnn_luong(_tiny) are GRUs (measured, examples/comparison.md); vanilla and
+    # rnn_luong_paper (Luong et al.'s own stacked LSTMs) are LSTMs
+    gru = arch.startswith("rnn_bahdanau") or arch in ("rnn_luong", "rnn_luong_tiny")
+    assert args.rnn_type == ("gru" if gru else "lstm")
     # every config field is filled
     for name in RNNS2SConfig.__dataclass_fields__:
         if not name.startswith("_"):
