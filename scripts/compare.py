@@ -117,16 +117,17 @@ def best_point(train_log):
     return valid[epoch], wall.get(epoch, float("nan"))
 
 
-def generate(args, entry, save_dir, out_dir, suffix=""):
+def generate(args, entry, save_dir, out_dir, lenpen, subset="test"):
     _arch, precision = split_entry(entry, args)
-    gen_out = os.path.join(out_dir, f"generate{suffix}.out")
+    name = f"generate{'' if subset == 'test' else '-' + subset}{lenpen_suffix(lenpen)}"
+    gen_out = os.path.join(out_dir, f"{name}.out")
     sh(fairseq_tool("generate") + [os.path.join(args.work, "data-bin"),
         "--user-dir", USER_DIR, "--path", os.path.join(save_dir, "checkpoint_best.pt"),
-        "--beam", "5", "--lenpen", str(args.lenpen), "--batch-size", str(args.gen_batch_size),
-        "--post-process", "sentencepiece",
+        "--gen-subset", subset, "--beam", "5", "--lenpen", str(lenpen),
+        "--batch-size", str(args.gen_batch_size), "--post-process", "sentencepiece",
         *device_flags(args, precision, False),
-        "--results-path", out_dir], os.path.join(out_dir, f"generate{suffix}.log"))
-    produced = os.path.join(out_dir, "generate-test.txt")
+        "--results-path", out_dir], os.path.join(out_dir, f"{name}.log"))
+    produced = os.path.join(out_dir, f"generate-{subset}.txt")
     hyps = {}
     for line in open(produced, encoding="utf-8"):
         if line.startswith("D-"):  # D-<id> <score> <detokenised hypothesis>
@@ -148,22 +149,42 @@ def run_one(args, arch):
         t0 = time.time()
         sh(cmd, train_log)
         open(os.path.join(save_dir, ".done"), "w").write(f"{time.time() - t0:.0f}\n")
-    # one file per length penalty: a rerun with another --lenpen reuses the training only
-    suffix = "" if args.lenpen == 1.0 else f"-lenpen{args.lenpen:g}"
-    hyp_path = os.path.join(out_dir, f"hyp{suffix}.txt")
+    lenpen, valid_bleu = args.lenpen[0], {}
+    if len(args.lenpen) > 1:  # each model's own length penalty, chosen on the validation set
+        import sacrebleu
+
+        for candidate in args.lenpen:
+            hyps = translations(args, arch, save_dir, out_dir, candidate, "valid")
+            valid_bleu[candidate] = sacrebleu.corpus_bleu(hyps, [args.valid_ref]).score
+        lenpen = max(args.lenpen, key=lambda c: (valid_bleu[c], -abs(c - 1.0)))
+        print(f"[{arch}] validation BLEU by lenpen: "
+              + ", ".join(f"{c:g}: {b:.2f}" for c, b in valid_bleu.items()) + f"; using {lenpen:g}",
+              flush=True)
+    hyps = translations(args, arch, save_dir, out_dir, lenpen, "test")
+    best_loss, best_wall = best_point(train_log)
+    return {"arch": arch, "wps": words_per_second(train_log), "updates": updates(train_log),
+            "hyps": hyps, "best_loss": best_loss, "best_wall": best_wall, "lenpen": lenpen,
+            "valid_bleu": valid_bleu,
+            "command": " ".join(["fairseq-" + cmd[2].split(".")[1]] + cmd[3:])}
+
+
+def lenpen_suffix(lenpen):
+    return "" if lenpen == 1.0 else f"-lenpen{lenpen:g}"
+
+
+def translations(args, arch, save_dir, out_dir, lenpen, subset):
+    """Beam-5 translations of one subset with one length penalty, one file each
+    (OUT/<arch>/[valid-]hyp[-lenpen<L>].txt): a rerun reuses those newer than the checkpoint."""
+    hyp_path = os.path.join(out_dir, f"{'' if subset == 'test' else subset + '-'}hyp{lenpen_suffix(lenpen)}.txt")
     best = os.path.join(save_dir, "checkpoint_best.pt")
     if os.path.exists(hyp_path) and os.path.getmtime(hyp_path) > os.path.getmtime(best):
         print(f"[{arch}] reusing the translations in {hyp_path}", flush=True)
-        hyps = open(hyp_path, encoding="utf-8").read().split("\n")[:-1]
-    else:
-        print(f"[{arch}] translating the test set", flush=True)
-        hyps = generate(args, arch, save_dir, out_dir, suffix)
-        with open(hyp_path, "w", encoding="utf-8") as f:
-            f.write("\n".join(hyps) + "\n")
-    best_loss, best_wall = best_point(train_log)
-    return {"arch": arch, "wps": words_per_second(train_log), "updates": updates(train_log),
-            "hyps": hyps, "best_loss": best_loss, "best_wall": best_wall,
-            "command": " ".join(["fairseq-" + cmd[2].split(".")[1]] + cmd[3:])}
+        return open(hyp_path, encoding="utf-8").read().split("\n")[:-1]
+    print(f"[{arch}] translating the {subset} set (lenpen {lenpen:g})", flush=True)
+    hyps = generate(args, arch, save_dir, out_dir, lenpen, subset)
+    with open(hyp_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(hyps) + "\n")
+    return hyps
 
 
 def updates(train_log):
@@ -197,9 +218,11 @@ def main(argv=None):
     p.add_argument("--precision", choices=list(PRECISION_FLAGS), default="fp32",
                    help="fairseq's precision options for every model without its own @PRECISION")
     p.add_argument("--gen-batch-size", type=int, default=64)
-    p.add_argument("--lenpen", type=float, default=1.0,
+    p.add_argument("--lenpen", type=float, nargs="+", default=[1.0],
                    help="fairseq-generate's length penalty for beam 5 (hypothesis score divided by "
-                   "length^lenpen; above 1 favours longer outputs), the same for every model")
+                   "length^lenpen; above 1 favours longer outputs): one value for every model, or "
+                   "several, of which each model uses the one with its best validation-set BLEU "
+                   "(ties: the one nearest 1)")
     p.add_argument("--parallel", type=int, default=2, help="models trained at once (one core each)")
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--warmup", type=int, default=200)
@@ -217,6 +240,9 @@ def main(argv=None):
     src_lang, tgt_lang = meta.get("src_lang", "en"), meta.get("tgt_lang", "de")
     src = open(os.path.join(args.work, "data", f"test.{src_lang}"), encoding="utf-8").read().splitlines()
     ref = open(os.path.join(args.work, "data", f"test.{tgt_lang}"), encoding="utf-8").read().splitlines()
+    if len(args.lenpen) > 1:
+        args.valid_ref = open(os.path.join(args.work, "data", f"valid.{tgt_lang}"),
+                              encoding="utf-8").read().splitlines()
     os.makedirs(args.out, exist_ok=True)
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
@@ -230,7 +256,7 @@ def main(argv=None):
         chrf = sacrebleu.corpus_chrf(r["hyps"], [ref]).score
         length = scored.sys_len / max(scored.ref_len, 1)  # BLEU's tokens: < 1 is cut short
         rows.append((r["arch"], scored.score, chrf, r["wps"], r["updates"], r["best_loss"],
-                     r["best_wall"], length))
+                     r["best_wall"], length, r["lenpen"]))
         curve = []
         for lo, hi in BUCKETS:
             idx = [i for i, s in enumerate(src) if bucket_of(len(s.split())) == (lo, hi)]
@@ -242,12 +268,20 @@ def main(argv=None):
     labels = [f"{lo}-{hi}" if hi < 1000 else f"{lo}+" for lo, hi in BUCKETS]
     budget = f"{args.minutes} min per model" if args.minutes > 0 else \
         f"at most {args.max_epoch} epochs, patience {args.patience}"
+    lenpens = (f"lenpen {args.lenpen[0]:g}" if len(args.lenpen) == 1 else
+               "lenpen per model, the best validation BLEU of " + ", ".join(f"{c:g}" for c in args.lenpen))
     lines = [f"# Comparison on {args.work} ({src_lang}->{tgt_lang}), {budget}, {args.device}, "
-             f"beam 5, lenpen {args.lenpen:g}", "",
+             f"beam 5, {lenpens}", "",
              "| model | BLEU | chrF | train tokens/s | updates | best valid loss | time to best (s) "
-             "| hyp/ref length |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {a} | {b:.2f} | {c:.2f} | {w:.0f} | {n} | {bl:.3f} | {bw:.0f} | {ln:.3f} |"
-              for a, b, c, w, n, bl, bw, ln in rows]
+             "| hyp/ref length | lenpen |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {a} | {b:.2f} | {c:.2f} | {w:.0f} | {n} | {bl:.3f} | {bw:.0f} | {ln:.3f} | {lp:g} |"
+              for a, b, c, w, n, bl, bw, ln, lp in rows]
+    if len(args.lenpen) > 1:
+        lines += ["", "Validation-set BLEU by length penalty:", "",
+                  "| model | " + " | ".join(f"{c:g}" for c in args.lenpen) + " |",
+                  "|---|" + "---|" * len(args.lenpen)]
+        lines += [f"| {r['arch']} | " + " | ".join(f"{r['valid_bleu'][c]:.2f}" for c in args.lenpen)
+                  + " |" for r in results]
     lines += ["", "BLEU by source length (words):", "",
               "| model | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for arch, curve in curves.items():

@@ -31,10 +31,11 @@ def test_compare_end_to_end(tmp_path):
     text = (out / "results.md").read_text(encoding="utf-8")
     assert text in proc.stdout
     rows = {m.group(1): m.groups()[1:] for m in re.finditer(
-        r"^\| (rnn_\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| ([\d.]+) \| (\d+) \| ([\d.]+) \|$",
-        text, re.M)}
+        r"^\| (rnn_\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| ([\d.]+) \| (\d+) \| ([\d.]+) "
+        r"\| ([\d.]+) \|$", text, re.M)}
     assert set(rows) == {"rnn_vanilla_tiny", "rnn_bahdanau_tiny"}
-    for bleu, chrf, wps, updates, best_loss, best_wall, length in rows.values():
+    for bleu, chrf, wps, updates, best_loss, best_wall, length, lenpen in rows.values():
+        assert lenpen == "1"
         assert 0 <= float(bleu) <= 100 and 0 <= float(chrf) <= 100
         assert float(wps) > 0 and int(updates) > 0
         assert 0 < float(best_loss) < 20 and int(best_wall) <= 0.1 * 60 + 5
@@ -72,6 +73,29 @@ def test_compare_end_to_end(tmp_path):
         assert len((out / arch / "hyp-lenpen3.txt").read_text(encoding="utf-8").split("\n")[:-1]) == 20
         assert "'lenpen': 3.0" in (out / arch / "generate-lenpen3.log").read_text(encoding="utf-8")
         assert (out / arch / "hyp.txt").read_text(encoding="utf-8") == first[arch]
+
+    # several length penalties: each model takes the one with its best validation-set BLEU
+    chosen = run("compare.py", *args, "--lenpen", 1.0, 3.0, timeout=300)
+    assert "training for" not in chosen.stdout and "translating the test set" not in chosen.stdout
+    assert chosen.stdout.count("translating the valid set") == 4
+    text = (out / "results.md").read_text(encoding="utf-8")
+    assert "lenpen per model, the best validation BLEU of 1, 3" in text.splitlines()[0]
+    valid_ref = (work / "data" / "valid.de").read_text(encoding="utf-8").split("\n")[:-1]
+    for arch in ("rnn_vanilla_tiny", "rnn_bahdanau_tiny"):
+        bleu = {}
+        for lenpen, name in ((1.0, "valid-hyp.txt"), (3.0, "valid-hyp-lenpen3.txt")):
+            hyps = (out / arch / name).read_text(encoding="utf-8").split("\n")[:-1]
+            assert len(hyps) == 10
+            bleu[lenpen] = sacrebleu.corpus_bleu(hyps, [valid_ref]).score
+        best = 3.0 if bleu[3.0] > bleu[1.0] else 1.0  # a tie keeps 1
+        row = re.search(rf"^\| {arch} \| ([\d.]+) \| ([\d.]+) \|.* \| ([\d.]+) \|$", text, re.M)
+        assert float(row.group(3)) == best
+        test_hyps = (out / arch / ("hyp.txt" if best == 1.0 else "hyp-lenpen3.txt")).read_text(
+            encoding="utf-8").split("\n")[:-1]
+        assert abs(float(row.group(1)) - sacrebleu.corpus_bleu(test_hyps, [ref]).score) < 0.01
+        sweep = re.search(rf"^\| {arch} \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
+        assert [float(sweep.group(1)), float(sweep.group(2))] == [round(bleu[1.0], 2), round(bleu[3.0], 2)]
+        assert "'gen_subset': 'valid'" in (out / arch / "generate-valid-lenpen3.log").read_text(encoding="utf-8")
 
 
 def test_compare_precisions_and_epoch_budget(tmp_path):
