@@ -395,22 +395,24 @@ def test_luong_first_attention_depends_on_first_input_token():
     assert not torch.allclose(a1[:, 0], a2[:, 0])
 
 
+@pytest.mark.parametrize("rnn_type", ["gru", "lstm"])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("input_feeding", [True, False], ids=["feed", "nofeed"])
-def test_luong_matches_manual_step_loop(input_feeding, layers):
+def test_luong_matches_manual_step_loop(input_feeding, layers, rnn_type):
     """h_t = RNN([E y_{t-1}; h~_{t-1}] or E y_{t-1}); c_t = Attn(h_t); h~_t = tanh(W_c[h_t; c_t]).
 
     Outputs and the gradients of every parameter must match (input feeding passes gradients
-    through h~_{t-1} into the next step)."""
+    through h~_{t-1} into the next step); fp64, so that only the order of the sums differs
+    between the fused cell and nn.LSTM / nn.GRU."""
     d = make_dict()
     model = build_model("rnn_luong_tiny", input_feeding=input_feeding, encoder_layers=layers,
-                        decoder_layers=layers).eval()
+                        decoder_layers=layers, rnn_type=rnn_type, dtype=torch.float64).eval()
     dec = model.decoder
     assert dec.input_feeding is input_feeding
     expect = dec.embed_tokens.embedding_dim + (dec.out_embed_dim if input_feeding else 0)
     assert dec.rnn.input_size == expect
     src, lengths, prev = make_batch(d)
-    proj = torch.randn(len(SRC_LENGTHS), prev.size(1), dec.out_embed_dim)
+    proj = torch.randn(len(SRC_LENGTHS), prev.size(1), dec.out_embed_dim, dtype=torch.float64)
 
     feats, _ = model(src, lengths, prev, features_only=True)
     (feats * proj).sum().backward()
@@ -419,8 +421,10 @@ def test_luong_matches_manual_step_loop(input_feeding, layers):
     model.zero_grad()
 
     enc = model.encoder(src, lengths)
-    h, c = enc["final_hidden"], enc["final_cell"]  # decoder_init final, equal sizes
-    feed = torch.zeros(len(SRC_LENGTHS), dec.out_embed_dim)
+    state = enc["final_hidden"]  # decoder_init final, equal sizes
+    if rnn_type == "lstm":
+        state = (state, enc["final_cell"])
+    feed = torch.zeros(len(SRC_LENGTHS), dec.out_embed_dim, dtype=torch.float64)
     values = enc["encoder_out"].transpose(0, 1)
     keys = dec.attention.keys(values)
     outs = []
@@ -428,7 +432,7 @@ def test_luong_matches_manual_step_loop(input_feeding, layers):
         x = dec.embed_tokens(prev[:, t])
         if input_feeding:
             x = torch.cat([x, feed], -1)
-        out, (h, c) = dec.rnn(x.unsqueeze(0), (h, c))
+        out, state = dec.rnn(x.unsqueeze(0), state)
         ctx, _ = dec.attention(out[0], keys, values, enc["encoder_padding_mask"])
         feed = torch.tanh(dec.readout(torch.cat([out[0], ctx], -1)))  # h~ = tanh(W_c[h;c])
         outs.append(feed)
