@@ -15,12 +15,24 @@
   architectures, the model options (every field of RNNS2SConfig, with its help) are added first.
 - Our own errors (bad options, unsafe or corrupt checkpoints) end the command with one
   ``error: ...`` line instead of a traceback through fairseq.
+- fairseq's ``BufferedIterator`` makes the next batches in a daemon thread. A run that ends
+  before its epoch does (``--max-update``, ``--max-epoch`` reached mid-iteration, a generate
+  over part of a set) exits while that thread is still inside torch. Python (< 3.14) ends such a
+  thread with ``pthread_exit`` when it next takes the GIL during interpreter shutdown; that
+  unwinds through torch's C++ frames and the process aborts (``terminate called without an
+  active exception``, exit status -6 / 134) after a run that succeeded. At exit we now stop
+  those threads (no new batch is started, the queue is drained, the thread joined) first.
 """
 
 import argparse
+import atexit
 import logging
 import os
+import queue
 import sys
+import threading
+import time
+import weakref
 
 import torch
 
@@ -149,9 +161,54 @@ def clean_error_exit() -> None:
     sys.excepthook = hook
 
 
+def stop_batch_threads_at_exit(grace_s: float = 30.0) -> None:
+    """Stops fairseq's background batch threads before the interpreter shuts down (see above).
+
+    Each thread stops before making its next batch; one in the middle of a batch finishes it
+    (the queue is drained so it is never blocked on a full one), for at most ``grace_s``."""
+    from fairseq.data import iterators
+
+    if getattr(iterators.BackgroundConsumer, "_s2s", False):
+        return
+    stopping = threading.Event()
+    threads = weakref.WeakSet()
+
+    def until_exit(source):
+        items = iter(source)
+        while not stopping.is_set():  # checked before each batch is made
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            yield item
+
+    class BackgroundConsumer(iterators.BackgroundConsumer):
+        _s2s = True
+
+        def __init__(self, queue_, source, max_len, cuda_device):
+            super().__init__(queue_, until_exit(source), max_len, cuda_device)
+            threads.add(self)
+
+    def stop_all():
+        stopping.set()
+        deadline = time.monotonic() + grace_s
+        for thread in list(threads):
+            while thread.is_alive() and time.monotonic() < deadline:
+                try:
+                    while True:
+                        thread._queue.get_nowait()
+                except queue.Empty:
+                    pass
+                thread.join(0.01)
+
+    iterators.BackgroundConsumer = BackgroundConsumer
+    atexit.register(stop_all)
+
+
 def install(model_cls) -> None:
     clean_error_exit()
     model_options_in_help(model_cls)
     set_thread_defaults()
     keep_remainder_batches()
     empty_alignments_without_attention()
+    stop_batch_threads_at_exit()
