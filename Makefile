@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
+# test processes (pytest-xdist); each test file runs in one of them, so its fixtures are built once
+TEST_JOBS ?= 2
 
 .PHONY: setup test test-fast demo gpu-check clean
 
@@ -10,11 +12,11 @@ setup:
 	@VENV=$(VENV) bash scripts/setup_env.sh
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -n $(TEST_JOBS) --dist loadfile
 
 # unit tests only (skips the command-line and learning tests)
 test-fast: setup
-	$(PY) -m pytest -q tests -m "not slow"
+	$(PY) -m pytest -q tests -m "not slow" -n $(TEST_JOBS) --dist loadfile
 
 demo: setup
 	@VENV=$(VENV) bash scripts/demo.sh

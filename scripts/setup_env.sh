@@ -2,7 +2,8 @@
 # Create (or reuse) the project's virtual environment and install everything both README
 # commands need: torch (CPU wheel), fairseq (the fairseq-fixed fork, built without build
 # isolation so it reuses our torch), sentencepiece, sacrebleu, matplotlib, tensorboardX
-# (fairseq-train --tensorboard-logdir), pytest and this package.
+# (fairseq-train --tensorboard-logdir), pytest (with pytest-xdist: make test runs 2 processes)
+# and this package.
 #
 # Idempotent: a second run checks a stamp file and returns in about a second.
 #   VENV=/path/to/venv bash scripts/setup_env.sh      # default: .venv in the repository root
@@ -15,7 +16,7 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 FAIRSEQ_SPEC="fairseq-fixed==0.12.3.1"
 # fairseq's real runtime needs (its metadata also asks for torchaudio, which would pull another torch).
 FAIRSEQ_RUNTIME="hydra-core==1.3.2 omegaconf==2.3.0 bitarray regex sacrebleu>=2.0 tqdm cffi scikit-learn packaging"
-EXTRAS="sentencepiece matplotlib tensorboardX pytest pytest-timeout"
+EXTRAS="sentencepiece matplotlib tensorboardX pytest pytest-timeout pytest-xdist"
 STAMP_KEY="v3 torch=$TORCH_VERSION $FAIRSEQ_SPEC | $FAIRSEQ_RUNTIME | $EXTRAS | $(sha1sum "$ROOT/setup.py" | cut -c1-12)"
 STAMP="$VENV/.fairseq_s2s_attn_stamp"
 
