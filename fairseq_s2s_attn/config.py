@@ -137,7 +137,8 @@ class RNNS2SConfig(FairseqDataclass):
         default=False,
         metadata={"help": "coverage (Tu et al. 2016): the sum of previous attention weights "
                   "cov_j = sum_{k<i} a_kj enters the additive/concat score, "
-                  "e_ij = v^T tanh(W s + U h_j + b + w_c cov_j)"},
+                  "e_ij = v^T tanh(W s + U h_j + b + w_c cov_j); rnn_bahdanau turns it on "
+                  "when the score is additive or concat"},
     )
     input_feeding: bool = field(
         default=True,

@@ -13,7 +13,8 @@ TGT_LEN = 4
 # (architecture, options the user gave); every variant the brief names
 VARIANTS = [
     ("rnn_vanilla_tiny", {}),
-    ("rnn_bahdanau_tiny", {}),
+    ("rnn_bahdanau_tiny", {}),  # with coverage, rnn_bahdanau's default
+    ("rnn_bahdanau_tiny", dict(coverage=False)),  # the paper's plain additive score
     ("rnn_luong_tiny", {}),
     ("rnn_luong_tiny", dict(input_feeding=False)),
     ("rnn_vanilla_tiny", dict(rnn_type="gru")),
@@ -448,9 +449,11 @@ def test_luong_matches_manual_step_loop(input_feeding, layers, rnn_type):
 @pytest.mark.parametrize("layers", [1, 2])
 def test_bahdanau_matches_manual_step_loop(layers):
     """c_i = Attn(s_{i-1}); s_i = RNN([E y_{i-1}; c_i], s_{i-1}); t_i = tanh(W_o[s_i; c_i; E y_{i-1}]),
-    with s the top layer's state."""
+    with s the top layer's state. The paper's plain score (coverage, rnn_bahdanau's default, is
+    checked against its own loop in test_variants.py)."""
     d = make_dict()
-    model = build_model("rnn_bahdanau_tiny", rnn_type="lstm", decoder_layers=layers, encoder_layers=layers).eval()
+    model = build_model("rnn_bahdanau_tiny", rnn_type="lstm", decoder_layers=layers, encoder_layers=layers,
+                        coverage=False).eval()
     dec = model.decoder
     src, lengths, prev = make_batch(d)
     with torch.no_grad():

@@ -70,6 +70,27 @@ def test_user_options_override_architecture():
     assert args.attention_placement == "after" and args.decoder_hidden_size == TINY["decoder_hidden_size"]
 
 
+@pytest.mark.parametrize("given, coverage", [
+    ({}, True),                                           # the default: additive score + coverage
+    (dict(attention="concat"), True),
+    (dict(coverage=False), False),                        # the paper's plain model
+    (dict(attention="general"), False),                   # a score coverage cannot enter: off, no error
+    (dict(attention="location"), False),
+    (dict(attention_placement="none"), False),            # no attention at all
+])
+def test_rnn_bahdanau_coverage_default_follows_the_score(given, coverage):
+    """rnn_bahdanau turns coverage on only where it applies, so that choosing another score or no
+    attention on the command line builds a model instead of failing check_config."""
+    for arch in ("rnn_bahdanau", "rnn_bahdanau_tiny"):
+        args = argparse.Namespace(**given)
+        ARCH_CONFIG_REGISTRY[arch](args)
+        assert args.coverage is coverage, (arch, given)
+        check_config(args)
+    args = argparse.Namespace(**given)
+    ARCH_CONFIG_REGISTRY["rnn_bahdanau_paper"](args)   # the paper's RNNsearch has no coverage
+    assert args.coverage is False
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_build_model_uses_the_configured_sizes(arch):
     model = build_model(arch)
