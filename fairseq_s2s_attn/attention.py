@@ -226,13 +226,16 @@ def _bdot(query: Tensor, keys: Tensor) -> Tensor:
         return torch.bmm(query.unsqueeze(1), keys.transpose(1, 2)).squeeze(1)
     return torch.bmm(query, keys.transpose(1, 2))
 
+# the scores that take v^T tanh(...): weight normalisation of v and coverage enter only these
+ADDITIVE_SCORES = ("additive", "concat")
+
 
 def build_scorer(name: str, query_dim: int, value_dim: int, attention_dim: int,
                  scale: bool = False, normalize: bool = False, coverage: bool = False,
                  max_positions: int = 1024) -> nn.Module:
     if name not in SCORERS:
         raise ValueError(f"unknown attention score {name!r}; choose one of {', '.join(SCORERS)}")
-    additive = name in ("additive", "concat")
+    additive = name in ADDITIVE_SCORES
     if scale and name not in ("dot", "general"):
         raise ValueError(f"attention scale (a learned gain g) applies to dot and general, not {name!r}")
     if normalize and not additive:

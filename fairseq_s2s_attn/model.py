@@ -20,6 +20,7 @@ from fairseq.models import (
 from fairseq.models.transformer import Embedding
 from fairseq.utils import safe_getattr
 
+from .attention import ADDITIVE_SCORES
 from .config import RNNS2SConfig, add_bool_args, fill_defaults
 from .decoder import RNNDecoder
 from .encoder import RNNEncoder
@@ -219,10 +220,10 @@ def check_variant(cfg) -> None:
     if cfg.attention_scale and score not in ("dot", "general"):
         raise ConfigError(f"--attention-scale (Luong's score times a learned g) needs --attention "
                           f"dot or general, not {score}")
-    if cfg.attention_normalize and score not in ("additive", "concat"):
+    if cfg.attention_normalize and score not in ADDITIVE_SCORES:
         raise ConfigError(f"--attention-normalize (g v/||v||) needs --attention additive or concat, "
                           f"not {score}")
-    if cfg.coverage and score not in ("additive", "concat"):
+    if cfg.coverage and score not in ADDITIVE_SCORES:
         raise ConfigError(f"--coverage enters the additive score: needs --attention additive or "
                           f"concat, not {score}")
     if placement == "after" and str(cfg.readout) != "tanh":
@@ -258,7 +259,7 @@ def rnn_bahdanau(args, **sizes):
     (examples/comparison.md). ``--coverage false`` gives the plain model of the paper."""
     score = safe_getattr(args, "attention", None) or "additive"
     placement = safe_getattr(args, "attention_placement", None) or "before"
-    coverage = str(score) in ("additive", "concat") and str(placement) != "none"
+    coverage = str(score) in ADDITIVE_SCORES and str(placement) != "none"
     _set_defaults(args, attention_placement="before", attention="additive", rnn_type="gru",
                   coverage=coverage, **sizes)
 
