@@ -28,6 +28,31 @@ def test_every_variant_parses_and_builds(name):
         assert model.decoder.attention.score_name == name[len("global ("):].split(",")[0].rstrip(")")
 
 
+def _parsed(name):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, ["data-bin", *ablation.VARIANTS[name], *shlex.split(ablation.DEFAULT_MODEL_ARGS)])
+    return {k: v for k, v in vars(args).items() if k not in ("arch", "_name")}
+
+
+def test_every_row_is_a_different_model():
+    """One change per row: no two rows may end up as the same configuration once the
+    architecture's defaults are filled (rnn_bahdanau's coverage default once made
+    'bahdanau (additive)' the same model as 'bahdanau + coverage')."""
+    configs = {name: _parsed(name) for name in ablation.VARIANTS}
+    names = list(configs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert configs[a] != configs[b], (a, b)
+    # Luong et al.'s Table 4 rows feed h~_{t-1} into the next step; the Bahdanau rows are the
+    # paper's plain additive score except the coverage row
+    for name, cfg in configs.items():
+        if name.startswith(("global", "local")):
+            assert cfg["input_feeding"] is True and cfg["rnn_type"] == "lstm", name
+        if name.startswith(("bahdanau", "rnnsearch")):
+            assert cfg["coverage"] is (name == "bahdanau + coverage"), name
+
+
 def test_table_has_luong_table_4_shape():
     rows = [dict(name="global (dot)", ppl={"valid": 1.234, "test": 1.5}, bleu=42.04, params=1000,
                  updates=10, seconds=12.3)]
