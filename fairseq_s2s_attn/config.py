@@ -142,8 +142,9 @@ class RNNS2SConfig(FairseqDataclass):
     )
     input_feeding: bool = field(
         default=True,
-        metadata={"help": "Luong's input feeding: feed h~_{t-1} into the next RNN step "
-                  "(only with --attention-placement after)"},
+        metadata={"help": "Luong's input feeding (sec. 3.3): feed h~_{t-1} into the next RNN "
+                  "step (only with --attention-placement after); rnn_luong turns it off, "
+                  "rnn_luong_paper keeps it"},
     )
     # ---------------------------------------------------------------- embeddings
     share_decoder_input_output_embed: bool = field(

@@ -275,7 +275,7 @@ def test_coverage_enters_the_additive_score():
 
 @pytest.mark.parametrize("arch, opts", [
     ("rnn_bahdanau_tiny", {}),
-    ("rnn_luong_tiny", dict(attention="concat")),
+    ("rnn_luong_tiny", dict(attention="concat", input_feeding=True)),
     ("rnn_luong_tiny", dict(attention="concat", input_feeding=False)),
 ])
 def test_decoder_coverage_is_the_sum_of_previous_attention(arch, opts):
@@ -519,7 +519,7 @@ def test_maxout_dim_can_feed_shared_embeddings():
 
 
 @pytest.mark.parametrize("arch, opts", [
-    ("rnn_luong_tiny", dict(attention_mode="local-m", local_window=1)),
+    ("rnn_luong_tiny", dict(attention_mode="local-m", local_window=1, input_feeding=True)),
     ("rnn_luong_tiny", dict(attention_mode="local-p", local_window=1, input_feeding=False)),
     ("rnn_luong_tiny", dict(attention="location", attention_mode="local-m", local_window=1,
                             input_feeding=False)),
