@@ -66,6 +66,13 @@ def main(argv=None):
     import logging
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    # fairseq's from_pretrained logs the whole training config (one line of ~8,000 characters) and
+    # its data loading at INFO; the demo prints this script's output, where only the plots matter
+    logging.getLogger("fairseq").setLevel(logging.WARNING)
+    import warnings
+
+    # fairseq's batch iterator asks for pinned memory; torch warns about it on a machine without GPU
+    warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
     from fairseq_s2s_attn.errors import S2SError
     from fairseq_s2s_attn.hub import Translator
 

@@ -175,3 +175,6 @@ def test_plot_attention_script(data_bin, checkpoints, tmp_path):
     assert [p.name for p in pngs] == ["attention_0.png", "attention_1.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert len(proc.stdout.splitlines()) == 2
+    # make demo prints this script's output: fairseq's loading chatter (its whole config on one
+    # INFO line) and torch's pin_memory warning stay out of it
+    assert "INFO" not in proc.stderr and "pin_memory" not in proc.stderr, proc.stderr[-2000:]
