@@ -10,8 +10,9 @@ One run measures, on the same binarised data and with matched sizes, every confi
 
     rnn_vanilla       --arch rnn_vanilla
     rnn_bahdanau      --arch rnn_bahdanau --coverage false (the paper's plain additive score)
-    rnn_luong         --arch rnn_luong --input-feeding true
-    rnn_luong_nofeed  --arch rnn_luong --input-feeding false
+    rnn_luong         --arch rnn_luong --input-feeding true (Luong's input feeding, sec. 3.3)
+    rnn_luong_nofeed  --arch rnn_luong --input-feeding false (what --arch rnn_luong gives since
+                      2026-12-03; the names keep earlier reports comparable)
     lstm              fairseq's --arch lstm (unidirectional encoder, Luong-general attention after
                       the decoder step, input feeding: the closest match to rnn_luong)
 
