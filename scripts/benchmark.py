@@ -16,6 +16,9 @@ One run measures, on the same binarised data and with matched sizes, every confi
     lstm              fairseq's --arch lstm (unidirectional encoder, Luong-general attention after
                       the decoder step, input feeding: the closest match to rnn_luong)
 
+(LSTM cells in ours too, like fairseq's lstm; on request, --archs rnn_bahdanau_gru rnn_luong_gru
+run the architectures' own GRU cell, rnn_luong_gru being what --arch rnn_luong gives)
+
 each at fp32 and bf16 (--precisions). Our bf16 is the model option --cpu-bf16 (torch CPU autocast
 inside the model); fairseq's lstm has no CPU bf16 option (its --bf16 --cpu assumes a TPU), so its
 bf16 row wraps the whole forward pass in torch.autocast("cpu", bfloat16). Every ratio is against
@@ -168,7 +171,13 @@ COMPILED_CONFIGS = {
     "rnn_bahdanau_compiled": ("rnn_bahdanau", ["--coverage", "false", "--compile-step", "true"]),
     "rnn_luong_compiled": ("rnn_luong", ["--input-feeding", "true", "--compile-step", "true"]),
 }
-ALL_CONFIGS = dict(CONFIGS, **PAPER_CONFIGS, **COMPILED_CONFIGS)
+# on request only (--archs): the architectures' own cell, a GRU (the rows above are LSTMs like
+# fairseq's lstm); rnn_luong_gru is what --arch rnn_luong gives, at the matched sizes
+GRU_CONFIGS = {
+    "rnn_bahdanau_gru": ("rnn_bahdanau", ["--coverage", "false", "--rnn-type", "gru"]),
+    "rnn_luong_gru": ("rnn_luong", ["--input-feeding", "false", "--rnn-type", "gru"]),
+}
+ALL_CONFIGS = dict(CONFIGS, **PAPER_CONFIGS, **COMPILED_CONFIGS, **GRU_CONFIGS)
 BASELINE = "lstm"
 PRECISIONS = ("fp32", "bf16")
 DEVICE_PRECISIONS = ("fp32", "fp16", "bf16", "amp")
@@ -190,7 +199,8 @@ def model_options(name: str, precision: str, size: int, layers: int, dropout: fl
     if arch == "lstm":  # fairseq's lstm: unidirectional encoder and attention by default
         opts = ["--arch", arch] + sizes + ["--dropout", dropout]
     else:
-        # LSTM cells like fairseq's lstm (rnn_bahdanau's and rnn_luong's own default is a GRU)
+        # LSTM cells like fairseq's lstm (rnn_bahdanau's and rnn_luong's own default is a GRU,
+        # the *_gru configurations; their --rnn-type gru comes later and wins)
         opts = (["--arch", arch] + sizes + ["--attention-dim", size, "--encoder-bidirectional", "false",
                                             "--rnn-type", "lstm"]
                 + [x for k in ("encoder-dropout-in", "encoder-dropout-out", "decoder-dropout-in",
