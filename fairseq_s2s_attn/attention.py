@@ -226,6 +226,7 @@ def _bdot(query: Tensor, keys: Tensor) -> Tensor:
         return torch.bmm(query.unsqueeze(1), keys.transpose(1, 2)).squeeze(1)
     return torch.bmm(query, keys.transpose(1, 2))
 
+
 # the scores that take v^T tanh(...): weight normalisation of v and coverage enter only these
 ADDITIVE_SCORES = ("additive", "concat")
 

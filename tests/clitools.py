@@ -11,22 +11,27 @@ BIN = Path(sys.executable).parent
 SCRIPTS = REPO / "scripts"
 
 
-def env() -> Dict[str, str]:
+def env(show_warnings: bool = False) -> Dict[str, str]:
     e = dict(os.environ)
     e.setdefault("OMP_NUM_THREADS", "1")
-    e["PYTHONWARNINGS"] = "ignore"
+    if show_warnings:  # as a user's shell has it: Python's default warning filters
+        e.pop("PYTHONWARNINGS", None)
+    else:
+        e["PYTHONWARNINGS"] = "ignore"
     return e
 
 
-def run(tool: str, *args, check: bool = True, cwd=None, input: str = None, timeout: int = 600):
-    """Runs a fairseq CLI tool (fairseq-train, ...) or a script from scripts/; returns the process."""
+def run(tool: str, *args, check: bool = True, cwd=None, input: str = None, timeout: int = 600,
+        show_warnings: bool = False):
+    """Runs a fairseq CLI tool (fairseq-train, ...) or a script from scripts/; returns the process.
+    Warnings are silenced unless show_warnings (for tests of what a user sees on stderr)."""
     if tool.endswith(".py"):
         cmd = [sys.executable, str(SCRIPTS / tool)]
     else:
         cmd = [str(BIN / tool)]
     cmd += [str(a) for a in args]
-    proc = subprocess.run(cmd, cwd=cwd or REPO, env=env(), capture_output=True, text=True,
-                          input=input, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=env(show_warnings), capture_output=True,
+                          text=True, input=input, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"

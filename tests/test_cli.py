@@ -170,7 +170,8 @@ def test_plot_attention_script(data_bin, checkpoints, tmp_path):
     src = tmp_path / "src.txt"
     src.write_text("w1 w2 w3 w4 w5\nw2\nw3 w4 w5 w6 w7 w8\n")
     proc = run("plot_attention.py", "--model-dir", checkpoints["rnn_luong_tiny"].parent, "--data", data_bin,
-               "--input", src, "--num", 2, "--min-words", 3, "--out", tmp_path / "plots")
+               "--input", src, "--num", 2, "--min-words", 3, "--out", tmp_path / "plots",
+               show_warnings=True)
     pngs = sorted((tmp_path / "plots").glob("*.png"))
     assert [p.name for p in pngs] == ["attention_0.png", "attention_1.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
