@@ -33,7 +33,7 @@ from fairseq.modules import FairseqDropout
 
 from .attention import Attention
 from .encoder import RNN_TYPES, same_sources
-from .precision import cpu_autocast
+from .precision import cast_for_products, cpu_autocast
 
 PLACEMENTS = ("none", "before", "after")
 DECODER_INITS = ("zeros", "final", "bridge", "backward_first")
@@ -319,18 +319,23 @@ class RNNDecoder(FairseqIncrementalDecoder):
         cached = self._get_cache(incremental_state)
         if cached is not None:
             prev_output_tokens = prev_output_tokens[:, -1:]
-        values = encoder_out["encoder_out"].transpose(0, 1)  # B x S x C
         padding_mask = encoder_out["encoder_padding_mask"]  # B x S
         if cached is None:
             state = self.initial_state(encoder_out)
+            # B x S x C, cast once for the products of every step (kept in the incremental state)
+            values = cast_for_products(encoder_out["encoder_out"].transpose(0, 1))
             keys = self.attention.keys(values, padding_mask) if self.attention is not None else None
             src_ids = encoder_out.get("src_ids")
         else:
             state, keys, src_ids = cached, cached.get("keys"), cached.get("src_ids")
+            values = cached.get("values")
+            if values is None:
+                values = encoder_out["encoder_out"].transpose(0, 1)
 
-        emb = self.dropout_in(self.embed_tokens(prev_output_tokens)).transpose(0, 1)  # T x B x E
+        emb = self.dropout_in(self.embed_tokens(prev_output_tokens))
+        emb = cast_for_products(emb).transpose(0, 1)  # T x B x E
         if self.placement == "none":
-            fixed = self._summary(encoder_out)  # B x C
+            fixed = cast_for_products(self._summary(encoder_out))  # B x C
         else:
             fixed = None
 
@@ -342,6 +347,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
         if incremental_state is not None:
             state["keys"] = keys
             state["src_ids"] = src_ids
+            # the cast copy only; without a cast the encoder output is read again at every step
+            state["values"] = values if values.dtype != encoder_out["encoder_out"].dtype else None
             self.set_incremental_state(incremental_state, "state", state)
         return x, attn
 
@@ -524,11 +531,12 @@ class RNNDecoder(FairseqIncrementalDecoder):
         cached = self._get_cache(incremental_state)
         if cached is None:
             return
-        batch_dim = {"h": 1, "c": 1, "feed": 0, "keys": 0, "step": 0, "cov": 0, "src_ids": 0}
-        # per-hypothesis state is reordered; the source side (keys) only when a row's source changes
+        batch_dim = {"h": 1, "c": 1, "feed": 0, "keys": 0, "values": 0, "step": 0, "cov": 0, "src_ids": 0}
+        # per-hypothesis state is reordered; the source side (keys, values) only when a row's
+        # source changes
         same = same_sources(cached.get("src_ids"), new_order)
         reordered = {
-            k: (None if v is None else v if same and k in ("keys", "src_ids")
+            k: (None if v is None else v if same and k in ("keys", "values", "src_ids")
                 else v.index_select(batch_dim[k], new_order))
             for k, v in cached.items()
         }

@@ -76,3 +76,92 @@ def test_bf16_train_generate_interactive(arch, small_data_bin, tmp_path):
     inter = run("fairseq-interactive", small_data_bin, *USER_DIR, "--path", ckpt, "--beam", 3,
                 "--cpu", "--bf16", input="3 4 5\n6 7\n")
     assert len([line for line in inter.stdout.splitlines() if line.startswith("H-")]) == 2
+
+
+# --cpu-bf16: the encoder outputs, target embeddings and vanilla's context vector are cast to bf16
+# once per sentence (precision.cast_for_products) instead of by autocast at every product
+HOIST_VARIANTS = {
+    "vanilla": ("rnn_vanilla_tiny", {}),
+    "bahdanau-gru-coverage": ("rnn_bahdanau_tiny", dict(rnn_type="gru", coverage=True)),
+    "bahdanau-lstm": ("rnn_bahdanau_tiny", dict(rnn_type="lstm", coverage=False)),
+    "luong-feed-lstm": ("rnn_luong_tiny", dict(rnn_type="lstm", input_feeding=True)),
+    "luong-gru": ("rnn_luong_tiny", dict(rnn_type="gru", input_feeding=False)),
+    "luong-local-p-2-layers": ("rnn_luong_tiny", dict(attention_mode="local-p", local_window=2,
+                                                      decoder_layers=2, encoder_layers=2)),
+}
+
+
+def _bf16_model(name, hoist, monkeypatch):
+    monkeypatch.setattr(precision, "HOIST_CASTS", hoist)
+    arch, overrides = HOIST_VARIANTS[name]
+    return build_model(arch, seed=5, cpu_bf16=True, init_range=0.3, **overrides)
+
+
+def _train_and_decode(model, src, prev):
+    """Training forward + backward (logits, attention, gradients) and incremental decoding with
+    the batch reordered half-way (a row dropped, one repeated): everything a path changes."""
+    d = model.decoder.dictionary
+    model.train()
+    model.zero_grad()
+    logits, extra = model(src, src.ne(d.pad()).sum(1), prev)
+    logits.float().log_softmax(-1)[..., 4].sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.eval()
+    state, steps = {}, []
+    with torch.no_grad():
+        enc = model.encoder(src, None)
+        for t in range(prev.size(1)):
+            if t == 2:
+                order = torch.tensor([2, 0, 0, 3])
+                model.decoder.reorder_incremental_state_scripting(state, order)
+                enc = model.encoder.reorder_encoder_out(enc, order)
+                prev = prev.index_select(0, order)
+            out, _ = model.decoder(prev[:, :t + 1], enc, incremental_state=state)
+            steps.append(out.float())
+    attn = extra["attn"][0]
+    return [logits.float()] + ([attn.float()] if attn is not None else []) + grads + steps
+
+
+@pytest.mark.parametrize("name", HOIST_VARIANTS)
+def test_casts_made_once_give_the_plain_autocast_path_exactly(name, monkeypatch, gen):
+    from conftest import random_tokens
+    model = _bf16_model(name, True, monkeypatch)
+    d = model.decoder.dictionary
+    src = random_tokens(d, [7, 4, 6, 2], left_pad=True, generator=gen)
+    prev = random_tokens(d, [5, 3, 5, 1], left_pad=False, generator=gen, with_eos=False)
+    hoisted = _train_and_decode(model, src, prev)
+    monkeypatch.setattr(precision, "HOIST_CASTS", False)
+    plain = _train_and_decode(model, src, prev)
+    assert len(hoisted) == len(plain)
+    for a, b in zip(hoisted, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hoist", [True, False], ids=["hoisted", "plain"])
+def test_beam_steps_do_not_cast_the_encoder_output_again(hoist, monkeypatch, gen):
+    """After the first incremental step no step casts the B x S x C encoder output (the plain
+    autocast path casts it at every step's context product, as the second case shows)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from conftest import random_tokens
+    model = _bf16_model("bahdanau-lstm", hoist, monkeypatch).eval()
+    d = model.decoder.dictionary
+    src = random_tokens(d, [7, 4, 6, 2], left_pad=True, generator=gen)
+    prev = random_tokens(d, [5, 3, 5, 1], left_pad=False, generator=gen, with_eos=False)
+    casts = []
+
+    class CastLog(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                casts.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        enc = model.encoder(src, None)
+        state = {}
+        model.decoder(prev[:, :1], enc, incremental_state=state)
+        with CastLog():
+            for t in range(1, prev.size(1)):
+                model.decoder(prev[:, :t + 1], enc, incremental_state=state)
+    values_shape = tuple(enc["encoder_out"].transpose(0, 1).shape)
+    assert (values_shape in casts) is (not hoist), casts
