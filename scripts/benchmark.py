@@ -49,11 +49,20 @@ What is measured (each configuration in its own subprocess, one after the other,
                   generation batch with a separate model instance (freed again), so that lazily
                   loaded library code and one-off runtime set-up are not counted: the training
                   phase (model, gradients, Adam state, activations) and, separately, the
-                  generation phase (beam 5 and 1, a fresh model). The
-                  peak is reset between phases (/proc/self/clear_refs); where that is not allowed
-                  (or with --separate-phases) each phase runs in its own subprocess and ru_maxrss
-                  is used, which then also holds the throwaway warm-up's peak (the same work, so
-                  about the same figure).
+                  generation phase (beam 5 and 1, a fresh model), each phase in its own
+                  subprocess: training as fairseq-train runs with the plugin (oneDNN's primitive
+                  cache capped at 16, for every row, fairseq's lstm too), generation with the
+                  default cache as fairseq-generate. The peak is reset after the warm-up
+                  (/proc/self/clear_refs); where that is not allowed (or with --separate-phases)
+                  ru_maxrss is used, which then also holds the throwaway warm-up's peak (the same
+                  work, so about the same figure).
+  tensor MB       the peak of tensor memory (TensorPeak below: every storage an operator returns,
+                  from its creation until it is freed, plus the parameters and Adam's state), the
+                  CPU analogue of the GPU mode's torch.cuda.max_memory_allocated: of whole updates
+                  (forward, backward, Adam step) on the first --flop-batches timed batches (the
+                  largest), and of beam search (the first beam size) on the first generation batch.
+                  The RSS above also holds what the process keeps besides live tensors: freed but
+                  retained heap, oneDNN's scratchpads, JIT code and primitive caches; this does not.
   GFLOP/s         FLOPs of the timed training updates / their time. FLOPs are counted with
                   torch.utils.flop_counter.FlopCounterMode on forward + backward of the first
                   --flop-batches timed batches (0 = all), per target token, times the timed target
@@ -257,6 +266,77 @@ class PeakRSS:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
 
 
+class TensorPeak:
+    """Peak bytes of tensor storage alive inside a region, counting every new storage an operator
+    returns (forward, backward, autocast's casts, the optimizer step; not views or in-place
+    results) from its creation until it is freed, plus ``static`` bytes alive throughout (parameters, optimizer state). The allocator-
+    independent measure (the CPU analogue of torch.cuda.max_memory_allocated): unlike the RSS, it
+    holds no freed-but-retained heap, no oneDNN scratchpads, JIT code or primitive caches, and no
+    memory that kernels allocate and free internally.
+
+        with TensorPeak(static_bytes) as tp:
+            ...
+        tp.peak  # bytes
+    """
+
+    def __init__(self, static: int = 0):
+        import weakref
+
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        counter = self
+        self.static, self.current, self.peak = static, static, static
+        seen = WeakIdKeyDictionary()
+
+        def freed(n):
+            counter.current -= n
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                # an output on an input's storage (in-place op, view) is not a new allocation
+                inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                          if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        st = t.untyped_storage()
+                        if st not in seen and (st.nbytes() == 0 or st.data_ptr() not in inputs):
+                            n = st.nbytes()
+                            seen[st] = n
+                            counter.current += n
+                            weakref.finalize(st, freed, n)
+                counter.peak = max(counter.peak, counter.current)
+                return out
+
+        self._mode = Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages of these tensors (parameters, optimizer state)."""
+    import torch
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[(st.data_ptr(), t.device.type)] = st.nbytes()
+    return sum(seen.values())
+
+
+def optimizer_tensors(optimizer):
+    return [v for state in optimizer.state.values() for v in state.values()]
+
+
 def release_memory():
     import ctypes
     import gc
@@ -433,6 +513,20 @@ def count_flops(spec, model, optimizer, forward_backward, timed, result):
                   gflop_s=per_token * result["train_tok_s"] / 1e9)
 
 
+def train_tensor_peak(spec, model, optimizer, forward_backward, timed, result):
+    """TensorPeak of whole updates (forward, backward, Adam step) on the first --flop-batches
+    timed batches: the largest, with the parameters and Adam's state counted as static."""
+    peak = 0
+    for sample in timed[:spec["flop_batches"] or len(timed)]:
+        static = storage_bytes(list(model.parameters()) + optimizer_tensors(optimizer))
+        with TensorPeak(static) as tp:
+            forward_backward(sample)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        peak = max(peak, tp.peak)
+    result["train_tensor_mb"] = peak / 2 ** 20
+
+
 def run_generate(spec, cfg, task, batches, autocast, result):
     import torch
     from fairseq.sequence_generator import SequenceGenerator
@@ -461,6 +555,10 @@ def run_generate(spec, cfg, task, batches, autocast, result):
                                      sent_s=sentences / seconds, tok_s=tokens / seconds)
         if beam == spec["beams"][0]:
             result[f"beam{beam}"]["breakdown"] = generation_breakdown(gen, batches, translate)
+            # tensor memory of the first batch, the model's parameters counted as static
+            with TensorPeak(storage_bytes(list(model.parameters()))) as tp:
+                translate(*batches[0])
+            result["gen_tensor_mb"] = tp.peak / 2 ** 20
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
@@ -558,6 +656,9 @@ def worker(spec):
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
+    if spec["phases"] == ["train"]:
+        from fairseq_s2s_attn.runtime import limit_primitive_cache_in_training
+        limit_primitive_cache_in_training(training=True)
     cfg, task = build(spec)
     torch.set_num_threads(threads)  # the plugin's run-time defaults must not change it
     bf16_outside = spec["precision"] == "bf16" and ALL_CONFIGS[spec["name"]][0] == "lstm"
@@ -588,6 +689,7 @@ def worker(spec):
         model, criterion, optimizer, fb = run_train(spec, cfg, task, tr, autocast, result)
         result["train_peak_mb"] = max(0, rss.peak() - baseline) / 1024
         count_flops(spec, model, optimizer, fb, tr[spec["warmup"]:], result)
+        train_tensor_peak(spec, model, optimizer, fb, tr[spec["warmup"]:], result)
         del model, criterion, optimizer, fb
         release_memory()
     if "generate" in phases:
@@ -1116,10 +1218,10 @@ def run_config(name, precision, size, args, reset_peak, log_dir):
                 beams=args.beams, reset_peak=reset_peak,
                 model_options=model_options(name, precision, size, args.layers, args.dropout))
     tag = f"{name}-{precision}-{size}"
-    if reset_peak:
-        groups = [["train", "generate"]]
-    else:  # ru_maxrss cannot be reset: one subprocess per phase
-        groups = [["train"], ["generate"]]
+    # one subprocess per phase: the training one runs as fairseq-train does with the plugin
+    # (oneDNN's primitive cache capped, fairseq_s2s_attn/runtime.py), the generation one as
+    # fairseq-generate does, and its memory does not start from what training left behind
+    groups = [["train"], ["generate"]]
     merged = {}
     for phases in groups:
         spec["phases"] = phases
@@ -1233,7 +1335,8 @@ def report(rows, size, args, peaks):
     head = ["config", "precision", "params (M)", "train tok/s", "× lstm"]
     for beam in beams:
         head += [f"beam-{beam} sent/s", "× lstm", f"beam-{beam} tok/s"]
-    head += ["train peak MB", "× lstm", "gen peak MB", "GFLOP/update", "GFLOP/s", "% of peak"]
+    head += ["train peak MB", "× lstm", "gen peak MB", "train tensor MB", "× lstm", "gen tensor MB",
+             "× lstm", "GFLOP/update", "GFLOP/s", "% of peak"]
     lines = [f"### Sizes: embedding = hidden = {size}, {args.layers} layer(s)", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for row in rows:
@@ -1253,7 +1356,10 @@ def report(rows, size, args, peaks):
                       fmt(metric(res, f"beam{beam}.tok_s"))]
         peak = peaks.get("bf16" if row["precision"] == "bf16" else "fp32")
         cells += [fmt(res["train_peak_mb"], 1), ratio(res["train_peak_mb"], metric(b, "train_peak_mb")),
-                  fmt(res["gen_peak_mb"], 1), fmt(res["gflop_per_update"], 2), fmt(res["gflop_s"], 1),
+                  fmt(res["gen_peak_mb"], 1),
+                  fmt(res.get("train_tensor_mb"), 1), ratio(res.get("train_tensor_mb"), metric(b, "train_tensor_mb")),
+                  fmt(res.get("gen_tensor_mb"), 1), ratio(res.get("gen_tensor_mb"), metric(b, "gen_tensor_mb")),
+                  fmt(res["gflop_per_update"], 2), fmt(res["gflop_s"], 1),
                   f"{100 * res['gflop_s'] / peak:.1f}" if peak else "–"]
         lines.append("| " + " | ".join(cells) + " |")
 
@@ -1715,8 +1821,9 @@ def main(argv=None):
                    "is then killed and what it measured reported (default --time-budget + 25 s, "
                    "1800 without a budget)")
     p.add_argument("--separate-phases", action="store_true",
-                   help="run training and generation in separate subprocesses and take peak memory "
-                   "from ru_maxrss (automatic where /proc/self/clear_refs cannot reset the peak)")
+                   help="take peak memory from ru_maxrss instead of the reset VmHWM (automatic "
+                   "where /proc/self/clear_refs cannot reset the peak); training and generation "
+                   "always run in separate subprocesses")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--peak", help=argparse.SUPPRESS)
     p.add_argument("--device-worker", help=argparse.SUPPRESS)
@@ -1854,7 +1961,10 @@ def main(argv=None):
                "hypotheses forced to the longest reference length in the batch (untrained models). "
                "Each configuration ran alone in its own subprocess. Peak memory: growth over the RSS "
                "after imports, data and one throwaway update/generation batch; "
-               + ("VmHWM reset per phase." if reset_peak else "ru_maxrss, one subprocess per phase.")
+               + ("one subprocess per phase, VmHWM reset after the warm-up." if reset_peak
+                  else "ru_maxrss, one subprocess per phase.")
+               + " Training subprocesses cap oneDNN's primitive cache at 16 as fairseq-train does "
+               "with the plugin (every row)."
                + " Ratios (× lstm) are against fairseq's lstm at fp32; for memory, lower is better.", "",
                "Columns: train tok/s = target tokens (incl. EOS) per second of forward + backward + "
                "Adam step; beam-k sent/s, tok/s = sentences and generated tokens (incl. EOS) per "

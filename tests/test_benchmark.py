@@ -52,7 +52,7 @@ def test_benchmark_end_to_end(tmp_path):
     assert got == {("lstm (fairseq)", "fp32"), ("lstm (fairseq)", "bf16 (torch.autocast)"),
                    ("rnn_luong_nofeed", "fp32"), ("rnn_luong_nofeed", "bf16 (--cpu-bf16)")}
     ratio_cols = [i for i, h in enumerate(head) if h == "× lstm"]
-    assert len(ratio_cols) == 4  # training, beam 5, beam 1, memory
+    assert len(ratio_cols) == 6  # training, beam 5, beam 1, RSS, tensor memory of training and beam
     numeric = [i for i, h in enumerate(head) if h not in ("config", "precision")]
     for r in raw:
         for i in numeric:
@@ -60,7 +60,12 @@ def test_benchmark_end_to_end(tmp_path):
         for i in ratio_cols:
             assert float(r[i]) > 0, (head[i], r)
         if r[0] == "lstm (fairseq)" and r[1] == "fp32":
-            assert [r[i] for i in ratio_cols] == ["1.00"] * 4
+            assert [r[i] for i in ratio_cols] == ["1.00"] * 6
+    # tensor memory: at least the parameters (4 bytes each) and, in training, their gradients
+    for r in rows:
+        params_mb = float(r["params (M)"]) * 1e6 * 4 / 2 ** 20
+        assert float(r["train tensor MB"]) >= 2 * params_mb * 0.99, r
+        assert float(r["gen tensor MB"]) >= params_mb * 0.99, r
     # where beam search spends its time: three shares per configuration, and the bound they imply
     section = text[text.index("generation time by part"):]
     parts = [ln for ln in section.splitlines() if ln.startswith(("| rnn_luong_nofeed |", "| lstm |"))]
@@ -71,6 +76,29 @@ def test_benchmark_end_to_end(tmp_path):
     assert "can be at most" in text
     # the fused RNN kernel of the non-input-feeding decoder was added analytically
     assert "added analytically for: " in text and "rnn_luong_nofeed fp32" in text
+
+
+def test_tensor_peak_counts_new_storages_until_they_are_freed():
+    bench = load_benchmark()
+    param = torch.zeros(1000)  # exists before: counted only as static bytes
+    with bench.TensorPeak(static=param.numel() * 4) as tp:
+        a = torch.ones(1000, 1000)  # 4 MB
+        a.view(-1)[:10].mul_(3)  # a view and an in-place op: no new storage
+        a.add_(1)
+        param.add_(1)
+        b = a * 2  # 4 MB more
+        del a, b
+        c = torch.ones(10)
+    assert tp.peak == 4000 + 2 * 4_000_000
+    assert tp.current == 4000 + 40
+    del c
+    assert tp.current == 4000
+
+
+def test_storage_bytes_counts_shared_storage_once():
+    bench = load_benchmark()
+    x = torch.zeros(100)
+    assert bench.storage_bytes([x, x[:10], x.view(10, 10), torch.zeros(5, dtype=torch.bfloat16)]) == 410
 
 
 def test_missing_data_names_the_fix(tmp_path):

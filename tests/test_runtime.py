@@ -1,6 +1,7 @@
 """Run-time fixes of fairseq behaviour (fairseq_s2s_attn/runtime.py) that the other test files do
 not cover through the command line."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -61,3 +62,33 @@ def test_exit_with_a_batch_thread_in_torch_does_not_abort(tmp_path):
         assert fixed.returncode == 0, fixed.stderr[-2000:]
         assert "took one batch" in fixed.stdout
         assert "terminate called" not in fixed.stderr
+
+
+def test_primitive_cache_is_capped_in_training_unless_the_user_chose(monkeypatch):
+    from fairseq_s2s_attn import runtime
+
+    var = runtime.ONEDNN_CACHE_VAR
+    monkeypatch.delenv(var, raising=False)
+    assert not runtime.limit_primitive_cache_in_training(training=False)  # generate, interactive
+    assert var not in os.environ
+    assert runtime.limit_primitive_cache_in_training(training=True)
+    assert os.environ[var] == str(runtime.TRAINING_PRIMITIVE_CACHE)
+    monkeypatch.setenv(var, "500")  # the user's number stays
+    assert not runtime.limit_primitive_cache_in_training(training=True)
+    assert os.environ[var] == "500"
+    monkeypatch.delenv(var)
+    monkeypatch.setitem(sys.modules, "fairseq_cli.train", sys.modules[__name__])  # as in fairseq-train
+    assert runtime.limit_primitive_cache_in_training()
+
+
+def test_fairseq_train_runs_with_the_capped_cache(small_data_bin, tmp_path, monkeypatch):
+    from clitools import REPO, run
+
+    from fairseq_s2s_attn import runtime
+    monkeypatch.delenv(runtime.ONEDNN_CACHE_VAR, raising=False)
+
+    proc = run("fairseq-train", small_data_bin, "--user-dir", REPO / "fairseq_s2s_attn",
+               "--arch", "rnn_bahdanau_tiny", "--cpu-bf16", "--optimizer", "adam", "--lr", "0.005",
+               "--max-tokens", 1000, "--max-update", 2, "--save-dir", tmp_path, "--no-progress-bar",
+               "--cpu", "--disable-validation")
+    assert "oneDNN keeps 16 compiled primitives" in proc.stderr + proc.stdout
