@@ -160,7 +160,8 @@ class RNNS2SConfig(FairseqDataclass):
     cpu_bf16: bool = field(
         default=False,
         metadata={"help": "run the model's matrix products in bfloat16 on CPU (torch autocast; "
-                  "weights, gradients and loss stay fp32); for generation pass "
+                  "in training weights, gradients and loss stay fp32; for decoding the weight "
+                  "matrices are stored in bf16, with the same outputs); for generation pass "
                   "--model-overrides \"{'cpu_bf16': True}\". On GPU use fairseq's --fp16/--bf16/--amp"},
     )
     compile_step: bool = field(

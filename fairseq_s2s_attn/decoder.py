@@ -31,7 +31,7 @@ from torch import Tensor
 from fairseq.models import FairseqIncrementalDecoder
 from fairseq.modules import FairseqDropout
 
-from .attention import Attention
+from .attention import AdditiveScorer, Attention
 from .encoder import RNN_TYPES, same_sources
 from .precision import cast_for_products, cpu_autocast
 
@@ -495,6 +495,18 @@ class RNNDecoder(FairseqIncrementalDecoder):
             out, h = self.rnn(x, state["h"])
             c = None
         return out, {"h": h, "c": c, "feed": state.get("feed"), "cov": state.get("cov")}
+
+    def product_weights(self) -> List[Tensor]:
+        """Parameters that enter matrix products only, which autocast casts to bf16 before each
+        use: the RNN's weight matrices, every nn.Linear (attention projections, readout, output
+        layer, initial state) and the target embeddings (cast once by cast_for_products; the
+        tied output layer). Not the RNN's biases (``embedding_part`` sums the two in fp32), the
+        learned scalars g, or the additive score's v (``v_weight`` normalises it in fp32)."""
+        keep = {id(m.v.weight) for m in self.modules() if isinstance(m, AdditiveScorer)}
+        params = [p for name, p in self.rnn.named_parameters() if name.startswith("weight_")]
+        params += [p for m in self.modules() if isinstance(m, nn.Linear)
+                   for p in m.parameters() if id(p) not in keep]
+        return params + [self.embed_tokens.weight]
 
     def output_layer(self, features: Tensor) -> Tensor:
         if self.fc_out is None:

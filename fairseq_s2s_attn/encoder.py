@@ -157,6 +157,12 @@ class RNNEncoder(FairseqEncoder):
             for k, v in encoder_out.items()
         }
 
+    def product_weights(self) -> List[Tensor]:
+        """Parameters that enter matrix products only, cast to bf16 by autocast's RNN kernel
+        before use: all of the RNN's. Not the source embeddings: the kernel takes its input in
+        fp32 (and rounds it itself); a bf16 input would make it keep its state in bf16."""
+        return list(self.rnn.parameters())
+
     def max_positions(self) -> int:
         return self.max_source_positions
 

@@ -533,8 +533,8 @@ def run_generate(spec, cfg, task, batches, autocast, result):
 
     torch.manual_seed(spec["seed"])
     model = task.build_model(cfg.model)
-    model.eval()
     result.setdefault("params", sum(p.numel() for p in model.parameters()))
+    model.prepare_for_inference_(cfg)  # as fairseq-generate does (ours: bf16 product weights)
     for beam in spec["beams"]:
         gen = SequenceGenerator([model], task.target_dictionary, beam_size=beam,
                                 max_len_a=0, max_len_b=1, min_len=1)
@@ -636,7 +636,7 @@ def runtime_warmup(spec, cfg, task, train, gen, autocast):
         optimizer.step()
         del criterion, optimizer, loss
     if gen:
-        model.eval()
+        model.prepare_for_inference_(cfg)
         sample, length = gen[0]
         for beam in spec["beams"]:
             g = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0,

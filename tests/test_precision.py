@@ -107,6 +107,12 @@ def _train_and_decode(model, src, prev):
     logits.float().log_softmax(-1)[..., 4].sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.eval()
+    attn = extra["attn"][0]
+    return [logits.float()] + ([attn.float()] if attn is not None else []) + grads + _steps(model, src, prev)
+
+
+def _steps(model, src, prev):
+    """Incremental decoding, the batch reordered at step 2 (a row dropped, one repeated)."""
     state, steps = {}, []
     with torch.no_grad():
         enc = model.encoder(src, None)
@@ -118,8 +124,7 @@ def _train_and_decode(model, src, prev):
                 prev = prev.index_select(0, order)
             out, _ = model.decoder(prev[:, :t + 1], enc, incremental_state=state)
             steps.append(out.float())
-    attn = extra["attn"][0]
-    return [logits.float()] + ([attn.float()] if attn is not None else []) + grads + steps
+    return steps
 
 
 @pytest.mark.parametrize("name", HOIST_VARIANTS)
@@ -165,3 +170,132 @@ def test_beam_steps_do_not_cast_the_encoder_output_again(hoist, monkeypatch, gen
                 model.decoder(prev[:, :t + 1], enc, incremental_state=state)
     values_shape = tuple(enc["encoder_out"].transpose(0, 1).shape)
     assert (values_shape in casts) is (not hoist), casts
+
+
+# --cpu-bf16 decoding: prepare_for_inference_ stores the weights that enter only matrix products
+# in bf16 (RNNS2SModel.prepare_for_inference_); autocast would cast them to those values anyway
+STORED_VARIANTS = {
+    **HOIST_VARIANTS,
+    "bahdanau-normalized-shared-maxout": ("rnn_bahdanau_tiny", dict(
+        rnn_type="gru", attention_normalize=True, share_all_embeddings=True, readout="maxout",
+        decoder_init="backward_first")),
+    "luong-concat-scaled-tied-bridge": ("rnn_luong_tiny", dict(
+        attention="concat", share_decoder_input_output_embed=True, decoder_init="bridge",
+        input_feeding=True)),
+    "luong-dot-scaled-local-m": ("rnn_luong_tiny", dict(
+        attention="dot", attention_scale=True, attention_mode="local-m", local_window=2)),
+}
+
+
+def _inference_cfg(bf16=False, fp16=False):
+    return argparse.Namespace(common=argparse.Namespace(bf16=bf16, fp16=fp16),
+                              generation=argparse.Namespace(beam=3))
+
+
+def _decode(model, src, prev):
+    """Eval forward over whole targets (logits, attention), incremental decoding with the batch
+    reordered half-way, and beam search (tokens, scores, attention)."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    d = model.decoder.dictionary
+    lengths = src.ne(d.pad()).sum(1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, extra = model(src, lengths, prev)
+    outs = [logits.float()] + ([extra["attn"][0].float()] if extra["attn"][0] is not None else [])
+    outs += _steps(model, src, prev)
+    gen = SequenceGenerator([model], d, beam_size=3, max_len_b=6)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+    for hypos in gen.generate([model], sample):
+        for h in hypos:
+            outs += [h["tokens"].float(), h["positional_scores"].float(), h["score"].float().view(1)]
+            if h["attention"] is not None:
+                outs.append(h["attention"].float())
+    return outs
+
+
+@pytest.mark.parametrize("name", STORED_VARIANTS)
+def test_weights_stored_in_bf16_for_decoding_give_the_same_outputs(name, gen):
+    from conftest import random_tokens
+    arch, overrides = STORED_VARIANTS[name]
+    model = build_model(arch, seed=5, cpu_bf16=True, init_range=0.3, **overrides).eval()
+    d = model.decoder.dictionary
+    src = random_tokens(d, [7, 4, 6, 2], left_pad=True, generator=gen)
+    prev = random_tokens(d, [5, 3, 5, 1], left_pad=False, generator=gen, with_eos=False)
+    fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    before = _decode(model, src, prev)
+    model.prepare_for_inference_(_inference_cfg())
+    stored = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    bytes_ = sum(p.numel() * p.element_size() for p in model.parameters())
+    after = _decode(model, src, prev)
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the RNNs' weight matrices, the output layer and the target embeddings (unless shared with
+    # the source, which stays fp32 for the encoder's RNN) are stored in bf16
+    assert "encoder.rnn.weight_ih_l0" in stored and "decoder.rnn.weight_hh_l0" in stored
+    assert "encoder.embed_tokens.weight" not in stored and "decoder.rnn.bias_ih_l0" not in stored
+    shared = overrides.get("share_all_embeddings", False)
+    assert ("decoder.embed_tokens.weight" in stored) is not shared
+    assert bytes_ < 0.8 * fp32_bytes
+
+
+def test_weights_stay_fp32_without_cpu_bf16_and_for_training():
+    model = build_model("rnn_bahdanau_tiny", cpu_bf16=False)
+    model.prepare_for_inference_(_inference_cfg())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    bf16 = build_model("rnn_bahdanau_tiny", cpu_bf16=True)
+    bf16.train()  # validation and training never call prepare_for_inference_
+    bf16(torch.tensor([[5, 6, 2]]), torch.tensor([3]), torch.tensor([[2, 5]]))
+    assert {p.dtype for p in bf16.parameters()} == {torch.float32}
+
+
+def test_stored_weights_are_not_cast_again_while_decoding(gen):
+    """With fp32 weights autocast casts every weight matrix (and keeps the copy while its region
+    is open); with the stored ones no weight matrix is cast during a beam search."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from conftest import random_tokens
+    from fairseq.sequence_generator import SequenceGenerator
+
+    model = build_model("rnn_bahdanau_tiny", seed=5, cpu_bf16=True, init_range=0.3).eval()
+    d = model.decoder.dictionary
+    src = random_tokens(d, [7, 4, 6, 2], left_pad=True, generator=gen)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1)}}
+    # weight matrices; the additive score's v (1 x A) stays fp32 (normalised in fp32 when asked)
+    weights = {tuple(p.shape) for p in model.parameters() if p.dim() == 2 and p.size(0) > 1}
+
+    def cast_weights():
+        casts = []
+
+        class CastLog(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in weights:
+                    casts.append(tuple(args[0].shape))
+                return func(*args, **(kwargs or {}))
+
+        with CastLog():
+            SequenceGenerator([model], d, beam_size=3, max_len_b=5).generate([model], sample)
+        return casts
+
+    assert cast_weights()  # the fp32 model: autocast casts them
+    model.prepare_for_inference_(_inference_cfg())
+    assert cast_weights() == []
+
+
+def test_fairseq_generate_and_interactive_store_the_weights_in_bf16(small_data_bin, tmp_path):
+    common = ["--user-dir", REPO / "fairseq_s2s_attn", "--cpu"]
+    run("fairseq-train", small_data_bin, *common, "--arch", "rnn_bahdanau_tiny", "--cpu-bf16",
+        "--optimizer", "adam", "--lr", "0.005", "--max-tokens", 1000, "--max-update", 2,
+        "--save-dir", tmp_path, "--no-progress-bar", "--disable-validation")
+    ckpt = tmp_path / "checkpoint_last.pt"
+    gen = run("fairseq-generate", small_data_bin, *common, "--path", ckpt, "--beam", 3,
+              "--batch-size", 8)
+    assert "--cpu-bf16: weight matrices stored in bf16 for decoding" in gen.stderr + gen.stdout
+    assert sorted(parse_generate(gen.stdout)["H"]) == list(range(20))
+    fp32 = run("fairseq-generate", small_data_bin, *common, "--path", ckpt, "--beam", 3,
+               "--batch-size", 8, "--model-overrides", "{'cpu_bf16': False}")
+    assert "stored in bf16" not in fp32.stderr + fp32.stdout
+    inter = run("fairseq-interactive", small_data_bin, *common, "--path", ckpt, "--beam", 3,
+                input="3 4 5\n6 7\n")
+    assert "stored in bf16" in inter.stderr + inter.stdout
+    assert len([line for line in inter.stdout.splitlines() if line.startswith("H-")]) == 2
