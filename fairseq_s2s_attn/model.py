@@ -122,8 +122,9 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         runs those products in bf16 anyway, so every output is bit-identical; but it casts an
         fp32 weight first and keeps that bf16 copy while the search runs, so a model with fp32
         weights held both (decoding tensor memory 1.2-1.3x fairseq's lstm in fp32). Training
-        and validation never come here: their weights stay fp32. To move such a model to CUDA,
-        make it fp32 again (``model.float()``; the values stay rounded to bf16).
+        and validation never come here: their weights stay fp32. Moved off the CPU afterwards
+        (``hub.cuda()``), where --cpu-bf16 does nothing, the model gets them back in fp32
+        (``_apply``), holding the bf16-rounded values it decoded with.
         """
         super().prepare_for_inference_(cfg)
         params = []
@@ -133,10 +134,30 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
             # shared with the source embeddings (--share-all-embeddings): the encoder needs fp32
             source = self.encoder.embed_tokens.weight
             params += [p for p in self.decoder.product_weights() if p is not source]
-        freed = store_in_bf16_([p for p in params if p.device.type == "cpu"])
+        params = {id(p) for p in params if p.device.type == "cpu" and p.dtype != torch.bfloat16}
+        stored = [(name, p) for name, p in self.named_parameters() if id(p) in params]
+        freed = store_in_bf16_([p for _, p in stored])
+        self.__dict__["_stored_in_bf16"] = [name for name, _ in stored]
         if freed:
             logger.info(f"--cpu-bf16: weight matrices stored in bf16 for decoding "
                         f"({freed / 2 ** 20:.1f} MB less)")
+
+    def _apply(self, fn, *args, **kwargs):
+        """.cuda(), .to(...), .float(), ...: weights stored in bf16 for CPU decoding go back to
+        fp32 once the model is off the CPU (there, bf16 weights would meet fp32 activations)."""
+        super()._apply(fn, *args, **kwargs)
+        stored = self.__dict__.get("_stored_in_bf16")
+        params = dict(self.named_parameters())
+        if stored and params[stored[0]].device.type != "cpu":
+            with torch.no_grad():
+                for name in stored:
+                    if params[name].dtype == torch.bfloat16:
+                        params[name].data = params[name].data.float()
+            for m in self.modules():
+                if isinstance(m, nn.RNNBase):
+                    m.flatten_parameters()
+            self.__dict__["_stored_in_bf16"] = None
+        return self
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         check_state_dict_fits(self, state_dict, strict=strict)

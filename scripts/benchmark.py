@@ -527,7 +527,10 @@ def train_tensor_peak(spec, model, optimizer, forward_backward, timed, result):
     result["train_tensor_mb"] = peak / 2 ** 20
 
 
-def run_generate(spec, cfg, task, batches, autocast, result):
+def run_generate(spec, cfg, task, batches, autocast, result, rss_peak=None):
+    """Timed beam search at each beam size (the RSS peak, ``rss_peak()``, is read after these
+    passes), then the profiled pass of the first beam size and its tensor memory: the profiler's
+    event records would otherwise count as generation memory, more for models of more ops."""
     import torch
     from fairseq.sequence_generator import SequenceGenerator
 
@@ -535,16 +538,18 @@ def run_generate(spec, cfg, task, batches, autocast, result):
     model = task.build_model(cfg.model)
     result.setdefault("params", sum(p.numel() for p in model.parameters()))
     model.prepare_for_inference_(cfg)  # as fairseq-generate does (ours: bf16 product weights)
+    translators = {}
     for beam in spec["beams"]:
         gen = SequenceGenerator([model], task.target_dictionary, beam_size=beam,
                                 max_len_a=0, max_len_b=1, min_len=1)
 
-        def translate(sample, length):
+        def translate(sample, length, gen=gen):
             gen.max_len_b, gen.min_len = length, length  # exactly `length` tokens, then EOS
             with autocast():
                 hypos = gen.generate([model], sample)
             return sum(len(h[0]["tokens"]) for h in hypos)
 
+        translators[beam] = gen, translate
         translate(*batches[0])  # warm-up
         sentences, tokens, t0 = 0, 0, time.perf_counter()
         for sample, length in batches:
@@ -553,12 +558,15 @@ def run_generate(spec, cfg, task, batches, autocast, result):
         seconds = time.perf_counter() - t0
         result[f"beam{beam}"] = dict(seconds=seconds, sentences=sentences, tokens=tokens,
                                      sent_s=sentences / seconds, tok_s=tokens / seconds)
-        if beam == spec["beams"][0]:
-            result[f"beam{beam}"]["breakdown"] = generation_breakdown(gen, batches, translate)
-            # tensor memory of the first batch, the model's parameters counted as static
-            with TensorPeak(storage_bytes(list(model.parameters()))) as tp:
-                translate(*batches[0])
-            result["gen_tensor_mb"] = tp.peak / 2 ** 20
+    if rss_peak is not None:
+        result["gen_peak_mb"] = rss_peak()
+    beam = spec["beams"][0]
+    gen, translate = translators[beam]
+    result[f"beam{beam}"]["breakdown"] = generation_breakdown(gen, batches, translate)
+    # tensor memory of the first batch, the model's parameters counted as static
+    with TensorPeak(storage_bytes(list(model.parameters()))) as tp:
+        translate(*batches[0])
+    result["gen_tensor_mb"] = tp.peak / 2 ** 20
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
@@ -694,8 +702,8 @@ def worker(spec):
         release_memory()
     if "generate" in phases:
         rss.reset()
-        run_generate(spec, cfg, task, gb, autocast, result)
-        result["gen_peak_mb"] = max(0, rss.peak() - baseline) / 1024
+        run_generate(spec, cfg, task, gb, autocast, result,
+                     rss_peak=lambda: max(0, rss.peak() - baseline) / 1024)
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -1968,7 +1976,9 @@ def main(argv=None):
                + " Ratios (× lstm) are against fairseq's lstm at fp32; for memory, lower is better.", "",
                "Columns: train tok/s = target tokens (incl. EOS) per second of forward + backward + "
                "Adam step; beam-k sent/s, tok/s = sentences and generated tokens (incl. EOS) per "
-               "second; train/gen peak MB = growth of peak RSS in the training/generation phase; "
+               "second; train/gen peak MB = growth of peak RSS in the training/generation phase (gen: "
+               "model loading, its preparation for inference and the timed beam searches; read "
+               "before the profiled pass); "
                "GFLOP/update = matrix-product FLOPs of one training update (forward + backward, mean "
                "over the timed updates); GFLOP/s = those FLOPs per second of training; % of peak = "
                "GFLOP/s over the measured matmul peak of the row's precision.", ""]

@@ -299,3 +299,18 @@ def test_fairseq_generate_and_interactive_store_the_weights_in_bf16(small_data_b
                 input="3 4 5\n6 7\n")
     assert "stored in bf16" in inter.stderr + inter.stdout
     assert len([line for line in inter.stdout.splitlines() if line.startswith("H-")]) == 2
+
+
+def test_stored_weights_go_back_to_fp32_when_the_model_leaves_the_cpu():
+    """--cpu-bf16 does nothing off the CPU: a prepared model moved to another device (here
+    "meta", as .cuda() would) gets fp32 weights again; the ones that were never stored keep
+    theirs, and a model moved within the CPU keeps the bf16 ones."""
+    model = build_model("rnn_luong_tiny", cpu_bf16=True).eval()
+    model.prepare_for_inference_(_inference_cfg())
+    stored = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    assert stored
+    model.to("cpu")
+    assert {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16} == stored
+    model.to("meta")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.device.type for p in model.parameters()} == {"meta"}
