@@ -63,6 +63,9 @@ class RNNEncoder(FairseqEncoder):
     ):
         super().__init__(dictionary)
         self.cpu_bf16 = cpu_bf16
+        # the dtype the RNN takes its input in where the embeddings are stored narrower (bf16
+        # for --cpu-bf16 decoding, see product_weights); None: the embeddings' own dtype
+        self.rnn_input_dtype: Optional[torch.dtype] = None
         self.embed_tokens = embed_tokens
         self.padding_idx = embed_tokens.padding_idx
         self.hidden_size = hidden_size
@@ -98,7 +101,10 @@ class RNNEncoder(FairseqEncoder):
         if self.reverse_source:  # Luong et al.'s baseline feeds the source reversed
             tokens = _reverse_padded(tokens, lengths)
 
-        x = self.dropout_in(self.embed_tokens(tokens))  # B x T x E
+        x = self.embed_tokens(tokens)  # B x T x E
+        if self.rnn_input_dtype is not None:
+            x = x.to(self.rnn_input_dtype)
+        x = self.dropout_in(x)
         x = x.transpose(0, 1)  # T x B x E
         if bool((lengths == seqlen).all()):
             out, state = self.rnn(x)
@@ -158,10 +164,11 @@ class RNNEncoder(FairseqEncoder):
         }
 
     def product_weights(self) -> List[Tensor]:
-        """Parameters that enter matrix products only, cast to bf16 by autocast's RNN kernel
-        before use: all of the RNN's. Not the source embeddings: the kernel takes its input in
-        fp32 (and rounds it itself); a bf16 input would make it keep its state in bf16."""
-        return list(self.rnn.parameters())
+        """Parameters whose values reach matrix products only in bf16 under autocast: all of the
+        RNN's (its kernel casts them) and the source embeddings (the kernel rounds its fp32
+        input to bf16 itself). Stored in bf16, the embeddings must reach the RNN as fp32 again
+        (``rnn_input_dtype``): a bf16 input would make the kernel keep its state in bf16."""
+        return list(self.rnn.parameters()) + [self.embed_tokens.weight]
 
     def max_positions(self) -> int:
         return self.max_source_positions

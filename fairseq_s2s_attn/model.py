@@ -118,7 +118,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         """Called once before decoding by fairseq-generate, fairseq-interactive and the hub.
 
         With --cpu-bf16 on CPU the weights that enter only matrix products (``product_weights``
-        of the encoder and decoder: 70-80% of the parameters) are then stored in bf16. Autocast
+        of the encoder and decoder: all but the biases, scalars and v) are then stored in bf16. Autocast
         runs those products in bf16 anyway, so every output is bit-identical; but it casts an
         fp32 weight first and keeps that bf16 copy while the search runs, so a model with fp32
         weights held both (decoding tensor memory 1.2-1.3x fairseq's lstm in fp32). Training
@@ -131,11 +131,15 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         if self.encoder.cpu_bf16:
             params += self.encoder.product_weights()
         if self.decoder.cpu_bf16:
-            # shared with the source embeddings (--share-all-embeddings): the encoder needs fp32
-            source = self.encoder.embed_tokens.weight
-            params += [p for p in self.decoder.product_weights() if p is not source]
+            params += self.decoder.product_weights()
+        source = self.encoder.embed_tokens.weight
+        if any(p is source for p in params) and not self.encoder.cpu_bf16:
+            # shared (--share-all-embeddings) with an encoder that runs without autocast
+            params = [p for p in params if p is not source]
         params = {id(p) for p in params if p.device.type == "cpu" and p.dtype != torch.bfloat16}
         stored = [(name, p) for name, p in self.named_parameters() if id(p) in params]
+        if id(source) in params:
+            self.encoder.rnn_input_dtype = source.dtype
         freed = store_in_bf16_([p for _, p in stored])
         self.__dict__["_stored_in_bf16"] = [name for name, _ in stored]
         if freed:
@@ -156,6 +160,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
             for m in self.modules():
                 if isinstance(m, nn.RNNBase):
                     m.flatten_parameters()
+            self.encoder.rnn_input_dtype = None
             self.__dict__["_stored_in_bf16"] = None
         return self
 
