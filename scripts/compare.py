@@ -217,7 +217,7 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=list(PRECISION_FLAGS), default="fp32",
                    help="fairseq's precision options for every model without its own @PRECISION")
-    p.add_argument("--gen-batch-size", type=int, default=64)
+    p.add_argument("--gen-batch-size", type=int, default=32)
     p.add_argument("--lenpen", type=float, nargs="+", default=[1.0],
                    help="fairseq-generate's length penalty for beam 5 (hypothesis score divided by "
                    "length^lenpen; above 1 favours longer outputs): one value for every model, or "

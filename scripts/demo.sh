@@ -57,8 +57,9 @@ fi
 
 step "3/5 translate the test set with beam search (fairseq-generate --beam 5)"
 if [ ! -s "$OUT/hyp.txt" ] || [ "$OUT/hyp.txt" -ot "$CKPT/checkpoint_best.pt" ]; then
+    # batches of 32: about twice as fast as 64 on CPU, 0.6 GB less memory, same BLEU (BENCHMARKS.md)
     fairseq-generate "$WORK/data-bin" --user-dir fairseq_s2s_attn --path "$CKPT/checkpoint_best.pt" \
-        --beam 5 --batch-size 64 --post-process sentencepiece --cpu \
+        --beam 5 --batch-size 32 --post-process sentencepiece --cpu \
         > "$OUT/generate.out" 2> "$OUT/generate.log"
     # D- lines hold the detokenised hypotheses; order them by sentence id
     grep '^D-' "$OUT/generate.out" | sed 's/^D-//' | sort -n -k1,1 | cut -f3 > "$OUT/hyp.txt"
