@@ -118,11 +118,12 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         """Called once before decoding by fairseq-generate, fairseq-interactive and the hub.
 
         With --cpu-bf16 on CPU the weights that enter only matrix products (``product_weights``
-        of the encoder and decoder: all but the biases, scalars and v) are then stored in bf16. Autocast
-        runs those products in bf16 anyway, so every output is bit-identical; but it casts an
-        fp32 weight first and keeps that bf16 copy while the search runs, so a model with fp32
-        weights held both (decoding tensor memory 1.2-1.3x fairseq's lstm in fp32). Training
-        and validation never come here: their weights stay fp32. Moved off the CPU afterwards
+        of the encoder and decoder: all but the decoder RNN's biases, the scalars g and v) are
+        then stored in bf16. Autocast runs those products in bf16 anyway, so every output is
+        bit-identical; but it casts an fp32 weight first and keeps that bf16 copy while the
+        search runs, so a model with fp32 weights held both (beam-search tensor memory 1.2-1.3x
+        fairseq's lstm in fp32; 0.6-0.8x stored). Training and validation never come here:
+        their weights stay fp32. Moved off the CPU afterwards
         (``hub.cuda()``), where --cpu-bf16 does nothing, the model gets them back in fp32
         (``_apply``), holding the bf16-rounded values it decoded with.
         """
@@ -151,7 +152,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         fp32 once the model is off the CPU (there, bf16 weights would meet fp32 activations)."""
         super()._apply(fn, *args, **kwargs)
         stored = self.__dict__.get("_stored_in_bf16")
-        params = dict(self.named_parameters())
+        params = dict(self.named_parameters()) if stored else {}
         if stored and params[stored[0]].device.type != "cpu":
             with torch.no_grad():
                 for name in stored:
