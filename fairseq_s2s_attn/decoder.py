@@ -218,6 +218,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
         super().__init__(dictionary)
         self.cpu_bf16 = cpu_bf16
         self.compile_step = compile_step
+        # whether forward returns the attention outside training; see make_generation_fast_
+        self.need_attn = True
         if attention_placement not in PLACEMENTS:
             raise ValueError(f"attention placement {attention_placement!r}; choose one of {PLACEMENTS}")
         if init not in DECODER_INITS:
@@ -307,7 +309,17 @@ class RNNDecoder(FairseqIncrementalDecoder):
             x, attn = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
             if not features_only:
                 x = self.output_layer(x)
+        if not self.training and not self.need_attn:
+            attn = None
         return x, {"attn": [attn]}
+
+    def make_generation_fast_(self, need_attn: bool = False, **kwargs):
+        """fairseq-generate, fairseq-interactive and the hub (``prepare_for_inference_``) ask for
+        the attention only with --print-alignment, as fairseq's LSTMDecoder does. Without it the
+        search keeps no attention: fairseq's SequenceGenerator otherwise fills a
+        (B * beam) x S x max_len buffer and reorders it (index_select up to the current step)
+        at every step. The context is computed the same way either way."""
+        self.need_attn = need_attn
 
     def extract_features(
         self,

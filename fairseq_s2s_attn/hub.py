@@ -57,6 +57,9 @@ class Translator:
         single = isinstance(sentences, str)
         batch = [sentences] if single else list(sentences)
         encoded = [self.hub.encode(s) for s in batch]
+        for model in self.hub.models:  # prepared for inference: attention only when asked for
+            if hasattr(model.decoder, "need_attn"):
+                model.decoder.need_attn = return_attention
         hypos = self.hub.generate(encoded, beam=beam, **generate_args)
         out = []
         for src, hyps in zip(encoded, hypos):

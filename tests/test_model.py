@@ -375,3 +375,36 @@ def test_beam_search_of_a_cpu_bf16_model_runs_in_one_autocast_region(cpu_bf16):
     assert len(hypos) == 3 and len(seen) > 2  # the encoder, then one call per step
     assert seen == [cpu_bf16] * len(seen)
     assert not torch.is_autocast_enabled("cpu")  # and the region is closed afterwards
+
+
+@pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "rnn_luong_tiny"])
+def test_generation_returns_attention_only_when_asked(arch):
+    """As fairseq's LSTMDecoder: a model prepared for inference without --print-alignment returns
+    no attention, so fairseq's search keeps no (B * beam) x S x max_len buffer; the hypotheses and
+    scores are the same. Training, and --print-alignment, still get it."""
+    d = make_dict()
+
+    def prepared(print_alignment):
+        model = build_model(arch, seed=3)
+        cfg = argparse.Namespace(common=argparse.Namespace(bf16=False, fp16=False),
+                                 generation=argparse.Namespace(beam=3, print_alignment=print_alignment))
+        model.prepare_for_inference_(cfg)
+        return model
+
+    def search(model):
+        generator = SequenceGenerator([model], d, beam_size=3, max_len_a=0, max_len_b=5)
+        return [h for hypos in generator.generate([model], _sample(d)) for h in hypos]
+
+    with_attn, without = search(prepared(True)), search(prepared(False))
+    assert all(h["attention"].numel() > 0 for h in with_attn)
+    assert all(h["attention"].numel() == 0 for h in without)
+    for a, b in zip(with_attn, without):
+        assert torch.equal(a["tokens"], b["tokens"])
+        torch.testing.assert_close(a["positional_scores"], b["positional_scores"], rtol=0, atol=0)
+
+    model = build_model(arch, seed=3)
+    model.decoder.make_generation_fast_(need_attn=False)
+    src = random_tokens(d, [4, 3], left_pad=True)
+    prev = random_tokens(d, [3, 2], left_pad=False, with_eos=False)
+    assert model.train()(src, src.ne(d.pad()).sum(1), prev)[1]["attn"][0] is not None
+    assert model.eval()(src, src.ne(d.pad()).sum(1), prev)[1]["attn"][0] is None

@@ -187,9 +187,9 @@ STORED_VARIANTS = {
 }
 
 
-def _inference_cfg(bf16=False, fp16=False):
+def _inference_cfg(bf16=False, fp16=False, print_alignment=True):
     return argparse.Namespace(common=argparse.Namespace(bf16=bf16, fp16=fp16),
-                              generation=argparse.Namespace(beam=3))
+                              generation=argparse.Namespace(beam=3, print_alignment=print_alignment))
 
 
 def _decode(model, src, prev):
