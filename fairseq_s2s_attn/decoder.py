@@ -531,17 +531,21 @@ class RNNDecoder(FairseqIncrementalDecoder):
         return encoder_out["final_hidden"][-1]
 
     def initial_state(self, encoder_out: Dict[str, Optional[Tensor]]) -> State:
-        """h, c (L x B x H), fed-back h~ (B x O), target step (B, long), coverage (B x S)."""
+        """h, c (L x B x H), fed-back h~ (B x O), target step (B, long), coverage (B x S).
+
+        New states take the dtype of the encoder's final state (its RNN's own output dtype), not
+        of its outputs, which the encoder casts to bf16 in --cpu-bf16 inference."""
         values = encoder_out["encoder_out"]  # S x B x C
+        like = encoder_out["final_hidden"]  # L x B x C
         shape = (values.size(1), self.hidden_size)
         source = self.init_from  # final, or backward_first (Bahdanau's h<-_1)
-        h = self.init_hidden(encoder_out[source + "_hidden"], self.num_layers, shape, values)
+        h = self.init_hidden(encoder_out[source + "_hidden"], self.num_layers, shape, like)
         c = None
         if self.init_cell is not None:
-            c = self.init_cell(encoder_out.get(source + "_cell"), self.num_layers, shape, values)
-        feed = values.new_zeros(shape[0], self.out_embed_dim) if self.input_feeding else None
+            c = self.init_cell(encoder_out.get(source + "_cell"), self.num_layers, shape, like)
+        feed = like.new_zeros(shape[0], self.out_embed_dim) if self.input_feeding else None
         step = torch.zeros(shape[0], dtype=torch.long, device=values.device)
-        cov = values.new_zeros(shape[0], values.size(0)) if self.coverage else None
+        cov = like.new_zeros(shape[0], values.size(0)) if self.coverage else None
         return {"h": h, "c": c, "feed": feed, "step": step, "cov": cov}
 
     def _get_cache(self, incremental_state) -> Optional[State]:

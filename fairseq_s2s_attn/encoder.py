@@ -9,7 +9,7 @@ from torch import Tensor
 from fairseq.models import FairseqEncoder
 from fairseq.modules import FairseqDropout
 
-from .precision import cpu_autocast
+from .precision import cast_for_products, cpu_autocast
 
 RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -120,6 +120,10 @@ class RNNEncoder(FairseqEncoder):
             inverse = torch.argsort(order, dim=1)  # B x T
             out = out.gather(0, inverse.t().unsqueeze(-1).expand(-1, -1, out.size(2)))
 
+        # inference under --cpu-bf16: the decoder uses the outputs in bf16 products only (it would
+        # cast them itself); one bf16 copy instead of the fp32 one and its cast, and fairseq's
+        # search keeps and reorders it once per hypothesis
+        out = cast_for_products(out)
         hidden, cell = state if isinstance(state, tuple) else (state, None)
         result: Dict[str, Optional[Tensor]] = {
             "encoder_out": out,  # T x B x C

@@ -313,3 +313,17 @@ def test_stored_weights_go_back_to_fp32_when_the_model_leaves_the_cpu():
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert model.encoder.rnn_input_dtype is None
+
+
+def test_encoder_outputs_are_kept_in_bf16_for_decoding_only(monkeypatch, gen):
+    """In --cpu-bf16 inference the encoder hands over its outputs in bf16 (the decoder uses them
+    in bf16 products only; fairseq's search keeps one copy per hypothesis), its final states in
+    the RNN's own dtype; in training the outputs stay as the RNN made them (fp32 here)."""
+    from conftest import random_tokens
+    model = _bf16_model("bahdanau-gru-coverage", True, monkeypatch)
+    src = random_tokens(model.encoder.dictionary, [7, 4, 6, 2], left_pad=True, generator=gen)
+    with torch.no_grad():
+        out = model.eval().encoder(src, None)
+    assert out["encoder_out"].dtype == torch.bfloat16 and out["final_hidden"].dtype == torch.float32
+    out = model.train().encoder(src, None)
+    assert out["encoder_out"].dtype == torch.float32
