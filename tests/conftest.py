@@ -102,6 +102,12 @@ def build_model(arch: str = "rnn_bahdanau_tiny", task=None, seed: int = 0, dropo
     return RNNS2SModel.build_model(args, task).to(dtype)
 
 
+def inference_cfg(bf16: bool = False, fp16: bool = False, print_alignment: bool = False):
+    """The parts of fairseq-generate's config that ``prepare_for_inference_`` reads."""
+    return argparse.Namespace(common=argparse.Namespace(bf16=bf16, fp16=fp16),
+                              generation=argparse.Namespace(beam=3, print_alignment=print_alignment))
+
+
 def random_tokens(d: Dictionary, lengths, left_pad: bool, generator=None, with_eos: bool = True):
     """B x max(lengths) tokens of d (no special symbols except a final eos), padded left or right."""
     bsz, width = len(lengths), max(lengths)

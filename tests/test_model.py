@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
-from conftest import ARCH_FNS, FakeTask, build_model, make_args, make_dict, random_tokens
+from conftest import (ARCH_FNS, FakeTask, build_model, inference_cfg, make_args, make_dict,
+                      random_tokens)
 from fairseq_s2s_attn.config import RNNS2SConfig
 from fairseq_s2s_attn.model import TINY, ConfigError, RNNS2SModel, check_config
 
@@ -386,9 +387,7 @@ def test_generation_returns_attention_only_when_asked(arch):
 
     def prepared(print_alignment):
         model = build_model(arch, seed=3)
-        cfg = argparse.Namespace(common=argparse.Namespace(bf16=False, fp16=False),
-                                 generation=argparse.Namespace(beam=3, print_alignment=print_alignment))
-        model.prepare_for_inference_(cfg)
+        model.prepare_for_inference_(inference_cfg(print_alignment=print_alignment))
         return model
 
     def search(model):

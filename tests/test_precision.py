@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from clitools import REPO, parse_generate, run
-from conftest import build_model
+from conftest import build_model, inference_cfg
 from fairseq_s2s_attn import precision
 
 USER_DIR = ("--user-dir", REPO / "fairseq_s2s_attn")
@@ -146,28 +146,21 @@ def test_casts_made_once_give_the_plain_autocast_path_exactly(name, monkeypatch,
 def test_beam_steps_do_not_cast_the_encoder_output_again(hoist, monkeypatch, gen):
     """After the first incremental step no step casts the B x S x C encoder output (the plain
     autocast path casts it at every step's context product, as the second case shows)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from conftest import random_tokens
     model = _bf16_model("bahdanau-lstm", hoist, monkeypatch).eval()
     d = model.decoder.dictionary
     src = random_tokens(d, [7, 4, 6, 2], left_pad=True, generator=gen)
     prev = random_tokens(d, [5, 3, 5, 1], left_pad=False, generator=gen, with_eos=False)
-    casts = []
 
-    class CastLog(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._to_copy.default:
-                casts.append(tuple(args[0].shape))
-            return func(*args, **(kwargs or {}))
+    def later_steps():
+        for t in range(1, prev.size(1)):
+            model.decoder(prev[:, :t + 1], enc, incremental_state=state)
 
     with torch.no_grad():
         enc = model.encoder(src, None)
         state = {}
         model.decoder(prev[:, :1], enc, incremental_state=state)
-        with CastLog():
-            for t in range(1, prev.size(1)):
-                model.decoder(prev[:, :t + 1], enc, incremental_state=state)
+        casts = _cast_shapes(later_steps)
     values_shape = tuple(enc["encoder_out"].transpose(0, 1).shape)
     assert (values_shape in casts) is (not hoist), casts
 
@@ -187,9 +180,26 @@ STORED_VARIANTS = {
 }
 
 
-def _inference_cfg(bf16=False, fp16=False, print_alignment=True):
-    return argparse.Namespace(common=argparse.Namespace(bf16=bf16, fp16=fp16),
-                              generation=argparse.Namespace(beam=3, print_alignment=print_alignment))
+def _inference_cfg():
+    """As fairseq-generate --print-alignment: the attention is compared too."""
+    return inference_cfg(print_alignment=True)
+
+
+def _cast_shapes(fn):
+    """Shapes of the tensors cast (aten._to_copy) while fn() runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    casts = []
+
+    class CastLog(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                casts.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with CastLog():
+        fn()
+    return casts
 
 
 def _decode(model, src, prev):
@@ -250,8 +260,6 @@ def test_weights_stay_fp32_without_cpu_bf16_and_for_training():
 def test_stored_weights_are_not_cast_again_while_decoding(gen):
     """With fp32 weights autocast casts every weight matrix (and keeps the copy while its region
     is open); with the stored ones no weight matrix is cast during a beam search."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from conftest import random_tokens
     from fairseq.sequence_generator import SequenceGenerator
 
@@ -263,17 +271,8 @@ def test_stored_weights_are_not_cast_again_while_decoding(gen):
     weights = {tuple(p.shape) for p in model.parameters() if p.dim() == 2 and p.size(0) > 1}
 
     def cast_weights():
-        casts = []
-
-        class CastLog(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in weights:
-                    casts.append(tuple(args[0].shape))
-                return func(*args, **(kwargs or {}))
-
-        with CastLog():
-            SequenceGenerator([model], d, beam_size=3, max_len_b=5).generate([model], sample)
-        return casts
+        search = SequenceGenerator([model], d, beam_size=3, max_len_b=5)
+        return [s for s in _cast_shapes(lambda: search.generate([model], sample)) if s in weights]
 
     assert cast_weights()  # the fp32 model: autocast casts them
     model.prepare_for_inference_(_inference_cfg())
