@@ -77,17 +77,16 @@ class AdditiveScorer(nn.Module):
         return v
 
     def forward(self, query: Tensor, keys: Tensor, coverage: Optional[Tensor] = None) -> Tensor:
+        """query B [x T] x Q, keys B x S x A, coverage (one per query) B [x T] x S -> B [x T] x S."""
         q = self.query_proj(query)  # B x A  or  B x T x A
-        if coverage is not None:  # B x S -> B x S x A
+        if q.dim() == 2:
+            q = q.unsqueeze(1)  # B x 1 x A (with keys B x S x A)
+        else:
+            q, keys = q.unsqueeze(2), keys.unsqueeze(1)  # B x T x 1 x A, B x 1 x S x A
+        if coverage is not None:  # B [x T] x S -> B [x T] x S x A
             if self.coverage_proj is None:
                 raise ValueError("coverage given to a scorer built without coverage")
             keys = keys + self.coverage_proj(coverage.unsqueeze(-1).to(keys.dtype))
-        if q.dim() == 2:
-            q, keys = q.unsqueeze(1), keys  # B x 1 x A, B x S x A
-        else:
-            if coverage is not None:
-                raise ValueError("coverage changes every step: score one step at a time")
-            q, keys = q.unsqueeze(2), keys.unsqueeze(1)  # B x T x 1 x A, B x 1 x S x A
         return AdditiveScore.apply(q, keys, self.v_weight())
 
 
@@ -319,23 +318,39 @@ class Attention(nn.Module):
         step: Optional[Tensor] = None,
         coverage: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
-        """query: B x Q or B x T x Q -> (context B x [T x] C, weights B x [T x] S).
+        """query: N x Q or N x T x Q -> (context N x [T x] C, weights N x [T x] S), for keys,
+        values and padding_mask of B source rows, N = groups * B: each source row serves
+        ``groups`` consecutive queries (beam search's hypotheses of one sentence; 1 elsewhere),
+        and is scored and summed once for all of them (one B x groups x Q product, not N).
 
-        step: B (long), the 0-based target position of the (first) query, needed by local-m;
-        a B x T x Q query covers steps step .. step + T - 1.
-        coverage: B x S, sum of the previous steps' weights (one step at a time only).
+        step: N (long), the 0-based target position of the (first) query, needed by local-m;
+        an N x T x Q query covers steps step .. step + T - 1.
+        coverage: N x S, sum of the previous steps' weights (one step at a time only).
         """
-        scores = self.scorer(query, keys) if coverage is None else self.scorer(query, keys, coverage)
+        groups = query.size(0) // keys.size(0)
+        if groups * keys.size(0) != query.size(0):
+            raise ValueError(f"{query.size(0)} queries for {keys.size(0)} source rows: each row "
+                             f"serves the same number of consecutive queries")
+        if groups > 1:  # beam search: consecutive runs of `groups` hypotheses share a source row
+            grouped = query.reshape(keys.size(0), -1, query.size(-1))  # B x (groups [x T]) x Q
+            if coverage is not None:
+                coverage = coverage.reshape(keys.size(0), -1, coverage.size(-1))
+            scores = self._scores(grouped, keys, coverage).view(*query.shape[:-1], -1)
+            if padding_mask is not None:
+                padding_mask = padding_mask.repeat_interleave(groups, dim=0)
+        else:
+            scores = self._scores(query, keys, coverage)
         if self.mode == "global":
             weights = masked_softmax(scores, padding_mask)
         else:
-            weights = self._local_weights(query, scores, values, padding_mask, step)
+            weights = self._local_weights(query, scores, padding_mask, step)
         weights = weights.to(values.dtype)
-        if weights.dim() == 2:
-            context = torch.bmm(weights.unsqueeze(1), values).squeeze(1)
-        else:
-            context = torch.bmm(weights, values)
-        return context, weights
+        # B x ([groups x] [T x]) S by B x S x C: one product per source row
+        context = torch.bmm(weights.reshape(values.size(0), -1, weights.size(-1)), values)
+        return context.view(*weights.shape[:-1], -1), weights
+
+    def _scores(self, query: Tensor, keys: Tensor, coverage: Optional[Tensor]) -> Tensor:
+        return self.scorer(query, keys) if coverage is None else self.scorer(query, keys, coverage)
 
     def predict_position(self, query: Tensor, lengths: Tensor) -> Tensor:
         """local-p, Luong eq. (9): p_t = S sigmoid(v_p^T tanh(W_p h_t)); B [x T]."""
@@ -343,9 +358,9 @@ class Attention(nn.Module):
         p = p.to(torch.promote_types(p.dtype, torch.float32))  # positions need more than bf16
         return lengths.view(-1, *([1] * (p.dim() - 1))).to(p.dtype) * p
 
-    def _local_weights(self, query, scores, values, padding_mask, step):
-        pos, lengths = source_positions(padding_mask, values)  # B x S, B
+    def _local_weights(self, query, scores, padding_mask, step):
         batched = scores.dim() == 3
+        pos, lengths = source_positions(padding_mask, scores[:, 0] if batched else scores)  # B x S, B
         if self.mode == "local-m":
             if step is None:
                 raise ValueError("local-m attention needs the target step")

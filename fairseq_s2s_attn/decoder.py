@@ -32,7 +32,7 @@ from fairseq.models import FairseqIncrementalDecoder
 from fairseq.modules import FairseqDropout
 
 from .attention import AdditiveScorer, Attention
-from .encoder import RNN_TYPES, same_sources
+from .encoder import RNN_TYPES
 from .precision import cast_for_products, cpu_autocast
 
 PLACEMENTS = ("none", "before", "after")
@@ -331,16 +331,19 @@ class RNNDecoder(FairseqIncrementalDecoder):
         cached = self._get_cache(incremental_state)
         if cached is not None:
             prev_output_tokens = prev_output_tokens[:, -1:]
+        # one row per source sentence; in beam search each serves `groups` consecutive hypotheses
+        # (RNNEncoder.reorder_encoder_out): the source side is kept and used once per sentence
         padding_mask = encoder_out["encoder_padding_mask"]  # B x S
-        if cached is None:
-            state = self.initial_state(encoder_out)
+        groups = prev_output_tokens.size(0) // padding_mask.size(0)
+        src_ids = encoder_out.get("src_ids")
+        if cached is None or cached.get("src_ids") is None or src_ids is None:
+            state = self.initial_state(encoder_out, groups) if cached is None else cached
             # B x S x C, cast once for the products of every step (kept in the incremental state)
             values = cast_for_products(encoder_out["encoder_out"].transpose(0, 1))
             keys = self.attention.keys(values, padding_mask) if self.attention is not None else None
-            src_ids = encoder_out.get("src_ids")
         else:
-            state, keys, src_ids = cached, cached.get("keys"), cached.get("src_ids")
-            values = cached.get("values")
+            state = cached
+            keys, values = self._follow_source_rows(cached, src_ids)
             if values is None:
                 values = encoder_out["encoder_out"].transpose(0, 1)
 
@@ -348,6 +351,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
         emb = cast_for_products(emb).transpose(0, 1)  # T x B x E
         if self.placement == "none":
             fixed = cast_for_products(self._summary(encoder_out))  # B x C
+            if groups > 1:
+                fixed = fixed.repeat_interleave(groups, dim=0)  # (B * groups) x C
         else:
             fixed = None
 
@@ -530,23 +535,43 @@ class RNNDecoder(FairseqIncrementalDecoder):
         """Vanilla context c: the encoder's top-layer final state, both directions (B x C)."""
         return encoder_out["final_hidden"][-1]
 
-    def initial_state(self, encoder_out: Dict[str, Optional[Tensor]]) -> State:
-        """h, c (L x B x H), fed-back h~ (B x O), target step (B, long), coverage (B x S).
+    def initial_state(self, encoder_out: Dict[str, Optional[Tensor]], groups: int = 1) -> State:
+        """h, c (L x B x H), fed-back h~ (B x O), target step (B, long), coverage (B x S), for
+        B = groups hypotheses per source row (consecutive), starting equal.
 
         New states take the dtype of the encoder's final state (its RNN's own output dtype), not
         of its outputs, which the encoder casts to bf16 in --cpu-bf16 inference."""
         values = encoder_out["encoder_out"]  # S x B x C
         like = encoder_out["final_hidden"]  # L x B x C
         shape = (values.size(1), self.hidden_size)
+        rows = shape[0] * groups
         source = self.init_from  # final, or backward_first (Bahdanau's h<-_1)
         h = self.init_hidden(encoder_out[source + "_hidden"], self.num_layers, shape, like)
         c = None
         if self.init_cell is not None:
             c = self.init_cell(encoder_out.get(source + "_cell"), self.num_layers, shape, like)
-        feed = like.new_zeros(shape[0], self.out_embed_dim) if self.input_feeding else None
-        step = torch.zeros(shape[0], dtype=torch.long, device=values.device)
-        cov = like.new_zeros(shape[0], values.size(0)) if self.coverage else None
+        if groups > 1:
+            h = h.repeat_interleave(groups, dim=1)
+            c = None if c is None else c.repeat_interleave(groups, dim=1)
+        feed = like.new_zeros(rows, self.out_embed_dim) if self.input_feeding else None
+        step = torch.zeros(rows, dtype=torch.long, device=values.device)
+        cov = like.new_zeros(rows, values.size(0)) if self.coverage else None
         return {"h": h, "c": c, "feed": feed, "step": step, "cov": cov}
+
+    @staticmethod
+    def _follow_source_rows(cached: State, src_ids: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The cached source side (attention keys, cast values: B x S x ...) for the source rows
+        the encoder output holds now. reorder_incremental_state reorders the hypotheses only;
+        reorder_encoder_out changes the source rows when a sentence is finished (src_ids: the
+        sentence each row holds, B)."""
+        keys, values, cached_ids = cached.get("keys"), cached.get("values"), cached["src_ids"]
+        if torch.equal(src_ids, cached_ids):
+            return keys, values
+        # the cached row of each sentence (rows holding the same sentence are equal: any will do)
+        where = cached_ids.new_zeros(int(cached_ids.max()) + 1)
+        where[cached_ids] = torch.arange(cached_ids.numel(), device=cached_ids.device)
+        rows = where[src_ids]
+        return tuple(None if v is None else v.index_select(0, rows) for v in (keys, values))
 
     def _get_cache(self, incremental_state) -> Optional[State]:
         if incremental_state is None:
@@ -559,13 +584,11 @@ class RNNDecoder(FairseqIncrementalDecoder):
         cached = self._get_cache(incremental_state)
         if cached is None:
             return
-        batch_dim = {"h": 1, "c": 1, "feed": 0, "keys": 0, "values": 0, "step": 0, "cov": 0, "src_ids": 0}
-        # per-hypothesis state is reordered; the source side (keys, values) only when a row's
-        # source changes
-        same = same_sources(cached.get("src_ids"), new_order)
+        # the hypotheses' own state; the source side (keys, values, src_ids) follows the encoder
+        # output's rows at the next step (_follow_source_rows)
+        batch_dim = {"h": 1, "c": 1, "feed": 0, "step": 0, "cov": 0}
         reordered = {
-            k: (None if v is None else v if same and k in ("keys", "values", "src_ids")
-                else v.index_select(batch_dim[k], new_order))
+            k: (v if v is None or k not in batch_dim else v.index_select(batch_dim[k], new_order))
             for k, v in cached.items()
         }
         self.set_incremental_state(incremental_state, "state", reordered)

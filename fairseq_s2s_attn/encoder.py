@@ -1,6 +1,6 @@
 """RNN encoder: embeddings + (bi)LSTM/GRU over the source, with packed sequences."""
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -158,14 +158,27 @@ class RNNEncoder(FairseqEncoder):
         return torch.cat([state[:, 0], state[:, 1]], dim=-1)
 
     def reorder_encoder_out(self, encoder_out: Dict[str, Optional[Tensor]], new_order: Tensor):
-        if same_sources(encoder_out.get("src_ids"), new_order):
-            return encoder_out  # a shuffle among one sentence's beams: every row stays the same
-        batch_dim = {"encoder_out": 1, "encoder_padding_mask": 0, "final_hidden": 1, "final_cell": 1,
-                     "backward_first_hidden": 1, "backward_first_cell": 1, "src_ids": 0}
-        return {
-            k: (None if v is None else v.index_select(batch_dim[k], new_order))
-            for k, v in encoder_out.items()
-        }
+        """Rows for the hypotheses ``new_order`` selects, as fairseq's beam search asks at its
+        start (each sentence repeated beam times) and after every step.
+
+        The source side stays one row per sentence while the hypotheses come in consecutive runs
+        of one sentence (fairseq's SequenceGenerator keeps them so): the rows then serve
+        ``hyps_per_source`` hypotheses each, hypothesis r reading row r // hyps_per_source, and
+        only a finished sentence's removal copies rows. Any other order gets one row per
+        hypothesis. See ``source_order``."""
+        groups = encoder_out.get("hyps_per_source") or 1
+        order, new_groups = source_order(new_order, groups, encoder_out["encoder_padding_mask"].size(0))
+        if same_sources(encoder_out.get("src_ids"), order):
+            reordered = dict(encoder_out)  # the same sentences in the same rows: no copy
+        else:
+            batch_dim = {"encoder_out": 1, "encoder_padding_mask": 0, "final_hidden": 1, "final_cell": 1,
+                         "backward_first_hidden": 1, "backward_first_cell": 1, "src_ids": 0}
+            reordered = {k: (None if v is None else v.index_select(batch_dim[k], order))
+                         for k, v in encoder_out.items() if k in batch_dim}
+        reordered.pop("hyps_per_source", None)
+        if new_groups > 1:
+            reordered["hyps_per_source"] = new_groups
+        return reordered
 
     def product_weights(self) -> List[Tensor]:
         """Parameters whose values reach matrix products only in bf16 under autocast: all of the
@@ -178,16 +191,34 @@ class RNNEncoder(FairseqEncoder):
         return self.max_source_positions
 
 
-def same_sources(src_ids: Optional[Tensor], new_order: Tensor) -> bool:
-    """Whether reordering rows by new_order keeps the source sentence of every row.
-
-    Beam search reorders the batch at every step, but mostly among the hypotheses of one
-    sentence, whose source-side tensors (encoder outputs, attention keys) are equal row for row:
-    then they need no copy. src_ids (B, long) says which sentence each row holds.
-    """
-    if src_ids is None or new_order.numel() != src_ids.numel():
+def same_sources(src_ids: Optional[Tensor], order: Tensor) -> bool:
+    """Whether taking rows in ``order`` keeps the source sentence of every row (then nothing
+    needs a copy). src_ids (B, long) says which sentence each row holds."""
+    if src_ids is None or order.numel() != src_ids.numel():
         return False
-    return torch.equal(src_ids.index_select(0, new_order), src_ids)
+    return torch.equal(src_ids.index_select(0, order), src_ids)
+
+
+def source_order(new_order: Tensor, groups: int, rows: int) -> Tuple[Tensor, int]:
+    """Source rows for hypotheses reordered by ``new_order``: (order, hypotheses per row).
+
+    Before, ``rows`` source rows served ``groups`` consecutive hypotheses each (hypothesis r read
+    row r // groups) and new_order indexed those rows * groups hypotheses. Beam search keeps the
+    hypotheses of a sentence together: at its start it repeats each sentence beam times
+    (new_order = [0]*beam + [1]*beam + ..., groups 1), then shuffles hypotheses within
+    sentences and drops finished sentences. When the new hypotheses again come in runs of one
+    row (of the current group size, or at the start of new_order.numel() / rows), the result
+    keeps one row per sentence: (the rows' order, run length). Otherwise (any other caller's
+    order) one row per hypothesis: (source row of each hypothesis, 1).
+    """
+    src = new_order // groups if groups > 1 else new_order  # source row of each new hypothesis
+    n = src.numel()
+    run = groups if groups > 1 else (n // rows if rows and n % rows == 0 else 1)
+    if run > 1 and n % run == 0:
+        runs = src.view(-1, run)
+        if torch.equal(runs, runs[:, :1].expand_as(runs)):
+            return runs[:, 0], run
+    return src, 1
 
 
 def _reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:

@@ -170,42 +170,50 @@ def test_reorder_incremental_state_equals_reordered_batch(variant):
         torch.testing.assert_close(attn, ref_attn[:, split:], atol=1e-5, rtol=1e-5)
 
 
-def test_beam_reorders_within_sentences_skip_copies_and_change_nothing(variant):
-    """Reorders among one sentence's hypotheses keep the cached source side (keys) as it is;
-    the outputs equal those of a state that copies every row (no src_ids) on every reorder."""
+def test_beam_search_keeps_the_source_side_once_per_sentence(variant):
+    """In beam search the source side (encoder output, attention keys) stays one row per
+    sentence and serves its hypotheses (RNNEncoder.reorder_encoder_out); decoding through
+    shuffles within sentences, a finished sentence and an order that mixes sentences (one row
+    per hypothesis from then on) equals decoding with one source row per hypothesis throughout."""
     arch, opts = variant
     d = make_dict()
     model = build_model(arch, dtype=torch.float64, **opts).eval()
-    src, lengths, prev = make_batch(d, seed=3, tgt_len=5)
-    beam = 2
-    expand = torch.arange(src.size(0)).repeat_interleave(beam)
+    src, lengths, prev = make_batch(d, seed=3, tgt_len=6)
+    bsz, beam = src.size(0), 2
+    expand = torch.arange(bsz).repeat_interleave(beam)
     prev = prev[expand].clone()
     prev[:, 1:] = torch.randint(d.nspecial, len(d), prev[:, 1:].shape, generator=torch.Generator().manual_seed(5))
-    within = torch.tensor([1, 0, 2, 2, 5, 4])  # every row stays with its sentence
+    within = torch.tensor([1, 0, 2, 2, 5, 4])  # every hypothesis stays with its sentence
     shrink = torch.tensor([0, 1, 4, 5])  # sentence 1 finished
+    mixed = torch.tensor([3, 0, 2, 2])  # sentences mixed within a run: one row per hypothesis
 
-    def decode(drop_ids):
+    def decode(grouped):
         with torch.no_grad():
-            enc = model.encoder.reorder_encoder_out(model.encoder(src, lengths), expand)
-        if drop_ids:
-            enc = {k: v for k, v in enc.items() if k != "src_ids"}
-        state, outs, toks = {}, [], prev
-        for t, order in ((2, within), (3, shrink), (5, None)):
+            if grouped:  # what SequenceGenerator does
+                enc = model.encoder.reorder_encoder_out(model.encoder(src, lengths), expand)
+            else:  # every hypothesis encoded as a sentence of its own
+                enc = model.encoder(src[expand], lengths[expand])
+        state, outs, toks, rows = {}, [], prev, []
+        for t, order in ((2, within), (3, shrink), (4, mixed), (6, None)):
             start = 0 if not outs else outs[-1][1]
-            logits, _ = incremental_forward(model, enc, toks[:, :t], state, start=start)
-            outs.append((logits, t))
+            logits, attn = incremental_forward(model, enc, toks[:, :t], state, start=start)
+            outs.append(((logits, attn), t))
+            keys = model.decoder._get_cache(state).get("keys")
+            rows.append(enc["encoder_out"].size(1) if keys is None else keys.size(0))
             if order is not None:
-                cached = model.decoder._get_cache(state)
-                keys_before = cached.get("keys")
                 enc = model.encoder.reorder_encoder_out(enc, order)
                 model.decoder.reorder_incremental_state_scripting(state, order)
                 toks = toks[order]
-                if order is within and not drop_ids and keys_before is not None:
-                    assert model.decoder._get_cache(state)["keys"] is keys_before
-        return [o for o, _ in outs]
+        return [o for o, _ in outs], rows
 
-    for fast, plain in zip(decode(False), decode(True)):
-        torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-12)  # fp64; kernels may differ
+    (fast, rows), (plain, plain_rows) = decode(True), decode(False)
+    assert rows == [3, 3, 2, 4] and plain_rows == [6, 6, 4, 4]  # source rows kept per step
+    for (logits, attn), (plain_logits, plain_attn) in zip(fast, plain):
+        torch.testing.assert_close(logits, plain_logits, rtol=1e-10, atol=1e-12)  # fp64
+        if plain_attn is None:
+            assert attn is None
+        else:
+            torch.testing.assert_close(attn, plain_attn, rtol=1e-10, atol=1e-12)
 
 
 def test_gradients_reach_every_parameter(variant):

@@ -218,23 +218,49 @@ def test_backward_first_is_the_right_to_left_state_at_the_first_token(
         assert out["backward_first_cell"] is None
 
 
-def test_reorder_within_each_sentence_keeps_the_source_tensors(tiny_dict, gen):
-    """Beam search shuffles rows among one sentence's hypotheses at every step: the source side is
-    then equal row for row and is kept as it is; a reorder that moves sentences copies it."""
+def per_hypothesis(out):
+    """The encoder output with one row per hypothesis (row r of a grouped output serves
+    hypotheses r * groups .. r * groups + groups - 1)."""
+    groups = out.get("hyps_per_source") or 1
+    rows = torch.arange(out["encoder_padding_mask"].size(0)).repeat_interleave(groups)
+    return {k: v.index_select(1 if v.dim() == 3 else 0, rows)
+            for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def test_beam_search_orders_keep_one_source_row_per_sentence(tiny_dict, gen):
+    """Beam search repeats each sentence beam times, then shuffles hypotheses within sentences
+    and drops finished ones: the source side stays one row per sentence (no copy unless a
+    sentence leaves), and every reorder equals reordering the per-hypothesis rows."""
     enc = make_encoder(tiny_dict, num_layers=1, bidirectional=True)
     tokens = random_tokens(tiny_dict, LENGTHS, left_pad=True, generator=gen)
     bsz, beam = tokens.size(0), 3
+    first = run(enc, tokens)
     expand = torch.arange(bsz).repeat_interleave(beam)  # what SequenceGenerator does first
-    out = enc.reorder_encoder_out(run(enc, tokens), expand)
+    out = enc.reorder_encoder_out(first, expand)
+    assert out["hyps_per_source"] == beam and out["encoder_out"] is first["encoder_out"]
+
+    def check(before, order, after):
+        want = per_hypothesis(before)
+        got = per_hypothesis(after)
+        for key, val in want.items():
+            torch.testing.assert_close(got[key], val.index_select(1 if val.dim() == 3 else 0, order))
+
+    check(first, expand, out)
     within = (torch.arange(bsz * beam).view(bsz, beam).flip(1)).reshape(-1)  # rows stay in their sentence
     kept = enc.reorder_encoder_out(out, within)
-    assert kept["encoder_out"] is out["encoder_out"]
-    for key, val in out.items():  # and equal to copying the rows
-        if val is not None:
-            dim = 1 if val.dim() == 3 else 0
-            torch.testing.assert_close(kept[key], val.index_select(dim, within))
-    moved = torch.tensor([0, 0, 0, 4, 3, 3])  # a finished sentence removed: rows move
+    assert kept["encoder_out"] is out["encoder_out"] and kept["hyps_per_source"] == beam
+    check(out, within, kept)
+    # sentence 1 finished: fairseq keeps the others' hypotheses in runs (here shuffled within)
+    moved = torch.tensor([0, 0, 2, 7, 6, 6, 9, 10, 11])
     shrunk = enc.reorder_encoder_out(out, moved)
-    assert shrunk["encoder_out"].size(1) == len(moved)
-    torch.testing.assert_close(shrunk["encoder_out"], out["encoder_out"].index_select(1, moved))
-    assert torch.equal(shrunk["src_ids"], expand[moved])
+    assert shrunk["encoder_out"].size(1) == 3 and shrunk["hyps_per_source"] == beam
+    assert torch.equal(shrunk["src_ids"], torch.tensor([0, 2, 3]))
+    check(out, moved, shrunk)
+    # an order that mixes sentences within a run: one row per hypothesis, still equal
+    mixed = torch.tensor([0, 3, 3, 1, 4, 8])
+    flat = enc.reorder_encoder_out(shrunk, mixed)
+    assert "hyps_per_source" not in flat and flat["encoder_out"].size(1) == len(mixed)
+    assert torch.equal(flat["src_ids"], torch.tensor([0, 2, 2, 0, 2, 3]))
+    check(shrunk, mixed, flat)
+
+
