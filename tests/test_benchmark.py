@@ -280,3 +280,29 @@ def test_configs_parse_to_the_cell_and_feeding_they_name(name, rnn_type, feeding
             assert args.input_feeding is feeding
         else:
             assert args.coverage is False
+
+
+@pytest.mark.slow
+def test_beam_ab_takes_turns_and_reports_medians(small_data_bin):
+    """scripts/beam_ab.py: every configuration in one process, beam 2 and 1, two rounds; a row per
+    configuration and precision, speeds and ratios positive, lstm fp32 against itself 1.00."""
+    proc = run("beam_ab.py", "--data", small_data_bin, "--archs", "lstm", "rnn_luong_nofeed",
+               "--size", 16, "--beams", 2, 1, "--rounds", 2, "--gen-sentences", 8,
+               "--gen-batch-size", 4, timeout=300)
+    assert "round 2/2 done" in proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[:3] == ["config", "precision", "beam 2 sent/s"] and len(head) == 8
+    rows = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): [c.strip() for c in ln.strip("|").split("|")[2:]]
+            for ln in lines[1:]}
+    assert set(rows) == {("lstm", "fp32"), ("lstm", "bf16 (torch.autocast)"),
+                         ("rnn_luong_nofeed", "fp32"), ("rnn_luong_nofeed", "bf16 (--cpu-bf16)")}
+    for cells in rows.values():
+        assert all(float(c) > 0 for c in cells)
+    assert rows[("lstm", "fp32")][1] == rows[("lstm", "fp32")][4] == "1.00"
+    assert "8 sentences of test in batches of 4" in proc.stdout
+
+
+def test_beam_ab_needs_the_lstm_baseline(small_data_bin):
+    proc = run("beam_ab.py", "--data", small_data_bin, "--archs", "rnn_luong", check=False)
+    assert proc.returncode == 2 and "--archs needs lstm" in proc.stderr

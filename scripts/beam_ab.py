@@ -1,0 +1,125 @@
+"""Beam search speed of several configurations in one process, taking turns: medians of rounds.
+
+    python scripts/beam_ab.py --data work/demo/data-bin --archs lstm rnn_bahdanau rnn_luong \
+        rnn_luong_nofeed --rounds 5
+
+scripts/benchmark.py measures each configuration in its own process, one after the other, with
+one short beam pass each; on a shared machine its beam figures moved by 10-40% between rows of
+one run (two rows running the same generation code once differed by 1.4x). Here every model is
+built once, in one process, with the benchmark's matched sizes and options
+(``benchmark.model_options``), prepared for inference as fairseq-generate prepares it, and
+decodes the benchmark's batches (the first --gen-sentences sentences of --gen-split, batches of
+--gen-batch-size, every hypothesis forced to the longest reference length of its batch) with
+fairseq's SequenceGenerator. Each round runs every (configuration, precision, beam) once, in an
+order rotated from round to round; a slow spell of the machine then slows every configuration
+of that round, and the median over rounds of each one's time, and its ratio to fairseq's lstm
+within each round, are what the report gives. Untrained (random) weights, one thread.
+"""
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402  (scripts/benchmark.py: options, data and machine description)
+
+
+def load(name, precision, args):
+    import torch
+    spec = dict(data=args.data, max_tokens=2000, seed=args.seed, lr=0.001,
+                model_options=benchmark.model_options(name, precision, args.size, args.layers, 0.1))
+    cfg, task = benchmark.build(spec)
+    torch.manual_seed(args.seed)
+    model = task.build_model(cfg.model)
+    model.prepare_for_inference_(cfg)
+    model.eval()
+    lstm_bf16 = precision == "bf16" and benchmark.ALL_CONFIGS[name][0] == "lstm"
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if lstm_bf16 else contextlib.nullcontext
+    return task, model, autocast
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="fairseq data-bin (e.g. work/demo/data-bin)")
+    p.add_argument("--archs", nargs="+", default=["lstm", "rnn_bahdanau", "rnn_luong", "rnn_luong_nofeed"],
+                   choices=sorted(benchmark.ALL_CONFIGS), help="configurations (benchmark.py's names)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=benchmark.PRECISIONS)
+    p.add_argument("--beams", nargs="+", type=int, default=[5, 1])
+    p.add_argument("--size", type=int, default=256, help="matched sizes, as benchmark.py --sizes")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--gen-split", default="test")
+    p.add_argument("--gen-sentences", type=int, default=48)
+    p.add_argument("--gen-batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    if benchmark.BASELINE not in args.archs:
+        p.error(f"--archs needs {benchmark.BASELINE} (the ratios are against it)")
+    benchmark.check_data(args.data, args.gen_split)
+
+    import torch
+    torch.set_num_threads(args.threads)
+    from fairseq.sequence_generator import SequenceGenerator
+
+    configs = [(n, prec) for n in args.archs for prec in args.precisions]
+    models = {c: load(*c, args) for c in configs}
+    task = models[configs[0]][0]
+    batches = benchmark.gen_batches(task, dict(gen_split=args.gen_split, gen_sentences=args.gen_sentences,
+                                               gen_batch_size=args.gen_batch_size))
+    sentences = sum(int(s["nsentences"]) for s, _ in batches)
+
+    def passes(config, beam):
+        _, model, autocast = models[config]
+        gen = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0,
+                                max_len_b=1, min_len=1)
+
+        def run():
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for sample, length in batches:
+                    gen.max_len_b, gen.min_len = length, length
+                    with autocast():
+                        gen.generate([model], sample)
+            return time.perf_counter() - t0
+        return run
+
+    runs = {(c, b): passes(c, b) for c in configs for b in args.beams}
+    for run in runs.values():  # warm-up: one pass each
+        run()
+    times = {key: [] for key in runs}
+    keys = list(runs)
+    for r in range(args.rounds):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            times[key].append(runs[key]())
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+
+    print(f"## Beam search taking turns in one process ({time.strftime('%Y-%m-%d %H:%M')})\n")
+    print("Command: `python scripts/beam_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
+    print(benchmark.machine_description(args.threads) + "\n")
+    print(f"{sentences} sentences of {args.gen_split} in batches of {args.gen_batch_size}, sizes "
+          f"{args.size}, {args.rounds} rounds (+1 warm-up). Ratios: per round against fairseq's lstm "
+          f"(fp32, and at its fastest setting per beam: the faster of its rows), then the median.\n")
+    header = "| config | precision | " + " | ".join(
+        f"beam {b} sent/s | × lstm fp32 | × best lstm" for b in args.beams) + " |"
+    print(header)
+    print("|---|---|" + "---:|---:|---:|" * len(args.beams))
+    for config in configs:
+        name, prec = config
+        cells = []
+        for b in args.beams:
+            mine = times[(config, b)]
+            fp32 = times[((benchmark.BASELINE, "fp32"), b)] if "fp32" in args.precisions else None
+            lstm_rows = [times[((benchmark.BASELINE, q), b)] for q in args.precisions]
+            best = min(lstm_rows, key=statistics.median)
+            cells.append(f"{sentences / statistics.median(mine):.1f}")
+            cells.append("" if fp32 is None else f"{statistics.median([f / m for f, m in zip(fp32, mine)]):.2f}")
+            cells.append(f"{statistics.median([f / m for f, m in zip(best, mine)]):.2f}")
+        print(f"| {name} | {benchmark.precision_label(name, prec)} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
