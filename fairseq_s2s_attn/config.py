@@ -171,8 +171,9 @@ class RNNS2SConfig(FairseqDataclass):
                   "shapes): fused element-wise kernels, fewer launches per step, meant for GPUs, "
                   "where the step loop is bound by kernel launches (not yet measured there). "
                   "Compiles once per process (about 10 s). Equal to the eager step up to "
-                  "rounding; generation runs the eager step. On CPU it does not pay: fp32 within "
-                  "6%% of eager, with --cpu-bf16 2.5x slower"},
+                  "rounding; generation runs the eager step (compiled, it was no faster on CPU). "
+                  "On CPU it does not pay with --cpu-bf16 (2.2-2.5x slower than eager); fp32 "
+                  "ran 0.94-1.22x eager's speed (BENCHMARKS.md)"},
     )
     init_range: float = field(
         default=0.1,

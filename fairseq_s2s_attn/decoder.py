@@ -16,7 +16,9 @@ tanh or maxout (Bahdanau's deep output, Appendix A.2.2: t_i = [max(t~_{2j-1}, t~
 
 The attention ``keys`` (e.g. U h_j of the additive score) are computed once per sentence and kept
 in the incremental state, with the target step (local-m's p_t = t) and the coverage vector
-(sum of previous attention weights). Without a step-to-step dependency outside the RNN (vanilla,
+(sum of previous attention weights). In beam search a sentence's source side (encoder outputs,
+keys) serves all its hypotheses: they come in consecutive runs of one source row (see
+RNNEncoder.reorder_encoder_out), and attention scores each row once for its run. Without a step-to-step dependency outside the RNN (vanilla,
 and Luong without input feeding or coverage) the RNN runs over the whole target in one call and
 attention is batched over all steps; otherwise the decoder loops over steps.
 """

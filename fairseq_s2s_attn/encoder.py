@@ -45,6 +45,10 @@ class RNNEncoder(FairseqEncoder):
       - backward_first_cell:  L x B x H  its LSTM cell state (None for GRU or when absent)
     Outputs stay at the positions of ``src_tokens``, so attention weights index the caller's
     tokens (fairseq's own ``lstm`` returns them shifted for left-padded sentences).
+      - src_ids:              B           the sentence each row holds (its index in the batch)
+    In beam search (``reorder_encoder_out``) the rows stay one per sentence, each serving
+    ``hyps_per_source`` consecutive hypotheses (an int, absent when 1): fairseq's search would
+    otherwise keep beam copies of every source-side tensor.
     """
 
     def __init__(

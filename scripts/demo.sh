@@ -57,7 +57,7 @@ fi
 
 step "3/5 translate the test set with beam search (fairseq-generate --beam 5)"
 if [ ! -s "$OUT/hyp.txt" ] || [ "$OUT/hyp.txt" -ot "$CKPT/checkpoint_best.pt" ]; then
-    # batches of 32: about twice as fast as 64 on CPU, in less memory, same BLEU (BENCHMARKS.md)
+    # batches of 32: faster than 64 on CPU, in less memory, same BLEU (BENCHMARKS.md)
     fairseq-generate "$WORK/data-bin" --user-dir fairseq_s2s_attn --path "$CKPT/checkpoint_best.pt" \
         --beam 5 --batch-size 32 --post-process sentencepiece --cpu \
         > "$OUT/generate.out" 2> "$OUT/generate.log"
