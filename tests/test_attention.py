@@ -355,3 +355,22 @@ def test_additive_hidden_is_tanh_of_the_sum(dtype, atol):
     want = torch.tanh(q.to(dtype) + k.to(dtype)).double()
     torch.testing.assert_close(got.double(), want, atol=atol, rtol=0)
     assert got.abs().max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("batched", [False, True], ids=["one_step", "all_steps"])
+def test_additive_scores_equal_v_times_the_hidden_bit_for_bit(dtype, batched):
+    """The score's forward, three passes over the B x S x A values, gives exactly the values of
+    v^T additive_hidden(q, k) (five passes), also for mixed and saturated inputs."""
+    from fairseq_s2s_attn.attention import additive_hidden, additive_scores
+
+    g = torch.Generator().manual_seed(7)
+    shape_q, shape_k = ((B, T, 1, A), (B, 1, S, A)) if batched else ((B, 1, A), (B, S, A))
+    q = (torch.randn(shape_q, generator=g) * 4).to(dtype)
+    k = (torch.randn(shape_k, generator=g) * 4).to(dtype)
+    v = torch.randn(A, generator=g)
+    got = additive_scores(q, k, v)
+    hidden = additive_hidden(q, k)
+    want = torch.matmul(hidden, v.to(hidden.dtype).unsqueeze(-1)).squeeze(-1)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got, want)
