@@ -86,6 +86,9 @@ class AdditiveScorer(nn.Module):
         if coverage is not None:  # B [x T] x S -> B [x T] x S x A
             if self.coverage_proj is None:
                 raise ValueError("coverage given to a scorer built without coverage")
+            if coverage.shape[:-1] != query.shape[:-1]:
+                raise ValueError(f"coverage {tuple(coverage.shape)} needs one row per query "
+                                 f"{tuple(query.shape)}")
             keys = keys + self.coverage_proj(coverage.unsqueeze(-1).to(keys.dtype))
         return AdditiveScore.apply(q, keys, self.v_weight())
 

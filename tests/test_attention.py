@@ -374,3 +374,39 @@ def test_additive_scores_equal_v_times_the_hidden_bit_for_bit(dtype, batched):
     want = torch.matmul(hidden, v.to(hidden.dtype).unsqueeze(-1)).squeeze(-1)
     assert got.dtype == dtype and got.shape == want.shape
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("score", SCORERS)
+@pytest.mark.parametrize("mode", ["global", "local-m", "local-p"])
+@pytest.mark.parametrize("batched", [False, True], ids=["one_step", "all_steps"])
+def test_source_rows_serving_several_queries_equal_repeated_rows(score, mode, batched):
+    """Beam search: each source row serves `groups` consecutive queries (its hypotheses). Scores,
+    weights and context equal those of the source rows repeated once per query, for every score,
+    mode and coverage (additive), one step or several."""
+    groups = 3
+    torch.manual_seed(11)
+    coverage = score in ("additive", "concat")
+    attn = Attention(score, Q, C, A, mode=mode, window=1, coverage=coverage).double()
+    for p in attn.parameters():
+        torch.nn.init.uniform_(p, -0.8, 0.8)
+    values = torch.randn(B, S, C, dtype=torch.float64)
+    mask = make_mask(left=True)
+    keys = attn.keys(values, mask)
+    n = B * groups
+    query = torch.randn((n, T, Q) if batched else (n, Q), dtype=torch.float64)
+    step = torch.randint(0, S, (n,))
+    cov = torch.rand(n, S, dtype=torch.float64) if coverage and not batched else None
+    rows = torch.arange(B).repeat_interleave(groups)
+    context, weights = attn(query, keys, values, mask, step, cov)
+    want_context, want_weights = attn(query, keys[rows], values[rows], mask[rows], step, cov)
+    torch.testing.assert_close(weights, want_weights, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(context, want_context, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="queries for"):
+        attn(query[:-1], keys, values, mask, step[:-1])
+
+
+def test_coverage_needs_one_row_per_query():
+    attn = Attention("additive", Q, C, A, coverage=True).double()
+    keys = attn.keys(torch.randn(B, S, C, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one row per query"):
+        attn.scorer(torch.randn(B, T, Q, dtype=torch.float64), keys, torch.rand(B, S, dtype=torch.float64))
