@@ -353,15 +353,18 @@ class Attention(nn.Module):
             grouped = query.reshape(keys.size(0), -1, query.size(-1))  # B x (groups [x T]) x Q
             if coverage is not None:
                 coverage = coverage.reshape(keys.size(0), -1, coverage.size(-1))
-            scores = self._scores(grouped, keys, coverage).view(*query.shape[:-1], -1)
-            if padding_mask is not None:
-                padding_mask = padding_mask.repeat_interleave(groups, dim=0)
+            scores = self._scores(grouped, keys, coverage)  # B x (groups [x T]) x S
+            if self.mode == "global":  # the sentence's padding mask serves all its queries
+                weights = masked_softmax(scores, padding_mask).view(*query.shape[:-1], -1)
+            else:  # local windows differ per query: one mask row per query
+                mask = None if padding_mask is None else padding_mask.repeat_interleave(groups, dim=0)
+                weights = self._local_weights(query, scores.view(*query.shape[:-1], -1), mask, step)
         else:
             scores = self._scores(query, keys, coverage)
-        if self.mode == "global":
-            weights = masked_softmax(scores, padding_mask)
-        else:
-            weights = self._local_weights(query, scores, padding_mask, step)
+            if self.mode == "global":
+                weights = masked_softmax(scores, padding_mask)
+            else:
+                weights = self._local_weights(query, scores, padding_mask, step)
         weights = weights.to(values.dtype)
         # B x ([groups x] [T x]) S by B x S x C: one product per source row
         context = torch.bmm(weights.reshape(values.size(0), -1, weights.size(-1)), values)

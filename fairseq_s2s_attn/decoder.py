@@ -18,9 +18,10 @@ The attention ``keys`` (e.g. U h_j of the additive score) are computed once per 
 in the incremental state, with the target step (local-m's p_t = t) and the coverage vector
 (sum of previous attention weights). In beam search a sentence's source side (encoder outputs,
 keys) serves all its hypotheses: they come in consecutive runs of one source row (see
-RNNEncoder.reorder_encoder_out), and attention scores each row once for its run. Without a step-to-step dependency outside the RNN (vanilla,
-and Luong without input feeding or coverage) the RNN runs over the whole target in one call and
-attention is batched over all steps; otherwise the decoder loops over steps.
+RNNEncoder.reorder_encoder_out), and attention scores each row once for its run. Without a
+step-to-step dependency outside the RNN (vanilla, and Luong without input feeding or coverage)
+the RNN runs over the whole target in one call and attention is batched over all steps;
+otherwise the decoder loops over steps.
 """
 
 from typing import Dict, List, Optional, Tuple
@@ -567,7 +568,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
         reorder_encoder_out changes the source rows when a sentence is finished (src_ids: the
         sentence each row holds, B)."""
         keys, values, cached_ids = cached.get("keys"), cached.get("values"), cached["src_ids"]
-        if torch.equal(src_ids, cached_ids):
+        # unchanged rows hand over the same tensor (no comparison, no host sync on a GPU)
+        if src_ids is cached_ids or torch.equal(src_ids, cached_ids):
             return keys, values
         # the cached row of each sentence (rows holding the same sentence are equal: any will do)
         where = cached_ids.new_zeros(int(cached_ids.max()) + 1)
