@@ -12,6 +12,22 @@
   set ONEDNN_PRIMITIVE_CACHE_CAPACITY, the cache keeps 16 primitives: 829 MB after 150 updates,
   training as fast (67.9 s against 69.1 s for the 150 updates). Beam search is left alone: its
   shrinking batches make new shapes at every step, and 16 primitives made beam 1 ~10% slower.
+- Freed memory kept for the next update in training (glibc): glibc's malloc gives large blocks
+  their own mappings (every block over 32 MB, its largest mmap threshold; smaller ones until its
+  adaptive threshold has grown past them) and returns the heap's free top to the kernel beyond
+  its trim threshold. A training update frees and remakes the same large tensors every time (the
+  B*T x V logits, log-probabilities and their gradients: 48 MB each at --max-tokens 2000 and 6k
+  types; the per-step activations), so each update took its memory from the kernel again, as
+  fresh pages zeroed and faulted in 4 kB at a time: filling the 48 MB loss gradient took 24 ms,
+  as long as the output layer's forward product. In fairseq-train, unless the user chose the
+  allocator's settings (MALLOC_* variables, glibc.malloc tunables, a preloaded allocator), all
+  blocks come from the heap and up to 1 GiB of freed memory stays there for reuse (mallopt
+  M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB; the variables are set for processes started from it).
+  The demo recipe (rnn_bahdanau, --cpu-bf16, 150 updates) trained in 78-79 s instead of 143-159 s,
+  fairseq's lstm (fp32, sizes 256) in 93-103 s instead of 114-118 s. The cost: freed memory is
+  reused, not returned, and the heap fragments a little, so the peak resident memory is higher
+  (1.46 instead of 1.15 GB after 150 updates; 1.64 GB from about 250 updates on, flat to 450).
+  ``MALLOC_MMAP_MAX_=65536`` (glibc's default) keeps glibc's behaviour.
 - fairseq's ``batch_by_size`` drops the last batch when its size is not a multiple of
   --required-batch-size-multiple (default 8), so fairseq-generate silently skips up to 7
   sentences of a test set and BLEU is computed on fewer sentences. We keep that batch.
@@ -34,8 +50,10 @@
 
 import argparse
 import atexit
+import ctypes
 import logging
 import os
+import platform
 import queue
 import sys
 import threading
@@ -72,6 +90,40 @@ def limit_primitive_cache_in_training(training: Optional[bool] = None) -> bool:
     os.environ[ONEDNN_CACHE_VAR] = str(TRAINING_PRIMITIVE_CACHE)
     logger.info(f"training: oneDNN keeps {TRAINING_PRIMITIVE_CACHE} compiled primitives "
                 f"({ONEDNN_CACHE_VAR}; set it to choose another number)")
+    return True
+
+
+# glibc's mallopt parameters (malloc.h) and the environment variables that set them at start-up
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+HEAP_TRIM_THRESHOLD = 1 << 30
+HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(HEAP_TRIM_THRESHOLD)}
+
+
+def _allocator_chosen_by_user() -> bool:
+    env = os.environ
+    return (any(k.startswith("MALLOC_") for k in env) or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+            or any(name in env.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")))
+
+
+def keep_freed_memory_in_training(training: Optional[bool] = None) -> bool:
+    """Large blocks from glibc's heap, kept there when freed, in training processes (see the
+    module's docstring): those that run fairseq-train (``training`` None) or say so. Nothing
+    changes where the user chose the allocator's settings or the C library is not glibc. Returns
+    whether it changed the settings."""
+    if training is None:
+        training = "fairseq_cli.train" in sys.modules
+    if not training or _allocator_chosen_by_user() or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError, TypeError):
+        return False
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)):
+        return False
+    os.environ.update(HEAP_ENV)  # processes started from this one (spawned workers) do the same
+    logger.info("training: large blocks come from the heap and freed memory is kept for the next "
+                "update (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=1 GiB; set MALLOC_* variables "
+                "to choose otherwise)")
     return True
 
 
@@ -238,6 +290,7 @@ def install(model_cls) -> None:
     model_options_in_help(model_cls)
     set_thread_defaults()
     limit_primitive_cache_in_training()
+    keep_freed_memory_in_training()
     keep_remainder_batches()
     empty_alignments_without_attention()
     stop_batch_threads_at_exit()

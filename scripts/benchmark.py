@@ -51,7 +51,8 @@ What is measured (each configuration in its own subprocess, one after the other,
                   phase (model, gradients, Adam state, activations) and, separately, the
                   generation phase (beam 5 and 1, a fresh model), each phase in its own
                   subprocess: training as fairseq-train runs with the plugin (oneDNN's primitive
-                  cache capped at 16, for every row, fairseq's lstm too), generation with the
+                  cache capped at 16, freed memory kept on the heap, fairseq_s2s_attn/runtime.py,
+                  for every row, fairseq's lstm too), generation with the
                   default cache as fairseq-generate. The peak is reset after the warm-up
                   (/proc/self/clear_refs); where that is not allowed (or with --separate-phases)
                   ru_maxrss is used, which then also holds the throwaway warm-up's peak (the same
@@ -665,8 +666,9 @@ def worker(spec):
     except RuntimeError:
         pass
     if spec["phases"] == ["train"]:
-        from fairseq_s2s_attn.runtime import limit_primitive_cache_in_training
+        from fairseq_s2s_attn.runtime import keep_freed_memory_in_training, limit_primitive_cache_in_training
         limit_primitive_cache_in_training(training=True)
+        keep_freed_memory_in_training(training=True)
     cfg, task = build(spec)
     torch.set_num_threads(threads)  # the plugin's run-time defaults must not change it
     bf16_outside = spec["precision"] == "bf16" and ALL_CONFIGS[spec["name"]][0] == "lstm"
@@ -1227,8 +1229,9 @@ def run_config(name, precision, size, args, reset_peak, log_dir):
                 model_options=model_options(name, precision, size, args.layers, args.dropout))
     tag = f"{name}-{precision}-{size}"
     # one subprocess per phase: the training one runs as fairseq-train does with the plugin
-    # (oneDNN's primitive cache capped, fairseq_s2s_attn/runtime.py), the generation one as
-    # fairseq-generate does, and its memory does not start from what training left behind
+    # (oneDNN's primitive cache capped, freed memory kept on the heap: fairseq_s2s_attn/runtime.py),
+    # the generation one as fairseq-generate does, and its memory does not start from what
+    # training left behind
     groups = [["train"], ["generate"]]
     merged = {}
     for phases in groups:
@@ -1971,8 +1974,8 @@ def main(argv=None):
                "after imports, data and one throwaway update/generation batch; "
                + ("one subprocess per phase, VmHWM reset after the warm-up." if reset_peak
                   else "ru_maxrss, one subprocess per phase.")
-               + " Training subprocesses cap oneDNN's primitive cache at 16 as fairseq-train does "
-               "with the plugin (every row)."
+               + " Training subprocesses cap oneDNN's primitive cache at 16 and keep freed memory "
+               "on the heap as fairseq-train does with the plugin (every row)."
                + " Ratios (× lstm) are against fairseq's lstm at fp32; for memory, lower is better.", "",
                "Columns: train tok/s = target tokens (incl. EOS) per second of forward + backward + "
                "Adam step; beam-k sent/s, tok/s = sentences and generated tokens (incl. EOS) per "

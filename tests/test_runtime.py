@@ -86,9 +86,82 @@ def test_fairseq_train_runs_with_the_capped_cache(small_data_bin, tmp_path, monk
 
     from fairseq_s2s_attn import runtime
     monkeypatch.delenv(runtime.ONEDNN_CACHE_VAR, raising=False)
+    for k in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(k)
 
     proc = run("fairseq-train", small_data_bin, "--user-dir", REPO / "fairseq_s2s_attn",
                "--arch", "rnn_bahdanau_tiny", "--cpu-bf16", "--optimizer", "adam", "--lr", "0.005",
                "--max-tokens", 1000, "--max-update", 2, "--save-dir", tmp_path, "--no-progress-bar",
                "--cpu", "--disable-validation")
     assert "oneDNN keeps 16 compiled primitives" in proc.stderr + proc.stdout
+    assert "freed memory is kept for the next update" in proc.stderr + proc.stdout
+
+
+# Where glibc's malloc put a 64 MB block (mallinfo2: bytes in blocks mapped on their own, and free
+# bytes kept in the heap) while it is allocated and after it is freed; with "apply" the plugin's
+# training setting first; with "child" the same measured in a process started afterwards.
+HEAP_PROBE = textwrap.dedent('''
+    import ctypes, subprocess, sys
+    import torch
+    from fairseq_s2s_attn import runtime
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                    "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                    "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    if sys.argv[1] == "apply":
+        assert runtime.keep_freed_memory_in_training(training=True)
+    if sys.argv[1] == "child":
+        assert runtime.keep_freed_memory_in_training(training=True)
+        sys.exit(subprocess.call([sys.executable, __file__, "measure"]))
+    block = torch.ones(64 << 20, dtype=torch.uint8)
+    mapped = libc.mallinfo2().hblkhd
+    del block
+    print(mapped >> 20, libc.mallinfo2().fordblks >> 20)
+''')
+
+
+def test_training_keeps_large_blocks_on_the_heap(tmp_path):
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        import pytest
+        pytest.skip("glibc's malloc only")
+    script = tmp_path / "heap_probe.py"
+    script.write_text(HEAP_PROBE)
+    clean = {k: v for k, v in env().items() if not k.startswith("MALLOC_")}
+
+    def probe(mode):
+        proc = subprocess.run([sys.executable, str(script), mode], env=clean, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        mapped_mb, free_kept_mb = map(int, proc.stdout.split())
+        return mapped_mb, free_kept_mb
+
+    # glibc's default: the block gets its own mapping, unmapped again when freed (page faults and
+    # zeroed pages at every update)
+    mapped_mb, free_kept_mb = probe("measure")
+    assert mapped_mb >= 64 and free_kept_mb < 64
+    # the training setting: from the heap, and kept there for the next update
+    for mode in ("apply", "child"):
+        mapped_mb, free_kept_mb = probe(mode)
+        assert mapped_mb < 64 and free_kept_mb >= 64, mode
+
+
+def test_allocator_settings_of_the_user_are_left_alone(monkeypatch):
+    from fairseq_s2s_attn import runtime
+
+    for k in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert not runtime.keep_freed_memory_in_training(training=False)  # generate, interactive
+    assert not runtime.keep_freed_memory_in_training()  # not fairseq-train
+    for var, value in (("MALLOC_ARENA_MAX", "2"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=9"),
+                       ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")):
+        monkeypatch.setenv(var, value)
+        assert not runtime.keep_freed_memory_in_training(training=True), var
+        assert "MALLOC_MMAP_MAX_" not in os.environ
+        monkeypatch.delenv(var)
