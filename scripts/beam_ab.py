@@ -7,7 +7,8 @@ scripts/benchmark.py measures each configuration in its own process, one after t
 one short beam pass each; on a shared machine its beam figures moved by 10-40% between rows of
 one run (two rows running the same generation code once differed by 1.4x). Here every model is
 built once, in one process, with the benchmark's matched sizes and options
-(``benchmark.model_options``), prepared for inference as fairseq-generate prepares it, and
+(``benchmark.model_options``), prepared for inference as fairseq-generate prepares it (with the
+plugin's allocator setting, fairseq_s2s_attn/runtime.py), and
 decodes the benchmark's batches (the first --gen-sentences sentences of --gen-split, batches of
 --gen-batch-size, every hypothesis forced to the longest reference length of its batch) with
 fairseq's SequenceGenerator. Each round runs every (configuration, precision, beam) once, in an
@@ -63,6 +64,9 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     from fairseq.sequence_generator import SequenceGenerator
+
+    from fairseq_s2s_attn.runtime import keep_freed_memory
+    keep_freed_memory(command=True)  # as in fairseq-generate with the plugin (every configuration)
 
     configs = [(n, prec) for n in args.archs for prec in args.precisions]
     models = {c: load(*c, args) for c in configs}

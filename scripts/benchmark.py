@@ -665,10 +665,10 @@ def worker(spec):
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
+    from fairseq_s2s_attn.runtime import keep_freed_memory, limit_primitive_cache_in_training
     if spec["phases"] == ["train"]:
-        from fairseq_s2s_attn.runtime import keep_freed_memory_in_training, limit_primitive_cache_in_training
         limit_primitive_cache_in_training(training=True)
-        keep_freed_memory_in_training(training=True)
+    keep_freed_memory(command=True)  # as fairseq-train and fairseq-generate do with the plugin
     cfg, task = build(spec)
     torch.set_num_threads(threads)  # the plugin's run-time defaults must not change it
     bf16_outside = spec["precision"] == "bf16" and ALL_CONFIGS[spec["name"]][0] == "lstm"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from clitools import env
 
 # A process that takes one batch from fairseq's BufferedIterator and exits, as fairseq-train does
@@ -81,20 +82,37 @@ def test_primitive_cache_is_capped_in_training_unless_the_user_chose(monkeypatch
     assert runtime.limit_primitive_cache_in_training()
 
 
-def test_fairseq_train_runs_with_the_capped_cache(small_data_bin, tmp_path, monkeypatch):
-    from clitools import REPO, run
+@pytest.mark.parametrize("launch", ["console", "module"])
+def test_fairseq_commands_run_with_the_plugins_defaults(small_data_bin, tmp_path, monkeypatch, launch):
+    """fairseq-train, or ``python -m fairseq_cli.train`` (the module is __main__ there, not
+    fairseq_cli.train), caps oneDNN's primitive cache and keeps freed memory for reuse;
+    fairseq-generate keeps freed memory and leaves the cache alone."""
+    from clitools import BIN, REPO, run
 
     from fairseq_s2s_attn import runtime
     monkeypatch.delenv(runtime.ONEDNN_CACHE_VAR, raising=False)
     for k in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(k)
 
-    proc = run("fairseq-train", small_data_bin, "--user-dir", REPO / "fairseq_s2s_attn",
-               "--arch", "rnn_bahdanau_tiny", "--cpu-bf16", "--optimizer", "adam", "--lr", "0.005",
-               "--max-tokens", 1000, "--max-update", 2, "--save-dir", tmp_path, "--no-progress-bar",
-               "--cpu", "--disable-validation")
-    assert "oneDNN keeps 16 compiled primitives" in proc.stderr + proc.stdout
-    assert "freed memory is kept for the next update" in proc.stderr + proc.stdout
+    args = [small_data_bin, "--user-dir", REPO / "fairseq_s2s_attn", "--arch", "rnn_bahdanau_tiny",
+            "--cpu-bf16", "--optimizer", "adam", "--lr", "0.005", "--max-tokens", 1000,
+            "--max-update", 2, "--save-dir", tmp_path, "--no-progress-bar", "--cpu",
+            "--disable-validation"]
+    if launch == "console":
+        proc = run("fairseq-train", *args)
+    else:
+        proc = subprocess.run([str(BIN / "python"), "-m", "fairseq_cli.train"] + [str(a) for a in args],
+                              cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stderr + proc.stdout
+    assert "oneDNN keeps 16 compiled primitives" in log
+    assert "freed memory is kept for reuse" in log
+    if launch == "console":
+        gen = run("fairseq-generate", small_data_bin, "--user-dir", REPO / "fairseq_s2s_attn",
+                  "--path", tmp_path / "checkpoint_last.pt", "--beam", 2, "--max-len-b", 5, "--cpu")
+        log = gen.stderr + gen.stdout
+        assert "freed memory is kept for reuse" in log
+        assert "oneDNN keeps" not in log
 
 
 # Where glibc's malloc put a 64 MB block (mallinfo2: bytes in blocks mapped on their own, and free
@@ -113,9 +131,9 @@ HEAP_PROBE = textwrap.dedent('''
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = MallInfo2
     if sys.argv[1] == "apply":
-        assert runtime.keep_freed_memory_in_training(training=True)
+        assert runtime.keep_freed_memory(command=True)
     if sys.argv[1] == "child":
-        assert runtime.keep_freed_memory_in_training(training=True)
+        assert runtime.keep_freed_memory(command=True)
         sys.exit(subprocess.call([sys.executable, __file__, "measure"]))
     block = torch.ones(64 << 20, dtype=torch.uint8)
     mapped = libc.mallinfo2().hblkhd
@@ -127,7 +145,6 @@ HEAP_PROBE = textwrap.dedent('''
 def test_training_keeps_large_blocks_on_the_heap(tmp_path):
     import platform
     if platform.libc_ver()[0] != "glibc":
-        import pytest
         pytest.skip("glibc's malloc only")
     script = tmp_path / "heap_probe.py"
     script.write_text(HEAP_PROBE)
@@ -157,11 +174,13 @@ def test_allocator_settings_of_the_user_are_left_alone(monkeypatch):
         monkeypatch.delenv(k)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    assert not runtime.keep_freed_memory_in_training(training=False)  # generate, interactive
-    assert not runtime.keep_freed_memory_in_training()  # not fairseq-train
+    assert not runtime.keep_freed_memory(command=False)
+    for name in runtime.HEAP_COMMANDS:  # this process runs none of fairseq's commands
+        monkeypatch.delitem(sys.modules, f"fairseq_cli.{name}", raising=False)
+    assert not runtime.keep_freed_memory()  # a program that imports the plugin
     for var, value in (("MALLOC_ARENA_MAX", "2"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=9"),
                        ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")):
         monkeypatch.setenv(var, value)
-        assert not runtime.keep_freed_memory_in_training(training=True), var
+        assert not runtime.keep_freed_memory(command=True), var
         assert "MALLOC_MMAP_MAX_" not in os.environ
         monkeypatch.delenv(var)
