@@ -23,8 +23,9 @@
   fairseq's commands (train, generate, interactive, validate), unless the user chose the
   allocator's settings (MALLOC_* variables, glibc.malloc tunables, a preloaded allocator), all
   blocks come from the heap and up to 1 GiB of freed memory stays there for reuse (mallopt
-  M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB; the variables are set for processes started from it). The
-  demo recipe (rnn_bahdanau, --cpu-bf16, 150 updates) trained in 78-79 s instead of 143-159 s,
+  M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB; the variables are set for processes started from it). On a
+  2-core VM the demo recipe (rnn_bahdanau, --cpu-bf16) trained its first 150 updates in 78-79 s
+  instead of 143-159 s and 400 updates, two runs side by side, in 228 s instead of 421 s;
   fairseq's lstm (fp32, sizes 256) in 93-103 s instead of 114-118 s; fairseq-generate of the demo
   checkpoint (1,000 sentences, beam 5, batch 32) ran at 79-87 instead of 68-69 sentences/s with
   the same translations and 1% more resident memory. The cost in training: freed memory is reused,
