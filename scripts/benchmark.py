@@ -50,10 +50,11 @@ What is measured (each configuration in its own subprocess, one after the other,
                   loaded library code and one-off runtime set-up are not counted: the training
                   phase (model, gradients, Adam state, activations) and, separately, the
                   generation phase (beam 5 and 1, a fresh model), each phase in its own
-                  subprocess: training as fairseq-train runs with the plugin (oneDNN's primitive
-                  cache capped at 16, freed memory kept on the heap, fairseq_s2s_attn/runtime.py,
-                  for every row, fairseq's lstm too), generation with the
-                  default cache as fairseq-generate. The peak is reset after the warm-up
+                  subprocess, each as the fairseq command runs with the plugin
+                  (fairseq_s2s_attn/runtime.py; every row, fairseq's lstm too): training as
+                  fairseq-train (oneDNN's primitive cache capped at 16, freed memory kept on the
+                  heap), generation as fairseq-generate (the default primitive cache, freed memory
+                  kept on the heap). The peak is reset after the warm-up
                   (/proc/self/clear_refs); where that is not allowed (or with --separate-phases)
                   ru_maxrss is used, which then also holds the throwaway warm-up's peak (the same
                   work, so about the same figure).
@@ -1230,8 +1231,8 @@ def run_config(name, precision, size, args, reset_peak, log_dir):
     tag = f"{name}-{precision}-{size}"
     # one subprocess per phase: the training one runs as fairseq-train does with the plugin
     # (oneDNN's primitive cache capped, freed memory kept on the heap: fairseq_s2s_attn/runtime.py),
-    # the generation one as fairseq-generate does, and its memory does not start from what
-    # training left behind
+    # the generation one as fairseq-generate does (freed memory kept too), and its memory does not
+    # start from what training left behind
     groups = [["train"], ["generate"]]
     merged = {}
     for phases in groups:
@@ -1974,8 +1975,9 @@ def main(argv=None):
                "after imports, data and one throwaway update/generation batch; "
                + ("one subprocess per phase, VmHWM reset after the warm-up." if reset_peak
                   else "ru_maxrss, one subprocess per phase.")
-               + " Training subprocesses cap oneDNN's primitive cache at 16 and keep freed memory "
-               "on the heap as fairseq-train does with the plugin (every row)."
+               + " Training subprocesses cap oneDNN's primitive cache at 16 as fairseq-train does "
+               "with the plugin, and both phases keep freed memory on the heap as fairseq-train and "
+               "fairseq-generate do with it (every row)."
                + " Ratios (× lstm) are against fairseq's lstm at fp32; for memory, lower is better.", "",
                "Columns: train tok/s = target tokens (incl. EOS) per second of forward + backward + "
                "Adam step; beam-k sent/s, tok/s = sentences and generated tokens (incl. EOS) per "
