@@ -1,14 +1,16 @@
 """fairseq-s2s-attn: vanilla, Bahdanau and Luong RNN encoder-decoders for fairseq.
 
 Loaded by fairseq with ``--user-dir fairseq_s2s_attn`` (or by importing this package), which
-registers the model ``rnn_s2s`` and its architectures, lets torch's safe checkpoint loader accept
-the plain types fairseq checkpoints hold, makes fairseq's data-parallel training work on CPU
-processes (``distributed``, see docs/distributed.md), defines what happens to empty and too-long
-sources (``inputs``), runs beam search of ``--cpu-bf16`` models in one autocast region
-(``precision``), and applies the run-time defaults in ``runtime``.
+registers the model ``rnn_s2s`` and its architectures and the criterions ``fused_cross_entropy``
+and ``fused_label_smoothed_cross_entropy`` (``criterion``: fairseq's losses with the output layer
+fused in), lets torch's safe checkpoint loader accept the plain types fairseq checkpoints hold,
+makes fairseq's data-parallel training work on CPU processes (``distributed``, see
+docs/distributed.md), defines what happens to empty and too-long sources (``inputs``), runs beam
+search of ``--cpu-bf16`` models in one autocast region (``precision``), and applies the run-time
+defaults in ``runtime``.
 """
 
-from . import checkpoint, distributed, inputs, precision, runtime
+from . import checkpoint, criterion, distributed, inputs, precision, runtime  # noqa: F401
 from . import model  # noqa: F401  (registers the model and architectures)
 from .model import RNNS2SModel  # noqa: F401
 

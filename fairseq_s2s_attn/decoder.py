@@ -528,10 +528,17 @@ class RNNDecoder(FairseqIncrementalDecoder):
                    for p in m.parameters() if id(p) not in keep]
         return params + [self.embed_tokens.weight]
 
-    def output_layer(self, features: Tensor) -> Tensor:
+    def output_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """The output layer's weight (V x C: fc_out's, or the target embeddings when tied) and
+        bias (V, or None when tied): output_layer(x) = x W^T + b. The fused criterions
+        (``criterion.py``) apply it themselves, together with the loss."""
         if self.fc_out is None:
-            return F.linear(features, self.embed_tokens.weight)
-        return self.fc_out(features)
+            return self.embed_tokens.weight, None
+        return self.fc_out.weight, self.fc_out.bias
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        weight, bias = self.output_projection()
+        return F.linear(features, weight, bias)  # B x T x V
 
     # ------------------------------------------------------------------ state
     def _summary(self, encoder_out: Dict[str, Optional[Tensor]]) -> Tensor:

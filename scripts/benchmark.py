@@ -32,7 +32,7 @@ Matched sizes (--sizes, default 256): embedding = encoder hidden = decoder hidde
 What is measured (each configuration in its own subprocess, one after the other, never in parallel):
 
   train tok/s     target tokens per second over --updates timed updates (forward, fairseq's
-                  cross_entropy criterion, backward, torch.optim.Adam step), after --warmup untimed
+                  --criterion, backward, torch.optim.Adam step), after --warmup untimed
                   updates. Batches come from fairseq's task.get_batch_iterator (--max-tokens,
                   --seed, shuffled epoch 1, required batch size multiple 8): the same batches in the
                   same order for every model (checked with a fingerprint of the sentence ids).
@@ -193,6 +193,10 @@ BASELINE = "lstm"
 PRECISIONS = ("fp32", "bf16")
 DEVICE_PRECISIONS = ("fp32", "fp16", "bf16", "amp")
 RESULT_TAG = "BENCHMARK_RESULT "
+# the plugin's fused output layer + loss (fairseq_s2s_attn/criterion.py): the same loss as
+# fairseq's cross_entropy; models without an output projection (fairseq's lstm) take
+# cross_entropy's own path, so lstm's rows are fairseq's criterion either way
+DEFAULT_CRITERION = "fused_cross_entropy"
 T_START = time.perf_counter()
 
 
@@ -408,7 +412,8 @@ def build(spec):
 
     device_flag = ["--cpu"] if spec.get("device", "cpu") == "cpu" else []
     argv = [spec["data"], "--user-dir", USER_DIR, "--task", "translation"] + device_flag + [
-            "--criterion", "cross_entropy", "--max-tokens", str(spec["max_tokens"]),
+            "--criterion", spec.get("criterion", DEFAULT_CRITERION),
+            "--max-tokens", str(spec["max_tokens"]),
             "--seed", str(spec["seed"]), "--optimizer", "adam", "--lr", str(spec["lr"]),
             "--num-workers", "0"] + spec["model_options"]
     parser = options.get_training_parser()
@@ -1224,6 +1229,7 @@ def call_worker(mode, spec, log_path, threads, timeout):
 def run_config(name, precision, size, args, reset_peak, log_dir):
     spec = dict(name=name, precision=precision, size=size, data=args.data, threads=args.threads,
                 max_tokens=args.max_tokens, seed=args.seed, lr=args.lr, warmup=args.warmup,
+                criterion=args.criterion,
                 updates=args.updates, flop_batches=args.flop_batches, gen_split=args.gen_split,
                 gen_sentences=args.gen_sentences, gen_batch_size=args.gen_batch_size,
                 beams=args.beams, reset_peak=reset_peak,
@@ -1441,6 +1447,7 @@ def device_spec(args, names):
                 sizes=args.sizes, layers=args.layers, dropout=args.dropout,
                 paper_sizes=args.paper_sizes, precisions=args.precisions,
                 max_tokens=args.max_tokens, seed=args.seed, lr=args.lr, warmup=args.warmup,
+                criterion=args.criterion,
                 updates=args.updates, flop_batches=args.flop_batches, gen_split=args.gen_split,
                 gen_sentences=args.gen_sentences, gen_sentences_bs1=args.gen_sentences_bs1,
                 gen_batch_sizes=args.gen_batch_size, beams=args.beams,
@@ -1621,7 +1628,7 @@ def device_report(state, args):
         for bs in args.gen_batch_size)
     md += [f"Data: {d['description']} (dictionaries incl. special symbols: {d['vocab']}). Training: "
            f"{args.updates} timed updates after {args.warmup} warm-up, --max-tokens {args.max_tokens}, "
-           f"cross_entropy, Adam (lr {args.lr}), dropout {args.dropout}; the same batches in the same "
+           f"{args.criterion}, Adam (lr {args.lr}), dropout {args.dropout}; the same batches in the same "
            "order for every model and precision, moved to the device once before any timing. "
            f"Generation: fairseq SequenceGenerator, beam {', '.join(map(str, args.beams))}, "
            f"{args.gen_split} in file order ({gen_desc}), one untimed warm-up batch per batch size, "
@@ -1800,6 +1807,10 @@ def main(argv=None):
     p.add_argument("--flop-batches", type=int, default=2,
                    help="timed batches whose FLOPs are counted (0 = all)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--criterion", default=DEFAULT_CRITERION,
+                   choices=("fused_cross_entropy", "cross_entropy"),
+                   help="training loss (default %(default)s: the plugin's output layer and loss in "
+                        "one pass; cross_entropy: fairseq's, to measure the difference)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--gen-split", default="test")
     p.add_argument("--gen-sentences", type=int, default=None,
@@ -1967,7 +1978,7 @@ def main(argv=None):
                    f"fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s.", ""]
         md += [f"Data: {data_desc} (dictionaries incl. special symbols: {vocab}). Training: "
                f"{args.updates} timed updates after {args.warmup} warm-up, --max-tokens {args.max_tokens}, "
-               f"cross_entropy, torch.optim.Adam (lr {args.lr}), dropout {args.dropout}; the same batches "
+               f"{args.criterion}, torch.optim.Adam (lr {args.lr}), dropout {args.dropout}; the same batches "
                "in the same order for every model. Generation: fairseq SequenceGenerator, the first "
                f"{args.gen_sentences} sentences of {args.gen_split} in batches of {args.gen_batch_size}, "
                "hypotheses forced to the longest reference length in the batch (untrained models). "

@@ -90,7 +90,7 @@ def train_cmd(args, entry, save_dir):
            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup),
            "--clip-norm", "1.0", "--max-tokens", str(args.max_tokens),
-           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+           "--criterion", "fused_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
            *budget, "--max-epoch", str(args.max_epoch), "--patience", str(args.patience),
            "--save-dir", save_dir, "--no-epoch-checkpoints", "--log-format", "simple",
            "--log-interval", "50", "--seed", str(args.seed), *device_flags(args, precision, True)]

@@ -47,7 +47,7 @@ else
     fairseq-train "$WORK/data-bin" --user-dir fairseq_s2s_attn --arch "$ARCH" \
         --optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --lr-scheduler inverse_sqrt \
         --warmup-updates 200 --clip-norm 1.0 --max-tokens 2000 \
-        --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
+        --criterion fused_label_smoothed_cross_entropy --label-smoothing 0.1 \
         --stop-time-hours "$HOURS" --max-epoch 60 --save-dir "$CKPT" --no-epoch-checkpoints \
         --log-format simple --log-interval 50 --cpu --seed 1 \
         ${DEMO_TRAIN_ARGS:---cpu-bf16} \

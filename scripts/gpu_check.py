@@ -225,7 +225,7 @@ def run_one(name, precision, args, capture):
     run_cli(train, [args.data, "--user-dir", USER_DIR, "--arch", arch, *size_options(name, args.sizes),
                     *extra, "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.002",
                     "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100", "--clip-norm", "1",
-                    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+                    "--criterion", "fused_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
                     "--max-tokens", args.max_tokens, "--max-update", args.updates,
                     "--disable-validation", "--save-dir", save, "--no-epoch-checkpoints",
                     "--log-format", "simple", "--log-interval", args.log_interval,

@@ -94,3 +94,43 @@ def test_cuda_low_precision_training_and_beam_search(variant, precision):
     with region:
         logits, _attn, grads = forward_backward(model, g_src, g_lengths, g_prev)
     check_low_precision(model, region, d, g_src, g_lengths, logits, grads, ref_logits)
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp16", "bf16", "amp"])
+def test_cuda_fused_criterion_equals_fairseqs(precision):
+    """The fused output layer + loss (criterion.py) on CUDA: fp64 gives the CPU's loss and
+    gradients; in fp16, bf16 (the model converted, as --fp16/--bf16 do) and fp16 autocast (--amp)
+    the loss and gradients follow fairseq's label_smoothed_cross_entropy to their rounding."""
+    from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+
+    from conftest import FakeTask
+    from fairseq_s2s_attn.criterion import FusedLabelSmoothedCrossEntropyCriterion
+    from test_criterion import loss_and_grads, make_sample
+
+    d = make_dict()
+    task = FakeTask(d, d)
+    sample = make_sample(d, torch.Generator().manual_seed(5))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float64)
+    cpu = build_model("rnn_bahdanau_tiny", dtype=torch.float64).train()
+    gpu = copy.deepcopy(cpu).cuda().to(dtype if precision != "amp" else torch.float32)
+    cuda_sample = {"net_input": {k: v.cuda() for k, v in sample["net_input"].items()},
+                   "target": sample["target"].cuda(), "ntokens": sample["ntokens"]}
+    options = dict(sentence_avg=False, label_smoothing=0.1)
+    fused = FusedLabelSmoothedCrossEntropyCriterion(task, **options)
+    plain = LabelSmoothedCrossEntropyCriterion(task, **options)
+    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=precision == "amp")
+    with autocast:
+        loss, _, _, grads = loss_and_grads(fused, gpu, cuda_sample)
+    if precision == "fp64":
+        loss0, _, _, grads0 = loss_and_grads(fused, cpu, sample)
+        torch.testing.assert_close(loss.cpu(), loss0)
+        for n in grads0:
+            torch.testing.assert_close(grads[n].cpu(), grads0[n], msg=n)
+        return
+    with autocast:
+        loss0, _, _, grads0 = loss_and_grads(plain, gpu, cuda_sample)
+    assert torch.isfinite(loss) and abs(float(loss) - float(loss0)) <= 1e-2 * abs(float(loss0))
+    for n in grads0:
+        assert grads[n].dtype == grads0[n].dtype, n
+        scale = grads0[n].abs().max().float().clamp_min(1e-2)
+        assert (grads[n] - grads0[n]).abs().max().float() <= 2 ** -5 * scale, n

@@ -1,0 +1,201 @@
+"""Cross-entropy with the output layer fused in: ``--criterion fused_cross_entropy`` and
+``--criterion fused_label_smoothed_cross_entropy``, the same losses, options and logged values as
+fairseq's ``cross_entropy`` and ``label_smoothed_cross_entropy``, computed with less memory and
+fewer passes over the B x T x V logits.
+
+Which fairseq behaviour this changes, and why: fairseq's criterions take the model's logits
+(N x V for N = B x T target positions), make an fp32 log-softmax of them (``utils.log_softmax``)
+that autograd keeps for backward, and backward builds two more N x V fp32 tensors (the loss's
+gradient, a zero-filled tensor with one entry per row, then log-softmax's gradient) before the
+output layer's products; under ``--cpu-bf16`` a bf16 copy of the last one as well. At the demo's
+sizes (2,000 tokens x 5,992 pieces) each is 48 MB; they are the largest tensors of an update,
+and every pass over them runs at memory speed. Here (``OutputLayerLoss``, Bahdanau et al. 2014
+and Luong et al. 2015 both train with this loss):
+
+- forward: logits z = x W^T + b in the products' dtype (bf16 under ``--cpu-bf16``, as autocast
+  makes them), then per row, in fp32, log-sum-exp and (with label smoothing) the sum of the row;
+  nll = sum over non-padding rows of (lse - z_target), smooth = sum of (V lse - sum_j z_j). Only
+  z and two numbers per row are kept.
+- backward: dL/dz = g_nll (p - onehot) + g_smooth (V p - 1) with p = exp(z - lse), written over
+  z itself, a few rows at a time (cache-sized chunks, fp32 arithmetic, one rounding), then the
+  output layer's products. One N x V tensor in all instead of four.
+
+The loss is fairseq's: label_smoothed_nll_loss's (1 - eps - eps_i) nll + eps_i smooth with
+eps_i = eps / (V - 1). Models whose decoder has no plain output layer (anything but ours, e.g.
+fairseq's ``lstm``), and ``reduce=False``, take the parent criterion's path unchanged.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from fairseq.criterions import register_criterion
+from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+
+# elements per chunk of rows: about 1 MB of fp32 on a CPU (stays in its L2 cache across the
+# chunk's passes); on a GPU large chunks, so that a chunk's kernels fill the device
+CHUNK_ELEMENTS = {"cpu": 1 << 18}
+GPU_CHUNK_ELEMENTS = 1 << 24
+
+
+def _rows_per_chunk(logits: Tensor) -> int:
+    elements = CHUNK_ELEMENTS.get(logits.device.type, GPU_CHUNK_ELEMENTS)
+    return max(1, elements // max(1, logits.size(1)))
+
+
+class OutputLayerLoss(torch.autograd.Function):
+    """nll, smooth (fp32 scalars) and the number of correct argmax predictions from features
+    x (N x C), the output layer's weight W (V x C) and bias b (V or None) and targets (N).
+
+    Per chunk of rows the work is torch's own fused row kernels (log_softmax forward, softmax
+    in backward) on a chunk that stays in the cache, never an N x V fp32 tensor."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                padding_idx: int, dtype: torch.dtype, smooth: bool, accuracy: bool):
+        device = features.device.type
+        with torch.autocast(device, enabled=False):
+            x = features.to(dtype)  # N x C
+            w = weight.to(dtype)  # V x C
+            logits = F.linear(x, w, None if bias is None else bias.to(dtype))  # N x V
+            acc = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 models
+            keep = target.ne(padding_idx)  # N
+            nll = logits.new_empty(logits.size(0), dtype=acc)  # N: -log p(target)
+            total = logits.new_empty(logits.size(0), dtype=acc) if smooth else None  # N
+            rows = _rows_per_chunk(logits)
+            for r in range(0, logits.size(0), rows):
+                lprobs = torch.log_softmax(logits[r:r + rows], 1, dtype=acc)  # n x V
+                torch.gather(lprobs, 1, target[r:r + rows].unsqueeze(1), out=nll[r:r + rows, None])
+                if smooth:
+                    torch.sum(lprobs, 1, out=total[r:r + rows])
+            zero = nll.new_zeros(())
+            nll_sum = -torch.where(keep, nll, zero).sum()
+            # fairseq's smooth_loss: -sum_j log p_j over the row
+            smooth_sum = -torch.where(keep, total, zero).sum() if smooth else zero.clone()
+            correct = (logits.argmax(1).eq(target) & keep).sum() if accuracy else zero.long()
+        ctx.mark_non_differentiable(correct)
+        ctx.has_bias = bias is not None
+        ctx.dtypes = (features.dtype, weight.dtype, None if bias is None else bias.dtype, acc)
+        ctx.save_for_backward(x, w, logits, target, keep)
+        return nll_sum, smooth_sum, correct
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_nll: Tensor, g_smooth: Tensor, _g_correct):
+        # saved_tensors checks that logits was not overwritten: a second backward through the
+        # same graph (retain_graph=True) raises instead of using the gradient written below
+        x, w, logits, target, keep = ctx.saved_tensors
+        acc = ctx.dtypes[3]
+        vocab = logits.size(1)
+        # dL/dz = g_nll (p - onehot) + g_smooth (V p - 1) = scale p - g_smooth - g_nll onehot
+        g_nll, g_smooth = float(g_nll), float(g_smooth)
+        scale = g_nll + vocab * g_smooth
+        with torch.autocast(x.device.type, enabled=False):
+            rows = _rows_per_chunk(logits)
+            for r in range(0, logits.size(0), rows):
+                chunk = logits[r:r + rows]  # n x V, overwritten by dL/dz
+                p = torch.softmax(chunk, 1, dtype=acc)  # n x V
+                if scale != 1.0:
+                    p.mul_(scale)
+                if g_smooth:
+                    p.sub_(g_smooth)
+                onehot = p.new_full((p.size(0), 1), -g_nll)
+                p.scatter_add_(1, target[r:r + rows].unsqueeze(1), onehot)
+                chunk.copy_(p)
+            grad = logits.index_fill_(0, keep.logical_not().nonzero().squeeze(1), 0)  # N x V
+            grad_x = grad_w = grad_b = None
+            if ctx.needs_input_grad[0]:
+                grad_x = grad.mm(w).to(ctx.dtypes[0])  # N x C
+            if ctx.needs_input_grad[1]:
+                grad_w = grad.t().mm(x).to(ctx.dtypes[1])  # V x C
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = grad.sum(0, dtype=acc).to(ctx.dtypes[2])  # V
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def fusable(model) -> bool:
+    """Whether the model's decoder exposes its output layer as one weight and bias."""
+    decoder = getattr(model, "decoder", None)
+    return callable(getattr(decoder, "output_projection", None))
+
+
+def fused_losses(criterion, model, sample, smooth: bool, accuracy: bool
+                 ) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """nll, smooth, n_correct (sums over the batch's non-padding targets) and the vocabulary size,
+    for a model with ``decoder.output_projection()``."""
+    net_output = model(**sample["net_input"], features_only=True)
+    features = net_output[0]  # B x T x C
+    target = model.get_targets(sample, net_output)  # B x T
+    prefix = getattr(criterion, "ignore_prefix_size", 0)
+    if prefix > 0:
+        features, target = features[:, prefix:], target[:, prefix:]
+    weight, bias = model.decoder.output_projection()
+    device = features.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = features.dtype
+    nll, smooth_sum, correct = OutputLayerLoss.apply(
+        features.reshape(-1, features.size(-1)), weight, bias, target.reshape(-1),
+        criterion.padding_idx, dtype, smooth, accuracy)
+    return nll, smooth_sum, correct, weight.size(0)
+
+
+def _logging_output(loss, nll, sample, sample_size):
+    return {"loss": loss.data, "nll_loss": nll.data, "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0), "sample_size": sample_size}
+
+
+@dataclass
+class FusedCrossEntropyConfig(CrossEntropyCriterionConfig):
+    pass
+
+
+@register_criterion("fused_cross_entropy", dataclass=FusedCrossEntropyConfig)
+class FusedCrossEntropyCriterion(CrossEntropyCriterion):
+    """fairseq's ``cross_entropy`` with the output layer fused in (see the module's docstring)."""
+
+    def forward(self, model, sample, reduce=True):
+        if not reduce or not fusable(model):
+            return super().forward(model, sample, reduce=reduce)
+        nll, _, _, _ = fused_losses(self, model, sample, smooth=False, accuracy=False)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = _logging_output(nll, nll, sample, sample_size)
+        del logging_output["nll_loss"]  # fairseq's cross_entropy logs none
+        return nll, sample_size, logging_output
+
+
+@dataclass
+class FusedLabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    pass
+
+
+@register_criterion("fused_label_smoothed_cross_entropy",
+                    dataclass=FusedLabelSmoothedCrossEntropyConfig)
+class FusedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
+    """fairseq's ``label_smoothed_cross_entropy`` with the output layer fused in (see the
+    module's docstring); ``--label-smoothing``, ``--report-accuracy`` and
+    ``--ignore-prefix-size`` as there."""
+
+    def forward(self, model, sample, reduce=True):
+        if not reduce or not fusable(model):
+            return super().forward(model, sample, reduce=reduce)
+        nll, smooth, correct, vocab = fused_losses(
+            self, model, sample, smooth=self.eps > 0, accuracy=self.report_accuracy)
+        eps_i = self.eps / (vocab - 1)
+        loss = (1.0 - self.eps - eps_i) * nll + eps_i * smooth
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = _logging_output(loss, nll, sample, sample_size)
+        if self.report_accuracy:
+            target = model.get_targets(sample, None)[:, self.ignore_prefix_size:]
+            logging_output["n_correct"] = int(correct)
+            logging_output["total"] = int(target.ne(self.padding_idx).sum())
+        return loss, sample_size, logging_output

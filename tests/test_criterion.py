@@ -1,0 +1,257 @@
+"""The fused criterions (fairseq_s2s_attn/criterion.py) against fairseq's own: the same loss,
+logged values and gradients, with one B x T x V tensor instead of several."""
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq.criterions.cross_entropy import CrossEntropyCriterion
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from clitools import REPO, run
+from conftest import FakeTask, build_model, make_dict, random_tokens
+from fairseq_s2s_attn import criterion as fused
+from fairseq_s2s_attn.criterion import (FusedCrossEntropyCriterion,
+                                        FusedLabelSmoothedCrossEntropyCriterion)
+
+USER_DIR = ("--user-dir", REPO / "fairseq_s2s_attn")
+
+VARIANTS = {
+    "vanilla": ("rnn_vanilla_tiny", {}),
+    "bahdanau-gru-coverage": ("rnn_bahdanau_tiny", dict(rnn_type="gru", coverage=True)),
+    "luong-feed": ("rnn_luong_tiny", dict(input_feeding=True)),
+    "bahdanau-paper-maxout": ("rnn_bahdanau_paper", dict(
+        encoder_embed_dim=12, decoder_embed_dim=10, encoder_hidden_size=16, decoder_hidden_size=20,
+        attention_dim=14, maxout_dim=9)),
+    "tied-embeddings": ("rnn_luong_tiny", dict(share_decoder_input_output_embed=True,
+                                               decoder_embed_dim=16, decoder_out_embed_dim=16)),
+}
+
+# (fused class, fairseq's class, constructor options)
+CRITERIONS = {
+    "cross-entropy": (FusedCrossEntropyCriterion, CrossEntropyCriterion, dict(sentence_avg=False)),
+    "cross-entropy-sentence-avg": (FusedCrossEntropyCriterion, CrossEntropyCriterion,
+                                   dict(sentence_avg=True)),
+    "label-smoothed": (FusedLabelSmoothedCrossEntropyCriterion, LabelSmoothedCrossEntropyCriterion,
+                       dict(sentence_avg=False, label_smoothing=0.1)),
+    "label-smoothed-accuracy-prefix": (
+        FusedLabelSmoothedCrossEntropyCriterion, LabelSmoothedCrossEntropyCriterion,
+        dict(sentence_avg=False, label_smoothing=0.2, report_accuracy=True, ignore_prefix_size=1)),
+    "no-smoothing": (FusedLabelSmoothedCrossEntropyCriterion, LabelSmoothedCrossEntropyCriterion,
+                     dict(sentence_avg=False, label_smoothing=0.0)),
+}
+
+
+def make_sample(d, gen, src_lengths=(5, 3, 4), tgt_lengths=(4, 6, 2)):
+    """A batch as fairseq's LanguagePairDataset collates it: left-padded source, right-padded
+    target, prev_output_tokens = eos + target shifted right."""
+    src = random_tokens(d, src_lengths, left_pad=True, generator=gen)
+    target = random_tokens(d, tgt_lengths, left_pad=False, generator=gen)
+    prev = torch.full_like(target, d.pad())
+    prev[:, 0] = d.eos()
+    for b, n in enumerate(tgt_lengths):
+        prev[b, 1:n] = target[b, :n - 1]
+    return {"net_input": {"src_tokens": src, "src_lengths": torch.tensor(src_lengths),
+                          "prev_output_tokens": prev},
+            "target": target, "ntokens": int(sum(tgt_lengths))}
+
+
+def loss_and_grads(criterion, model, sample):
+    model.zero_grad(set_to_none=True)
+    loss, sample_size, log = criterion(model, sample)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), sample_size, log, grads
+
+
+@pytest.mark.parametrize("crit", sorted(CRITERIONS))
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_fused_criterion_equals_fairseqs(name, crit, gen, monkeypatch):
+    """fp64: loss, logged values and every parameter's gradient equal fairseq's criterion's.
+    (fairseq's log-softmax is fp32 whatever the model; here it keeps the fp64 of the model, so
+    that the two compare the math, not fp32 rounding.)"""
+    import fairseq.utils
+
+    monkeypatch.setattr(fairseq.utils, "log_softmax",
+                        lambda x, dim, onnx_trace=False: F.log_softmax(x, dim=dim, dtype=x.dtype))
+    arch, overrides = VARIANTS[name]
+    model = build_model(arch, dtype=torch.float64, **overrides)
+    model.train()
+    task = FakeTask(make_dict(), make_dict())
+    fused_cls, plain_cls, options = CRITERIONS[crit]
+    sample = make_sample(task.target_dictionary, gen)
+    loss, size, log, grads = loss_and_grads(fused_cls(task, **options), model, sample)
+    loss0, size0, log0, grads0 = loss_and_grads(plain_cls(task, **options), model, sample)
+    assert size == size0
+    assert sorted(log) == sorted(log0)
+    torch.testing.assert_close(loss, loss0, rtol=1e-12, atol=1e-12)
+    for key in log:
+        torch.testing.assert_close(torch.as_tensor(log[key], dtype=torch.float64),
+                                   torch.as_tensor(log0[key], dtype=torch.float64),
+                                   rtol=1e-12, atol=1e-12, msg=key)
+    assert sorted(grads) == sorted(grads0)
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads0[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_label_smoothing_and_padding_change_the_loss(gen):
+    """The equality above is not vacuous: smoothing and the padded positions matter."""
+    model = build_model("rnn_bahdanau_tiny", dtype=torch.float64)
+    task = FakeTask(make_dict(), make_dict())
+    sample = make_sample(task.target_dictionary, gen)
+    smoothed = FusedLabelSmoothedCrossEntropyCriterion(task, False, 0.1)(model, sample)[0]
+    plain = FusedLabelSmoothedCrossEntropyCriterion(task, False, 0.0)(model, sample)[0]
+    assert abs(float(smoothed) - float(plain)) > 1e-3
+    # the padded positions of the target (pad index) contribute nothing
+    unpadded = dict(sample, target=sample["target"].clone())
+    unpadded["target"][unpadded["target"].eq(task.target_dictionary.pad())] = 4
+    assert abs(float(FusedCrossEntropyCriterion(task, False)(model, unpadded)[0])
+               - float(FusedCrossEntropyCriterion(task, False)(model, sample)[0])) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["bahdanau-gru-coverage", "luong-feed", "vanilla"])
+def test_fused_criterion_under_cpu_bf16_follows_the_autocast_path(name, gen):
+    """--cpu-bf16: logits in bf16 as autocast makes them, log-sum-exp and loss in fp32; the loss
+    equals fairseq's criterion's to fp32 rounding, the gradients to bf16 rounding."""
+    arch, overrides = VARIANTS[name]
+    model = build_model(arch, cpu_bf16=True, **overrides)
+    task = FakeTask(make_dict(), make_dict())
+    sample = make_sample(task.target_dictionary, gen)
+    options = dict(sentence_avg=False, label_smoothing=0.1)
+    loss, _, log, grads = loss_and_grads(FusedLabelSmoothedCrossEntropyCriterion(task, **options),
+                                         model, sample)
+    loss0, _, log0, grads0 = loss_and_grads(LabelSmoothedCrossEntropyCriterion(task, **options),
+                                            model, sample)
+    torch.testing.assert_close(loss, loss0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(log["nll_loss"], log0["nll_loss"], rtol=1e-5, atol=1e-5)
+    for n in grads:
+        assert grads[n].dtype == torch.float32
+        scale = grads0[n].abs().max().clamp_min(1e-3)
+        assert (grads[n] - grads0[n]).abs().max() <= 2 ** -7 * scale, n
+
+
+class LargeOutputs(TorchDispatchMode):
+    """Counts the ops that allocate an N x V tensor (`numel` elements, the last dimension
+    `vocab`; outputs written into an input's storage, as in-place ops do, are not new), and
+    their bytes."""
+
+    def __init__(self, numel, vocab):
+        super().__init__()
+        self.numel, self.vocab, self.count, self.bytes = numel, vocab, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and t.numel() == self.numel and t.size(-1) == self.vocab
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.count += 1
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_fused_criterion_makes_one_logits_sized_tensor(cpu_bf16, gen, monkeypatch):
+    """fairseq's criterion makes the logits, their fp32 log-softmax, the loss's gradient and
+    log-softmax's gradient (and under --cpu-bf16 casts): four or more N x V tensors per update.
+    The fused one makes the logits only and writes their gradient over them (its temporaries are
+    the size of a chunk of rows; here 8 of the batch's 36)."""
+    d = make_dict(400)
+    monkeypatch.setitem(fused.CHUNK_ELEMENTS, "cpu", 8 * len(d))
+    task = FakeTask(d, d)
+    model = build_model("rnn_bahdanau_tiny", task=task, cpu_bf16=cpu_bf16)
+    sample = make_sample(d, gen, src_lengths=(7, 5, 6, 4), tgt_lengths=(9, 7, 8, 6))
+    n_by_v = sample["target"].numel() * len(d)
+    counts = {}
+    for cls in (FusedCrossEntropyCriterion, CrossEntropyCriterion):
+        crit = cls(task, False)
+        with LargeOutputs(n_by_v, len(d)) as mode:
+            loss = crit(model, sample)[0]
+            loss.backward()
+        counts[cls] = (mode.count, mode.bytes)
+    assert counts[FusedCrossEntropyCriterion][0] == 1
+    assert counts[CrossEntropyCriterion][0] >= 4
+    assert counts[FusedCrossEntropyCriterion][1] * 4 <= counts[CrossEntropyCriterion][1]
+
+
+def test_second_backward_through_the_same_graph_raises(gen):
+    """backward overwrites the logits with their gradient: a second backward (retain_graph) must
+    fail rather than use them."""
+    model = build_model("rnn_luong_tiny")
+    task = FakeTask(make_dict(), make_dict())
+    sample = make_sample(task.target_dictionary, gen)
+    loss = FusedCrossEntropyCriterion(task, False)(model, sample)[0]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_chunks_of_rows_give_the_same_result(monkeypatch, gen):
+    """The row chunks (a few rows at a time in forward and backward) do not change the result."""
+    model = build_model("rnn_bahdanau_tiny", dtype=torch.float64)
+    task = FakeTask(make_dict(), make_dict())
+    sample = make_sample(task.target_dictionary, gen)
+    crit = FusedLabelSmoothedCrossEntropyCriterion(task, False, 0.1)
+    loss, _, _, grads = loss_and_grads(crit, model, sample)
+    monkeypatch.setitem(fused.CHUNK_ELEMENTS, "cpu", 1)  # one row per chunk
+    loss1, _, _, grads1 = loss_and_grads(crit, model, sample)
+    torch.testing.assert_close(loss1, loss, rtol=1e-12, atol=1e-12)
+    for n in grads:
+        torch.testing.assert_close(grads1[n], grads[n], rtol=1e-10, atol=1e-12)
+
+
+def test_models_without_an_output_projection_take_fairseqs_path(gen):
+    """fairseq's lstm (no output_projection) and reduce=False: the parent criterion, unchanged."""
+    from fairseq.models.lstm import LSTMModel, base_architecture
+
+    d = make_dict()
+    task = FakeTask(d, d)
+    args = argparse.Namespace(encoder_embed_dim=8, encoder_hidden_size=8, decoder_embed_dim=8,
+                              decoder_hidden_size=8, decoder_out_embed_dim=8, encoder_layers=1,
+                              decoder_layers=1, dropout=0.0,
+                              criterion="label_smoothed_cross_entropy")
+    base_architecture(args)
+    torch.manual_seed(0)
+    lstm = LSTMModel.build_model(args, task)
+    assert not fused.fusable(lstm)
+    sample = make_sample(d, gen, src_lengths=(5, 4, 3))  # fairseq's lstm wants them sorted
+    options = dict(sentence_avg=False, label_smoothing=0.1)
+    loss = FusedLabelSmoothedCrossEntropyCriterion(task, **options)(lstm, sample)[0]
+    loss0 = LabelSmoothedCrossEntropyCriterion(task, **options)(lstm, sample)[0]
+    assert float(loss) == float(loss0)
+    ours = build_model("rnn_bahdanau_tiny", task=task)
+    unreduced = FusedLabelSmoothedCrossEntropyCriterion(task, **options)(ours, sample, reduce=False)
+    assert unreduced[0].dim() > 0  # per-position losses, as fairseq's criterion returns them
+
+
+def logged_values(line):
+    """{'loss': '3.21', ...} from one of fairseq's simple-format log lines."""
+    return dict(f.strip().split(" ", 1) for f in line.split(" | ") if f.strip().count(" ") == 1)
+
+
+@pytest.mark.slow
+def test_fairseq_train_with_the_fused_criterion_logs_the_same_losses(small_data_bin, tmp_path):
+    """fairseq-train --criterion fused_label_smoothed_cross_entropy: the same training as
+    label_smoothed_cross_entropy (same seed, same batches): the logged losses agree."""
+    logs = {}
+    for crit in ("label_smoothed_cross_entropy", "fused_label_smoothed_cross_entropy"):
+        out = run("fairseq-train", small_data_bin, *USER_DIR, "--arch", "rnn_bahdanau_tiny",
+                  "--criterion", crit, "--label-smoothing", "0.1", "--report-accuracy",
+                  "--optimizer", "adam", "--lr", "0.005", "--max-tokens", 1000, "--max-update", 8,
+                  "--no-progress-bar", "--log-format", "simple", "--cpu", "--seed", 3,
+                  "--no-save", "--log-interval", 1)
+        logs[crit] = [line for line in (out.stdout + out.stderr).splitlines()
+                      if "| valid |" in line or "| train |" in line]
+    plain, ours = logs["label_smoothed_cross_entropy"], logs["fused_label_smoothed_cross_entropy"]
+    assert len(plain) == len(ours) >= 2
+
+    for a, b in zip(plain, ours):
+        fa, fb = logged_values(a), logged_values(b)
+        for key in ("loss", "nll_loss", "ppl", "accuracy"):
+            x, y = float(fa[key]), float(fb[key])
+            assert abs(x - y) <= 0.01 + 1e-3 * abs(x), (key, a, b)
