@@ -225,7 +225,7 @@ def run_one(name, precision, args, capture):
     run_cli(train, [args.data, "--user-dir", USER_DIR, "--arch", arch, *size_options(name, args.sizes),
                     *extra, "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.002",
                     "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100", "--clip-norm", "1",
-                    "--criterion", "fused_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+                    "--criterion", args.criterion, "--label-smoothing", "0.1",
                     "--max-tokens", args.max_tokens, "--max-update", args.updates,
                     "--disable-validation", "--save-dir", save, "--no-epoch-checkpoints",
                     "--log-format", "simple", "--log-interval", args.log_interval,
@@ -326,6 +326,10 @@ def main(argv=None):
                         "--archs x --precisions; lstm's rows are the 'x lstm' baseline")
     p.add_argument("--sizes", default="512", help="512 (matched sizes, any number) or paper")
     p.add_argument("--updates", type=int, default=300)
+    p.add_argument("--criterion", default="fused_label_smoothed_cross_entropy",
+                   choices=("fused_label_smoothed_cross_entropy", "label_smoothed_cross_entropy"),
+                   help="training loss (default %(default)s, the plugin's fused output layer and "
+                        "loss; label_smoothed_cross_entropy: fairseq's, the same loss)")
     p.add_argument("--max-tokens", type=int, default=8000)
     p.add_argument("--log-interval", type=int, default=25)
     p.add_argument("--gen-batch-size", type=int, default=128)
