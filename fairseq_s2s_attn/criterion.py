@@ -13,12 +13,13 @@ and every pass over them runs at memory speed. Here (``OutputLayerLoss``, Bahdan
 and Luong et al. 2015 both train with this loss):
 
 - forward: logits z = x W^T + b in the products' dtype (bf16 under ``--cpu-bf16``, as autocast
-  makes them), then per row, in fp32, log-sum-exp and (with label smoothing) the sum of the row;
-  nll = sum over non-padding rows of (lse - z_target), smooth = sum of (V lse - sum_j z_j). Only
-  z and two numbers per row are kept.
-- backward: dL/dz = g_nll (p - onehot) + g_smooth (V p - 1) with p = exp(z - lse), written over
-  z itself, a few rows at a time (cache-sized chunks, fp32 arithmetic, one rounding), then the
-  output layer's products. One N x V tensor in all instead of four.
+  makes them); then, a few rows at a time (cache-sized chunks), torch's log_softmax row kernel
+  in fp32 gives -log p(target) and (with label smoothing) -sum_j log p_j per row; the chunk's
+  log-probabilities are dropped at once. Only z is kept for backward.
+- backward: dL/dz = g_nll (p - onehot) + g_smooth (V p - 1), with p from torch's softmax row
+  kernel in fp32, written over z itself chunk by chunk (one rounding), padding rows zeroed, then
+  the output layer's products. One N x V tensor in all instead of four. On CUDA the backward
+  reads the two loss gradients and the padding rows to the host once per update (not per step).
 
 The loss is fairseq's: label_smoothed_nll_loss's (1 - eps - eps_i) nll + eps_i smooth with
 eps_i = eps / (V - 1). Models whose decoder has no plain output layer (anything but ours, e.g.
