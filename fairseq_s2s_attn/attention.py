@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .packed import Linear
+
 SCORERS = ("additive", "dot", "general", "concat", "location")
 MODES = ("global", "local-m", "local-p")
 
@@ -57,7 +59,7 @@ class AdditiveScorer(nn.Module):
     def __init__(self, query_dim: int, value_dim: int, attention_dim: int,
                  normalize: bool = False, coverage: bool = False):
         super().__init__()
-        self.query_proj = nn.Linear(query_dim, attention_dim, bias=False)  # W
+        self.query_proj = Linear(query_dim, attention_dim, bias=False)  # W (every step)
         self.key_proj = nn.Linear(value_dim, attention_dim, bias=True)  # U (+ bias b)
         self.v = nn.Linear(attention_dim, 1, bias=False)  # v
         self.normalize = normalize
@@ -217,7 +219,7 @@ class LocationScorer(nn.Module):
     def __init__(self, query_dim: int, max_positions: int):
         super().__init__()
         self.max_positions = max_positions
-        self.proj = nn.Linear(query_dim, max_positions, bias=False)  # W_a
+        self.proj = Linear(query_dim, max_positions, bias=False)  # W_a (every step)
 
     def keys(self, values: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         pos, _ = source_positions(padding_mask, values)
@@ -320,7 +322,7 @@ class Attention(nn.Module):
         self.scorer = build_scorer(score, query_dim, value_dim, attention_dim, scale=scale,
                                    normalize=normalize, coverage=coverage, max_positions=max_positions)
         if mode == "local-p":
-            self.position_proj = nn.Linear(query_dim, attention_dim, bias=False)  # W_p
+            self.position_proj = Linear(query_dim, attention_dim, bias=False)  # W_p (every step)
             self.position_v = nn.Linear(attention_dim, 1, bias=False)  # v_p
 
     def keys(self, values: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:

@@ -36,6 +36,7 @@ from fairseq.modules import FairseqDropout
 
 from .attention import AdditiveScorer, Attention
 from .encoder import RNN_TYPES
+from .packed import Linear, linear
 from .precision import cast_for_products, cpu_autocast
 
 PLACEMENTS = ("none", "before", "after")
@@ -169,14 +170,14 @@ class StackedCell:
         new_h, new_c = [], []
         for k in range(self.layers):
             if k > 0:
-                igates = F.linear(self.dropout(new_h[-1]), self.w_ih[k], self.b_ih[k])
+                igates = linear(self.dropout(new_h[-1]), self.w_ih[k], self.b_ih[k])
             elif pre is not None:  # W_e E y + biases came with pre: add W_x x
                 igates = torch.addmm(pre, x, self.w_x.t())
             else:
-                igates = F.linear(x, self.w_ih[0], self.b_ih[0])
+                igates = linear(x, self.w_ih[0], self.b_ih[0])
             # the recurrent bias: folded into pre for an LSTM; a GRU keeps it inside r * (...)
             b_hh = None if (k == 0 and pre is not None and self.lstm) else self.b_hh[k]
-            hgates = F.linear(hs[k], self.w_hh[k], b_hh)
+            hgates = linear(hs[k], self.w_hh[k], b_hh)
             if self.lstm:
                 h, c = lstm_from_gates(igates, hgates, cs[k])
                 new_c.append(c)
@@ -277,8 +278,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
         # maxout: 2 linear pieces per unit (U_o, V_o, C_o of Bahdanau A.2.2 in one matrix)
         self.readout_uses_embedding = attention_placement != "after"
         readout_in = hidden_size + encoder_output_dim + (embed_dim if self.readout_uses_embedding else 0)
-        self.readout = nn.Linear(readout_in, out_embed_dim * (2 if self.maxout else 1),
-                                 bias=attention_placement != "after")
+        self.readout = Linear(readout_in, out_embed_dim * (2 if self.maxout else 1),
+                              bias=attention_placement != "after")
         self.init_from = "backward_first" if init == "backward_first" else "final"
         init_dim = encoder_output_dim
         if init == "backward_first":
@@ -297,7 +298,7 @@ class RNNDecoder(FairseqIncrementalDecoder):
                 )
             self.fc_out = None
         else:
-            self.fc_out = nn.Linear(out_embed_dim, len(dictionary))
+            self.fc_out = Linear(out_embed_dim, len(dictionary))
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -528,6 +529,18 @@ class RNNDecoder(FairseqIncrementalDecoder):
                    for p in m.parameters() if id(p) not in keep]
         return params + [self.embed_tokens.weight]
 
+    def step_weights(self) -> List[Tensor]:
+        """The weight matrices of every decoding step's products (beam search packs them for
+        oneDNN, ``packed.py``): the RNN's input and recurrent matrices (``StackedCell.step``),
+        the per-step projections (``packed.Linear``: the query's, the readout) and the output
+        layer (the target embeddings when tied). Not the products made once per sentence (the
+        attention keys, the initial state)."""
+        weights = [p for name, p in self.rnn.named_parameters() if name.startswith("weight_")]
+        weights += [m.weight for m in self.modules() if isinstance(m, Linear)]
+        if self.fc_out is None:
+            weights.append(self.embed_tokens.weight)
+        return weights
+
     def output_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
         """The output layer's weight (V x C: fc_out's, or the target embeddings when tied) and
         bias (V, or None when tied): output_layer(x) = x W^T + b. The fused criterions
@@ -538,7 +551,7 @@ class RNNDecoder(FairseqIncrementalDecoder):
 
     def output_layer(self, features: Tensor) -> Tensor:
         weight, bias = self.output_projection()
-        return F.linear(features, weight, bias)  # B x T x V
+        return linear(features, weight, bias)  # B x T x V
 
     # ------------------------------------------------------------------ state
     def _summary(self, encoder_out: Dict[str, Optional[Tensor]]) -> Tensor:

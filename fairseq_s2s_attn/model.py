@@ -22,6 +22,7 @@ from fairseq.models import (
 from fairseq.models.transformer import Embedding
 from fairseq.utils import safe_getattr
 
+from . import packed as packed_weights
 from .attention import ADDITIVE_SCORES
 from .config import RNNS2SConfig, add_bool_args, fill_defaults
 from .decoder import RNNDecoder
@@ -126,6 +127,9 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         their weights stay fp32. Moved off the CPU afterwards
         (``hub.cuda()``), where --cpu-bf16 does nothing, the model gets them back in fp32
         (``_apply``), holding the bf16-rounded values it decoded with.
+
+        The decoder's per-step weight matrices are then packed for oneDNN (``packed.py``): the
+        same products, without reordering the weight at every step.
         """
         super().prepare_for_inference_(cfg)
         params = []
@@ -146,6 +150,11 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         if freed:
             logger.info(f"--cpu-bf16: weight matrices stored in bf16 for decoding "
                         f"({freed / 2 ** 20:.1f} MB less)")
+        if self.decoder.cpu_bf16:
+            packed = packed_weights.pack_for_decoding_(self.decoder.step_weights())
+            if packed:
+                logger.info(f"--cpu-bf16: {packed} weight matrices of the decoder's steps "
+                            f"packed for oneDNN")
 
     def _apply(self, fn, *args, **kwargs):
         """.cuda(), .to(...), .float(), ...: weights stored in bf16 for CPU decoding go back to
@@ -154,6 +163,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         stored = self.__dict__.get("_stored_in_bf16")
         params = dict(self.named_parameters()) if stored else {}
         if stored and params[stored[0]].device.type != "cpu":
+            packed_weights.unpack(self.parameters())
             with torch.no_grad():
                 for name in stored:
                     if params[name].dtype == torch.bfloat16:

@@ -570,14 +570,17 @@ def run_generate(spec, cfg, task, batches, autocast, result, rss_peak=None):
     beam = spec["beams"][0]
     gen, translate = translators[beam]
     result[f"beam{beam}"]["breakdown"] = generation_breakdown(gen, batches, translate)
-    # tensor memory of the first batch, the model's parameters counted as static
-    with TensorPeak(storage_bytes(list(model.parameters()))) as tp:
+    # tensor memory of the first batch, the model's parameters (and their oneDNN copies,
+    # fairseq_s2s_attn/packed.py) counted as static
+    from fairseq_s2s_attn import packed
+    params = list(model.parameters())
+    with TensorPeak(storage_bytes(params) + packed.packed_bytes(params)) as tp:
         translate(*batches[0])
     result["gen_tensor_mb"] = tp.peak / 2 ** 20
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
-              "aten::mkldnn_rnn_layer"}
+              "aten::mkldnn_rnn_layer", "mkldnn::_linear_pointwise"}  # the last: packed weights
 
 
 def generation_breakdown(gen, batches, translate, sync=None, profile_matmul=True):

@@ -288,6 +288,8 @@ def test_fairseq_generate_and_interactive_store_the_weights_in_bf16(small_data_b
     gen = run("fairseq-generate", small_data_bin, *common, "--path", ckpt, "--beam", 3,
               "--batch-size", 8)
     assert "--cpu-bf16: weight matrices stored in bf16 for decoding" in gen.stderr + gen.stdout
+    from fairseq_s2s_attn import packed
+    assert ("weight matrices of the decoder's steps packed for oneDNN" in gen.stderr) is packed.available()
     assert sorted(parse_generate(gen.stdout)["H"]) == list(range(20))
     fp32 = run("fairseq-generate", small_data_bin, *common, "--path", ckpt, "--beam", 3,
                "--batch-size", 8, "--model-overrides", "{'cpu_bf16': False}")
