@@ -304,11 +304,12 @@ class TensorPeak:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 out = func(*args, **kwargs)
-                # an output on an input's storage (in-place op, view) is not a new allocation
+                # an output on an input's storage (in-place op, view) is not a new allocation;
+                # opaque tensors (oneDNN's packed weights) have no storage to read: static
                 inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                          if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+                          if isinstance(t, torch.Tensor) and has_storage(t)}
                 for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    if isinstance(t, torch.Tensor) and has_storage(t):
                         st = t.untyped_storage()
                         if st not in seen and (st.nbytes() == 0 or st.data_ptr() not in inputs):
                             n = st.nbytes()
@@ -326,6 +327,10 @@ class TensorPeak:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+def has_storage(t) -> bool:
+    return t.device.type != "meta" and not t.is_mkldnn
 
 
 def storage_bytes(tensors) -> int:
