@@ -16,10 +16,12 @@ fairseq-interactive and the hub come there); ``linear`` uses a weight's packed c
 gives the plain product's bits, and ``F.linear`` everywhere else: with autograd recording
 (training, validation's loss never comes here), a weight changed since it was packed (a new
 tensor, or changed in place), off the CPU, or an input that is not contiguous (the attention
-keys of a B x S x C view: oneDNN's plain path then runs another kernel).
+keys of a B x S x C view: oneDNN's plain path then runs another kernel). ``S2S_PACK_WEIGHTS=0``
+in the environment turns packing off.
 """
 
 import logging
+import os
 import weakref
 from typing import Dict, Iterable, Optional
 
@@ -62,7 +64,9 @@ def packed_weight(weight: Tensor) -> Optional[PackedWeight]:
 
 def available() -> bool:
     """oneDNN with bf16 kernels on this CPU (avx512_bf16 or AMX; older CPUs emulate bf16 more
-    slowly, and torch may then route a bf16 product elsewhere)."""
+    slowly, and torch may then route a bf16 product elsewhere), unless S2S_PACK_WEIGHTS=0."""
+    if os.environ.get("S2S_PACK_WEIGHTS", "1") == "0":
+        return False
     if REORDER is None or PACKED_LINEAR is None or not torch.backends.mkldnn.is_available():
         return False
     try:
