@@ -32,12 +32,18 @@ def _weight(n, k, seed=0):
     return (torch.randn(n, k, generator=g) * 0.1).bfloat16()
 
 
+def _packed(n, k, calls):
+    """A packed n x k bf16 weight, the call count reset (packing tries the product once)."""
+    w = _weight(n, k)
+    assert packed.pack(w) is not None
+    calls[0] = 0
+    return w
+
+
 @needs_onednn_bf16
 @pytest.mark.parametrize("n,k", [(7, 5), (64, 48), (600, 40)])
 def test_packed_products_equal_f_linear_bit_for_bit(n, k, calls):
-    w, b = _weight(n, k), torch.randn(n).bfloat16()
-    assert packed.pack(w) is not None
-    calls[0] = 0  # packing tries the packed product once
+    w, b = _packed(n, k, calls), torch.randn(n).bfloat16()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for shape in [(1, k), (5, k), (80, k), (4, 3, k), (6, 1, k)]:
@@ -54,9 +60,7 @@ def test_packed_products_equal_f_linear_bit_for_bit(n, k, calls):
 
 @needs_onednn_bf16
 def test_plain_product_where_packing_would_not_give_its_bits_or_its_gradient(calls):
-    w = _weight(32, 16)
-    packed.pack(w)
-    calls[0] = 0
+    w = _packed(32, 16, calls)
     x = torch.randn(6, 16).bfloat16()
     with torch.no_grad():
         strided = torch.randn(16, 3, 4).bfloat16().transpose(0, 2)  # 4 x 3 x 16, not contiguous
@@ -76,9 +80,7 @@ def test_plain_product_where_packing_would_not_give_its_bits_or_its_gradient(cal
 
 @needs_onednn_bf16
 def test_a_weight_changed_after_packing_is_multiplied_as_it_is_now(calls):
-    w = _weight(24, 8)
-    packed.pack(w)
-    calls[0] = 0
+    w = _packed(24, 8, calls)
     x = torch.randn(5, 8).bfloat16()
     with torch.no_grad():
         assert torch.equal(packed.linear(x, w), F.linear(x, w)) and calls[0] == 1
