@@ -85,7 +85,7 @@ def pack(weight: Tensor) -> Optional[PackedWeight]:
             packed = REORDER(weight.detach(), None)
             probe = torch.linspace(-1, 1, 5 * weight.size(1)).view(5, -1).to(weight.dtype)
             same = torch.equal(PACKED_LINEAR(probe, packed, None, "none", [], ""), F.linear(probe, weight))
-    except RuntimeError as err:  # an operator this build of torch lacks for these shapes
+    except (RuntimeError, TypeError) as err:  # an operator (or signature) this torch lacks
         logger.debug(f"oneDNN packing failed for a {tuple(weight.shape)} weight: {err}")
         return None
     if not same:
