@@ -7,15 +7,15 @@ products have few rows (beam x batch: 5 at batch 1, 80 at batch 16) against the 
 once (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's weight freezing uses) and
 multiplied with ``torch.ops.mkldnn._linear_pointwise``, the same products give the same bits
 (oneDNN runs the same kernel on the same values; checked for every weight when it is packed) in
-less time: measured on an AMD EPYC (Zen 4, one thread), the 5,992 x 256 output layer 181 ->
-99 us for 5 rows, 336 -> 248 us for 16, 1,213 -> 1,109 us for 80 (BENCHMARKS.md).
+less time: measured on an AMD EPYC (Zen 4, one thread), the 5,992 x 256 output layer about 2x
+as fast for 1-5 rows, 1.4-1.5x for 16, 1.0-1.1x for 80 (BENCHMARKS.md, 2026-12-04 18:49).
 
-``pack_for_decoding_`` packs the decoder's bf16 weight matrices (``RNNS2SModel.
-prepare_for_inference_`` calls it after storing them in bf16, fairseq-generate,
-fairseq-interactive and the hub come there); ``linear`` uses a weight's packed copy where it
-gives the plain product's bits, and ``F.linear`` everywhere else: with autograd recording
-(training, validation's loss never comes here), a weight changed since it was packed (a new
-tensor, or changed in place), off the CPU, or an input that is not contiguous (the attention
+``pack_for_decoding_`` packs the decoder's per-step bf16 weight matrices
+(``RNNS2SModel.prepare_for_inference_`` calls it after storing them in bf16: fairseq-generate,
+fairseq-interactive and the hub; training and validation never pack). ``linear`` uses a
+weight's packed copy where it gives the plain product's bits, and ``F.linear`` everywhere
+else: with autograd recording, for a weight changed since it was packed (a new tensor, e.g.
+moved off the CPU, or changed in place), or for an input that is not contiguous (the attention
 keys of a B x S x C view: oneDNN's plain path then runs another kernel). ``S2S_PACK_WEIGHTS=0``
 in the environment turns packing off.
 """
