@@ -10,7 +10,8 @@ multiplied with ``torch.ops.mkldnn._linear_pointwise``, the same products give t
 less time: measured on an AMD EPYC (Zen 4, one thread), the 5,992 x 256 output layer about 2x
 as fast for 1-5 rows, 1.4-1.5x for 16, 1.0-1.1x for 80 (BENCHMARKS.md, 2026-12-04 18:49).
 
-``pack_for_decoding_`` packs the decoder's per-step bf16 weight matrices
+``pack_for_decoding_`` packs the decoder's per-step bf16 weight matrices (not tiny ones, see
+MIN_ELEMENTS)
 (``RNNS2SModel.prepare_for_inference_`` calls it after storing them in bf16: fairseq-generate,
 fairseq-interactive and the hub; training and validation never pack). ``linear`` uses a
 weight's packed copy where it gives the plain product's bits, and ``F.linear`` everywhere
@@ -31,6 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
+
+# Smaller weights stay unpacked: the packed product costs about 15 us however small it is, and
+# torch multiplies a matrix of up to 4,096 elements by one row in 3-5 us (measured on the AMD
+# EPYC of BENCHMARKS.md: 128 x 32 at 1 row 5 us plain, 16 us packed; from 128 x 64 on, the
+# packed product was the faster one at 1, 5 and 80 rows). Tests set it to 0.
+MIN_ELEMENTS = 1 << 13
 
 # the two oneDNN operators; tests replace PACKED_LINEAR to count the calls
 REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
@@ -76,9 +83,11 @@ def available() -> bool:
 
 
 def pack(weight: Tensor) -> Optional[PackedWeight]:
-    """Packs a 2-D bf16 CPU weight, or returns None where the packed product would not give
-    F.linear's bits (tried on a few rows) or the operators fail."""
-    if weight.dim() != 2 or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not available():
+    """Packs a 2-D bf16 CPU weight of at least MIN_ELEMENTS elements, or returns None (also
+    where the packed product would not give F.linear's bits on a few rows, or the operators
+    fail)."""
+    if (weight.dim() != 2 or weight.dtype != torch.bfloat16 or weight.device.type != "cpu"
+            or weight.numel() < MIN_ELEMENTS or not available()):
         return None
     try:
         with torch.no_grad():

@@ -13,6 +13,12 @@ from fairseq_s2s_attn import packed
 needs_onednn_bf16 = pytest.mark.skipif(not packed.available(), reason="no oneDNN bf16 on this CPU")
 
 
+@pytest.fixture(autouse=True)
+def pack_any_size(monkeypatch):
+    """The tests' weights and tiny models are smaller than packing pays for (MIN_ELEMENTS)."""
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the packed products (packed.PACKED_LINEAR)."""
@@ -106,6 +112,10 @@ def test_a_freed_weight_takes_its_packed_copy_along():
 def test_only_2d_bf16_cpu_weights_are_packed(monkeypatch):
     assert packed.pack(_weight(8, 4).float()) is None
     assert packed.pack(torch.zeros(8).bfloat16()) is None
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 1 << 13)  # the default: tiny ones stay plain
+    assert packed.pack(_weight(128, 32)) is None
+    if packed.available():
+        assert packed.pack(_weight(128, 64)) is not None
     monkeypatch.setenv("S2S_PACK_WEIGHTS", "0")
     assert not packed.available() and packed.pack(_weight(8, 4)) is None
 
