@@ -146,6 +146,15 @@ def test_incremental_decoding_equals_full_forward(variant):
         torch.testing.assert_close(inc_attn, attn, atol=1e-5, rtol=1e-5)
 
 
+def test_only_the_decoder_keeps_incremental_state(variant):
+    """RNNDecoder.reorder_incremental_state_scripting reorders the decoder's own state only,
+    where fairseq's walks every submodule: right while no submodule has state to reorder."""
+    arch, opts = variant
+    model = build_model(arch, **opts)
+    holders = [m for m in model.decoder.modules() if hasattr(m, "reorder_incremental_state")]
+    assert holders == [model.decoder]
+
+
 def test_reorder_incremental_state_equals_reordered_batch(variant):
     arch, opts = variant
     d = make_dict()
