@@ -621,8 +621,9 @@ class RNNDecoder(FairseqIncrementalDecoder):
         self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], new_order: Tensor
     ):
         """fairseq's search calls this at every step; fairseq's version walks every submodule
-        looking for a ``reorder_incremental_state`` (~60 us per step here, a few % of a
-        batch-1 beam step). Only the decoder itself keeps incremental state."""
+        looking for a ``reorder_incremental_state``: 40 against 9 us per call here (rnn_bahdanau,
+        5 hypotheses), about 2% of a batch-1 beam step. Only the decoder itself keeps incremental
+        state."""
         self.reorder_incremental_state(incremental_state, new_order)
 
     def max_positions(self) -> int:
