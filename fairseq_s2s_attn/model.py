@@ -158,12 +158,15 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
 
     def _apply(self, fn, *args, **kwargs):
         """.cuda(), .to(...), .float(), ...: weights stored in bf16 for CPU decoding go back to
-        fp32 once the model is off the CPU (there, bf16 weights would meet fp32 activations)."""
+        fp32 once the model is off the CPU (there, bf16 weights would meet fp32 activations),
+        and their oneDNN copies are dropped (the weights as they were: a move may replace the
+        Parameter objects or only their data)."""
+        before = list(self.parameters())
         super()._apply(fn, *args, **kwargs)
         stored = self.__dict__.get("_stored_in_bf16")
         params = dict(self.named_parameters()) if stored else {}
         if stored and params[stored[0]].device.type != "cpu":
-            packed_weights.unpack(self.parameters())
+            packed_weights.unpack(before)
             with torch.no_grad():
                 for name in stored:
                     if params[name].dtype == torch.bfloat16:
