@@ -109,6 +109,12 @@ def lstm_from_gates(igates: Tensor, hgates: Tensor, c: Tensor) -> Tuple[Tensor, 
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+def stack(tensors: List[Tensor], dim: int) -> Tensor:
+    """torch.stack; for one tensor (a single step: incremental decoding, one layer) the same
+    values as a view, without stack's copy (about 3 us a call at beam 5, five calls a step)."""
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim)
+
+
 def gru_from_gates(igates: Tensor, hgates: Tensor, h: Tensor) -> Tensor:
     """GRU cell from its gate pre-activations (Cho et al. 2014; PyTorch's order r, z, n):
 
@@ -401,25 +407,26 @@ class RNNDecoder(FairseqIncrementalDecoder):
         step_fn = self._compiled_step() if self.compile_step and self.training else self._step
         for t in range(emb.size(0)):
             hs, cs, feed, cov, out, context, attn = step_fn(
-                cell, steps[t], pre[t], hs, cs, feed, cov, step + t, keys, values, padding_mask)
+                cell, steps[t], pre[t], hs, cs, feed, cov, step + t if t else step, keys, values,
+                padding_mask)
             outs.append(out)
             if context is not None:
                 contexts.append(context)
             attns.append(attn)
         if self.placement == "before":  # t_i = R(W_o [s; c_i; E y_{i-1}]) for all i at once
-            h = self.dropout_out(torch.stack(outs, dim=1))  # B x T x H
-            parts = [h, torch.stack(contexts, dim=1), emb.transpose(0, 1)]
+            h = self.dropout_out(stack(outs, dim=1))  # B x T x H
+            parts = [h, stack(contexts, dim=1), emb.transpose(0, 1)]
             x = self.dropout_out(self._activate(self.readout(torch.cat(parts, dim=-1))))
         else:
-            x = torch.stack(outs, dim=1)  # B x T x O
+            x = stack(outs, dim=1)  # B x T x O
         new_state: State = {
-            "h": torch.stack(hs, dim=0),
-            "c": torch.stack(cs, dim=0) if cs is not None else None,
+            "h": stack(hs, dim=0),
+            "c": stack(cs, dim=0) if cs is not None else None,
             "feed": feed if self.input_feeding else None,
             "step": step + emb.size(0),
             "cov": cov,
         }
-        return x, torch.stack(attns, dim=1), new_state
+        return x, stack(attns, dim=1), new_state
 
     def _step(self, cell: "StackedCell", emb: Tensor, pre: Optional[Tensor], hs: List[Tensor],
               cs: Optional[List[Tensor]], feed: Tensor, cov: Optional[Tensor], step: Tensor,
@@ -507,8 +514,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
             cell = StackedCell(self.rnn, x.size(-1), self.dropout_out)
             hs, cs = cell.step(x[0], list(state["h"].unbind(0)),
                                list(state["c"].unbind(0)) if state["c"] is not None else None)
-            h = torch.stack(hs, dim=0)
-            c = torch.stack(cs, dim=0) if cs is not None else None
+            h = stack(hs, dim=0)
+            c = stack(cs, dim=0) if cs is not None else None
             return hs[-1].unsqueeze(0), {"h": h, "c": c, "feed": state.get("feed"), "cov": state.get("cov")}
         if self.rnn_type == "lstm":
             out, (h, c) = self.rnn(x, (state["h"], state["c"]))

@@ -45,19 +45,33 @@ PACKED_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
 class PackedWeight:
-    """A weight's oneDNN copy, with what identifies the weight's values when it was made."""
+    """A weight's oneDNN copy, with what identifies the weight's values when it was made, and
+    the bf16 copy of the fp32 bias last used with it (the RNN biases stay fp32 in --cpu-bf16
+    models: cast at every step, as autocast's plain product does, they cost a cast per product)."""
 
-    __slots__ = ("packed", "data_ptr", "version")
+    __slots__ = ("packed", "data_ptr", "version", "bias", "bias_version", "bias_bf16")
 
     def __init__(self, weight: Tensor, packed: Tensor):
         self.packed = packed
         self.data_ptr = weight.data_ptr()
         self.version = weight._version
+        self.bias: Optional[Tensor] = None
+        self.bias_version = -1
+        self.bias_bf16: Optional[Tensor] = None
 
     def fits(self, weight: Tensor) -> bool:
         """Whether ``weight`` still holds the values packed (the same storage, not changed in
         place: every in-place change, an optimizer's too, bumps the version counter)."""
         return weight.data_ptr() == self.data_ptr and weight._version == self.version
+
+    def bf16_bias(self, bias: Tensor) -> Tensor:
+        """``bias.to(torch.bfloat16)``, made again only for another bias tensor or after an
+        in-place change of this one (the entry holds the bias, so no other tensor can take its
+        storage while the copy is kept)."""
+        if bias is not self.bias or bias._version != self.bias_version:
+            self.bias_bf16 = bias.detach().to(torch.bfloat16)
+            self.bias, self.bias_version = bias, bias._version
+        return self.bias_bf16
 
 
 # id(weight) -> its packed copy; an entry goes when its weight is freed (weakref.finalize)
@@ -131,9 +145,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
             return F.linear(x, weight, bias)  # what the plain call does with these dtypes
         x = x.to(torch.bfloat16)
     if bias is not None and bias.dtype != torch.bfloat16:
-        bias = bias.to(torch.bfloat16)
-    out = PACKED_LINEAR(x.view(-1, x.size(-1)), entry.packed, bias, "none", [], "")
-    return out.view(*x.shape[:-1], out.size(-1))
+        bias = entry.bf16_bias(bias)
+    return PACKED_LINEAR(x, entry.packed, bias, "none", [], "")  # ... x K -> ... x N, as F.linear
 
 
 class Linear(nn.Linear):

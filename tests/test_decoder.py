@@ -561,3 +561,14 @@ def test_compiled_step_equals_eager_step(arch, opts):
     inc_logits, inc_attn = incremental_forward(compiled, enc, prev, {})
     torch.testing.assert_close(inc_logits, logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(inc_attn, attn, atol=1e-5, rtol=1e-5)
+
+
+def test_stack_of_one_step_is_a_view_with_the_values_of_torch_stack():
+    """Incremental decoding stacks one step (and one layer's state): a view, not a copy."""
+    from fairseq_s2s_attn.decoder import stack
+
+    a, b = torch.randn(5, 4), torch.randn(5, 4)
+    for dim in (0, 1):
+        one = stack([a], dim=dim)
+        assert torch.equal(one, torch.stack([a], dim=dim)) and one.data_ptr() == a.data_ptr()
+        assert torch.equal(stack([a, b], dim=dim), torch.stack([a, b], dim=dim))

@@ -99,6 +99,30 @@ def test_a_weight_changed_after_packing_is_multiplied_as_it_is_now(calls):
 
 
 @needs_onednn_bf16
+def test_an_fp32_bias_is_cast_once_and_again_after_it_changes(calls):
+    """The RNN biases stay fp32 in --cpu-bf16 models: the packed product keeps their bf16 copy
+    and makes it again for another bias tensor or after an in-place change."""
+    w = _packed(24, 8, calls)
+    b, other = torch.randn(24), torch.randn(24)
+    x = torch.randn(5, 8).bfloat16()
+
+    def plain(bias):  # what the decoder's product does with an fp32 bias (CPU bf16 autocast)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.linear(x, w, bias)
+
+    with torch.no_grad():
+        assert torch.equal(packed.linear(x, w, b), plain(b))
+        copy = packed.packed_weight(w).bias_bf16
+        assert torch.equal(packed.linear(x, w, b), plain(b))
+        assert packed.packed_weight(w).bias_bf16 is copy  # not cast again
+        b.add_(1)  # in place: the copy is stale
+        assert torch.equal(packed.linear(x, w, b), plain(b))
+        assert torch.equal(packed.linear(x, w, other), plain(other))
+        assert torch.equal(packed.linear(x, w, b), plain(b))
+    assert calls[0] == 5
+
+
+@needs_onednn_bf16
 def test_a_freed_weight_takes_its_packed_copy_along():
     w = _weight(16, 8)
     packed.pack(w)
