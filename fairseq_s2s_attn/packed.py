@@ -49,14 +49,14 @@ class PackedWeight:
     the bf16 copy of the fp32 bias last used with it (the RNN biases stay fp32 in --cpu-bf16
     models: cast at every step, as autocast's plain product does, they cost a cast per product)."""
 
-    __slots__ = ("packed", "data_ptr", "version", "bias", "bias_version", "bias_bf16")
+    __slots__ = ("packed", "data_ptr", "version", "bias", "bias_ptr", "bias_version", "bias_bf16")
 
     def __init__(self, weight: Tensor, packed: Tensor):
         self.packed = packed
         self.data_ptr = weight.data_ptr()
         self.version = weight._version
         self.bias: Optional[Tensor] = None
-        self.bias_version = -1
+        self.bias_ptr = self.bias_version = -1
         self.bias_bf16: Optional[Tensor] = None
 
     def fits(self, weight: Tensor) -> bool:
@@ -65,12 +65,13 @@ class PackedWeight:
         return weight.data_ptr() == self.data_ptr and weight._version == self.version
 
     def bf16_bias(self, bias: Tensor) -> Tensor:
-        """``bias.to(torch.bfloat16)``, made again only for another bias tensor or after an
-        in-place change of this one (the entry holds the bias, so no other tensor can take its
-        storage while the copy is kept)."""
-        if bias is not self.bias or bias._version != self.bias_version:
+        """``bias.to(torch.bfloat16)``, made again only for another bias tensor or after a
+        change of this one: in place (its version counter) or of its storage (``bias.data = ...``
+        keeps the version)."""
+        if (bias is not self.bias or bias._version != self.bias_version
+                or bias.data_ptr() != self.bias_ptr):
             self.bias_bf16 = bias.detach().to(torch.bfloat16)
-            self.bias, self.bias_version = bias, bias._version
+            self.bias, self.bias_ptr, self.bias_version = bias, bias.data_ptr(), bias._version
         return self.bias_bf16
 
 

@@ -101,7 +101,7 @@ def test_a_weight_changed_after_packing_is_multiplied_as_it_is_now(calls):
 @needs_onednn_bf16
 def test_an_fp32_bias_is_cast_once_and_again_after_it_changes(calls):
     """The RNN biases stay fp32 in --cpu-bf16 models: the packed product keeps their bf16 copy
-    and makes it again for another bias tensor or after an in-place change."""
+    and makes it again for another bias tensor or after a change (in place, new storage)."""
     w = _packed(24, 8, calls)
     b, other = torch.randn(24), torch.randn(24)
     x = torch.randn(5, 8).bfloat16()
@@ -117,9 +117,11 @@ def test_an_fp32_bias_is_cast_once_and_again_after_it_changes(calls):
         assert packed.packed_weight(w).bias_bf16 is copy  # not cast again
         b.add_(1)  # in place: the copy is stale
         assert torch.equal(packed.linear(x, w, b), plain(b))
+        b.data = torch.randn(24)  # new storage, the same version
+        assert torch.equal(packed.linear(x, w, b), plain(b))
         assert torch.equal(packed.linear(x, w, other), plain(other))
         assert torch.equal(packed.linear(x, w, b), plain(b))
-    assert calls[0] == 5
+    assert calls[0] == 6
 
 
 @needs_onednn_bf16
