@@ -52,7 +52,7 @@ def test_packed_products_equal_f_linear_bit_for_bit(n, k, calls):
     w, b = _packed(n, k, calls), torch.randn(n).bfloat16()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for shape in [(1, k), (5, k), (80, k), (300, k), (4, 3, k), (6, 1, k)]:
+        for shape in [(k,), (1, k), (5, k), (80, k), (300, k), (4, 3, k), (6, 1, k)]:
             x = torch.randn(*shape, generator=g).bfloat16()
             for bias in (b, None):
                 assert torch.equal(packed.linear(x, w, bias), F.linear(x, w, bias))
@@ -61,7 +61,7 @@ def test_packed_products_equal_f_linear_bit_for_bit(n, k, calls):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 got, want = packed.linear(x32, w, b32), F.linear(x32, w, b32)
             assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
-    assert calls[0] == 6 * 3
+    assert calls[0] == 7 * 3
 
 
 @needs_onednn_bf16
