@@ -158,15 +158,18 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
 
     def _apply(self, fn, *args, **kwargs):
         """.cuda(), .to(...), .float(), ...: weights stored in bf16 for CPU decoding go back to
-        fp32 once the model is off the CPU (there, bf16 weights would meet fp32 activations),
-        and their oneDNN copies are dropped (the weights as they were: a move may replace the
-        Parameter objects or only their data)."""
+        fp32 once the model is off the CPU (there, bf16 weights would meet fp32 activations).
+        The oneDNN copies of weights that changed are dropped, on any device (a move or a cast,
+        e.g. ``.float()`` on the CPU, replaces the Parameter objects or only their data; either
+        way the old copy could serve no product but stayed in memory)."""
         before = list(self.parameters())
         super()._apply(fn, *args, **kwargs)
+        current = {id(p) for p in self.parameters()}
+        packed_weights.unpack(w for w in before
+                              if id(w) not in current or packed_weights.packed_weight(w) is None)
         stored = self.__dict__.get("_stored_in_bf16")
         params = dict(self.named_parameters()) if stored else {}
         if stored and params[stored[0]].device.type != "cpu":
-            packed_weights.unpack(before)
             with torch.no_grad():
                 for name in stored:
                     if params[name].dtype == torch.bfloat16:

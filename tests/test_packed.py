@@ -226,3 +226,19 @@ def test_a_model_leaving_the_cpu_drops_its_packed_weights():
     model.to("meta")  # as .cuda() would; --cpu-bf16 does nothing there
     assert not {id(w) for w in old} & set(packed._PACKED)
     assert not any(packed.packed_weight(w) for w in model.decoder.step_weights())
+
+
+@needs_onednn_bf16
+def test_a_model_cast_on_the_cpu_drops_its_stale_packed_weights():
+    """.float() on the CPU gives the weights new data: their copies can serve no product."""
+    model = build_model("rnn_luong_tiny", cpu_bf16=True).eval()
+    model.prepare_for_inference_(inference_cfg())
+    weights = model.decoder.step_weights()
+    assert all(packed.packed_weight(w) is not None for w in weights)
+    model.float()
+    assert not {id(w) for w in weights} & set(packed._PACKED)
+    # a call that changes nothing keeps them
+    model2 = build_model("rnn_luong_tiny", cpu_bf16=True).eval()
+    model2.prepare_for_inference_(inference_cfg())
+    model2.to("cpu")
+    assert all(packed.packed_weight(w) is not None for w in model2.decoder.step_weights())
