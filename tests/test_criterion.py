@@ -179,6 +179,41 @@ def test_fused_criterion_makes_one_logits_sized_tensor(cpu_bf16, gen, monkeypatc
     assert counts[FusedCrossEntropyCriterion][1] * 4 <= counts[CrossEntropyCriterion][1]
 
 
+def test_fused_backward_under_cpu_bf16_allocates_no_fp32_logits_sized_block(gen, monkeypatch):
+    """The output layer's bias gradient, the column sums of the bf16 N x V logits' gradient,
+    summed a chunk of rows at a time: torch's sum(dtype=float32) of the whole tensor converts
+    all of it first, an N x V fp32 block (48 MB at the demo's sizes) inside the kernel, where
+    the dispatch-level count above does not see it; the allocator does. (A vocabulary large
+    enough that N x V fp32 is the largest block the old sum made: 36 x 4,000.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    d = make_dict(4000)
+    monkeypatch.setitem(fused.CHUNK_ELEMENTS, "cpu", 8 * len(d))
+    task = FakeTask(d, d)
+    model = build_model("rnn_bahdanau_tiny", task=task, cpu_bf16=True)
+    sample = make_sample(d, gen, src_lengths=(7, 5, 6, 4), tgt_lengths=(9, 7, 8, 6))
+    n_by_v_fp32 = sample["target"].numel() * len(d) * 4
+    crit = FusedCrossEntropyCriterion(task, False)
+    loss = crit(model, sample)[0]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss.backward()
+    largest = max((e.cpu_memory_usage, e.name) for e in prof.events())
+    assert model.decoder.output_projection()[1].grad is not None  # the bias gradient was made
+    assert largest[0] < n_by_v_fp32, largest
+
+
+@pytest.mark.parametrize("rows", [1, 8, 36, 37, 100])
+def test_column_sums_by_chunks_equal_torchs_sum(rows, gen):
+    """The chunked column sums (bias gradient) equal torch's sum of the whole bf16 tensor in
+    fp32, to fp32 rounding; an fp32 tensor is summed as it is."""
+    x = torch.randn(37, 50, generator=gen).bfloat16()
+    got = fused._column_sums(x, torch.float32, rows)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, x.sum(0, dtype=torch.float32), rtol=1e-6, atol=1e-6)
+    x32 = x.float()
+    assert torch.equal(fused._column_sums(x32, torch.float32, rows), x32.sum(0))
+
+
 def test_second_backward_through_the_same_graph_raises(gen):
     """backward overwrites the logits with their gradient: a second backward (retain_graph) must
     fail rather than use them."""
