@@ -170,10 +170,12 @@ class RNNS2SConfig(FairseqDataclass):
                   "(Bahdanau, input feeding, coverage) with torch.compile (inductor, dynamic "
                   "shapes): fused element-wise kernels, fewer launches per step, meant for GPUs, "
                   "where the step loop is bound by kernel launches (not yet measured there). "
-                  "Compiles once per process (about 10 s). Equal to the eager step up to "
-                  "rounding; generation runs the eager step (compiled, it was no faster on CPU). "
-                  "On CPU it does not pay with --cpu-bf16 (2.2-2.5x slower than eager); fp32 "
-                  "ran 0.94-1.22x eager's speed (BENCHMARKS.md)"},
+                  "Compiles at the start (about 10 s on CPU) and again for each new kind of "
+                  "input in the first updates (one took 3 s at the 8th update). Equal to the "
+                  "eager step up to rounding; generation runs the eager step (compiled, it was "
+                  "no faster on CPU). On CPU, once compiled: 1.00-1.09x eager's training speed "
+                  "in fp32 and with --cpu-bf16, not worth its compile time in short runs "
+                  "(BENCHMARKS.md)"},
     )
     init_range: float = field(
         default=0.1,
