@@ -595,13 +595,13 @@ class RNNDecoder(FairseqIncrementalDecoder):
         reorder_encoder_out changes the source rows when a sentence is finished (src_ids: the
         sentence each row holds, B)."""
         keys, values, cached_ids = cached.get("keys"), cached.get("values"), cached["src_ids"]
-        # unchanged rows hand over the same tensor (no comparison, no host sync on a GPU)
-        if src_ids is cached_ids or torch.equal(src_ids, cached_ids):
+        # unchanged rows hand over the same tensor: nothing to compare
+        if src_ids is cached_ids:
             return keys, values
-        # the cached row of each sentence (rows holding the same sentence are equal: any will do)
-        where = cached_ids.new_zeros(int(cached_ids.max()) + 1)
-        where[cached_ids] = torch.arange(cached_ids.numel(), device=cached_ids.device)
-        rows = where[src_ids]
+        # the cached row of each sentence (rows holding the same sentence are equal: any will
+        # do; the first is taken), found on the device: no value is read on the host, which on a
+        # GPU would wait for it
+        rows = src_ids.unsqueeze(1).eq(cached_ids.unsqueeze(0)).int().argmax(dim=1)  # B'
         return tuple(None if v is None else v.index_select(0, rows) for v in (keys, values))
 
     def _get_cache(self, incremental_state) -> Optional[State]:

@@ -1,6 +1,8 @@
 """RNN encoder: embeddings + (bi)LSTM/GRU over the source, with packed sequences."""
 
-from typing import Dict, List, Optional, Tuple
+import contextlib
+import contextvars
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -12,6 +14,24 @@ from fairseq.modules import FairseqDropout
 from .precision import cast_for_products, cpu_autocast
 
 RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+# set by ``sentence_runs()``: the caller's reorders keep each sentence's hypotheses in consecutive
+# runs and its sentences in their order (fairseq's SequenceGenerator, see runtime.py)
+_SENTENCE_RUNS = contextvars.ContextVar("s2s_sentence_runs", default=False)
+
+
+@contextlib.contextmanager
+def sentence_runs() -> Iterator[None]:
+    """Within this block, ``reorder_encoder_out`` trusts the order it is given to be beam search's:
+    each sentence's hypotheses in one run (``hyps_per_source`` long), sentences in their order,
+    finished ones left out. It then decides which source rows to keep from the order's size
+    alone and never reads its values, which on a GPU would wait for the device (two host
+    synchronisations per decoding step). Outside it, the order is checked (``source_order``)."""
+    token = _SENTENCE_RUNS.set(True)
+    try:
+        yield
+    finally:
+        _SENTENCE_RUNS.reset(token)
 
 
 def compact_left(padding_mask: Tensor) -> Optional[Tensor]:
@@ -169,10 +189,17 @@ class RNNEncoder(FairseqEncoder):
         of one sentence (fairseq's SequenceGenerator keeps them so): the rows then serve
         ``hyps_per_source`` hypotheses each, hypothesis r reading row r // hyps_per_source, and
         only a finished sentence's removal copies rows. Any other order gets one row per
-        hypothesis. See ``source_order``."""
+        hypothesis. See ``source_order``, and ``sentence_runs`` for fairseq's search, whose
+        orders are not read."""
         groups = encoder_out.get("hyps_per_source") or 1
-        order, new_groups = source_order(new_order, groups, encoder_out["encoder_padding_mask"].size(0))
-        if same_sources(encoder_out.get("src_ids"), order):
+        rows = encoder_out["encoder_padding_mask"].size(0)
+        if _SENTENCE_RUNS.get():
+            order, new_groups = source_runs(new_order, groups, rows)
+            same = order is None
+        else:
+            order, new_groups = source_order(new_order, groups, rows)
+            same = same_sources(encoder_out.get("src_ids"), order)
+        if same:
             reordered = dict(encoder_out)  # the same sentences in the same rows: no copy
         else:
             batch_dim = {"encoder_out": 1, "encoder_padding_mask": 0, "final_hidden": 1, "final_cell": 1,
@@ -223,6 +250,24 @@ def source_order(new_order: Tensor, groups: int, rows: int) -> Tuple[Tensor, int
         if torch.equal(runs, runs[:, :1].expand_as(runs)):
             return runs[:, 0], run
     return src, 1
+
+
+def source_runs(new_order: Tensor, groups: int, rows: int) -> Tuple[Optional[Tensor], int]:
+    """``source_order`` for beam search's orders (see ``sentence_runs``), from their size alone:
+    (None, run) when every row keeps its sentence (the order's values are not read), else (the
+    kept rows, run) when finished sentences leave. ``rows`` rows served ``groups`` hypotheses
+    each; new_order (n hypotheses) either repeats each row n / rows times (the search's first
+    order: groups 1), shuffles hypotheses within their sentences (n = rows * groups) or, when
+    sentences finish, keeps the others' runs of ``groups`` (n < rows * groups)."""
+    n = new_order.numel()
+    if n >= rows * groups:  # no sentence left: the same rows, in runs of n / rows
+        if n % rows:
+            raise ValueError(f"beam search order of {n} hypotheses for {rows} source rows")
+        return None, n // rows
+    if n % groups:
+        raise ValueError(f"beam search order of {n} hypotheses in runs of {groups}")
+    first = new_order.view(-1, groups)[:, 0]  # the first hypothesis of each run
+    return (first // groups if groups > 1 else first), groups
 
 
 def _reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:

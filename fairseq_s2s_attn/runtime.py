@@ -38,6 +38,15 @@
 - ``--print-alignment`` with a model that has no attention (rnn_vanilla) crashed deep in fairseq
   (it transposes an empty attention tensor). There is no alignment to print, so the command now
   translates as usual, warns once and prints empty ``A-`` lines rather than made-up ones.
+- Host synchronisation in beam search on a GPU: the source side stays one row per sentence
+  (``RNNEncoder.reorder_encoder_out``), and for an arbitrary order the encoder must read the
+  order's values to know whether rows stay with their sentences: two ``torch.equal`` per
+  decoding step, each of which makes the host wait for the GPU (fairseq's lstm has none there;
+  fairseq's search itself reads the device about 1.5 times a step). fairseq's
+  SequenceGenerator keeps each sentence's hypotheses in consecutive runs and its sentences in
+  order (its reorders are ``active_bbsz_idx``: candidates of the sentence's own beam, finished
+  sentences left out), so its ``_generate`` now runs inside ``encoder.sentence_runs()``, where
+  the encoder decides from the order's size alone. Other callers' orders are still checked.
 - ``fairseq-train --arch rnn_bahdanau --help`` printed fairseq's general options only (its first
   parse handles --help before model options are added). When help is asked for with one of our
   architectures, the model options (every field of RNNS2SConfig, with its help) are added first.
@@ -197,6 +206,25 @@ def empty_alignments_without_attention() -> None:
     SequenceGeneratorWithAlignment.generate = torch.no_grad()(generate)
 
 
+def beam_search_keeps_sentence_runs() -> None:
+    """fairseq's SequenceGenerator runs inside ``encoder.sentence_runs()`` (see the module
+    docstring): our encoders then reorder without reading the order on the host."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from . import encoder
+
+    original = SequenceGenerator._generate
+    if getattr(original, "_s2s_runs", False):
+        return
+
+    def _generate(self, *args, **kwargs):
+        with encoder.sentence_runs():
+            return original(self, *args, **kwargs)
+
+    _generate._s2s_runs = True
+    SequenceGenerator._generate = _generate
+
+
 def _arch_in_argv(argv):
     for i, arg in enumerate(argv):
         if arg in ("--arch", "-a") and i + 1 < len(argv):
@@ -310,4 +338,5 @@ def install(model_cls) -> None:
     keep_freed_memory()
     keep_remainder_batches()
     empty_alignments_without_attention()
+    beam_search_keeps_sentence_runs()
     stop_batch_threads_at_exit()

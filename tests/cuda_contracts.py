@@ -12,9 +12,14 @@ kernels broadcast anything. ``enforce(monkeypatch)`` makes a CPU run as strict a
   (aten/src/ATen/native/cuda/RNN.cu, ``checkSizes``: 2-D gates of one size, the state 2-D with
   B x gates/factor elements, biases 1-D of the gates' width or none; one dtype and device for all,
   as the kernel is dispatched on the gates' dtype) and compute the cell in the gates' dtype.
+
+``HostReads`` finds the other thing a CPU run hides: reading a tensor's values on the host
+(``.item()``, ``bool()``, ``torch.equal``, ``nonzero``, ...), free on CPU, makes the host wait for
+the GPU.
 """
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fairseq_s2s_attn import decoder as decoder_module
 
@@ -110,3 +115,54 @@ def enforce(monkeypatch) -> dict:
     monkeypatch.setattr(decoder_module, "FUSED_LSTM_CELL", counted("lstm", fused_lstm_cell))
     monkeypatch.setattr(decoder_module, "FUSED_GRU_CELL", counted("gru", fused_gru_cell))
     return calls
+
+
+# operators that read a tensor's values on the host: on a GPU each waits for the device to finish
+# what was queued before it (a host synchronisation). CPU tensors show them all to a dispatch
+# mode except ``tolist``/``numpy`` (no operator), which ``HostReads`` wraps itself.
+HOST_READ_OPS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select", "allclose",
+                 "unique_consecutive", "_unique2", "unique_dim", "repeat_interleave"}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts host reads of tensor values made inside functions wrapped with ``watch``.
+
+    A bool-mask index (``x[mask]``, its size read on the host) counts too; a
+    ``repeat_interleave`` whose output size is given does not (CUDA needs no read then)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.depth, self.reads = 0, []
+        for name in ("tolist", "numpy"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._host_call(name, original))
+
+    def _host_call(self, name, original):
+        def call(tensor, *args, **kwargs):
+            if self.depth:
+                self.reads.append(name)
+            return original(tensor, *args, **kwargs)
+        return call
+
+    def watch(self, fn, label):
+        def watched(*args, **kwargs):
+            self.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+        watched.__name__ = label
+        return watched
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth:
+            name = func._schema.name.split("::")[-1]
+            reads = name in HOST_READ_OPS and not (name == "repeat_interleave"
+                                                   and kwargs.get("output_size") is not None)
+            if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                       for i in (args[1] if len(args) > 1 else ())):
+                reads = True
+            if reads:
+                self.reads.append(name)
+        return func(*args, **kwargs)

@@ -5,13 +5,18 @@ LSTM cell's bias: right on CPU, fatal on the first CUDA update. These tests run 
 (forward + backward), incremental decoding and beam search of every variant with the CUDA
 branch taken and the CUDA checks enforced, in fp32/fp64 and in the low precisions fairseq's
 --fp16, --bf16 and --amp (autocast) produce, and compare the results with the plain CPU path.
+Beam search's steps are also checked for host reads of tensor values (free on CPU, a wait for
+the device on a GPU).
 """
+
+import contextlib
 
 import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator
 
 import cuda_contracts
+from fairseq_s2s_attn import encoder as encoder_module
 from conftest import build_model, make_dict
 from test_decoder import VARIANTS, full_forward, incremental_forward, make_batch, vid
 
@@ -160,3 +165,73 @@ def test_beam_search_fp32_under_contracts_equals_plain(monkeypatch):
         for ha, hb in zip(a, b):
             assert torch.equal(ha["tokens"], hb["tokens"])
             torch.testing.assert_close(ha["score"], hb["score"])
+
+
+def finish_sentence_early(model, d, beam, sentence=1, at_call=2):
+    """Makes every hypothesis of one sentence choose EOS at decoder call ``at_call`` of each
+    search, so that sentence finishes before the others and fairseq's search drops its rows at
+    the next step. Returns the call counter (reset it to 0 before a search)."""
+    calls = [0]
+    original = model.get_normalized_probs
+
+    def get_normalized_probs(*args, **kwargs):
+        lprobs = original(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == at_call:
+            rows = slice(sentence * beam, (sentence + 1) * beam)  # no sentence has left yet
+            lprobs = lprobs.clone()
+            lprobs[rows] = float("-inf")
+            lprobs[rows, ..., d.eos()] = 0
+        return lprobs
+
+    model.get_normalized_probs = get_normalized_probs
+    return calls
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[vid(v) for v in VARIANTS])
+def test_beam_search_steps_read_no_values_on_the_host(monkeypatch, variant):
+    """What our code does at each step of fairseq's beam search (the decoder, both reorders, the
+    log-probabilities) reads no tensor value on the host: on a GPU every such read (``torch.equal``,
+    ``.item()``, ``bool()``) waits until the device has finished the queued work. The encoder's
+    reorder once compared the order's values twice per step to keep the source side one row per
+    sentence (fairseq's lstm reads nothing there; fairseq's search itself reads ~1.5 times per
+    step). Checked through a step where a sentence finishes and its source rows leave, with the
+    cells' CUDA branch taken; the hypotheses equal those of the checked path
+    (``encoder.source_order``, for callers other than fairseq's search)."""
+    arch, opts = variant
+    d = make_dict()
+    model = build_model(arch, dtype=torch.float64, **opts).eval()
+    src, lengths, _ = make_batch(d, seed=6)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+    beam = 3
+    cuda_contracts.enforce(monkeypatch)
+    calls = finish_sentence_early(model, d, beam)
+    reads = cuda_contracts.HostReads(monkeypatch)
+    for name, owner in (("reorder_encoder_out", model.encoder), ("forward", model.decoder),
+                        ("reorder_incremental_state_scripting", model.decoder),
+                        ("get_normalized_probs", model)):
+        monkeypatch.setattr(owner, name, reads.watch(getattr(owner, name), name))
+    sizes = []
+    reorder = model.encoder.reorder_encoder_out
+    monkeypatch.setattr(model.encoder, "reorder_encoder_out",
+                        lambda out, order: (sizes.append(order.numel()), reorder(out, order))[1])
+
+    def search():
+        calls[0] = 0
+        gen = SequenceGenerator([model], d, beam_size=beam, max_len_a=0, max_len_b=6)
+        with torch.no_grad():
+            return gen.generate([model], sample)
+
+    with reads:
+        fast = search()
+    assert reads.reads == []
+    bsz = src.size(0)
+    assert sizes[0] == bsz * beam and (bsz - 1) * beam in sizes  # the sentence left mid-search
+    assert len(fast[1]) == beam and all(len(h["tokens"]) == 2 for h in fast[1])  # EOS at step 1
+    # the checked path (source_order reads the order) gives the same hypotheses
+    monkeypatch.setattr(encoder_module, "sentence_runs", contextlib.nullcontext)
+    checked = search()
+    for a, b in zip(fast, checked):
+        for ha, hb in zip(a, b):
+            assert torch.equal(ha["tokens"], hb["tokens"])
+            torch.testing.assert_close(ha["positional_scores"], hb["positional_scores"], rtol=0, atol=0)

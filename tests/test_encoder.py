@@ -6,7 +6,7 @@ import pytest
 import torch
 from fairseq.models.transformer import Embedding
 
-from fairseq_s2s_attn.encoder import RNNEncoder, compact_left
+from fairseq_s2s_attn.encoder import RNNEncoder, compact_left, sentence_runs, source_runs
 
 from conftest import random_tokens
 
@@ -262,5 +262,39 @@ def test_beam_search_orders_keep_one_source_row_per_sentence(tiny_dict, gen):
     assert "hyps_per_source" not in flat and flat["encoder_out"].size(1) == len(mixed)
     assert torch.equal(flat["src_ids"], torch.tensor([0, 2, 2, 0, 2, 3]))
     check(shrunk, mixed, flat)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_beam_search_orders_inside_sentence_runs_equal_the_checked_path(tiny_dict, gen, beam):
+    """Inside ``sentence_runs()`` (fairseq's search) the rows kept follow from the order's size
+    alone; for the search's orders (expand, shuffle within sentences, a sentence leaving) the
+    result equals the checked path's, beam 1 included."""
+    enc = make_encoder(tiny_dict, num_layers=1, bidirectional=True)
+    tokens = random_tokens(tiny_dict, LENGTHS, left_pad=True, generator=gen)
+    bsz = tokens.size(0)
+    within = torch.arange(bsz * beam).view(bsz, beam).flip(1).reshape(-1)
+    leave = torch.cat([torch.arange(beam).flip(0), torch.arange(2 * beam, bsz * beam)])  # 1 left
+    orders = [torch.arange(bsz).repeat_interleave(beam), within, leave]
+
+    def run_orders():
+        outs = [run(enc, tokens)]
+        for order in orders:
+            outs.append(enc.reorder_encoder_out(outs[-1], order))
+        return outs
+
+    checked = run_orders()
+    with sentence_runs():
+        trusted = run_orders()
+    for a, b in zip(checked, trusted):
+        assert a.get("hyps_per_source") == b.get("hyps_per_source")
+        for key, val in a.items():
+            if isinstance(val, torch.Tensor):
+                assert torch.equal(val, b[key]), key
+    assert trusted[2]["encoder_out"] is trusted[0]["encoder_out"]  # no copy while none leaves
+    assert torch.equal(trusted[3]["src_ids"], torch.tensor([0] + list(range(2, bsz))))
+    with pytest.raises(ValueError, match="in runs of 3"):
+        source_runs(torch.arange(5), 3, 4)  # not whole runs
+    with pytest.raises(ValueError, match="for 3 source rows"):
+        source_runs(torch.arange(7), 1, 3)  # not a repeat of every row
 
 
