@@ -529,8 +529,11 @@ class RNNDecoder(FairseqIncrementalDecoder):
         use: the RNN's weight matrices, every nn.Linear (attention projections, readout, output
         layer, initial state) and the target embeddings (cast once by cast_for_products; the
         tied output layer). Not the RNN's biases (``embedding_part`` sums the two in fp32), the
-        learned scalars g, or the additive score's v (``v_weight`` normalises it in fp32)."""
-        keep = {id(m.v.weight) for m in self.modules() if isinstance(m, AdditiveScorer)}
+        learned scalars g, the additive score's v (``v_weight`` normalises it in fp32) or its
+        coverage weight w_c: both meet the score's element-wise work, which runs in fp32 on a
+        CPU (``attention.for_elementwise``)."""
+        keep = {id(p) for m in self.modules() if isinstance(m, AdditiveScorer)
+                for p in (m.v.weight, None if m.coverage_proj is None else m.coverage_proj.weight)}
         params = [p for name, p in self.rnn.named_parameters() if name.startswith("weight_")]
         params += [p for m in self.modules() if isinstance(m, nn.Linear)
                    for p in m.parameters() if id(p) not in keep]

@@ -410,3 +410,92 @@ def test_coverage_needs_one_row_per_query():
     keys = attn.keys(torch.randn(B, S, C, dtype=torch.float64))
     with pytest.raises(ValueError, match="one row per query"):
         attn.scorer(torch.randn(B, T, Q, dtype=torch.float64), keys, torch.rand(B, S, dtype=torch.float64))
+
+
+class OpLog:
+    """(operator name, dtype, number of values) of each aten operator's first argument."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        log = self.ops = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if args and isinstance(args[0], torch.Tensor):
+                    log.append((func._schema.name.split("::")[-1], args[0].dtype, args[0].numel()))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("coverage", [False, True], ids=["plain", "coverage"])
+@pytest.mark.parametrize("grad", [False, True], ids=["decoding", "training"])
+def test_cpu_bf16_additive_score_works_element_wise_in_fp32(coverage, grad):
+    """Under --cpu-bf16's autocast the products run in bf16, but the additive score's element-wise
+    chain over the B x T x S x A values (add, sigmoid, subtract, coverage's multiply-add) runs
+    in fp32: torch's CPU kernels compute bf16 element-wise work in fp32 anyway, converting on
+    every load and store (804 against 1,317 us per beam step at batch 32). The keys are kept in
+    fp32 once per sentence, and the v product does not make autocast cast the fp32 block to bf16.
+    The scores equal the fp32 computation from the same bf16 products."""
+    attn = make_attention("additive", dtype=torch.float32)
+    if coverage:
+        attn = Attention("additive", Q, C, A, coverage=True)
+        for p in attn.parameters():
+            torch.nn.init.uniform_(p, -0.8, 0.8)
+    sc = attn.scorer
+    s = torch.randn(B, T, Q)
+    values = torch.randn(B, S, C)
+    cov = torch.rand(B, T, S) if coverage else None
+    args = (cov,) if coverage else ()
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        keys = sc.keys(values)
+        with OpLog() as log:
+            scores = sc(s, keys, *args)
+        q = sc.query_proj(s)  # bf16, as autocast makes it
+        k = sc.key_proj(values)
+    assert keys.dtype == torch.float32 and q.dtype == k.dtype == torch.bfloat16
+    block = B * T * S * A
+    big = [(name, dtype) for name, dtype, n in log.ops if n >= block]
+    assert ("sigmoid_", torch.float32) in big and all(dtype == torch.float32 for _, dtype in big), big
+    assert not any(name == "_to_copy" for name, _ in big), big  # no cast of a whole block
+    x = q.float().unsqueeze(2) + k.float().unsqueeze(1)  # B x T x S x A, fp32
+    if coverage:
+        x = x + cov.unsqueeze(-1) * sc.coverage_proj.weight[:, 0]
+    want = torch.tanh(x) @ sc.v_weight()
+    torch.testing.assert_close(scores.float(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("coverage", [False, True], ids=["plain", "coverage"])
+@pytest.mark.parametrize("batched", [False, True], ids=["one_step", "grouped"])
+def test_additive_scores_go_in_blocks_of_rows_on_cpu(monkeypatch, coverage, batched):
+    """A batch whose B x [T x] S x A block would exceed SCORE_BLOCK_ELEMENTS goes in blocks of
+    rows (one 659-word sentence at batch 32 and beam 5 made a 108 MB fp32 block, its passes
+    running from memory at 41 against 23 ms a step in blocks): no larger element-wise block is
+    made, and the scores equal those of one block (to fp32 rounding: the v product's blocking
+    depends on its number of rows)."""
+    from fairseq_s2s_attn import attention
+
+    g = torch.Generator().manual_seed(3)
+    rows = 7
+    shape_q, shape_k = ((rows, T, 1, A), (rows, 1, S, A)) if batched else ((rows, 1, A), (rows, S, A))
+    q, k = torch.randn(shape_q, generator=g), torch.randn(shape_k, generator=g)
+    v = torch.randn(A, generator=g)
+    per_row = (T if batched else 1) * S * A
+    cov = torch.rand(*shape_q[:-2], S, 1, generator=g) if coverage else None
+    w_c = torch.randn(A, generator=g) if coverage else None
+    whole = attention.additive_scores(q, k, v, cov, w_c)
+    monkeypatch.setitem(attention.SCORE_BLOCK_ELEMENTS, "cpu", 3 * per_row)  # blocks of 3, 3, 1 rows
+    with OpLog() as log:
+        blocks = attention.additive_scores(q, k, v, cov, w_c)
+    largest = max(n for name, _, n in log.ops if name == "sigmoid_")
+    assert largest == 3 * per_row
+    assert blocks.shape == whole.shape == ((rows, T, S) if batched else (rows, S))
+    torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=1e-6)
