@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import padding_mask
 from fairseq_s2s_attn.attention import (
@@ -412,28 +413,17 @@ def test_coverage_needs_one_row_per_query():
         attn.scorer(torch.randn(B, T, Q, dtype=torch.float64), keys, torch.rand(B, S, dtype=torch.float64))
 
 
-class OpLog:
+class OpLog(TorchDispatchMode):
     """(operator name, dtype, number of values) of each aten operator's first argument."""
 
     def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
+        self.ops = []
 
-        log = self.ops = []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if args and isinstance(args[0], torch.Tensor):
-                    log.append((func._schema.name.split("::")[-1], args[0].dtype, args[0].numel()))
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if args and isinstance(args[0], torch.Tensor):
+            self.ops.append((func._schema.name.split("::")[-1], args[0].dtype, args[0].numel()))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("coverage", [False, True], ids=["plain", "coverage"])
