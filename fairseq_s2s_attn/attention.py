@@ -99,9 +99,9 @@ class AdditiveScorer(nn.Module):
         if not torch.is_grad_enabled():  # decoding: the same scores without an autograd node
             # (~20 us less per beam step); the coverage term added block by block
             return additive_scores(q, keys, self.v_weight(), coverage, w_c)
-        if coverage is not None:
-            keys = torch.addcmul(keys, coverage, w_c)
-        return AdditiveScore.apply(q, keys, self.v_weight())
+        if coverage is None:
+            return AdditiveScore.apply(q, keys, self.v_weight())
+        return AdditiveScore.apply(q, keys, self.v_weight(), coverage, w_c)
 
 
 def for_elementwise(x: Tensor) -> Tensor:
@@ -183,29 +183,40 @@ def _additive_scores(q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor]
 
 
 class AdditiveScore(torch.autograd.Function):
-    """e = v^T tanh(q + k), reduced over the last dimension, for broadcastable q and k.
+    """e = v^T tanh(q + k [+ coverage w_c]), reduced over the last dimension, for broadcastable q
+    and k (and coverage ... x S x 1 times w_c, A: Tu et al.'s coverage term).
 
-    The tanh (B x S x A per decoder step) is not kept for backward but recomputed there from q
-    and k, which autograd keeps anyway: training memory then grows with B x S x A only during
-    one step's backward, not for every step of the sentence (the same trade as activation
-    checkpointing, one add and one tanh more per step). Computed in the dtype of q and k.
+    The tanh (B x S x A per decoder step) is not kept for backward but recomputed there from q,
+    k and the coverage, which autograd keeps anyway: training memory then grows with B x S x A
+    only during one step's backward, not for every step of the sentence (the same trade as
+    activation checkpointing, one add and one tanh more per step). The keys with the coverage
+    term added are not kept either (they change at every step: a B x S x A tensor per step;
+    kept, they were 26 MB per update of the demo's model in bf16). Computed in the dtype of q
+    and k.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        ctx.save_for_backward(q, k, v)
-        return additive_scores(q, k, v)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor] = None,
+                w_c: Optional[Tensor] = None) -> Tensor:
+        ctx.save_for_backward(q, k, v, coverage, w_c)
+        return additive_scores(q, k, v, coverage, w_c)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, k, v = ctx.saved_tensors
-        hidden = additive_hidden(q, k)
+        q, k, v, coverage, w_c = ctx.saved_tensors
+        hidden = additive_hidden(q, k if coverage is None else torch.addcmul(k, coverage, w_c))
         grad = grad.to(hidden.dtype).unsqueeze(-1)  # ... x S x 1
         # d e / d v = sum over positions of grad * tanh(q + k): one product, not a B x S x A temporary
         grad_v = torch.matmul(grad.reshape(1, -1), hidden.reshape(-1, hidden.size(-1)))[0].to(v.dtype)
         # d e / d (q + k) = grad v (1 - tanh^2), the last factor in one fused kernel
         d_pre = torch.ops.aten.tanh_backward(grad * v.to(hidden.dtype), hidden)
-        return _sum_to(d_pre, q), _sum_to(d_pre, k), grad_v
+        grad_cov = grad_w = None
+        if coverage is not None:
+            # d e / d cov_ij = d_pre_ij . w_c; d e / d w_c = sum over positions of d_pre cov
+            grad_cov = _sum_to(torch.matmul(d_pre, w_c.to(d_pre.dtype)).unsqueeze(-1), coverage)
+            cov = coverage.to(d_pre.dtype).expand(*d_pre.shape[:-1], 1)
+            grad_w = torch.matmul(cov.reshape(1, -1), d_pre.reshape(-1, d_pre.size(-1)))[0].to(w_c.dtype)
+        return _sum_to(d_pre, q), _sum_to(d_pre, k), grad_v, grad_cov, grad_w
 
 
 def _sum_to(grad: Tensor, like: Tensor) -> Tensor:

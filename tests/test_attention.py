@@ -302,32 +302,43 @@ def test_attention_gradcheck(score):
     assert torch.autograd.gradcheck(fn, (query, values))
 
 
+@pytest.mark.parametrize("coverage", [False, True], ids=["plain", "coverage"])
 @pytest.mark.parametrize("batched", [False, True], ids=["one_step", "all_steps"])
-def test_additive_score_gradients(batched):
-    """The additive score recomputes its tanh in backward: gradients checked numerically
-    (gradcheck) and against plain autograd through v^T tanh(q + k)."""
+def test_additive_score_gradients(batched, coverage):
+    """The additive score recomputes its tanh (and the coverage term) in backward: gradients
+    checked numerically (gradcheck) and against plain autograd through v^T tanh(q + k [+ cov w_c])."""
     from fairseq_s2s_attn.attention import AdditiveScore
 
     torch.manual_seed(4)
     if batched:
         q = torch.randn(B, T, 1, A, dtype=torch.float64, requires_grad=True)
         k = torch.randn(B, 1, S, A, dtype=torch.float64, requires_grad=True)
+        cov_shape = (B, T, S, 1)
     else:
         q = torch.randn(B, 1, A, dtype=torch.float64, requires_grad=True)
         k = torch.randn(B, S, A, dtype=torch.float64, requires_grad=True)
+        cov_shape = (B, S, 1)
     v = torch.randn(A, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(AdditiveScore.apply, (q, k, v))
+    inputs = (q, k, v)
+    if coverage:
+        inputs += (torch.rand(cov_shape, dtype=torch.float64, requires_grad=True),
+                   torch.randn(A, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(AdditiveScore.apply, inputs)
     grad = torch.randn((B, T, S) if batched else (B, S), dtype=torch.float64)
-    ours = torch.autograd.grad(AdditiveScore.apply(q, k, v), (q, k, v), grad)
-    plain = torch.autograd.grad((torch.tanh(q + k) @ v), (q, k, v), grad)
+    ours = torch.autograd.grad(AdditiveScore.apply(*inputs), inputs, grad)
+    keys = k + inputs[3] * inputs[4] if coverage else k
+    plain = torch.autograd.grad((torch.tanh(q + keys) @ v), inputs, grad)
     for a, b in zip(ours, plain):
         torch.testing.assert_close(a, b)
 
 
-def test_additive_attention_keeps_no_per_step_tanh_for_backward():
+@pytest.mark.parametrize("coverage", [False, True], ids=["plain", "coverage"])
+def test_additive_attention_keeps_no_per_step_tanh_for_backward(coverage):
     """Per decoder step, backward keeps nothing of size B x S x A except the keys themselves
-    (one tensor for the whole sentence): the tanh is recomputed."""
-    attn = make_attention("additive")
+    (one tensor for the whole sentence): the tanh is recomputed, and so are the keys with the
+    coverage term, which differ at every step (they were kept: one B x S x A tensor per step)."""
+    torch.manual_seed(0)
+    attn = Attention("additive", Q, C, A, coverage=coverage).to(torch.float64)
     values = torch.randn(B, S, C, dtype=torch.float64, requires_grad=True)
     keys = attn.keys(values)
     saved = []
@@ -336,9 +347,12 @@ def test_additive_attention_keeps_no_per_step_tanh_for_backward():
         saved.append(t)
         return t
 
+    cov = torch.zeros(B, S, dtype=torch.float64) if coverage else None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for _ in range(3):
-            attn(torch.randn(B, Q, dtype=torch.float64), keys, values, make_mask(left=True))
+        for step in range(3):
+            _, weights = attn(torch.randn(B, Q, dtype=torch.float64), keys, values,
+                              make_mask(left=True), coverage=cov)
+            cov = cov + weights if coverage else None
     big = {t.data_ptr() for t in saved if t.numel() >= B * S * A}
     assert big == {keys.data_ptr()}
 
