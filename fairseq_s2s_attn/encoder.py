@@ -266,7 +266,7 @@ def source_runs(new_order: Tensor, groups: int, rows: int) -> Tuple[Optional[Ten
         return None, n // rows
     if n % groups:
         raise ValueError(f"beam search order of {n} hypotheses in runs of {groups}")
-    first = new_order.view(-1, groups)[:, 0]  # the first hypothesis of each run
+    first = new_order.reshape(-1, groups)[:, 0]  # the first hypothesis of each run
     return (first // groups if groups > 1 else first), groups
 
 
