@@ -330,6 +330,10 @@ def test_additive_score_gradients(batched, coverage):
     plain = torch.autograd.grad((torch.tanh(q + keys) @ v), inputs, grad)
     for a, b in zip(ours, plain):
         torch.testing.assert_close(a, b)
+    if coverage:  # a coverage without gradient (its gradient is then not computed)
+        fixed = AdditiveScore.apply(q, k, v, inputs[3].detach(), inputs[4])
+        for a, b in zip(torch.autograd.grad(fixed, (q, k, v, inputs[4]), grad), ours[:3] + ours[4:]):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("coverage", [False, True], ids=["plain", "coverage"])
