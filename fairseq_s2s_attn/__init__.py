@@ -7,7 +7,7 @@ fused in), lets torch's safe checkpoint loader accept the plain types fairseq ch
 makes fairseq's data-parallel training work on CPU processes (``distributed``, see
 docs/distributed.md), defines what happens to empty and too-long sources (``inputs``), runs beam
 search of ``--cpu-bf16`` models in one autocast region (``precision``), and applies the run-time
-defaults in ``runtime``.
+defaults in ``runtime``. Each change to a fairseq function is installed by ``patching.replaces``.
 """
 
 from . import checkpoint, criterion, distributed, inputs, precision, runtime  # noqa: F401

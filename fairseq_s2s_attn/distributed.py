@@ -31,6 +31,7 @@ import socket
 import torch
 
 from .errors import ConfigError
+from .patching import replaces
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +86,8 @@ def configure_cpu(dt, environ=None) -> bool:
 def cpu_launcher() -> None:
     from fairseq.distributed import utils as distributed_utils
 
-    original = distributed_utils.call_main
-    if getattr(original, "_s2s_cpu", False):
-        return
-
-    def call_main(cfg, main, **kwargs):
+    @replaces(distributed_utils, "call_main")
+    def call_main(original, cfg, main, **kwargs):
         if not is_cpu_run(cfg):
             return original(cfg, main, **kwargs)
         dt = cfg.distributed_training
@@ -105,9 +103,6 @@ def cpu_launcher() -> None:
             nprocs=dt.distributed_world_size,
             join=True,
         )
-
-    call_main._s2s_cpu = True
-    distributed_utils.call_main = call_main
 
 
 def _cpu_worker(index, main, cfg, kwargs):
@@ -126,17 +121,11 @@ def _cpu_worker(index, main, cfg, kwargs):
 def cpu_ddp() -> None:
     from fairseq.models import distributed_fairseq_model as dfm
 
-    original = dfm.DistributedDataParallel
-    if getattr(original, "_s2s_cpu", False):
-        return
-
-    def DistributedDataParallel(module, device_ids=None, output_device=None, **kwargs):
+    @replaces(dfm, "DistributedDataParallel")
+    def DistributedDataParallel(original, module, device_ids=None, output_device=None, **kwargs):
         if all(p.device.type == "cpu" for p in module.parameters()):
             device_ids = output_device = None  # torch: device ids are for GPU modules only
         return original(module, device_ids=device_ids, output_device=output_device, **kwargs)
-
-    DistributedDataParallel._s2s_cpu = True
-    dfm.DistributedDataParallel = DistributedDataParallel
 
 
 def install() -> None:

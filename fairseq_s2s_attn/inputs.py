@@ -19,6 +19,7 @@ import logging
 import torch
 
 from .errors import S2SError
+from .patching import replaces
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,8 @@ def _select_rows(sample, rows: torch.Tensor, bsz: int):
 def empty_sources_translate_to_empty() -> None:
     from fairseq.sequence_generator import SequenceGenerator
 
-    original = SequenceGenerator._generate
-    if getattr(original, "_s2s_empty", False):
-        return
-
-    def _generate(self, sample, prefix_tokens=None, constraints=None, bos_token=None):
+    @replaces(SequenceGenerator, "_generate")
+    def _generate(original, self, sample, prefix_tokens=None, constraints=None, bos_token=None):
         src = sample.get("net_input", {}).get("src_tokens")
         if src is None or src.dim() != 2 or not _all_rnn_s2s(self):
             return original(self, sample, prefix_tokens=prefix_tokens, constraints=constraints,
@@ -92,18 +90,13 @@ def empty_sources_translate_to_empty() -> None:
             finalized[i] = [_empty_hypothesis(self.eos, src.size(1), src) for _ in range(self.beam_size)]
         return finalized
 
-    _generate._s2s_empty = True
-    SequenceGenerator._generate = _generate
-
 
 def clear_error_for_long_sources() -> None:
     from fairseq.tasks.fairseq_task import FairseqTask
 
-    original = FairseqTask.filter_indices_by_size
-    if getattr(original, "_s2s_long", False):
-        return
-
-    def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
+    @replaces(FairseqTask, "filter_indices_by_size")
+    def filter_indices_by_size(original, self, indices, dataset, max_positions=None,
+                               ignore_invalid_inputs=False):
         try:
             return original(self, indices, dataset, max_positions=max_positions,
                             ignore_invalid_inputs=ignore_invalid_inputs)
@@ -118,9 +111,6 @@ def clear_error_for_long_sources() -> None:
             "model's own). Add --skip-invalid-size-inputs-valid-test to skip them (with a warning), "
             "or --truncate-source to cut binarized sources to the limit"
         ) from None
-
-    filter_indices_by_size._s2s_long = True
-    FairseqTask.filter_indices_by_size = filter_indices_by_size
 
 
 def _describe(size) -> str:

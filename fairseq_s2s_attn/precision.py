@@ -25,6 +25,8 @@ import logging
 import torch
 from torch import Tensor
 
+from .patching import replaces
+
 logger = logging.getLogger(__name__)
 
 
@@ -93,19 +95,13 @@ def generate_in_one_autocast_region() -> None:
     """
     from fairseq.sequence_generator import SequenceGenerator
 
-    original = SequenceGenerator._generate
-    if getattr(original, "_s2s_bf16", False):
-        return
-
-    def _generate(self, sample, *args, **kwargs):
+    @replaces(SequenceGenerator, "_generate")
+    def _generate(original, self, sample, *args, **kwargs):
         src = sample.get("net_input", {}).get("src_tokens") if isinstance(sample, dict) else None
         if src is None or not _all_cpu_bf16(self):
             return original(self, sample, *args, **kwargs)
         with cpu_autocast(True, src):
             return original(self, sample, *args, **kwargs)
-
-    _generate._s2s_bf16 = True
-    SequenceGenerator._generate = _generate
 
 
 def tpu_available() -> bool:
@@ -135,33 +131,21 @@ def clear_implied_tpu(cfg) -> bool:
 def bf16_without_tpu() -> None:
     from fairseq.distributed import utils as distributed_utils
 
-    original = distributed_utils.call_main
-    if getattr(original, "_s2s_bf16", False):
-        return
-
-    def call_main(cfg, main, **kwargs):
+    @replaces(distributed_utils, "call_main")
+    def call_main(original, cfg, main, **kwargs):
         clear_implied_tpu(cfg)
         return original(cfg, main, **kwargs)
-
-    call_main._s2s_bf16 = True
-    distributed_utils.call_main = call_main
 
 
 def bf16_inference() -> None:
     from fairseq.models import BaseFairseqModel
 
-    original = BaseFairseqModel.prepare_for_inference_
-    if getattr(original, "_s2s_bf16", False):
-        return
-
-    def prepare_for_inference_(self, cfg):
+    @replaces(BaseFairseqModel, "prepare_for_inference_")
+    def prepare_for_inference_(original, self, cfg):
         common = getattr(cfg, "common", None)
         if getattr(common, "bf16", False) and not getattr(common, "fp16", False):
             self.to(torch.bfloat16)
         return original(self, cfg)
-
-    prepare_for_inference_._s2s_bf16 = True
-    BaseFairseqModel.prepare_for_inference_ = prepare_for_inference_
 
 
 BF16_HELP = ("use bfloat16: the model in bf16 with fp32 master weights, as --fp16 without loss "

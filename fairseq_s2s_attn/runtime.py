@@ -76,6 +76,8 @@ from typing import Optional
 
 import torch
 
+from .patching import replaces
+
 logger = logging.getLogger(__name__)
 
 
@@ -156,11 +158,8 @@ def keep_freed_memory(command: Optional[bool] = None) -> bool:
 def keep_remainder_batches() -> None:
     from fairseq.data import data_utils
 
-    original = data_utils.batch_by_size
-    if getattr(original, "_keeps_remainder", False):
-        return
-
-    def batch_by_size(indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None,
+    @replaces(data_utils, "batch_by_size")
+    def batch_by_size(original, indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None,
                       max_sentences=None, required_batch_size_multiple=1, fixed_shapes=None):
         batches = original(indices, num_tokens_fn, num_tokens_vec=num_tokens_vec,
                            max_tokens=max_tokens, max_sentences=max_sentences,
@@ -173,9 +172,6 @@ def keep_remainder_batches() -> None:
             batches = list(batches) + [list(indices[kept:])]
         return batches
 
-    batch_by_size._keeps_remainder = True
-    data_utils.batch_by_size = batch_by_size
-
 
 def has_attention(model) -> bool:
     decoder = getattr(model, "decoder", None)
@@ -185,25 +181,20 @@ def has_attention(model) -> bool:
 def empty_alignments_without_attention() -> None:
     from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithAlignment
 
-    original = SequenceGeneratorWithAlignment.generate
-    if getattr(original, "_s2s_patched", False):
-        return
-
-    def generate(self, models, sample, **kwargs):
+    @replaces(SequenceGeneratorWithAlignment, "generate")
+    def generate(original, self, models, sample, **kwargs):
         if all(has_attention(m) for m in self.model.models):
             return original(self, models, sample, **kwargs)
         if not getattr(self, "_s2s_warned", False):
             logger.warning("--print-alignment: a model without attention (rnn_vanilla) has no "
                            "alignment; A- lines will be empty")
             self._s2s_warned = True
-        finalized = SequenceGenerator._generate(self, sample, **kwargs)
+        with torch.no_grad():  # as fairseq's generate
+            finalized = SequenceGenerator._generate(self, sample, **kwargs)
         for hypos in finalized:
             for hypo in hypos:
                 hypo["alignment"] = []
         return finalized
-
-    generate._s2s_patched = True
-    SequenceGeneratorWithAlignment.generate = torch.no_grad()(generate)
 
 
 def beam_search_keeps_sentence_runs() -> None:
@@ -213,16 +204,10 @@ def beam_search_keeps_sentence_runs() -> None:
 
     from . import encoder
 
-    original = SequenceGenerator._generate
-    if getattr(original, "_s2s_runs", False):
-        return
-
-    def _generate(self, *args, **kwargs):
+    @replaces(SequenceGenerator, "_generate")
+    def _generate(original, self, *args, **kwargs):
         with encoder.sentence_runs():
             return original(self, *args, **kwargs)
-
-    _generate._s2s_runs = True
-    SequenceGenerator._generate = _generate
 
 
 def _arch_in_argv(argv):
@@ -242,17 +227,14 @@ def model_options_in_help(model_cls, argv=None) -> None:
 
     if ARCH_MODEL_REGISTRY.get(_arch_in_argv(argv)) is not model_cls:
         return
-    original = argparse.ArgumentParser.parse_known_args
-
-    def parse_known_args(self, args=None, namespace=None):
+    @replaces(argparse.ArgumentParser, "parse_known_args")
+    def parse_known_args(original, self, args=None, namespace=None):
         if not getattr(self, "_s2s_help", False) and any(a.dest == "arch" for a in self._actions):
             self._s2s_help = True
             group = self.add_argument_group("Model-specific configuration (fairseq_s2s_attn)",
                                             argument_default=argparse.SUPPRESS)
             model_cls.add_args(group)
         return original(self, args, namespace)
-
-    argparse.ArgumentParser.parse_known_args = parse_known_args
 
 
 def _our_error(exc, kind):
@@ -268,11 +250,8 @@ def _our_error(exc, kind):
 def clean_error_exit() -> None:
     from .errors import S2SError
 
-    previous = sys.excepthook
-    if getattr(previous, "_s2s", False):
-        return
-
-    def hook(exc_type, exc, tb):
+    @replaces(sys, "excepthook")
+    def hook(previous, exc_type, exc, tb):
         ours = _our_error(exc, S2SError)
         if ours is None:
             return previous(exc_type, exc, tb)
@@ -281,9 +260,6 @@ def clean_error_exit() -> None:
         if ours is not exc:  # keep the part of fairseq's message that names the file
             message = f"{message} ({str(exc).split(';')[0].strip()})"
         print(f"{prog}: error: {message}", file=sys.stderr)
-
-    hook._s2s = True
-    sys.excepthook = hook
 
 
 def stop_batch_threads_at_exit(grace_s: float = 30.0) -> None:
