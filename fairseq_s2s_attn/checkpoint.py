@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .patching import replaces
 
 logger = logging.getLogger(__name__)
 
@@ -171,15 +172,16 @@ class _TorchProxy:
         return getattr(self._torch, name)
 
 
-def _checked_ensemble_loader(original):
-    """fairseq raises a bare IOError (a traceback) for a --path that does not exist."""
+def checked_ensemble_loader() -> None:
+    """fairseq raises a bare IOError (a traceback) for a --path that does not exist: one
+    ``error: checkpoint not found: PATH`` line instead."""
+    from fairseq import checkpoint_utils
     from fairseq.checkpoint_utils import get_maybe_sharded_checkpoint_filename
     from fairseq.file_io import PathManager
 
-    signature = inspect.signature(original)
-
-    def load_model_ensemble_and_task(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
+    @replaces(checkpoint_utils, "load_model_ensemble_and_task")
+    def load_model_ensemble_and_task(original, *args, **kwargs):
+        bound = inspect.signature(original).bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
         if not a["suffix"] and a["num_shards"] == 1 and a["state"] is None:
@@ -188,9 +190,6 @@ def _checked_ensemble_loader(original):
                     raise CheckpointError(f"checkpoint not found: {name}")
         return original(*args, **kwargs)
 
-    load_model_ensemble_and_task._s2s = True
-    return load_model_ensemble_and_task
-
 
 def install() -> None:
     allow_fairseq_checkpoints()
@@ -198,6 +197,4 @@ def install() -> None:
 
     if not isinstance(checkpoint_utils.torch, _TorchProxy):
         checkpoint_utils.torch = _TorchProxy(checkpoint_utils.torch)
-    if not getattr(checkpoint_utils.load_model_ensemble_and_task, "_s2s", False):
-        checkpoint_utils.load_model_ensemble_and_task = _checked_ensemble_loader(
-            checkpoint_utils.load_model_ensemble_and_task)
+    checked_ensemble_loader()
