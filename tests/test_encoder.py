@@ -296,5 +296,3 @@ def test_beam_search_orders_inside_sentence_runs_equal_the_checked_path(tiny_dic
         source_runs(torch.arange(5), 3, 4)  # not whole runs
     with pytest.raises(ValueError, match="for 3 source rows"):
         source_runs(torch.arange(7), 1, 3)  # not a repeat of every row
-
-
