@@ -27,19 +27,25 @@ from .patching import replaces
 logger = logging.getLogger(__name__)
 
 
+# numpy's dtype classes whose arrays and scalars hold plain numbers: an object dtype (whose values
+# would be arbitrary unpickled objects) stays refused, since its class is not on the list
+NUMPY_DTYPES = ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
+                "Float16", "Float32", "Float64")
+
+
 def _numpy_safe_globals():
-    """numpy scalars/dtypes that fairseq may store for metrics (e.g. a numpy float 'best' score)."""
-    found = []
-    for modname in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        try:
-            mod = __import__(modname, fromlist=["scalar"])
-            found.append(mod.scalar)
-            break
-        except (ImportError, AttributeError):
-            continue
-    found.append(np.dtype)
-    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType"):
-        dtype_cls = getattr(getattr(np, "dtypes", None), name, None)
+    """numpy scalars, arrays and their numeric dtypes, which fairseq stores for metrics: a numpy
+    'best' score, and with --eval-bleu the BLEU n-gram counts (int64 arrays logged by fairseq's
+    translation task, kept in every checkpoint's metrics state). Their reconstructors go under
+    both of numpy's module names (``numpy._core`` since numpy 2, ``numpy.core`` before), since a
+    pickle names the one of the numpy that wrote it."""
+    found = [np.ndarray, np.dtype]
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    for name in ("scalar", "_reconstruct"):
+        function = getattr(multiarray, name)
+        found += [(function, f"{module}.multiarray.{name}") for module in ("numpy._core", "numpy.core")]
+    for name in NUMPY_DTYPES:
+        dtype_cls = getattr(getattr(np, "dtypes", None), name + "DType", None)
         if dtype_cls is not None:
             found.append(dtype_cls)
     return found
@@ -55,7 +61,8 @@ def allow_fairseq_checkpoints() -> None:
         add(SAFE_GLOBALS)
 
 
-_UNSAFE = re.compile(r"unsupported global|global \S+ was not|call reduce|unsupported class|is blocked", re.I)
+_UNSAFE = re.compile(r"unsupported global|global \S+ was not|call reduce|unsupported class|is blocked|"
+                     r"can only (build|create)", re.I)
 
 
 def _unsafe_detail(msg: str):
@@ -63,8 +70,8 @@ def _unsafe_detail(msg: str):
     (rather than bytes that are no pickle at all, which torch reports the same way)."""
     for line in msg.splitlines():
         if _UNSAFE.search(line):
-            name = re.search(r"GLOBAL (\S+)", line)
-            return name.group(1) if name else line.strip()[:200]
+            name = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", line)
+            return (name.group(1) or name.group(2)) if name else line.strip()[:200]
     return None
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,6 +153,67 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
     # control: the payload is live -- an unsafe load would have run it
     torch.load(bad, weights_only=False)
     assert marker.exists()
+
+
+def numpy_metrics_state(path, legacy=False):
+    """A checkpoint whose metrics hold what fairseq-train --eval-bleu keeps there: the validation
+    BLEU counts as numpy int64 arrays (fairseq's translation task logs np.array(counts)), numpy
+    scalars beside them."""
+    from fairseq.logging import metrics
+
+    tiny_checkpoint(path)
+    state = load_state(path)
+    with metrics.aggregate(new_root=True) as agg:
+        metrics.log_scalar("_bleu_counts", np.array([9, 5, 2, 1]))
+        metrics.log_scalar("_bleu_sys_len", np.int64(12))
+        metrics.log_scalar("loss", np.float32(3.5))
+        state["extra_state"]["metrics"] = {"valid": agg.state_dict()}
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    return state
+
+
+@slow
+def test_eval_bleu_checkpoints_resume_and_translate(small_data_bin, tmp_path):
+    """fairseq-train --eval-bleu keeps the BLEU counts as numpy arrays in every checkpoint; the
+    safe loader refused them ('numpy._core.multiarray._reconstruct'), so neither resuming nor
+    fairseq-generate could load such a checkpoint."""
+    bleu = ["--eval-bleu", "--eval-bleu-args", '{"beam": 1}', "--best-checkpoint-metric", "bleu",
+            "--maximize-best-checkpoint-metric"]
+    run("fairseq-train", *luong_cmd(small_data_bin, tmp_path, 3), *bleu)
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "checkpoint_last.pt"))
+    counts = {name: meter for _, name, _, meter in state["extra_state"]["metrics"]["valid"]}
+    assert isinstance(counts["_bleu_counts"]["sum"], np.ndarray)
+    resumed = run("fairseq-train", *luong_cmd(small_data_bin, tmp_path, 5), *bleu)
+    assert "(epoch 1 @ 3 updates)" in resumed.stdout + resumed.stderr
+    out = run("fairseq-generate", small_data_bin, *USER_DIR, "--path", tmp_path / "checkpoint_best.pt",
+              "--beam", 2, "--cpu", "--max-sentences", 10)
+    assert len(parse_generate(out.stdout)["H"]) == 20
+
+
+def test_numpy_arrays_pickled_by_numpy_1_load(tmp_path):
+    """The same arrays in a checkpoint written under numpy 1.x, which names its reconstructor
+    numpy.core.multiarray (numpy 2: numpy._core), load through fairseq's torch.load."""
+    path = tmp_path / "np1.pt"
+    saved = numpy_metrics_state(path, legacy=True)
+    data = path.read_bytes()
+    assert b"numpy._core.multiarray" in data
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    for name in (path, tmp_path / "np2.pt"):
+        if name != path:
+            numpy_metrics_state(name)
+        loaded = checkpoint_utils.torch.load(str(name))  # what load_checkpoint_to_cpu calls
+        assert repr(loaded["extra_state"]) == repr(saved["extra_state"])
+
+
+def test_object_arrays_stay_refused(tmp_path):
+    """An object array's values are arbitrary pickled objects: refused as unsafe, not as damage."""
+    path = tmp_path / "obj.pt"
+    tiny_checkpoint(path)
+    state = load_state(path)
+    state["extra_state"]["values"] = np.array([1, "x"], dtype=object)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*obj\.pt.*ObjectDType"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))
 
 
 def _flip_tensor_bytes(data: bytes, tensor: torch.Tensor) -> bytes:
