@@ -128,6 +128,34 @@ def cpu_ddp() -> None:
         return original(module, device_ids=device_ids, output_device=output_device, **kwargs)
 
 
+def refuse_late_load(environ=None) -> None:
+    """Stops a torchrun process that fairseq-hydra-train did not join to the others.
+
+    fairseq-hydra-train loads the plugin (``common.user_dir``) only inside training, after
+    fairseq has chosen how to start processes; on CPU fairseq then ignores torchrun's
+    environment (see the module's docstring) and each process would train alone on all the data,
+    silently, all writing the same checkpoints. Called when the plugin is imported: in such a
+    process (fairseq's hydra_train loaded, torchrun's variables set for several processes, no
+    process group) this raises with the command that works. fairseq-train loads the plugin while
+    parsing its options, and ``python -m fairseq_s2s_attn.hydra_train`` before hydra's, so
+    neither gets here with a missing process group."""
+    import sys
+
+    env = os.environ if environ is None else environ
+    if ("fairseq_cli.hydra_train" not in sys.modules or not all(k in env for k in TORCHRUN_ENV)
+            or int(env["WORLD_SIZE"]) <= 1):
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    raise ConfigError(
+        f"torchrun started {env['WORLD_SIZE']} processes, but fairseq-hydra-train loads the "
+        "plugin (common.user_dir) only after choosing how to start them, so this one would train "
+        "alone on all the data: run `torchrun ... -m fairseq_s2s_attn.hydra_train` with the same "
+        "arguments, which loads the plugin first"
+    )
+
+
 def install() -> None:
+    refuse_late_load()
     cpu_launcher()
     cpu_ddp()

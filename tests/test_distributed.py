@@ -8,12 +8,14 @@ no gradient would fail at its second update.
 """
 
 import argparse
+import sys
+import types
 
 import pytest
 import torch
 
 from clitools import BIN, REPO, run
-from fairseq_s2s_attn.distributed import configure_cpu
+from fairseq_s2s_attn.distributed import configure_cpu, refuse_late_load
 from fairseq_s2s_attn.errors import ConfigError
 
 ARCHS = ["rnn_vanilla_tiny", "rnn_bahdanau_tiny", "rnn_luong_tiny"]
@@ -112,3 +114,17 @@ def test_one_process_is_left_alone():
 def test_no_spawn_without_init_method_is_an_error():
     with pytest.raises(ConfigError, match="--distributed-init-method"):
         configure_cpu(dt(distributed_world_size=2, distributed_no_spawn=True), {})
+
+
+def test_late_load_under_torchrun_is_refused(monkeypatch):
+    """A torchrun process of fairseq-hydra-train imports the plugin inside training, with no
+    process group: it would train alone. Not refused: another command, one process, a group."""
+    monkeypatch.delitem(sys.modules, "fairseq_cli.hydra_train", raising=False)
+    refuse_late_load(TORCHRUN)  # fairseq-train: the plugin came with the options
+    monkeypatch.setitem(sys.modules, "fairseq_cli.hydra_train", types.ModuleType("hydra_train"))
+    refuse_late_load({})
+    refuse_late_load(dict(TORCHRUN, WORLD_SIZE="1"))
+    with pytest.raises(ConfigError, match=r"torchrun started 4 processes.*-m fairseq_s2s_attn\.hydra_train"):
+        refuse_late_load(TORCHRUN)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    refuse_late_load(TORCHRUN)

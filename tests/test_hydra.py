@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from clitools import REPO, parse_generate, run
+from clitools import BIN, REPO, parse_generate, run
 from fairseq_s2s_attn import model as s2s_model
 from fairseq_s2s_attn.config import RNNS2SConfig
 
@@ -47,21 +47,27 @@ def test_config_spells_out_the_architecture(name):
     assert {k: model[k] for k in want} == want and set(model) == set(want)
 
 
+def small_run(name, data_bin, save, **model):
+    """fairseq-hydra-train's arguments for a few updates of config NAME at small sizes, with
+    common.user_dir the worktree's package folder; model: further model settings."""
+    small = dict(SMALL, **({"maxout_dim": 8} if load(name)["model"]["maxout_dim"] else {}), **model)
+    args = ["--config-dir", CONFIG_DIR, "--config-name", name, f"task.data={data_bin}",
+            f"checkpoint.save_dir={save}", f"common.user_dir={REPO / 'fairseq_s2s_attn'}",
+            "common.cpu=true", "optimization.max_update=4", "dataset.max_tokens=400",
+            "common.log_interval=1", *(f"model.{k}={v}" for k, v in small.items())]
+    return args, small
+
+
 @pytest.fixture(scope="module")
 def trained(small_data_bin, tmp_path_factory):
     """Each config trained for a few updates by fairseq-hydra-train at small sizes; run outside
-    the repository, with common.user_dir the worktree's package folder."""
+    the repository."""
     cwd = tmp_path_factory.mktemp("hydra_cwd")
     out = {}
     for name in CONFIGS:
-        model = load(name)["model"]
-        small = dict(SMALL, **({"maxout_dim": 8} if model["maxout_dim"] else {}))
         save = tmp_path_factory.mktemp(name)
-        run("fairseq-hydra-train", "--config-dir", CONFIG_DIR, "--config-name", name,
-            f"task.data={small_data_bin}", f"checkpoint.save_dir={save}",
-            f"common.user_dir={REPO / 'fairseq_s2s_attn'}", "common.cpu=true",
-            "optimization.max_update=4", "dataset.max_tokens=400", "common.log_interval=1",
-            *(f"model.{k}={v}" for k, v in small.items()), cwd=cwd, timeout=300)
+        args, small = small_run(name, small_data_bin, save)
+        run("fairseq-hydra-train", *args, cwd=cwd, timeout=300)
         out[name] = (save, small)
     assert not any(cwd.iterdir())  # nothing left in the working directory (no outputs/, .hydra/)
     return out
@@ -86,3 +92,45 @@ def test_hydra_train_then_generate(name, trained, small_data_bin):
               "--path", save / "checkpoint_best.pt", "--beam", 2, "--batch-size", 32, "--cpu")
     res = parse_generate(gen.stdout)
     assert sorted(res["H"]) == list(range(20))
+
+
+NO_DROPOUT = dict(encoder_dropout_in=0, encoder_dropout_out=0, decoder_dropout_in=0, decoder_dropout_out=0)
+PLUGIN_FIRST = ("-m", "fairseq_s2s_attn.hydra_train")
+
+
+@pytest.mark.slow
+def test_plugin_first_hydra_train_on_two_cpu_processes(small_data_bin, tmp_path):
+    """fairseq-hydra-train loads the plugin after choosing how to start processes, so its CPU
+    launcher came too late (fairseq stopped at "world size is 2 but have 0 available devices").
+    python -m fairseq_s2s_attn.hydra_train loads it first: two processes, spawned by fairseq or
+    started by torchrun, make the same updates as one process with update_freq 2 (dropout 0:
+    each process draws its own dropout masks)."""
+    params = {}
+    for how, launcher, extra in (("one", ["python", *PLUGIN_FIRST], ["optimization.update_freq=[2]"]),
+                                 ("spawned", ["python", *PLUGIN_FIRST],
+                                  ["distributed_training.distributed_world_size=2"]),
+                                 ("torchrun", ["torchrun", "--standalone", "--nproc-per-node", 2,
+                                               *PLUGIN_FIRST], [])):
+        args, _ = small_run("rnn_bahdanau", small_data_bin, tmp_path / how, **NO_DROPOUT)
+        proc = run(*launcher, *args, "dataset.num_workers=0", *extra, cwd=tmp_path, timeout=300)
+        log = (tmp_path / how / "hydra_train.log").read_text() + proc.stderr
+        assert f"training on {1 if how == 'one' else 2} devices" in log, log[-3000:]
+        state = torch.load(tmp_path / how / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+        assert state["optimizer_history"][-1]["num_updates"] == 4
+        params[how] = state["model"]
+    for how in ("spawned", "torchrun"):
+        for name, value in params["one"].items():
+            torch.testing.assert_close(params[how][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_fairseq_hydra_train_under_torchrun_refuses_to_train_alone(small_data_bin, tmp_path):
+    """Without the plugin loaded first, every torchrun process trained alone on all the data
+    (exit status 0, the same checkpoints written twice); now each stops and names the command."""
+    args, _ = small_run("rnn_luong", small_data_bin, tmp_path / "ck")
+    proc = run("torchrun", "--standalone", "--nproc-per-node", 2, BIN / "fairseq-hydra-train", *args,
+               "dataset.num_workers=0", cwd=tmp_path, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "torchrun started 2 processes" in proc.stderr
+    assert "-m fairseq_s2s_attn.hydra_train" in proc.stderr
+    assert not (tmp_path / "ck" / "checkpoint_last.pt").exists()
