@@ -1,29 +1,38 @@
 """Load a trained model and translate raw strings from Python (fairseq's ``from_pretrained``).
 
     from fairseq_s2s_attn.hub import Translator
-    t = Translator.from_pretrained("work/demo/checkpoints", data="work/demo/data-bin",
+    t = Translator.from_pretrained("work/demo/checkpoints/rnn_bahdanau", data="work/demo/data-bin",
                                    spm_model="work/demo/spm/spm.model")
     t.translate("Open file")                          # 'Datei öffnen'
     r = t.translate("Open file", return_attention=True)
     r.translation, r.source_pieces, r.target_pieces, r.attention   # attention: T_out x S_in
 
 ``RNNS2SModel.from_pretrained`` (fairseq's own hub interface) works too; this wrapper adds the
-attention matrix with the source and output pieces it is indexed by.
+attention matrix with the source and output pieces it is indexed by, and checks its arguments
+first (missing or unreadable files, a beam below 1, sources over the model's length limit), each
+failure one error naming what to change. An ensemble: checkpoint files joined by ``os.pathsep``
+("a.pt:b.pt"), as fairseq's ``--path`` takes them.
 """
 
+import glob
 import os
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .inputs import InputError
 from .model import RNNS2SModel
 
 
 @dataclass
 class Translation:
     translation: str
+    # fairseq's hypothesis score: the sum of the output tokens' log-probabilities (natural log)
+    # divided by their number to the power lenpen (1 by default); fairseq-generate and
+    # fairseq-interactive print it in base 2
     score: float
     source_pieces: List[str]  # the source as the model saw it (subwords), ending in </s>
     target_pieces: List[str]  # the output, ending in </s>
@@ -40,27 +49,47 @@ class Translator:
                         data: Optional[str] = None, spm_model: Optional[str] = None, **overrides):
         """model_dir holds the checkpoint; data is the data-bin with the dictionaries;
         spm_model the sentencepiece model the data was encoded with (None: text is pre-tokenised)."""
-        path = os.path.join(model_dir, checkpoint_file)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint not found: {path}")
+        for name in checkpoint_file.split(os.pathsep):
+            path = os.path.join(model_dir, name)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"checkpoint not found: {path}")
+        data = data or model_dir
+        if not os.path.isdir(data) or not glob.glob(os.path.join(data, "dict.*.txt")):
+            raise CheckpointError(f"no data-bin with dictionaries (dict.*.txt) in {data}: give "
+                                  "data= the folder fairseq-preprocess wrote")
         kwargs = dict(overrides)
         if spm_model is not None:
-            if not os.path.isfile(spm_model):
-                raise CheckpointError(f"sentencepiece model not found: {spm_model}")
+            _check_sentencepiece(spm_model)
             kwargs.update(bpe="sentencepiece", sentencepiece_model=spm_model)
         hub = RNNS2SModel.from_pretrained(model_dir, checkpoint_file=checkpoint_file,
-                                          data_name_or_path=data or model_dir, **kwargs)
+                                          data_name_or_path=data, **kwargs)
         return cls(hub)
 
     def translate(self, sentences: Union[str, List[str]], beam: int = 5, return_attention: bool = False,
                   **generate_args):
+        """One sentence per string (any whitespace in it, newlines too, separates words): its
+        translation, or a ``Translation`` with the attention; a list gives a list."""
+        if beam < 1:
+            raise ConfigError(f"beam must be at least 1, got {beam}")
         single = isinstance(sentences, str)
         batch = [sentences] if single else list(sentences)
-        encoded = [self.hub.encode(s) for s in batch]
+        # sentencepiece takes a newline or tab for a character of the word, not a word boundary
+        encoded = [self.hub.encode(" ".join(s.split())) for s in batch]
+        limit = self.hub.max_positions[0] if isinstance(self.hub.max_positions, tuple) else self.hub.max_positions
+        too_long = [i for i, src in enumerate(encoded) if limit is not None and len(src) > limit]
+        if too_long:
+            i = too_long[0]
+            raise InputError(
+                f"{len(too_long)} sentence(s) longer than the model's limit: sentence {i} has "
+                f"{len(encoded[i])} tokens (counting </s>), the limit is {limit}; load the model "
+                "with Translator.from_pretrained(..., max_source_positions=N) to raise it, or "
+                "split the sentence")
         for model in self.hub.models:  # prepared for inference: attention only when asked for
             if hasattr(model.decoder, "need_attn"):
                 model.decoder.need_attn = return_attention
-        hypos = self.hub.generate(encoded, beam=beam, **generate_args)
+        with warnings.catch_warnings():  # fairseq's batch iterator asks to pin memory, even on CPU
+            warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
+            hypos = self.hub.generate(encoded, beam=beam, **generate_args)
         out = []
         for src, hyps in zip(encoded, hypos):
             best = hyps[0]
@@ -84,3 +113,15 @@ class Translator:
                 attention=attn,
             ))
         return out[0] if single else out
+
+
+def _check_sentencepiece(path: str) -> None:
+    """A readable sentencepiece model at path, or one error naming the file."""
+    import sentencepiece
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"sentencepiece model not found: {path}")
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"cannot read sentencepiece model {path}: {str(e).strip()[:160]}") from None

@@ -3,6 +3,8 @@
 
 import re
 
+import os
+
 import pytest
 import torch
 
@@ -164,6 +166,43 @@ def test_hub_translate_with_attention(data_bin, checkpoints):
         assert r.attention.shape == (len(r.target_pieces), len(r.source_pieces))
         torch.testing.assert_close(r.attention.sum(-1), torch.ones(len(r.target_pieces)))
         assert r.translation.split() == r.target_pieces[:-1]
+
+
+def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
+    """Each bad argument is one error naming what to change (were: TypeError, tarfile and
+    sentencepiece errors, ZeroDivisionError, fairseq's command-line advice for long sources);
+    an ensemble is checkpoint files joined by os.pathsep, as fairseq's --path."""
+    from fairseq_s2s_attn.errors import CheckpointError, ConfigError
+    from fairseq_s2s_attn.hub import Translator
+    from fairseq_s2s_attn.inputs import InputError
+
+    model_dir = str(checkpoints["rnn_bahdanau_tiny"].parent)
+    with pytest.raises(CheckpointError, match="no data-bin with dictionaries"):
+        Translator.from_pretrained(model_dir, data=str(tmp_path / "missing"))
+    with pytest.raises(CheckpointError, match="no data-bin with dictionaries"):
+        Translator.from_pretrained(model_dir, data=str(data_bin / "dict.src.txt"))
+    with pytest.raises(CheckpointError, match="cannot read sentencepiece model .*dict.src.txt"):
+        Translator.from_pretrained(model_dir, data=str(data_bin), spm_model=str(data_bin / "dict.src.txt"))
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pt"):
+        Translator.from_pretrained(model_dir, checkpoint_file=f"checkpoint_best.pt{os.pathsep}nope.pt",
+                                   data=str(data_bin))
+    ensemble = Translator.from_pretrained(
+        model_dir, checkpoint_file=f"checkpoint_best.pt{os.pathsep}checkpoint_last.pt", data=str(data_bin))
+    assert len(ensemble.hub.models) == 2 and ensemble.translate("w1 w2 w3", beam=2)
+
+    t = Translator.from_pretrained(model_dir, data=str(data_bin))
+    for beam in (0, -1):
+        with pytest.raises(ConfigError, match=f"beam must be at least 1, got {beam}"):
+            t.translate("w1 w2", beam=beam)
+    with pytest.raises(InputError, match=r"sentence 1 has 1101 tokens .* max_source_positions"):
+        t.translate(["w1", "w1 " * 1100])
+    # one sentence per string: a newline inside it separates words (sentencepiece would take it
+    # for a character of the word before it)
+    seen = []
+    encode = t.hub.encode
+    t.hub.encode = lambda text: (seen.append(text), encode(text))[1]
+    assert t.translate("w1 w2\nw3\t w4 ", beam=2) == t.translate("w1 w2 w3 w4", beam=2)
+    assert seen == ["w1 w2 w3 w4", "w1 w2 w3 w4"]
 
 
 def test_plot_attention_script(data_bin, checkpoints, tmp_path):
