@@ -37,7 +37,8 @@
   sentences of a test set and BLEU is computed on fewer sentences. We keep that batch.
 - ``--print-alignment`` with a model that has no attention (rnn_vanilla) crashed deep in fairseq
   (it transposes an empty attention tensor). There is no alignment to print, so the command now
-  translates as usual, warns once and prints empty ``A-`` lines rather than made-up ones.
+  translates as usual, warns once and prints empty ``A-`` lines rather than made-up ones; also
+  with ``--score-reference``, and for an ensemble with such a model (beam search and scoring).
 - Host synchronisation in beam search on a GPU: the source side stays one row per sentence
   (``RNNEncoder.reorder_encoder_out``), and for an arbitrary order the encoder must read the
   order's values to know whether rows stay with their sentences: two ``torch.equal`` per
@@ -178,23 +179,52 @@ def has_attention(model) -> bool:
     return getattr(decoder, "attention", True) is not None
 
 
+def _warn_no_alignment(owner) -> None:
+    if not getattr(owner, "_s2s_warned", False):
+        logger.warning("--print-alignment: a model without attention (rnn_vanilla) has no "
+                       "alignment; A- lines will be empty")
+        owner._s2s_warned = True
+
+
 def empty_alignments_without_attention() -> None:
     from fairseq.sequence_generator import SequenceGenerator, SequenceGeneratorWithAlignment
+    from fairseq.sequence_scorer import SequenceScorer
 
     @replaces(SequenceGeneratorWithAlignment, "generate")
     def generate(original, self, models, sample, **kwargs):
         if all(has_attention(m) for m in self.model.models):
             return original(self, models, sample, **kwargs)
-        if not getattr(self, "_s2s_warned", False):
-            logger.warning("--print-alignment: a model without attention (rnn_vanilla) has no "
-                           "alignment; A- lines will be empty")
-            self._s2s_warned = True
+        _warn_no_alignment(self)
         with torch.no_grad():  # as fairseq's generate
             finalized = SequenceGenerator._generate(self, sample, **kwargs)
         for hypos in finalized:
             for hypo in hypos:
                 hypo["alignment"] = []
         return finalized
+
+    @replaces(SequenceScorer, "generate")
+    def score(original, self, models, sample, **kwargs):
+        """--score-reference: the same rule. fairseq's scorer averaged the attention of the models
+        that return some and added None for the others (a traceback, or with the model without
+        attention first, half weights), and a vanilla model alone gave alignment None, which
+        fairseq-generate cannot print. The scores are fairseq's."""
+        if all(has_attention(m) for m in models):
+            return original(self, models, sample, **kwargs)
+        if self.compute_alignment:
+            _warn_no_alignment(self)
+        decoders = [m.decoder for m in models if hasattr(getattr(m, "decoder", None), "need_attn")]
+        asked = [d.need_attn for d in decoders]
+        for d in decoders:  # no model returns attention, so none is averaged
+            d.need_attn = False
+        try:
+            hypos = original(self, models, sample, **kwargs)
+        finally:
+            for d, need in zip(decoders, asked):
+                d.need_attn = need
+        for hypo in (h for hs in hypos for h in hs):
+            hypo["attention"] = None
+            hypo["alignment"] = [] if self.compute_alignment else None
+        return hypos
 
 
 def beam_search_keeps_sentence_runs() -> None:

@@ -63,6 +63,27 @@ def test_train_generate_print_alignment(arch, data_bin, checkpoints, tmp_path):
     assert len(values) == 2 and all(0.0 <= v <= 100.0 for v in values)
 
 
+def test_print_alignment_with_a_model_without_attention(data_bin, checkpoints):
+    """One rule for beam search and --score-reference, alone or in an ensemble: a model without
+    attention (vanilla) makes the A- lines empty. With --score-reference fairseq-generate died on
+    vanilla's alignment None, and fairseq's scorer added None to the attention of an ensemble
+    whose attention model came first (with it second: half-weight alignments)."""
+    vanilla, luong = str(checkpoints["rnn_vanilla_tiny"]), str(checkpoints["rnn_luong_tiny"])
+    for paths in ([vanilla], [luong, vanilla], [vanilla, luong]):
+        for mode in (["--score-reference"], ["--beam", 2])[:1 if len(paths) == 1 else 2]:
+            gen = run("fairseq-generate", data_bin, *USER_DIR, "--path", os.pathsep.join(paths),
+                      *mode, "--print-alignment", "--cpu", "--batch-size", 16, show_warnings=True)
+            res = parse_generate(gen.stdout)
+            assert sorted(res["H"]) == list(range(37)), (paths, mode)
+            assert set(res["A"].values()) == {""}, (paths, mode)
+            assert "a model without attention (rnn_vanilla) has no alignment" in gen.stderr
+            if mode == ["--score-reference"] and len(paths) == 2:
+                # the scores are fairseq's: the same as without --print-alignment
+                plain = run("fairseq-generate", data_bin, *USER_DIR, "--path", os.pathsep.join(paths),
+                            *mode, "--cpu", "--batch-size", 16)
+                assert parse_generate(plain.stdout)["P"] == res["P"]
+
+
 @pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "rnn_luong_tiny"])
 def test_alignment_independent_of_padding(arch, data_bin, checkpoints):
     """fairseq left-pads sources; alignments must index the source as given, so a sentence gets
