@@ -10,7 +10,8 @@
   training options): fairseq stops with ``Size of sample #N is invalid`` and a traceback. We
   keep its choices and say them in one ``error:`` line: ``--skip-invalid-size-inputs-valid-test``
   skips such sentences (fairseq logs how many, and their ids; they get no output line), and for
-  binarized data ``--truncate-source`` cuts sources to the limit. Nothing is truncated or skipped
+  binarized data ``--truncate-source`` cuts sources to the limit (not offered in
+  fairseq-interactive, where it does nothing). Nothing is truncated or skipped
   unless asked for.
 """
 
@@ -20,6 +21,7 @@ import torch
 
 from .errors import S2SError
 from .patching import replaces
+from .runtime import running_fairseq_command
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +106,16 @@ def clear_error_for_long_sources() -> None:
             if ignore_invalid_inputs or not str(e).startswith("Size of sample #"):
                 raise
         _, ignored = dataset.filter_indices_by_size(indices, max_positions)
+        # --truncate-source acts where the task loads binarized data; fairseq-interactive's
+        # lines never pass there, so it is not offered to them
+        truncate = ("" if running_fairseq_command("interactive")
+                    else ", or --truncate-source to cut binarized sources to the limit")
         raise InputError(
             f"{len(ignored)} input sentence(s) longer than the limit: the first has "
             f"{_describe(dataset.size(int(ignored[0])))} tokens (counting </s>), the limit is "
             f"{_describe(max_positions)} (--max-source-positions/--max-target-positions, and the "
-            "model's own). Add --skip-invalid-size-inputs-valid-test to skip them (with a warning), "
-            "or --truncate-source to cut binarized sources to the limit"
+            f"model's own). Add --skip-invalid-size-inputs-valid-test to skip them (with a "
+            f"warning){truncate}"
         ) from None
 
 

@@ -256,6 +256,9 @@ def check_config(cfg) -> None:
         value = getattr(cfg, name)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value!r}")
+    if not cfg.init_range >= 0:  # a negative range silently meant PyTorch's initialisation
+        raise ConfigError(f"--init-range must be 0 (PyTorch's own initialisation) or positive, "
+                          f"got {cfg.init_range!r}")
     enc_out = cfg.encoder_hidden_size * (2 if cfg.encoder_bidirectional else 1)
     if str(cfg.attention) == "dot" and str(cfg.attention_placement) != "none" and enc_out != cfg.decoder_hidden_size:
         raise ConfigError(

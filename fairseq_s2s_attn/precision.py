@@ -10,6 +10,8 @@ to bf16 and keeps fp32 master weights (fairseq's FP16Optimizer). fairseq-generat
 fairseq-interactive convert the model for ``--fp16`` only; ``bf16_inference`` converts it for
 ``--bf16`` as well (log-probabilities and beam scores stay fp32 in fairseq's search).
 
+``--fp16`` without CUDA: one error naming --cpu-bf16 and --bf16 (``fp16_needs_cuda``).
+
 ``--cpu-bf16`` (model option, CPU only): the encoder and decoder run under
 ``torch.autocast("cpu", bfloat16)``: matrix products run in bf16, while parameters, gradients,
 optimizer state, the softmax of attention and the loss stay fp32. On a GPU it does nothing; use
@@ -148,6 +150,26 @@ def bf16_inference() -> None:
         return original(self, cfg)
 
 
+def fp16_needs_cuda() -> None:
+    """``fairseq-train --fp16`` without CUDA died at its first update with a traceback ending in
+    "AssertionError: Torch not compiled with CUDA enabled" (fairseq's FP16Optimizer asks CUDA
+    for the device of its flat fp32 master weights). Now one error names the options that work
+    on a CPU. ``--fp16-no-flatten-grads`` and ``--memory-efficient-fp16`` (no flat copy) are left
+    to fairseq."""
+    from fairseq.trainer import Trainer
+
+    from .errors import ConfigError
+
+    @replaces(Trainer, "_build_optimizer")
+    def _build_optimizer(original, self):
+        common = self.cfg.common
+        if (common.fp16 and not common.memory_efficient_fp16 and not common.fp16_no_flatten_grads
+                and not torch.cuda.is_available()):
+            raise ConfigError("--fp16 trains on a CUDA GPU, and none is available; on a CPU use "
+                              "--cpu-bf16 (bf16 products, fp32 weights) or --bf16")
+        return original(self)
+
+
 BF16_HELP = ("use bfloat16: the model in bf16 with fp32 master weights, as --fp16 without loss "
              "scaling, on CUDA or CPU (fairseq_s2s_attn; fairseq alone: implies --tpu); on a TPU "
              "machine (torch_xla installed) it implies --tpu as before")
@@ -166,5 +188,6 @@ def document_bf16_option() -> None:
 def install() -> None:
     generate_in_one_autocast_region()
     bf16_without_tpu()
+    fp16_needs_cuda()
     bf16_inference()
     document_bf16_option()

@@ -154,6 +154,9 @@ def test_bool_option_can_be_switched_off(data_bin, tmp_path):
         (["--attention", "dot", "--decoder-hidden-size", "48"], "--attention dot needs"),
         (["--encoder-layers", "0"], "--encoder-layers must be a positive integer"),
         (["--encoder-bidirectional", "maybe"], "expected a boolean"),
+        (["--init-range", "-0.1"], "--init-range must be 0 (PyTorch's own initialisation) or positive"),
+        pytest.param(["--fp16"], "--fp16 trains on a CUDA GPU, and none is available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="--fp16 works on CUDA")),
     ],
 )
 def test_bad_options_clear_error(data_bin, tmp_path, args, message):

@@ -431,8 +431,9 @@ def test_interactive_empty_and_too_long_lines(small_data_bin, luong_runs):
     assert "1 samples have invalid sizes and will be skipped" in proc.stderr
 
     proc = run("fairseq-interactive", *args, input=text, check=False)
-    one_error_line(proc, "longer than the limit", "9 source", "6 source",
-                   "--skip-invalid-size-inputs-valid-test", "--truncate-source")
+    line = one_error_line(proc, "longer than the limit", "9 source", "6 source",
+                          "--skip-invalid-size-inputs-valid-test")
+    assert "--truncate-source" not in line  # it acts on binarized data only, not on these lines
 
 
 @slow
@@ -443,6 +444,10 @@ def test_generate_truncate_source(small_data_bin, luong_runs):
     res = parse_generate(proc.stdout)
     assert sorted(res["S"]) == list(range(20))  # nothing skipped
     assert max(len(s.split()) for s in res["S"].values()) == 4  # 4 words + </s> = the limit
+    # without it, the error offers it (binarized data)
+    proc = run("fairseq-generate", small_data_bin, *USER_DIR, "--path", straight / "checkpoint_last.pt",
+               "--beam", 2, "--cpu", "--max-source-positions", 5, check=False)
+    one_error_line(proc, "longer than the limit", "--truncate-source", "--skip-invalid-size-inputs-valid-test")
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
