@@ -180,8 +180,9 @@ class _TorchProxy:
 
 
 def checked_ensemble_loader() -> None:
-    """fairseq raises a bare IOError (a traceback) for a --path that does not exist: one
-    ``error: checkpoint not found: PATH`` line instead."""
+    """fairseq raises a bare IOError (a traceback) for a --path that does not exist, and an
+    IsADirectoryError for a folder: one ``error: checkpoint not found: PATH`` line instead, or
+    one naming the folder's checkpoint files."""
     from fairseq import checkpoint_utils
     from fairseq.checkpoint_utils import get_maybe_sharded_checkpoint_filename
     from fairseq.file_io import PathManager
@@ -193,8 +194,14 @@ def checked_ensemble_loader() -> None:
         a = bound.arguments
         if not a["suffix"] and a["num_shards"] == 1 and a["state"] is None:
             for name in a["filenames"]:
-                if not PathManager.exists(get_maybe_sharded_checkpoint_filename(name, "", 0, 1)):
+                path = get_maybe_sharded_checkpoint_filename(name, "", 0, 1)
+                if not PathManager.exists(path):
                     raise CheckpointError(f"checkpoint not found: {name}")
+                if os.path.isdir(path):
+                    found = sorted(f for f in os.listdir(path) if f.endswith(".pt"))[:4]
+                    raise CheckpointError(
+                        f"--path {name} is a folder, not a checkpoint file: give a file in it"
+                        + (f" ({', '.join(found)})" if found else " (it holds no .pt file)"))
         return original(*args, **kwargs)
 
 

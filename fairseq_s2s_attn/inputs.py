@@ -11,7 +11,8 @@
   keep its choices and say them in one ``error:`` line: ``--skip-invalid-size-inputs-valid-test``
   skips such sentences (fairseq logs how many, and their ids; they get no output line), and for
   binarized data ``--truncate-source`` cuts sources to the limit (not offered in
-  fairseq-interactive, where it does nothing). Nothing is truncated or skipped
+  fairseq-interactive, where it does nothing).
+- Input that is not UTF-8 text (fairseq-interactive): one error naming the line, not a traceback. Nothing is truncated or skipped
   unless asked for.
 """
 
@@ -127,6 +128,50 @@ def _describe(size) -> str:
     return " / ".join(parts)
 
 
+def utf8_input_lines() -> None:
+    """fairseq-interactive reads its input as UTF-8: a file with other bytes stopped with a
+    UnicodeDecodeError traceback, and standard input (decoded with surrogate escapes) with one
+    from sentencepiece ("Unable to cast Python instance of type <class 'str'>"). Now one error
+    names the line; the lines before it are translated as usual."""
+    from fairseq_cli import interactive
+
+    @replaces(interactive, "buffered_read")
+    def buffered_read(original, input, buffer_size):
+        name = "standard input" if input == "-" else input
+        done, buffers = 0, original(input, buffer_size)
+        while True:
+            try:
+                buffer = next(buffers)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                line = _first_non_utf8_line(input) if input != "-" else None
+                where = f"line {line}" if line else f"a line after line {done}"
+                raise InputError(f"{name}: {where} is not UTF-8 text") from None
+            for i, line in enumerate(buffer):
+                try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError:  # bytes that stdin's decoder kept as surrogates
+                    raise InputError(f"{name}: line {done + i + 1} is not UTF-8 text") from None
+            done += len(buffer)
+            yield buffer
+
+
+def _first_non_utf8_line(path: str):
+    """The number of the first line of the file that is not UTF-8, or None."""
+    try:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return number
+    except OSError:
+        return None
+    return None
+
+
 def install() -> None:
     empty_sources_translate_to_empty()
     clear_error_for_long_sources()
+    utf8_input_lines()

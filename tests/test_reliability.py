@@ -254,6 +254,12 @@ def test_damaged_checkpoints_give_clear_errors(tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="checkpoint not found: .*missing.pt"):
         checkpoint_utils.load_model_ensemble([str(tmp_path / "missing.pt")])
+    # a folder (was IsADirectoryError): named with the checkpoint files in it
+    (tmp_path / "run.pt").mkdir()
+    (tmp_path / "run.pt" / "checkpoint_best.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"--path .*run\.pt is a folder, not a checkpoint file: "
+                                              r"give a file in it \(checkpoint_best\.pt\)"):
+        checkpoint_utils.load_model_ensemble([str(tmp_path / "run.pt")])
 
 
 @pytest.fixture(scope="module")
@@ -434,6 +440,31 @@ def test_interactive_empty_and_too_long_lines(small_data_bin, luong_runs):
     line = one_error_line(proc, "longer than the limit", "9 source", "6 source",
                           "--skip-invalid-size-inputs-valid-test")
     assert "--truncate-source" not in line  # it acts on binarized data only, not on these lines
+
+
+@slow
+def test_interactive_input_that_is_not_utf8(small_data_bin, luong_runs, tmp_path):
+    """A line that is not UTF-8 ended fairseq-interactive with a UnicodeDecodeError traceback
+    (--input FILE) or sentencepiece's "Unable to cast" (standard input); now one error line
+    names it, and the lines before it on standard input are translated."""
+    import subprocess
+
+    from clitools import BIN, env
+
+    *_, straight = luong_runs
+    args = [str(small_data_bin), *map(str, USER_DIR), "--path", str(straight / "checkpoint_last.pt"),
+            "--source-lang", "src", "--target-lang", "tgt", "--cpu", "--beam", "2"]
+    data = "w1 w2 w3\nw4 caf\xe9 w5\nw6\n".encode("latin-1")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(data)
+    proc = run("fairseq-interactive", *args, "--input", bad, check=False)
+    one_error_line(proc, f"{bad}: line 2 is not UTF-8 text")
+    proc = subprocess.run([str(BIN / "fairseq-interactive"), *args], input=data, env=env(),
+                          capture_output=True, timeout=300)
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(),
+                                       proc.stderr.decode(errors="replace"))
+    one_error_line(proc, "standard input: line 2 is not UTF-8 text")
+    assert sorted(parse_generate(proc.stdout)["H"]) == [0]
 
 
 @slow
