@@ -25,6 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402  (scripts/benchmark.py: options, data and machine description)
+from cli_args import at_least  # noqa: E402
 
 
 def load(name, precision, args):
@@ -47,15 +48,15 @@ def main(argv=None):
     p.add_argument("--archs", nargs="+", default=["lstm", "rnn_bahdanau", "rnn_luong", "rnn_luong_nofeed"],
                    choices=sorted(benchmark.ALL_CONFIGS), help="configurations (benchmark.py's names)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=benchmark.PRECISIONS)
-    p.add_argument("--beams", nargs="+", type=int, default=[5, 1])
-    p.add_argument("--size", type=int, default=256, help="matched sizes, as benchmark.py --sizes")
-    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--beams", nargs="+", type=at_least(1), default=[5, 1])
+    p.add_argument("--size", type=at_least(1), default=256, help="matched sizes, as benchmark.py --sizes")
+    p.add_argument("--layers", type=at_least(1), default=1)
     p.add_argument("--gen-split", default="test")
-    p.add_argument("--gen-sentences", type=int, default=48)
-    p.add_argument("--gen-batch-size", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--gen-sentences", type=at_least(1), default=48)
+    p.add_argument("--gen-batch-size", type=at_least(1), default=16)
+    p.add_argument("--rounds", type=at_least(1), default=5)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=at_least(1), default=1)
     args = p.parse_args(argv)
     if benchmark.BASELINE not in args.archs:
         p.error(f"--archs needs {benchmark.BASELINE} (the ratios are against it)")

@@ -1262,18 +1262,25 @@ def run_config(name, precision, size, args, reset_peak, log_dir):
     return merged, None, spec
 
 
+def data_splits(data):
+    """The splits of a data-bin: train, valid, test, ... from its {split}.{src}-{tgt}.{lang}.bin files."""
+    return sorted({os.path.basename(f).split(".")[0] for f in glob.glob(os.path.join(data, "*.bin"))})
+
+
 def check_data(data, gen_split):
     def missing():
         if not os.path.isdir(data):
             return f"{data} does not exist"
         if not glob.glob(os.path.join(data, "dict.*.txt")):
             return f"{data} has no dict.*.txt"
-        for split in ("train", gen_split):
-            if not glob.glob(os.path.join(data, f"{split}.*.bin")):
-                return f"{data} has no {split}.*.bin"
+        if not glob.glob(os.path.join(data, "train.*.bin")):
+            return f"{data} has no train.*.bin"
         return None
 
     problem = missing()
+    if not problem and gen_split not in data_splits(data):  # the data is there, the split is not
+        raise SystemExit(f"error: --gen-split {gen_split}: {data} has no {gen_split}.*.bin; its splits: "
+                         f"{', '.join(data_splits(data))}")
     if problem:
         raise SystemExit(
             f"error: {problem}: --data must be a fairseq data-bin.\n"
@@ -1914,10 +1921,21 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.gen_batch_size if device_mode else [args.gen_batch_size]) < 1 or min(args.beams) < 1:
         p.error("--gen-batch-size and --beams must be at least 1")
+    if min(args.sizes) < 1:
+        p.error("--sizes must be at least 1")
     if args.warmup < 0 or args.flop_batches < 0 or args.breakdown_batches < 0:
         p.error("--warmup, --flop-batches and --breakdown-batches must be >= 0")
     if device_mode and args.updates < 1:
         p.error("--updates must be at least 1")
+    if args.synthetic and args.gen_split not in ("train", "valid", "test"):
+        p.error(f"--gen-split {args.gen_split}: the synthetic data-bin has train, valid and test")
+    for name in ("out", "json"):  # written at the end: a bad path must not lose the measurements
+        path = getattr(args, name)
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if path and os.path.isdir(path):
+            p.error(f"--{name} {path} is a folder; give a file")
+        if path and not os.path.isdir(folder):
+            p.error(f"--{name} {path}: no folder {folder}")
 
     given = argv if argv is not None else sys.argv[1:]
     argv_line = "python scripts/benchmark.py " + " ".join(shlex.quote(str(a)) for a in given)

@@ -27,10 +27,14 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_args import at_least  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(ROOT, "fairseq_s2s_attn")
@@ -60,6 +64,35 @@ def split_entry(entry, args):
     if args.device == "cpu" and precision in ("fp16", "amp"):
         raise SystemExit(f"error: {entry}: {precision} needs --device cuda (on CPU: fp32, bf16 or --cpu-bf16)")
     return arch, precision
+
+
+def check_archs(entries):
+    """Every ARCH of --archs is a registered fairseq architecture (one line naming the plugin's,
+    rather than fairseq's list of ~150, when one is not)."""
+    import fairseq_s2s_attn  # noqa: F401  (registers the plugin's architectures)
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    for entry in entries:
+        arch = entry.partition("@")[0]
+        if arch not in ARCH_MODEL_REGISTRY:
+            ours = [a for a, cls in ARCH_MODEL_REGISTRY.items() if cls.__module__.startswith("fairseq_s2s_attn")]
+            raise SystemExit(f"error: --archs {entry}: unknown architecture {arch!r}; the plugin's: "
+                             f"{', '.join(ours)} (or one of fairseq's, e.g. lstm_wiseman_iwslt_de_en)")
+
+
+def work_file(args, *parts):
+    """A file of the --work folder, or one error line saying how to build it."""
+    path = os.path.join(args.work, *parts)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found: --work must be a folder made by "
+                         f"`python scripts/prepare_data.py all --lang de --work {shlex.quote(args.work)}` "
+                         "(or `... all --src FILE --tgt FILE --work ...` for your own text)")
+    return path
+
+
+def shell_command(words):
+    """A command as one line to paste into a shell."""
+    return shlex.join(str(w) for w in words)
 
 
 def device_flags(args, precision, training):
@@ -165,7 +198,7 @@ def run_one(args, arch):
     return {"arch": arch, "wps": words_per_second(train_log), "updates": updates(train_log),
             "hyps": hyps, "best_loss": best_loss, "best_wall": best_wall, "lenpen": lenpen,
             "valid_bleu": valid_bleu,
-            "command": " ".join(["fairseq-" + cmd[2].split(".")[1]] + cmd[3:])}
+            "command": shell_command(["fairseq-" + cmd[2].split(".")[1]] + cmd[3:])}
 
 
 def lenpen_suffix(lenpen):
@@ -209,24 +242,25 @@ def main(argv=None):
                    help="architectures, each ARCH or ARCH@PRECISION (default: ours, and fairseq's "
                    "lstm_wiseman_iwslt_de_en at its fastest CPU setting, fairseq's --bf16, which the "
                    "plugin makes work without a TPU: 1.55x its fp32 on an AMX CPU)")
-    p.add_argument("--minutes", type=float, default=10.0,
+    p.add_argument("--minutes", type=at_least(0, float), default=10.0,
                    help="training wall-clock budget per model (0: none; --max-epoch, --patience)")
-    p.add_argument("--max-epoch", type=int, default=200)
+    p.add_argument("--max-epoch", type=at_least(1), default=200,
+                   help="upper bound on epochs, also with --minutes (at least 1; default %(default)s)")
     p.add_argument("--patience", type=int, default=-1,
                    help="stop when validation loss has not improved for this many epochs (-1: off)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=list(PRECISION_FLAGS), default="fp32",
                    help="fairseq's precision options for every model without its own @PRECISION")
-    p.add_argument("--gen-batch-size", type=int, default=32)
+    p.add_argument("--gen-batch-size", type=at_least(1), default=32)
     p.add_argument("--lenpen", type=float, nargs="+", default=[1.0],
                    help="fairseq-generate's length penalty for beam 5 (hypothesis score divided by "
                    "length^lenpen; above 1 favours longer outputs): one value for every model, or "
                    "several, of which each model uses the one with its best validation-set BLEU "
                    "(ties: the one nearest 1)")
-    p.add_argument("--parallel", type=int, default=2, help="models trained at once (one core each)")
+    p.add_argument("--parallel", type=at_least(1), default=2, help="models trained at once (one core each)")
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--max-tokens", type=int, default=2000)
+    p.add_argument("--max-tokens", type=at_least(1), default=2000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--ours-args", default="--cpu-bf16",
                    help="extra fairseq-train options for our rnn_* models (default: bf16 matrix "
@@ -234,15 +268,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     for entry in args.archs:  # every entry checked before any training starts
         split_entry(entry, args)
+    meta = json.load(open(work_file(args, "data", "meta.json")))
+    src_lang, tgt_lang = meta.get("src_lang", "en"), meta.get("tgt_lang", "de")
+    src = open(work_file(args, "data", f"test.{src_lang}"), encoding="utf-8").read().splitlines()
+    ref = open(work_file(args, "data", f"test.{tgt_lang}"), encoding="utf-8").read().splitlines()
+    if len(args.lenpen) > 1:
+        args.valid_ref = open(work_file(args, "data", f"valid.{tgt_lang}"), encoding="utf-8").read().splitlines()
+    work_file(args, "data-bin", f"dict.{tgt_lang}.txt")
+    check_archs(args.archs)
     import sacrebleu
 
-    meta = json.load(open(os.path.join(args.work, "data", "meta.json")))
-    src_lang, tgt_lang = meta.get("src_lang", "en"), meta.get("tgt_lang", "de")
-    src = open(os.path.join(args.work, "data", f"test.{src_lang}"), encoding="utf-8").read().splitlines()
-    ref = open(os.path.join(args.work, "data", f"test.{tgt_lang}"), encoding="utf-8").read().splitlines()
-    if len(args.lenpen) > 1:
-        args.valid_ref = open(os.path.join(args.work, "data", f"valid.{tgt_lang}"),
-                              encoding="utf-8").read().splitlines()
     os.makedirs(args.out, exist_ok=True)
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
@@ -289,7 +324,7 @@ def main(argv=None):
         lines.append(f"| {arch} | " + " | ".join(by.get(lab, "-") for lab in labels) + " |")
     counts = {f"{lo}-{hi}" if hi < 1000 else f"{lo}+": n for (lo, hi), n, _ in next(iter(curves.values()))}
     lines.append("| sentences | " + " | ".join(str(counts.get(lab, 0)) for lab in labels) + " |")
-    lines += ["", "Commands:", "", "```", "python scripts/compare.py " + " ".join(argv or sys.argv[1:])]
+    lines += ["", "Commands:", "", "```", shell_command(["python", "scripts/compare.py"] + (argv or sys.argv[1:]))]
     lines += [r["command"] for r in results] + ["```", ""]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines))
@@ -320,7 +355,6 @@ def training_curves(args, entries, budget):
     """Training and validation loss against updates and wall-clock time from the training logs:
     every model overlaid (OUT/curves_updates.png, OUT/curves_time.png) and one figure per model
     (OUT/<arch>/curves.png)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import plot_curves
 
     try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Attention heatmaps: translate a few sentences and plot where the model attended.
 
-    python scripts/plot_attention.py --model-dir work/demo/checkpoints --data work/demo/data-bin \
+    python scripts/plot_attention.py --model-dir work/demo/checkpoints/rnn_bahdanau --data work/demo/data-bin \
         --spm-model work/demo/spm/spm.model --input work/demo/data/test.en --num 4 --out work/demo/plots
 
 One PNG per sentence: source pieces on the x axis, output pieces on the y axis, cell (i, j) =
@@ -10,6 +10,9 @@ weight of source piece j when the model produced output piece i (each row sums t
 import argparse
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_args import at_least  # noqa: E402
 
 
 def pick_sentences(path: str, num: int, min_words: int, max_words: int):
@@ -23,6 +26,16 @@ def pick_sentences(path: str, num: int, min_words: int, max_words: int):
         return ok
     step = len(ok) / num
     return [ok[int(i * step + step / 2)] for i in range(num)]
+
+
+def is_spm_model(path: str) -> bool:
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError):  # "could not parse ModelProto from ..."
+        return False
+    return True
 
 
 def plot(result, path: str, title: str):
@@ -55,12 +68,24 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="data-bin with the dictionaries")
     p.add_argument("--spm-model", default=None, help="sentencepiece model (omit for pre-tokenised text)")
     p.add_argument("--input", required=True, help="text file, one source sentence per line")
-    p.add_argument("--num", type=int, default=4, help="how many sentences to plot")
+    p.add_argument("--num", type=at_least(1), default=4, help="how many sentences to plot")
     p.add_argument("--min-words", type=int, default=4)
     p.add_argument("--max-words", type=int, default=14)
-    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--beam", type=at_least(1), default=5)
     p.add_argument("--out", required=True, help="output folder for the PNGs")
     args = p.parse_args(argv)
+    if not os.path.isfile(args.input):
+        p.error(f"input file not found: {args.input}")
+    if not os.path.isdir(args.data):
+        p.error(f"--data {args.data}: no such folder (the data-bin with the dictionaries)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; give a folder for the PNGs")
+    # a missing --spm-model (or checkpoint) is the translator's error, below
+    if args.spm_model is not None and os.path.isfile(args.spm_model) and not is_spm_model(args.spm_model):
+        p.error(f"--spm-model {args.spm_model} is not a sentencepiece model")
+    sentences = pick_sentences(args.input, args.num, args.min_words, args.max_words)
+    if not sentences:
+        p.error(f"no sentence of {args.min_words}-{args.max_words} words in {args.input}")
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import logging
@@ -76,11 +101,6 @@ def main(argv=None):
     from fairseq_s2s_attn.errors import S2SError
     from fairseq_s2s_attn.hub import Translator
 
-    if not os.path.isfile(args.input):
-        p.error(f"input file not found: {args.input}")
-    sentences = pick_sentences(args.input, args.num, args.min_words, args.max_words)
-    if not sentences:
-        p.error(f"no sentence of {args.min_words}-{args.max_words} words in {args.input}")
     try:
         translator = Translator.from_pretrained(args.model_dir, args.checkpoint, data=args.data,
                                                 spm_model=args.spm_model)

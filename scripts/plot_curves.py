@@ -14,7 +14,9 @@ with every log overlaid: P_updates.png, P_time.png, and P_bleu.png when a log ha
 Losses are fairseq's, in base 2 (with label smoothing, the smoothed loss). Wall-clock time is
 fairseq's `wall` (whole seconds since training started; drawn in minutes beyond 10 minutes); a
 validation point takes the time of the next training line, which fairseq prints right after
-validating.
+validating. A log appended to by a resumed run (`>> train.log`; hydra_train.log always appends)
+restarts fairseq's `wall` at 0: each restart is counted from the previous run's last `wall`, so
+time keeps going forward.
 """
 import argparse
 import json
@@ -62,6 +64,13 @@ def read_log(path):
             parsed = parse_line(line)
             if parsed:
                 records.append(parsed)
+    offset, last = 0.0, None
+    for _tag, s in records:  # a resumed run appended to the log: its wall restarts from 0
+        if "wall" in s:
+            if last is not None and s["wall"] < last:
+                offset += last
+            last = s["wall"]
+            s["wall"] += offset
     run = {"train_inner": [], "train": [], "valid": []}
     for i, (tag, s) in enumerate(records):
         wall = s.get("wall")
@@ -161,13 +170,28 @@ def plot_overlay(runs, prefix, title=None):
     return written
 
 
+def default_labels(logs):
+    """The logs' folder names; folder/file stem where two logs share a folder name, else the path."""
+    folders = [os.path.basename(os.path.dirname(os.path.abspath(p))) or str(p) for p in logs]
+    labels = [f"{d}/{os.path.splitext(os.path.basename(p))[0]}" if folders.count(d) > 1 else d
+              for d, p in zip(folders, logs)]
+    return [label if labels.count(label) == 1 else str(p) for label, p in zip(labels, logs)]
+
+
 def load_runs(logs, labels=None):
-    labels = labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) or p for p in logs]
+    labels = labels or default_labels(logs)
     if len(labels) != len(logs):
         raise SystemExit(f"error: {len(logs)} logs but {len(labels)} labels")
+    for path in logs:  # every log checked before any is read
+        if not os.path.isfile(path):
+            what = "a folder, not a training log" if os.path.isdir(path) else "no such file"
+            raise SystemExit(f"error: {path}: {what}")
     runs = []
     for label, path in zip(labels, logs):
-        run = read_log(path)
+        try:
+            run = read_log(path)
+        except OSError as e:
+            raise SystemExit(f"error: {path}: cannot read ({e.strerror or e})") from None
         if not train_points(run) and not run["valid"]:
             raise SystemExit(f"error: {path}: no train_inner/train/valid lines with loss and "
                              "num_updates (fairseq-train --log-format simple or json)")
@@ -178,7 +202,8 @@ def load_runs(logs, labels=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", nargs="+", help="fairseq training logs")
-    p.add_argument("--labels", nargs="+", help="one name per log (default: the log's folder)")
+    p.add_argument("--labels", nargs="+", help="one name per log (default: the log's folder; "
+                   "folder/file stem for logs in the same folder)")
     p.add_argument("--out", help="one figure with every log: FILE.png")
     p.add_argument("--out-prefix", help="one figure per x axis, every log overlaid: PREFIX_*.png")
     p.add_argument("--title")

@@ -57,6 +57,8 @@ import sys
 import sysconfig
 import unicodedata
 
+from cli_args import at_least
+
 SPLITS = ("train", "valid", "test")
 STAMP = ".stamp.json"
 META = "meta.json"
@@ -187,13 +189,14 @@ def split_key(src):
 
 
 def parse_size(text):
-    """'1000' -> 1000 pairs; '0.05' -> 5% of the pairs (by hash, stable when the corpus grows)."""
+    """'1000' -> 1000 pairs; '0.05' -> 5% of the pairs (by hash, stable when the corpus grows).
+    Never 0: fairseq-train validates on the valid split, and an empty split cannot be binarised."""
     try:
         v = float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of pairs or a fraction, got {text!r}")
-    if v < 0 or (isinstance(v, float) and v >= 1):
-        raise argparse.ArgumentTypeError(f"expected a count >= 0 or a fraction in [0, 1), got {text!r}")
+    if v <= 0 or (isinstance(v, float) and v >= 1):
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text!r}")
     return v
 
 
@@ -238,6 +241,10 @@ def split_pairs(pairs, valid_size=1000, test_size=1000, seed="0"):
             out["train"].extend(groups[k])
     if not out["train"]:
         raise DataError(f"no training pairs left after taking valid and test from {len(pairs)} pairs")
+    for split, size in (("valid", valid_size), ("test", test_size)):  # fairseq cannot use an empty split
+        if not out[split]:
+            raise DataError(f"--{split}-size {size} leaves no {split} pairs of {len(pairs)}; "
+                            f"give a count or a larger fraction")
     return {s: sorted(v) for s, v in out.items()}
 
 
@@ -819,9 +826,10 @@ def spm_params(args):
 def add_split_args(p):
     g = p.add_argument_group("cleaning and splitting")
     g.add_argument("--valid-size", type=parse_size, default=1000,
-                   help="validation pairs: a count, or a fraction such as 0.05 (default 1000)")
+                   help="validation pairs (fairseq-train validates on them): a count >= 1, or a "
+                        "fraction in (0, 1) such as 0.05 (default 1000)")
     g.add_argument("--test-size", type=parse_size, default=1000,
-                   help="test pairs: a count, or a fraction such as 0.05 (default 1000)")
+                   help="test pairs: a count >= 1, or a fraction in (0, 1) such as 0.05 (default 1000)")
     g.add_argument("--split-seed", default="0", help="salt of the split hash; another value gives another split")
     g.add_argument("--keep-all-targets", action="store_true",
                    help="keep every distinct target of a source (default: the most frequent one)")
@@ -838,13 +846,13 @@ def add_gettext_args(p, required):
 
 def add_spm_args(p):
     g = p.add_argument_group("SentencePiece")
-    g.add_argument("--vocab-size", type=int, default=8000, help="pieces per model (default 8000)")
+    g.add_argument("--vocab-size", type=at_least(2), default=8000, help="pieces per model (default 8000)")
     m = g.add_mutually_exclusive_group()
     m.add_argument("--joint", dest="joint", action="store_true", default=True,
                    help="one model for both languages (default)")
     m.add_argument("--separate", dest="joint", action="store_false", help="one model per language")
     g.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
-    g.add_argument("--max-len", type=int, default=128,
+    g.add_argument("--max-len", type=at_least(0), default=128,
                    help="longest sequence in pieces; 0: no limit (default 128). Longer train pairs are dropped")
     g.add_argument("--truncate", action="store_true",
                    help="truncate instead: train and valid pairs on both sides, test on the source side only")

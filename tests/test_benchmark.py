@@ -2,6 +2,7 @@
 analytic FLOPs it adds for oneDNN's fused RNN kernel (which FlopCounterMode does not count)."""
 
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -311,3 +312,49 @@ def test_beam_ab_takes_turns_and_reports_medians(small_data_bin):
 def test_beam_ab_needs_the_lstm_baseline(small_data_bin):
     proc = run("beam_ab.py", "--data", small_data_bin, "--archs", "rnn_luong", check=False)
     assert proc.returncode == 2 and "--archs needs lstm" in proc.stderr
+
+
+def refused(capsys, main, argv):
+    """main(argv) stops in argparse: exit status 2, one `error:` line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_bad_sizes_and_output_paths_are_refused_up_front(tmp_path, capsys):
+    """Checked before the synthetic data is built or anything measured: --out in a missing folder
+    was found only when the report was written, after the whole benchmark."""
+    bench = load_benchmark()
+    assert "--sizes must be at least 1" in refused(capsys, bench.main, ["--synthetic", "--sizes", 16, 0])
+    for option in ("--out", "--json"):
+        line = refused(capsys, bench.main, ["--synthetic", option, tmp_path / "nodir" / "b.md"])
+        assert f"{option} {tmp_path / 'nodir' / 'b.md'}: no folder {tmp_path / 'nodir'}" in line
+        assert f"{option} {tmp_path} is a folder" in refused(capsys, bench.main, ["--synthetic", option, tmp_path])
+    line = refused(capsys, bench.main, ["--synthetic", "--gen-split", "dev"])
+    assert "the synthetic data-bin has train, valid and test" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_gen_split_lists_the_splits(tmp_path):
+    """A data-bin without the --gen-split: not "Build the demo data first", but the splits it has."""
+    bench = load_benchmark()
+    (tmp_path / "dict.src.txt").write_text("a 1\n")
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.src-tgt.src.bin").write_bytes(b"")
+    bench.check_data(str(tmp_path), "test")
+    with pytest.raises(SystemExit) as e:
+        bench.check_data(str(tmp_path), "dev")
+    assert str(e.value.code) == f"error: --gen-split dev: {tmp_path} has no dev.*.bin; its splits: test, train, valid"
+
+
+@pytest.mark.parametrize("option", ["--rounds", "--beams", "--size", "--gen-sentences", "--gen-batch-size"])
+def test_beam_ab_refuses_counts_below_one(option, tmp_path, capsys):
+    """--rounds 0 was a StatisticsError after building every model, --gen-sentences 0 printed
+    0.0 sent/s: refused before the data is read."""
+    sys.path.insert(0, str(SCRIPTS))
+    import beam_ab
+
+    line = refused(capsys, beam_ab.main, ["--data", tmp_path / "nothing", option, 0])
+    assert f"argument {option}: must be at least 1, got '0'" in line

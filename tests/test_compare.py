@@ -2,9 +2,18 @@
 results table (BLEU, chrF, tokens/s, updates), BLEU by source length, the plots (BLEU by length,
 training curves), and reuse."""
 
+import argparse
+import json
 import re
+import shlex
+import sys
 
-from clitools import run
+import pytest
+
+from clitools import SCRIPTS, run
+
+sys.path.insert(0, str(SCRIPTS))
+import compare  # noqa: E402
 
 
 def tiny_work(root):
@@ -58,6 +67,8 @@ def test_compare_end_to_end(tmp_path):
         assert len(hyps) == 20
         assert (out / arch / "curves.png").stat().st_size > 10000
         assert f"--arch {arch}" in text  # the commands that made the numbers
+    # the commands are shell-quoted: they can be pasted into a shell
+    assert "--adam-betas '(0.9, 0.98)'" in text and "--ours-args '--init-range 0.1'" in text
 
     again = run("compare.py", *args, timeout=300)  # trained and translated: nothing is redone
     assert again.stdout.count("reusing the translations") == 2 and "training for" not in again.stdout
@@ -118,3 +129,65 @@ def test_compare_precisions_and_epoch_budget(tmp_path):
     bad = run("compare.py", "--work", work, "--out", out, "--archs", "rnn_luong_tiny@fp16",
               check=False)
     assert bad.returncode != 0 and "fp16 needs --device cuda" in bad.stderr
+
+
+def refused(capsys, argv):
+    """compare.main(argv) stops before any work: SystemExit, one error line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    message = err.strip().splitlines()[-1] if err.strip() else str(e.value.code)
+    assert "Traceback" not in err and (message.startswith("error: ") or ": error: " in message), message
+    return e.value.code, message
+
+
+@pytest.mark.parametrize("option,value", [("--minutes", -1), ("--max-epoch", 0), ("--parallel", 0),
+                                          ("--gen-batch-size", 0), ("--max-tokens", 0)])
+def test_bad_numbers_are_refused_up_front(option, value, tmp_path, capsys):
+    """--max-epoch 0 would be fairseq's "no limit" (with --minutes 0: training without end, though
+    the message said "at most 0 epochs"); --parallel 0 was a ValueError traceback."""
+    code, message = refused(capsys, ["--work", tmp_path, "--out", tmp_path / "o", option, value])
+    assert code == 2 and f"argument {option}: must be at least" in message
+    assert not (tmp_path / "o").exists()
+
+
+def fake_work(root):
+    """What compare.py reads from a --work folder before training, without the training data."""
+    (root / "data").mkdir(parents=True)
+    (root / "data-bin").mkdir()
+    (root / "data" / "meta.json").write_text(json.dumps({"src_lang": "en", "tgt_lang": "de"}))
+    for name in ("data/test.en", "data/test.de", "data-bin/dict.de.txt"):
+        (root / name).write_text("x\n")
+    return root
+
+
+def test_missing_work_data_names_the_file_and_the_fix(tmp_path, capsys):
+    _, message = refused(capsys, ["--work", tmp_path / "nowork", "--out", tmp_path / "o"])
+    assert f"{tmp_path / 'nowork' / 'data' / 'meta.json'} not found" in message
+    assert "prepare_data.py all" in message and not (tmp_path / "o").exists()
+    work = fake_work(tmp_path / "work")
+    (work / "data" / "test.de").unlink()
+    _, message = refused(capsys, ["--work", work, "--out", tmp_path / "o"])
+    assert f"{work / 'data' / 'test.de'} not found" in message
+
+
+def test_unknown_arch_names_the_plugins_architectures(tmp_path, capsys):
+    work = fake_work(tmp_path / "work")
+    _, message = refused(capsys, ["--work", work, "--out", tmp_path / "o",
+                                  "--archs", "rnn_bahdanau", "bogus_arch@bf16"])
+    assert "unknown architecture 'bogus_arch'" in message and "rnn_bahdanau, rnn_luong" in message
+    assert "transformer" not in message and len(message) < 400  # not fairseq's whole list
+    assert not (tmp_path / "o").exists()
+
+
+def test_commands_are_shell_quoted():
+    args = argparse.Namespace(work="my work", minutes=1.0, max_epoch=5, patience=-1, device="cpu",
+                              precision="fp32", lr=0.002, warmup=10, max_tokens=500, seed=1,
+                              ours_args="--init-range 0.1 --cpu-bf16")
+    cmd = compare.train_cmd(args, "rnn_bahdanau", "out dir/checkpoints")
+    line = compare.shell_command(["fairseq-train"] + cmd[3:])
+    assert "--adam-betas '(0.9, 0.98)'" in line
+    assert shlex.split(line) == ["fairseq-train"] + cmd[3:]
+    argv = ["--work", "my work", "--ours-args", "--init-range 0.1", "--minutes", 0.5]
+    assert shlex.split(compare.shell_command(["python", "scripts/compare.py"] + argv)) == \
+        ["python", "scripts/compare.py"] + [str(a) for a in argv]

@@ -401,3 +401,37 @@ def test_error_invalid_utf8(tmp_path):
     (data / "train.de").write_bytes(b"ok\n\xff\xfe\n")
     check_error(run_cli("spm", "--data", data, "--out", tmp_path / "o", "--src-lang", "en", "--tgt-lang", "de"),
                 f"{data / 'train.de'}:2:")
+
+
+def argument_error(capsys, argv):
+    """prepare_data.main(argv) stops in argparse: exit status 2, one `error:` line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        prep.main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_error_bad_sizes_up_front(tmp_path, capsys):
+    """An empty valid split crashes fairseq-train (`cannot mmap an empty file`), an empty test split
+    cannot be binarised: 0 is refused, as are --vocab-size < 2 and a negative --max-len, before any
+    step runs."""
+    src, tgt = make_corpus(60)
+    write(tmp_path / "c.en", src)
+    write(tmp_path / "c.de", tgt)
+    work = tmp_path / "work"
+    base = ["all", "--src", tmp_path / "c.en", "--tgt", tmp_path / "c.de", "--work", work]
+    for option, value, needle in (("--valid-size", 0, "expected a count >= 1 or a fraction in (0, 1)"),
+                                  ("--test-size", 0, "expected a count >= 1 or a fraction in (0, 1)"),
+                                  ("--valid-size", "0.0", "expected a count >= 1 or a fraction in (0, 1)"),
+                                  ("--vocab-size", 0, "must be at least 2, got '0'"),
+                                  ("--max-len", -1, "must be at least 0, got '-1'")):
+        line = argument_error(capsys, base + [option, value])
+        assert f"error: argument {option}: {needle}" in line, line
+        assert not work.exists()  # nothing ran
+    with pytest.raises(SystemExit):
+        prep.main(["text", "--src", "a", "--tgt", "b", "--out", str(tmp_path / "o"), "--valid-size", "0"])
+    # a fraction too small for the corpus: no pairs in the split, refused before anything is written
+    pairs = [(f"sentence {i}", f"Satz {i}") for i in range(20)]
+    with pytest.raises(prep.DataError, match="--valid-size 0.001 leaves no valid pairs of 20"):
+        prep.split_pairs(pairs, 0.001, 0.5)

@@ -58,6 +58,36 @@ def test_rejects_a_log_without_curves(tmp_path):
     assert proc.returncode != 0 and "no train_inner/train/valid lines" in proc.stderr
 
 
+def test_resumed_run_keeps_time_going_forward(tmp_path):
+    """A resumed run appended to the log (`>> train.log`, hydra_train.log): fairseq's wall restarts
+    at 0, and is counted from the previous run's last wall (here 2 s)."""
+    resumed = [line.replace("num_updates=3", "num_updates=7").replace("num_updates 4", "num_updates 8")
+               .replace("epoch 001", "epoch 002") for line in SIMPLE]
+    log = tmp_path / "train.log"
+    log.write_text("\n".join(SIMPLE + ["starting a resumed run"] + resumed) + "\n")
+    got = plot_curves.read_log(log)
+    assert [p["wall"] for p in got["train_inner"]] == [1.0, 3.0]
+    assert [p["wall"] for p in got["train"]] == [2.0, 4.0]
+    assert [p["wall"] for p in got["valid"]] == [2.0, 4.0]
+    assert [p["updates"] for p in got["train"]] == [4, 8]
+
+
+def test_missing_log_or_folder_is_one_error_line(tmp_path):
+    for path, needle in ((tmp_path / "nothing.log", "no such file"), (tmp_path, "a folder, not a training log")):
+        with pytest.raises(SystemExit) as e:
+            plot_curves.main([str(path), "--out", str(tmp_path / "c.png")])
+        assert str(e.value.code) == f"error: {path}: {needle}"
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_default_labels_are_distinct():
+    """Two logs in one folder would both be named after the folder: the file's stem is added."""
+    assert plot_curves.default_labels(["a/train.log", "b/train.log"]) == ["a", "b"]
+    assert plot_curves.default_labels(["a/train.log", "a/hydra_train.log", "b/train.log"]) == \
+        ["a/train", "a/hydra_train", "b"]
+    assert plot_curves.default_labels(["x/a/train.log", "y/a/train.log"]) == ["x/a/train.log", "y/a/train.log"]
+
+
 @pytest.mark.slow
 def test_curves_and_tensorboard_from_a_training_run(small_data_bin, tmp_path):
     tb = tmp_path / "tb"

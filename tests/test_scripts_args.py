@@ -1,0 +1,54 @@
+"""Argument errors of scripts/plot_attention.py: one `error:` line before any model is loaded,
+no traceback (main(argv) in this process, nothing translated)."""
+
+import sys
+
+import pytest
+
+from clitools import SCRIPTS
+
+sys.path.insert(0, str(SCRIPTS))
+import plot_attention  # noqa: E402
+
+
+def refused(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        plot_attention.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def ok_args(tmp_path):
+    """Arguments that pass every check made before the model is loaded."""
+    (tmp_path / "in.en").write_text("open the file in the folder now\nsave the file please now\n")
+    (tmp_path / "data-bin").mkdir()
+    return ["--model-dir", tmp_path / "ckpt", "--data", tmp_path / "data-bin",
+            "--input", tmp_path / "in.en", "--out", tmp_path / "plots"]
+
+
+@pytest.mark.parametrize("option,value", [("--num", 0), ("--num", -2), ("--beam", 0)])
+def test_counts_must_be_positive(option, value, ok_args, capsys):
+    """--num 0 and --beam 0 were ZeroDivisionErrors, --num -2 a misleading message."""
+    line = refused(capsys, ok_args + [option, value])
+    assert f"error: argument {option}: must be at least 1, got '{value}'" in line
+
+
+def test_missing_data_existing_out_file_and_bad_spm_model(ok_args, tmp_path, capsys):
+    line = refused(capsys, ok_args + ["--data", tmp_path / "nothing"])  # was a TypeError
+    assert f"--data {tmp_path / 'nothing'}: no such folder" in line
+    (tmp_path / "file.png").write_text("")
+    line = refused(capsys, ok_args + ["--out", tmp_path / "file.png"])  # was a FileExistsError
+    assert f"--out {tmp_path / 'file.png'} is a file" in line
+    (tmp_path / "bad.model").write_text("not a model\n")
+    line = refused(capsys, ok_args + ["--spm-model", tmp_path / "bad.model"])  # was a RuntimeError
+    assert f"--spm-model {tmp_path / 'bad.model'} is not a sentencepiece model" in line
+    assert not (tmp_path / "plots").exists()
+
+
+def test_help_example_uses_the_demos_checkpoint_folder():
+    """scripts/demo.sh saves to $WORK/checkpoints/$ARCH (rnn_bahdanau by default)."""
+    demo = (SCRIPTS / "demo.sh").read_text()
+    assert 'CKPT="$WORK/checkpoints/$ARCH"' in demo and 'ARCH="${DEMO_ARCH:-rnn_bahdanau}"' in demo
+    assert "--model-dir work/demo/checkpoints/rnn_bahdanau " in plot_attention.__doc__
