@@ -115,7 +115,24 @@ def _cpu_worker(index, main, cfg, kwargs):
 
     if "fork" in multiprocessing.get_all_start_methods():
         multiprocessing.set_start_method("fork", force=True)
-    distributed_utils.distributed_main(index, main, cfg, kwargs)
+    try:
+        distributed_utils.distributed_main(index, main, cfg, kwargs)
+    finally:
+        close_tensorboard_writers()
+
+
+def close_tensorboard_writers() -> None:
+    """Closes fairseq's tensorboard writers (``--tensorboard-logdir``) at the end of a spawned
+    process. fairseq closes them in an atexit handler, but a process started by
+    multiprocessing first runs multiprocessing's own finalizers, which close the queue each
+    writer's background thread reads: every process then printed "Exception in thread ...
+    OSError: handle is closed" tracebacks after a successful run."""
+    from fairseq.logging import progress_bar
+
+    close = getattr(progress_bar, "_close_writers", None)
+    if close is not None:
+        close()
+        progress_bar._tensorboard_writers.clear()
 
 
 def cpu_ddp() -> None:

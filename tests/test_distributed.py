@@ -47,8 +47,12 @@ def test_two_cpu_processes_equal_update_freq_2(small_data_bin, tmp_path, arch, l
     run("fairseq-train", *train_args(small_data_bin, arch, one), "--update-freq", 2)
     if launcher == "fairseq":  # fairseq's own launcher spawns the processes
         proc = run("fairseq-train", *train_args(small_data_bin, arch, two),
-                   "--distributed-world-size", 2)
+                   "--distributed-world-size", 2, "--tensorboard-logdir", tmp_path / "tb")
         assert "data-parallel training on 2 CPU processes (gloo" in proc.stderr + proc.stdout
+        # the spawned processes close their tensorboard writers: no "Exception in thread ...
+        # OSError: handle is closed" tracebacks after the run, and the events are written
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert list((tmp_path / "tb" / "train").glob("events.out.tfevents.*"))
     else:
         proc = run("torchrun", "--standalone", "--nproc-per-node", 2, BIN / "fairseq-train",
                    *train_args(small_data_bin, arch, two))
