@@ -14,7 +14,6 @@ failure one error naming what to change. An ensemble: checkpoint files joined by
 ("a.pt:b.pt"), as fairseq's ``--path`` takes them.
 """
 
-import glob
 import os
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import List, Optional, Union
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .inputs import InputError
+from .inputs import InputError, check_data_bin
 from .model import RNNS2SModel
 
 
@@ -54,9 +53,7 @@ class Translator:
             if not os.path.isfile(path):
                 raise CheckpointError(f"checkpoint not found: {path}")
         data = data or model_dir
-        if not os.path.isdir(data) or not glob.glob(os.path.join(data, "dict.*.txt")):
-            raise CheckpointError(f"no data-bin with dictionaries (dict.*.txt) in {data}: give "
-                                  "data= the folder fairseq-preprocess wrote")
+        check_data_bin(data)  # fairseq's hub would take a file for an archive to unpack
         kwargs = dict(overrides)
         if spm_model is not None:
             _check_sentencepiece(spm_model)

@@ -12,15 +12,19 @@
   skips such sentences (fairseq logs how many, and their ids; they get no output line), and for
   binarized data ``--truncate-source`` cuts sources to the limit (not offered in
   fairseq-interactive, where it does nothing).
-- Input that is not UTF-8 text (fairseq-interactive): one error naming the line, not a traceback. Nothing is truncated or skipped
+- Input that is not UTF-8 text (fairseq-interactive): one error naming the line, not a traceback.
+- A data folder that is missing or holds no dictionaries, and training or validating without
+  --max-tokens/--batch-size: one error line each (fairseq: tracebacks). Nothing is truncated or skipped
   unless asked for.
 """
 
+import glob
 import logging
+import os
 
 import torch
 
-from .errors import S2SError
+from .errors import ConfigError, S2SError
 from .patching import replaces
 from .runtime import running_fairseq_command
 
@@ -171,7 +175,52 @@ def _first_non_utf8_line(path: str):
     return None
 
 
+def checked_data_bin() -> None:
+    """The translation task's data folder: fairseq's own errors were a FileNotFoundError
+    traceback (a missing folder) and "Exception: Could not infer language pair" (a folder without
+    dictionaries, e.g. the raw text's). Now one error line says which folder and what it needs.
+    For every model of the translation task (fairseq's too)."""
+    from fairseq import utils
+    from fairseq.tasks.translation import TranslationTask
+
+    @replaces(TranslationTask, "setup_task")
+    def setup_task(original, cfg, **kwargs):
+        paths = utils.split_paths(cfg.data) if cfg.data else []
+        for path in paths:
+            check_data_bin(path, dictionaries=path == paths[0])  # fairseq reads them from the first
+        return original(cfg, **kwargs)
+
+
+def check_data_bin(path: str, dictionaries: bool = True) -> None:
+    """A folder, with fairseq-preprocess's dictionaries (dict.*.txt) if asked, or ConfigError."""
+    if not os.path.isdir(path):
+        what = "is a file, not a folder" if os.path.exists(path) else "not found"
+        raise ConfigError(f"data-bin {path} {what}: give the folder fairseq-preprocess writes "
+                          "(dict.SRC.txt, dict.TGT.txt and the binarized splits)")
+    if dictionaries and not glob.glob(os.path.join(path, "dict.*.txt")):
+        raise ConfigError(f"{path} is not a data-bin: it holds no dict.*.txt (run "
+                          "fairseq-preprocess, or scripts/prepare_data.py, to make one)")
+
+
+def batch_size_required() -> None:
+    """fairseq-train and fairseq-validate without --max-tokens or --batch-size stopped with a
+    traceback ending in "AssertionError: Must specify batch size either with --max-tokens or
+    --batch-size"; now that is one error line, before any work."""
+    from fairseq.distributed import utils as distributed_utils
+
+    @replaces(distributed_utils, "call_main")
+    def call_main(original, cfg, main, **kwargs):
+        dataset = getattr(cfg, "dataset", None)
+        if (getattr(main, "__module__", None) in ("fairseq_cli.train", "fairseq_cli.validate")
+                and dataset is not None and dataset.max_tokens is None and dataset.batch_size is None):
+            raise ConfigError("give the batch size: --max-tokens N (tokens per batch, e.g. 4000) "
+                              "or --batch-size N (sentences)")
+        return original(cfg, main, **kwargs)
+
+
 def install() -> None:
     empty_sources_translate_to_empty()
     clear_error_for_long_sources()
     utf8_input_lines()
+    checked_data_bin()
+    batch_size_required()

@@ -168,6 +168,27 @@ def test_bad_options_clear_error(data_bin, tmp_path, args, message):
     assert "Traceback" not in proc.stderr  # one clear line, not a trace through fairseq
 
 
+def test_data_bin_and_batch_size_errors(data_bin, checkpoints, tmp_path):
+    """A missing data folder (fairseq: FileNotFoundError), one without dictionaries ("Could not
+    infer language pair") and training without a batch size (an AssertionError) each end with
+    one error line."""
+    (tmp_path / "raw").mkdir()
+    train = [*USER_DIR, "--arch", "rnn_luong_tiny", "--optimizer", "adam", "--max-update", 1,
+             "--save-dir", tmp_path / "ck", "--cpu"]
+    for tool, args, message in [
+        ("fairseq-train", [tmp_path / "missing", *train, "--max-tokens", 1000], "missing not found"),
+        ("fairseq-train", [tmp_path / "raw", *train, "--max-tokens", 1000], "raw is not a data-bin"),
+        ("fairseq-train", [data_bin, *train], "give the batch size: --max-tokens N"),
+        ("fairseq-generate", [tmp_path / "missing", *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
+                              "--cpu"], "missing not found"),
+    ]:
+        proc = run(tool, *args, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and message in errors[0], (tool, proc.stderr[-2000:])
+    assert not list(tmp_path.glob("ck/*.pt"))
+
+
 def test_user_dir_printed_by_module():
     """``python -m fairseq_s2s_attn`` gives the --user-dir path for a pip-installed package."""
     import subprocess
@@ -201,10 +222,12 @@ def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
     from fairseq_s2s_attn.inputs import InputError
 
     model_dir = str(checkpoints["rnn_bahdanau_tiny"].parent)
-    with pytest.raises(CheckpointError, match="no data-bin with dictionaries"):
+    with pytest.raises(ConfigError, match="data-bin .*missing not found"):
         Translator.from_pretrained(model_dir, data=str(tmp_path / "missing"))
-    with pytest.raises(CheckpointError, match="no data-bin with dictionaries"):
+    with pytest.raises(ConfigError, match="data-bin .*dict.src.txt is a file, not a folder"):
         Translator.from_pretrained(model_dir, data=str(data_bin / "dict.src.txt"))
+    with pytest.raises(ConfigError, match=r"tmp_path.* is not a data-bin|is not a data-bin: it holds no dict"):
+        Translator.from_pretrained(model_dir, data=str(tmp_path))
     with pytest.raises(CheckpointError, match="cannot read sentencepiece model .*dict.src.txt"):
         Translator.from_pretrained(model_dir, data=str(data_bin), spm_model=str(data_bin / "dict.src.txt"))
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pt"):
