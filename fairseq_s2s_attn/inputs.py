@@ -21,6 +21,7 @@
 import glob
 import logging
 import os
+import sys
 
 import torch
 
@@ -136,8 +137,15 @@ def utf8_input_lines() -> None:
     """fairseq-interactive reads its input as UTF-8: a file with other bytes stopped with a
     UnicodeDecodeError traceback, and standard input (decoded with surrogate escapes) with one
     from sentencepiece ("Unable to cast Python instance of type <class 'str'>"). Now one error
-    names the line; the lines before it are translated as usual."""
-    from fairseq_cli import interactive
+    names the line; the lines before it are translated as usual. Installed only in a process
+    running fairseq-interactive (importing fairseq_cli.interactive elsewhere would make every
+    process look like one to ``runtime.running_fairseq_command``)."""
+    interactive = sys.modules.get("fairseq_cli.interactive")
+    main = sys.modules.get("__main__")
+    if interactive is None and getattr(getattr(main, "__spec__", None), "name", None) == "fairseq_cli.interactive":
+        interactive = main  # python -m fairseq_cli.interactive
+    if interactive is None or not hasattr(interactive, "buffered_read"):
+        return
 
     @replaces(interactive, "buffered_read")
     def buffered_read(original, input, buffer_size):
