@@ -72,7 +72,8 @@ class Translator:
         batch = [sentences] if single else list(sentences)
         # sentencepiece takes a newline or tab for a character of the word, not a word boundary
         encoded = [self.hub.encode(" ".join(s.split())) for s in batch]
-        limit = self.hub.max_positions[0] if isinstance(self.hub.max_positions, tuple) else self.hub.max_positions
+        limit = self.hub.max_positions  # (source, target) limits, or one number
+        limit = limit[0] if isinstance(limit, tuple) else limit
         too_long = [i for i, src in enumerate(encoded) if limit is not None and len(src) > limit]
         if too_long:
             i = too_long[0]

@@ -11,11 +11,10 @@
   keep its choices and say them in one ``error:`` line: ``--skip-invalid-size-inputs-valid-test``
   skips such sentences (fairseq logs how many, and their ids; they get no output line), and for
   binarized data ``--truncate-source`` cuts sources to the limit (not offered in
-  fairseq-interactive, where it does nothing).
+  fairseq-interactive, where it does nothing). Nothing is truncated or skipped unless asked for.
 - Input that is not UTF-8 text (fairseq-interactive): one error naming the line, not a traceback.
 - A data folder that is missing or holds no dictionaries, and training or validating without
-  --max-tokens/--batch-size: one error line each (fairseq: tracebacks). Nothing is truncated or skipped
-  unless asked for.
+  --max-tokens/--batch-size: one error line each (fairseq: tracebacks).
 """
 
 import glob
@@ -140,9 +139,9 @@ def utf8_input_lines() -> None:
     names the line; the lines before it are translated as usual. Installed only in a process
     running fairseq-interactive (importing fairseq_cli.interactive elsewhere would make every
     process look like one to ``runtime.running_fairseq_command``)."""
-    interactive = sys.modules.get("fairseq_cli.interactive")
-    main = sys.modules.get("__main__")
-    if interactive is None and getattr(getattr(main, "__spec__", None), "name", None) == "fairseq_cli.interactive":
+    interactive, main = sys.modules.get("fairseq_cli.interactive"), sys.modules.get("__main__")
+    if interactive is None and getattr(getattr(main, "__spec__", None), "name", None) == \
+            "fairseq_cli.interactive":
         interactive = main  # python -m fairseq_cli.interactive
     if interactive is None or not hasattr(interactive, "buffered_read"):
         return
