@@ -27,6 +27,7 @@ GPU runs are left to fairseq unchanged. See docs/distributed.md for the commands
 import logging
 import os
 import socket
+import sys
 
 import torch
 
@@ -156,8 +157,6 @@ def refuse_late_load(environ=None) -> None:
     process group) this raises with the command that works. fairseq-train loads the plugin while
     parsing its options, and ``python -m fairseq_s2s_attn.hydra_train`` before hydra's, so
     neither gets here with a missing process group."""
-    import sys
-
     env = os.environ if environ is None else environ
     if ("fairseq_cli.hydra_train" not in sys.modules or not all(k in env for k in TORCHRUN_ENV)
             or int(env["WORLD_SIZE"]) <= 1):

@@ -56,7 +56,7 @@ class Translator:
         check_data_bin(data)  # fairseq's hub would take a file for an archive to unpack
         kwargs = dict(overrides)
         if spm_model is not None:
-            _check_sentencepiece(spm_model)
+            check_sentencepiece_model(spm_model)
             kwargs.update(bpe="sentencepiece", sentencepiece_model=spm_model)
         hub = RNNS2SModel.from_pretrained(model_dir, checkpoint_file=checkpoint_file,
                                           data_name_or_path=data, **kwargs)
@@ -113,7 +113,7 @@ class Translator:
         return out[0] if single else out
 
 
-def _check_sentencepiece(path: str) -> None:
+def check_sentencepiece_model(path: str) -> None:
     """A readable sentencepiece model at path, or one error naming the file."""
     import sentencepiece
 

@@ -28,16 +28,6 @@ def pick_sentences(path: str, num: int, min_words: int, max_words: int):
     return [ok[int(i * step + step / 2)] for i in range(num)]
 
 
-def is_spm_model(path: str) -> bool:
-    import sentencepiece as spm
-
-    try:
-        spm.SentencePieceProcessor(model_file=path)
-    except (RuntimeError, OSError):  # "could not parse ModelProto from ..."
-        return False
-    return True
-
-
 def plot(result, path: str, title: str):
     import matplotlib
 
@@ -80,9 +70,6 @@ def main(argv=None):
         p.error(f"--data {args.data}: no such folder (the data-bin with the dictionaries)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; give a folder for the PNGs")
-    # a missing --spm-model (or checkpoint) is the translator's error, below
-    if args.spm_model is not None and os.path.isfile(args.spm_model) and not is_spm_model(args.spm_model):
-        p.error(f"--spm-model {args.spm_model} is not a sentencepiece model")
     sentences = pick_sentences(args.input, args.num, args.min_words, args.max_words)
     if not sentences:
         p.error(f"no sentence of {args.min_words}-{args.max_words} words in {args.input}")
@@ -99,8 +86,14 @@ def main(argv=None):
     # fairseq's batch iterator asks for pinned memory; torch warns about it on a machine without GPU
     warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
     from fairseq_s2s_attn.errors import S2SError
-    from fairseq_s2s_attn.hub import Translator
+    from fairseq_s2s_attn.hub import Translator, check_sentencepiece_model
 
+    # a missing --spm-model (or checkpoint) is the translator's error, below
+    if args.spm_model is not None and os.path.isfile(args.spm_model):
+        try:
+            check_sentencepiece_model(args.spm_model)
+        except S2SError:
+            p.error(f"--spm-model {args.spm_model} is not a sentencepiece model")
     try:
         translator = Translator.from_pretrained(args.model_dir, args.checkpoint, data=args.data,
                                                 spm_model=args.spm_model)
