@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_args import at_least  # noqa: E402
+from cli_args import above, at_least  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(ROOT, "fairseq_s2s_attn")
@@ -258,8 +258,10 @@ def main(argv=None):
                    "several, of which each model uses the one with its best validation-set BLEU "
                    "(ties: the one nearest 1)")
     p.add_argument("--parallel", type=at_least(1), default=2, help="models trained at once (one core each)")
-    p.add_argument("--lr", type=float, default=0.002)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--lr", type=above(0, float), default=0.002, help="Adam's peak learning rate")
+    p.add_argument("--warmup", type=at_least(1), default=200,
+                   help="updates of linear warm-up before the inverse square-root decay (fairseq's "
+                   "inverse_sqrt scheduler divides by it)")
     p.add_argument("--max-tokens", type=at_least(1), default=2000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--ours-args", default="--cpu-bf16",
