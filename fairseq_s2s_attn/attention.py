@@ -444,9 +444,16 @@ class Attention(nn.Module):
         return self.scorer(query, keys) if coverage is None else self.scorer(query, keys, coverage)
 
     def predict_position(self, query: Tensor, lengths: Tensor) -> Tensor:
-        """local-p, Luong eq. (9): p_t = S sigmoid(v_p^T tanh(W_p h_t)); B [x T]."""
-        p = torch.sigmoid(self.position_v(torch.tanh(self.position_proj(query))).squeeze(-1))
-        p = p.to(torch.promote_types(p.dtype, torch.float32))  # positions need more than bf16
+        """local-p, Luong eq. (9): p_t = S sigmoid(v_p^T tanh(W_p h_t)); B [x T].
+
+        Positions need more than half precision: with bf16's 8 bits the centre of a 300-word
+        source moves in steps of up to S/256 positions, and the hard window drops or admits whole
+        words. W_p h_t stays a product in the autocast dtype; from its result on, tanh, v_p^T and
+        the sigmoid run in fp32 (an element-wise product and sum, which autocast leaves alone).
+        """
+        pre = self.position_proj(query)  # B [x T] x A
+        h = torch.tanh(pre.to(torch.promote_types(pre.dtype, torch.float32)))
+        p = torch.sigmoid((h * self.position_v.weight[0].to(h.dtype)).sum(-1))  # B [x T]
         return lengths.view(-1, *([1] * (p.dim() - 1))).to(p.dtype) * p
 
     def _local_weights(self, query, scores, padding_mask, step):

@@ -531,9 +531,11 @@ class RNNDecoder(FairseqIncrementalDecoder):
         tied output layer). Not the RNN's biases (``embedding_part`` sums the two in fp32), the
         learned scalars g, the additive score's v (``v_weight`` normalises it in fp32) or its
         coverage weight w_c: both meet the score's element-wise work, which runs in fp32 on a
-        CPU (``attention.for_elementwise``)."""
+        CPU (``attention.for_elementwise``); nor local-p's v_p, whose product with tanh(W_p h_t)
+        runs in fp32 (``Attention.predict_position``)."""
         keep = {id(p) for m in self.modules() if isinstance(m, AdditiveScorer)
                 for p in (m.v.weight, None if m.coverage_proj is None else m.coverage_proj.weight)}
+        keep |= {id(m.position_v.weight) for m in self.modules() if hasattr(m, "position_v")}
         params = [p for name, p in self.rnn.named_parameters() if name.startswith("weight_")]
         params += [p for m in self.modules() if isinstance(m, nn.Linear)
                    for p in m.parameters() if id(p) not in keep]

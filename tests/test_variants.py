@@ -188,6 +188,26 @@ def test_local_p_formula(left):
     assert 0 < centres[0] < LENGTHS[0] and (weights[0] == 0).any()  # the window cuts the sentence
 
 
+def test_local_p_position_is_fp32_under_bf16_autocast():
+    """Under --cpu-bf16's autocast only W_p h_t is a bf16 product: the sigmoid of a bf16 logit
+    put every centre of a 300-word source on a grid of up to S/256 positions (0.4 positions off
+    fp32, one value for 40 steps), enough for the hard window to drop or admit words."""
+    torch.manual_seed(0)
+    attn = Attention("general", 16, 16, 16, mode="local-p", window=10)
+    with torch.no_grad():
+        attn.position_v.weight.mul_(4.0)  # spread the logits over the sigmoid's range
+    h = torch.randn(64, 16)
+    lengths = torch.full((64,), 300)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pre = attn.position_proj(h)
+        assert pre.dtype == torch.bfloat16  # the product stays bf16
+        p = attn.predict_position(h, lengths)
+    assert p.dtype == torch.float32
+    expected = 300 * torch.sigmoid(torch.tanh(pre.double()) @ attn.position_v.weight[0].double())
+    torch.testing.assert_close(p.double(), expected, rtol=0, atol=1e-3)
+    assert p.unique().numel() == 64  # no grid: every query its own centre
+
+
 def test_local_p_gradient_reaches_the_position_network():
     attn = make_attn("general", mode="local-p", window=2)
     h, values = inputs(5)
