@@ -184,7 +184,9 @@ class RNNS2SConfig(FairseqDataclass):
                   "PyTorch's per-layer defaults, which learn far slower at the start"},
     )
     max_source_positions: int = field(
-        default=1024, metadata={"help": "maximum source length the model accepts"}
+        default=1024, metadata={"help": "maximum source length the model accepts (with "
+                                "--attention location also the size of its weight W_a, one row "
+                                "per position: fixed once trained)"}
     )
     max_target_positions: int = field(
         default=1024, metadata={"help": "maximum target length the model generates"}

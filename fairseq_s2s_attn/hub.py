@@ -77,11 +77,17 @@ class Translator:
         too_long = [i for i, src in enumerate(encoded) if limit is not None and len(src) > limit]
         if too_long:
             i = too_long[0]
+            # the location score (Luong sec. 3.1) has one weight row per source position: its
+            # limit is the trained model's size, and a larger max_source_positions cannot load
+            fixed = any(getattr(getattr(getattr(m, "decoder", None), "attention", None),
+                                "score_name", None) == "location" for m in self.hub.models)
+            advice = ("the model's location attention has one weight per source position, so "
+                      "split the sentence" if fixed else "load the model with "
+                      "Translator.from_pretrained(..., max_source_positions=N) to raise it, or "
+                      "split the sentence")
             raise InputError(
                 f"{len(too_long)} sentence(s) longer than the model's limit: sentence {i} has "
-                f"{len(encoded[i])} tokens (counting </s>), the limit is {limit}; load the model "
-                "with Translator.from_pretrained(..., max_source_positions=N) to raise it, or "
-                "split the sentence")
+                f"{len(encoded[i])} tokens (counting </s>), the limit is {limit}; {advice}")
         for model in self.hub.models:  # prepared for inference: attention only when asked for
             if hasattr(model.decoder, "need_attn"):
                 model.decoder.need_attn = return_attention

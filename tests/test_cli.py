@@ -252,6 +252,26 @@ def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
     assert seen == ["w1 w2 w3 w4", "w1 w2 w3 w4"]
 
 
+def test_hub_over_length_advice_for_the_location_score(data_bin, tmp_path):
+    """The location score's W_a has one row per source position: the advice to load with a
+    larger max_source_positions ended in a checkpoint size mismatch for such a model."""
+    from fairseq_s2s_attn.errors import CheckpointError
+    from fairseq_s2s_attn.hub import Translator
+    from fairseq_s2s_attn.inputs import InputError
+
+    run("fairseq-train", data_bin, *USER_DIR, "--arch", "rnn_luong_tiny", "--attention", "location",
+        "--max-source-positions", 12, "--optimizer", "adam", "--lr", "0.005", "--max-tokens", 1000,
+        "--max-update", 1, "--save-dir", tmp_path, "--no-progress-bar", "--cpu")
+    t = Translator.from_pretrained(str(tmp_path), data=str(data_bin))
+    assert t.translate("w1 w2 w3", beam=2) is not None
+    with pytest.raises(InputError) as e:
+        t.translate("w1 " * 20)
+    assert "the limit is 12" in str(e.value) and "split the sentence" in str(e.value)
+    assert "max_source_positions=N" not in str(e.value)
+    with pytest.raises(CheckpointError, match="decoder.attention.scorer"):  # what it advised
+        Translator.from_pretrained(str(tmp_path), data=str(data_bin), max_source_positions=40)
+
+
 def test_plot_attention_script(data_bin, checkpoints, tmp_path):
     src = tmp_path / "src.txt"
     src.write_text("w1 w2 w3 w4 w5\nw2\nw3 w4 w5 w6 w7 w8\n")
