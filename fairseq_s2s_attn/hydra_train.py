@@ -9,7 +9,48 @@ data (``distributed.refuse_late_load`` now stops that). This command imports the
 fairseq's own ``fairseq_cli.hydra_train`` unchanged: the same arguments and configs (keep
 ``common.user_dir``; fairseq then finds the plugin already loaded). One-process runs work with
 either command.
+
+Errors under hydra: see ``errors.py`` (our errors print one line naming hydra's keys, with either
+command).
 """
+
+import functools
+import re
+
+
+@functools.lru_cache(maxsize=None)
+def _option_groups():
+    """{field name: [hydra groups that have it]} for fairseq's config groups, the model's
+    (RNNS2SConfig) and the translation task's."""
+    from dataclasses import fields, is_dataclass
+
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.tasks.translation import TranslationConfig
+
+    from .config import RNNS2SConfig
+
+    groups = {f.name: f.type for f in fields(FairseqConfig) if is_dataclass(f.type)}
+    groups.update(model=RNNS2SConfig, task=TranslationConfig)
+    out = {}
+    for group, cls in groups.items():
+        for f in fields(cls):  # not fields that mirror another group's (II("common.fp16"))
+            if not (isinstance(f.default, str) and f.default.startswith("${")):
+                out.setdefault(f.name, []).append(group)
+    return out
+
+
+def hydra_keys(message: str) -> str:
+    """The message with each command-line option (``--decoder-hidden-size``) written as hydra's
+    key (``model.decoder_hidden_size``) where exactly one config group has that field; options
+    of two groups (``--max-source-positions``: model and task) stay as they are."""
+    groups = _option_groups()
+
+    def key(m):
+        name = m.group(1).replace("-", "_")
+        where = groups.get(name, [])
+        return f"{where[0]}.{name}" if len(where) == 1 else m.group(0)
+
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", key, message)
 
 
 def cli_main() -> None:

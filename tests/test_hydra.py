@@ -134,3 +134,23 @@ def test_fairseq_hydra_train_under_torchrun_refuses_to_train_alone(small_data_bi
     assert "torchrun started 2 processes" in proc.stderr
     assert "-m fairseq_s2s_attn.hydra_train" in proc.stderr
     assert not (tmp_path / "ck" / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["fairseq-hydra-train", "-m fairseq_s2s_attn.hydra_train"])
+def test_refused_options_are_one_line_naming_hydra_keys(command, small_data_bin, tmp_path):
+    """hydra catches the job's exceptions before the plugin's one-line hook: a refused
+    combination printed a traceback of about 25 lines through fairseq, naming command-line
+    options that a hydra user does not type."""
+    args, _ = small_run("rnn_luong", small_data_bin, tmp_path / "ck", attention="dot",
+                        decoder_hidden_size=12)
+    if command.startswith("-m"):
+        proc = run("python", *command.split(), *args, cwd=tmp_path, check=False, timeout=300)
+    else:
+        proc = run(command, *args, cwd=tmp_path, check=False, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: model.attention dot needs model.decoder_hidden_size (12) ")
+    assert "model.encoder_hidden_size" in lines[0] and "--" not in lines[0]
+    assert not (tmp_path / "ck" / "checkpoint_last.pt").exists()
