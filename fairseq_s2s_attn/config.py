@@ -110,7 +110,7 @@ class RNNS2SConfig(FairseqDataclass):
     attention_dim: int = field(
         default=256,
         metadata={"help": "hidden size of the additive/concat score and of local-p's "
-                  "position network W_p"},
+                  "position network W_p (the dot, general and location scores have none)"},
     )
     attention_mode: ATTENTION_MODE_CHOICES = field(
         default="global",
@@ -120,7 +120,8 @@ class RNNS2SConfig(FairseqDataclass):
                   "(2 sigma^2)), sigma = D/2 (Luong eq. 9-10); S = real source length"},
     )
     local_window: int = field(
-        default=10, metadata={"help": "half-width D of the local attention window (Luong: 10)"}
+        default=10, metadata={"help": "half-width D of the local attention window (Luong: 10); "
+                              "used by --attention-mode local-m and local-p only"}
     )
     attention_scale: bool = field(
         default=False,

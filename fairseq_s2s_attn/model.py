@@ -288,8 +288,10 @@ def check_variant(cfg) -> None:
         raise ConfigError(f"--local-window must be a positive integer, got {cfg.local_window!r}")
     if not isinstance(cfg.maxout_dim, int) or cfg.maxout_dim < 0:
         raise ConfigError(f"--maxout-dim must be 0 or a positive integer, got {cfg.maxout_dim!r}")
-    if placement == "none":
-        for flag, on in (("--attention-mode " + mode, mode != "global"), ("--coverage", cfg.coverage)):
+    if placement == "none":  # options of the attention the vanilla decoder does not have
+        for flag, on in (("--attention-mode " + mode, mode != "global"), ("--coverage", cfg.coverage),
+                         ("--attention-scale", cfg.attention_scale),
+                         ("--attention-normalize", cfg.attention_normalize)):
             if on:
                 raise ConfigError(f"{flag} needs attention (--attention-placement before or after)")
     if cfg.attention_scale and score not in ("dot", "general"):
