@@ -37,7 +37,7 @@ from fairseq.modules import FairseqDropout
 from .attention import AdditiveScorer, Attention
 from .encoder import RNN_TYPES
 from .packed import Linear, linear
-from .precision import cast_for_products, cpu_autocast
+from .precision import cast_for_products, cpu_autocast, runs_cpu_bf16
 
 PLACEMENTS = ("none", "before", "after")
 DECODER_INITS = ("zeros", "final", "bridge", "backward_first")
@@ -315,7 +315,7 @@ class RNNDecoder(FairseqIncrementalDecoder):
         features_only: bool = False,
         **unused,
     ):
-        with cpu_autocast(self.cpu_bf16, prev_output_tokens):
+        with cpu_autocast(runs_cpu_bf16(self), prev_output_tokens):
             x, attn = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
             if not features_only:
                 x = self.output_layer(x)

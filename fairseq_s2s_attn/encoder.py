@@ -11,7 +11,7 @@ from torch import Tensor
 from fairseq.models import FairseqEncoder
 from fairseq.modules import FairseqDropout
 
-from .precision import cast_for_products, cpu_autocast
+from .precision import cast_for_products, cpu_autocast, runs_cpu_bf16
 
 RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -112,7 +112,7 @@ class RNNEncoder(FairseqEncoder):
 
     def forward(self, src_tokens: Tensor, src_lengths: Optional[Tensor] = None, **unused):
         """src_tokens: B x T (left or right padded). src_lengths are recomputed from padding."""
-        with cpu_autocast(self.cpu_bf16, src_tokens):
+        with cpu_autocast(runs_cpu_bf16(self), src_tokens):
             return self._forward(src_tokens)
 
     def _forward(self, src_tokens: Tensor):

@@ -28,7 +28,7 @@ from .config import RNNS2SConfig, add_bool_args, fill_defaults
 from .decoder import RNNDecoder
 from .encoder import RNNEncoder
 from .errors import CheckpointError, ConfigError
-from .precision import store_in_bf16_
+from .precision import runs_cpu_bf16, store_in_bf16_
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +132,15 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         same products, without reordering the weight at every step.
         """
         super().prepare_for_inference_(cfg)
+        # not for a model fairseq converted to fp16 (--fp16): it runs in fp16
+        enc_bf16, dec_bf16 = runs_cpu_bf16(self.encoder), runs_cpu_bf16(self.decoder)
         params = []
-        if self.encoder.cpu_bf16:
+        if enc_bf16:
             params += self.encoder.product_weights()
-        if self.decoder.cpu_bf16:
+        if dec_bf16:
             params += self.decoder.product_weights()
         source = self.encoder.embed_tokens.weight
-        if any(p is source for p in params) and not self.encoder.cpu_bf16:
+        if any(p is source for p in params) and not enc_bf16:
             # shared (--share-all-embeddings) with an encoder that runs without autocast
             params = [p for p in params if p is not source]
         params = {id(p) for p in params if p.device.type == "cpu" and p.dtype != torch.bfloat16}
@@ -150,7 +152,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         if freed:
             logger.info(f"--cpu-bf16: weight matrices stored in bf16 for decoding "
                         f"({freed / 2 ** 20:.1f} MB less)")
-        if self.decoder.cpu_bf16:
+        if dec_bf16:
             packed = packed_weights.pack_for_decoding_(self.decoder.step_weights())
             if packed:
                 logger.info(f"--cpu-bf16: {packed} weight matrices of the decoder's steps "

@@ -32,6 +32,15 @@ from .patching import replaces
 logger = logging.getLogger(__name__)
 
 
+def runs_cpu_bf16(module) -> bool:
+    """Whether an encoder or decoder with --cpu-bf16 runs under bf16 autocast: not once the model
+    was converted to fp16 (fairseq-generate and -interactive call ``model.half()`` for --fp16 on
+    any device), where bf16 autocast over fp16 tensors stopped the first padded batch with
+    "Unexpected floating ScalarType in at::autocast::prioritize": such a model runs in fp16, as
+    fairseq's own models do with --fp16 on a CPU."""
+    return module.cpu_bf16 and module.embed_tokens.weight.dtype != torch.float16
+
+
 def cpu_autocast(enabled: bool, like: torch.Tensor):
     if enabled and like.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
         return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -84,7 +93,8 @@ def store_in_bf16_(params) -> int:
 
 def _all_cpu_bf16(generator) -> bool:
     models = getattr(getattr(generator, "model", None), "models", None)
-    return bool(models) and all(getattr(getattr(m, "decoder", None), "cpu_bf16", False) for m in models)
+    decoders = [getattr(m, "decoder", None) for m in models or ()]
+    return bool(decoders) and all(getattr(d, "cpu_bf16", False) and runs_cpu_bf16(d) for d in decoders)
 
 
 def generate_in_one_autocast_region() -> None:

@@ -328,3 +328,27 @@ def test_encoder_outputs_are_kept_in_bf16_for_decoding_only(monkeypatch, gen):
     assert out["encoder_out"].dtype == torch.bfloat16 and out["final_hidden"].dtype == torch.float32
     out = model.train().encoder(src, None)
     assert out["encoder_out"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "rnn_luong_tiny"])
+def test_fp16_conversion_of_a_cpu_bf16_model_decodes_in_fp16(arch):
+    """fairseq-generate and -interactive --fp16 call model.half() before prepare_for_inference_,
+    on a CPU too: bf16 autocast over the fp16 model stopped the first padded batch ("Unexpected
+    floating ScalarType in at::autocast::prioritize"), and the weight matrices were then stored
+    in bf16 over their fp16 values. Such a model now runs in fp16, as with --cpu-bf16 off."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from conftest import random_tokens
+    results = []
+    for cpu_bf16 in (True, False):
+        model = build_model(arch, seed=5, cpu_bf16=cpu_bf16, init_range=0.3).eval().half()
+        model.prepare_for_inference_(inference_cfg())
+        assert {p.dtype for p in model.parameters()} == {torch.float16}
+        d = model.decoder.dictionary
+        src = random_tokens(d, [7, 4, 6, 2], left_pad=True, generator=torch.Generator().manual_seed(3))
+        sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1)}}
+        search = SequenceGenerator([model], d, beam_size=3, max_len_b=6)
+        with torch.no_grad():
+            hypos = search.generate([model], sample)
+        results.append([(h["tokens"].tolist(), h["score"].item()) for hs in hypos for h in hs])
+    assert results[0] == results[1] and len(results[0]) == 12
