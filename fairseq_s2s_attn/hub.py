@@ -63,11 +63,14 @@ class Translator:
         return cls(hub)
 
     def translate(self, sentences: Union[str, List[str]], beam: int = 5, return_attention: bool = False,
-                  **generate_args):
+                  nbest: int = 1, **generate_args):
         """One sentence per string (any whitespace in it, newlines too, separates words): its
-        translation, or a ``Translation`` with the attention; a list gives a list."""
+        translation, or a ``Translation`` with the attention; a list gives a list. With nbest > 1
+        each sentence gives a list of its nbest best hypotheses, best first (nbest <= beam)."""
         if beam < 1:
             raise ConfigError(f"beam must be at least 1, got {beam}")
+        if not 1 <= nbest <= beam:  # beam search keeps beam hypotheses; nbest was ignored before
+            raise ConfigError(f"nbest must be between 1 and beam ({beam}), got {nbest}")
         single = isinstance(sentences, str)
         batch = [sentences] if single else list(sentences)
         # sentencepiece takes a newline or tab for a character of the word, not a word boundary
@@ -96,27 +99,30 @@ class Translator:
             hypos = self.hub.generate(encoded, beam=beam, **generate_args)
         out = []
         for src, hyps in zip(encoded, hypos):
-            best = hyps[0]
-            text = self.hub.decode(best["tokens"])
-            if not return_attention:
-                out.append(text)
-                continue
-            attn = best.get("attention")  # S_batch x T_out: columns of the padded batch
-            if attn is not None and attn.numel() > 0:
-                n = len(src)
-                extra = attn.size(0) - n  # padding positions (left by default) get zero weight
-                attn = attn[extra:] if not attn[:extra].any() else attn[:n]
-                attn = attn.t().float().cpu()  # T_out x S_in
-            else:
-                attn = None
-            out.append(Translation(
-                translation=text,
-                score=float(best["score"]),
-                source_pieces=self.hub.src_dict.string(src).split() + ["</s>"],
-                target_pieces=self.hub.tgt_dict.string(best["tokens"]).split() + ["</s>"],
-                attention=attn,
-            ))
+            results = [self._result(src, h, return_attention) for h in hyps[:nbest]]
+            out.append(results if nbest > 1 else results[0])
         return out[0] if single else out
+
+    def _result(self, src: torch.Tensor, hyp: dict, return_attention: bool):
+        """One hypothesis of fairseq's search as text, or as a Translation with its attention."""
+        text = self.hub.decode(hyp["tokens"])
+        if not return_attention:
+            return text
+        attn = hyp.get("attention")  # S_batch x T_out: columns of the padded batch
+        if attn is not None and attn.numel() > 0:
+            n = len(src)
+            extra = attn.size(0) - n  # padding positions (left by default) get zero weight
+            attn = attn[extra:] if not attn[:extra].any() else attn[:n]
+            attn = attn.t().float().cpu()  # T_out x S_in
+        else:
+            attn = None
+        return Translation(
+            translation=text,
+            score=float(hyp["score"]),
+            source_pieces=self.hub.src_dict.string(src).split() + ["</s>"],
+            target_pieces=self.hub.tgt_dict.string(hyp["tokens"]).split() + ["</s>"],
+            attention=attn,
+        )
 
 
 def check_sentencepiece_model(path: str) -> None:

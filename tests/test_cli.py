@@ -211,6 +211,14 @@ def test_hub_translate_with_attention(data_bin, checkpoints):
         assert r.attention.shape == (len(r.target_pieces), len(r.source_pieces))
         torch.testing.assert_close(r.attention.sum(-1), torch.ones(len(r.target_pieces)))
         assert r.translation.split() == r.target_pieces[:-1]
+    # nbest (ignored before: one hypothesis whatever was asked): best first, the first as nbest=1
+    best = t.translate(["w1 w2 w3 w4", "w5"], beam=3, nbest=3, return_attention=True)
+    assert [len(b) for b in best] == [3, 3]
+    for b, r in zip(best, res):
+        assert (b[0].translation, b[0].score) == (r.translation, r.score)
+        assert torch.equal(b[0].attention, r.attention) and len({h.translation for h in b}) == 3
+        assert [h.score for h in b] == sorted((h.score for h in b), reverse=True)
+    assert t.translate("w1 w2 w3 w4", beam=3, nbest=2) == [text, best[0][1].translation]
 
 
 def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
@@ -241,6 +249,9 @@ def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
     for beam in (0, -1):
         with pytest.raises(ConfigError, match=f"beam must be at least 1, got {beam}"):
             t.translate("w1 w2", beam=beam)
+    for nbest in (0, 3):
+        with pytest.raises(ConfigError, match=rf"nbest must be between 1 and beam \(2\), got {nbest}"):
+            t.translate("w1 w2", beam=2, nbest=nbest)
     with pytest.raises(InputError, match=r"sentence 1 has 1101 tokens .* max_source_positions"):
         t.translate(["w1", "w1 " * 1100])
     # one sentence per string: a newline inside it separates words (sentencepiece would take it
