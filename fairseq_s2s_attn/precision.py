@@ -165,7 +165,8 @@ def fp16_needs_cuda() -> None:
     "AssertionError: Torch not compiled with CUDA enabled" (fairseq's FP16Optimizer asks CUDA
     for the device of its flat fp32 master weights). Now one error names the options that work
     on a CPU. ``--fp16-no-flatten-grads`` and ``--memory-efficient-fp16`` (no flat copy) are left
-    to fairseq."""
+    to fairseq. ``--amp`` (fp16 autocast and loss scaling, CUDA only) trained in fp32 on a CPU,
+    with torch's "CUDA is not available" warnings only: now the same kind of error."""
     from fairseq.trainer import Trainer
 
     from .errors import ConfigError
@@ -177,6 +178,10 @@ def fp16_needs_cuda() -> None:
                 and not torch.cuda.is_available()):
             raise ConfigError("--fp16 trains on a CUDA GPU, and none is available; on a CPU use "
                               "--cpu-bf16 (bf16 products, fp32 weights) or --bf16")
+        if common.amp and not torch.cuda.is_available():
+            raise ConfigError("--amp is fp16 autocast on a CUDA GPU, and none is available (it "
+                              "would train in fp32); on a CPU use --cpu-bf16 (bf16 products, fp32 "
+                              "weights) or --bf16")
         return original(self)
 
 
