@@ -182,7 +182,8 @@ class _TorchProxy:
 def checked_ensemble_loader() -> None:
     """fairseq raises a bare IOError (a traceback) for a --path that does not exist, and an
     IsADirectoryError for a folder: one ``error: checkpoint not found: PATH`` line instead, or
-    one naming the folder's checkpoint files."""
+    one naming the folder's checkpoint files. Models built here take the checkpoint's weights, so
+    they do not read pretrained embedding files (``model.BUILDING_FOR_CHECKPOINT``)."""
     from fairseq import checkpoint_utils
     from fairseq.checkpoint_utils import get_maybe_sharded_checkpoint_filename
     from fairseq.file_io import PathManager
@@ -202,7 +203,14 @@ def checked_ensemble_loader() -> None:
                     raise CheckpointError(
                         f"--path {name} is a folder, not a checkpoint file: give a file in it"
                         + (f" ({', '.join(found)})" if found else " (it holds no .pt file)"))
-        return original(*args, **kwargs)
+        # the checkpoint's weights replace the new model's: fairseq's lstm read its pretrained
+        # embedding files (--encoder-embed-path) again here, and failed where they were gone
+        from .model import BUILDING_FOR_CHECKPOINT
+        token = BUILDING_FOR_CHECKPOINT.set(True)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            BUILDING_FOR_CHECKPOINT.reset(token)
 
 
 def install() -> None:

@@ -2,6 +2,7 @@
 
 import argparse
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
@@ -157,6 +158,27 @@ class RNNS2SConfig(FairseqDataclass):
         default=False,
         metadata={"help": "share encoder, decoder and output embeddings (needs a joined "
                   "dictionary and equal embedding sizes)"},
+    )
+    encoder_embed_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "pretrained source embeddings, as fairseq's lstm and transformer take "
+                  "them: a text file whose first line (count and size) is skipped, then one "
+                  "'word v_1 ... v_d' per line with d = --encoder-embed-dim; the dictionary's "
+                  "words found there start from their vectors, the others from --init-range. "
+                  "Read when training starts; a trained checkpoint holds the vectors"},
+    )
+    decoder_embed_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "pretrained target embeddings (the format of --encoder-embed-path); "
+                  "with --share-all-embeddings give --encoder-embed-path only"},
+    )
+    encoder_freeze_embed: bool = field(
+        default=False, metadata={"help": "keep the source embeddings fixed in training"},
+    )
+    decoder_freeze_embed: bool = field(
+        default=False,
+        metadata={"help": "keep the target embeddings fixed in training (with a shared output "
+                  "layer, that too)"},
     )
     cpu_bf16: bool = field(
         default=False,

@@ -10,10 +10,13 @@
     *_tiny              vanilla/Bahdanau/Luong, small enough for tests and smoke runs
 """
 
+import contextvars
 import logging
+import os
 
 import torch
 import torch.nn as nn
+from fairseq import utils
 from fairseq.models import (
     FairseqEncoderDecoderModel,
     register_model,
@@ -110,6 +113,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         model = cls(encoder, decoder)
         if cfg.init_range > 0:
             init_uniform(model, cfg.init_range)
+        load_pretrained_embeddings(model, cfg)
         return model
 
     def max_positions(self):
@@ -186,6 +190,45 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         check_state_dict_fits(self, state_dict, strict=strict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+
+# Set while fairseq builds models to load a checkpoint's weights over them (checkpoint.py):
+# pretrained embedding files are not read there (the checkpoint holds the trained vectors).
+BUILDING_FOR_CHECKPOINT = contextvars.ContextVar("building_for_checkpoint", default=False)
+
+
+def load_pretrained_embeddings(model: "RNNS2SModel", cfg) -> None:
+    """--encoder-embed-path / --decoder-embed-path (fairseq's lstm's options, its file format:
+    ``utils.parse_embedding``), after the initialisation; --encoder/decoder-freeze-embed."""
+    enc, dec = model.encoder.embed_tokens, model.decoder.embed_tokens
+    if cfg.share_all_embeddings and cfg.decoder_embed_path not in (None, cfg.encoder_embed_path):
+        raise ConfigError("--share-all-embeddings shares one embedding matrix: give its vectors "
+                          "with --encoder-embed-path, not a different --decoder-embed-path")
+    jobs = [(cfg.encoder_embed_path, enc, model.encoder.dictionary, "--encoder-embed-path")]
+    if dec is not enc:
+        jobs.append((cfg.decoder_embed_path, dec, model.decoder.dictionary, "--decoder-embed-path"))
+    for path, embed, dictionary, option in jobs:
+        if not path or BUILDING_FOR_CHECKPOINT.get():
+            continue
+        if not os.path.isfile(path):
+            raise ConfigError(f"{option} {path}: no such file")
+        try:
+            vectors = utils.parse_embedding(path)
+        except (ValueError, UnicodeDecodeError, StopIteration) as e:
+            raise ConfigError(f"{option} {path}: not a text file of 'word v_1 ... v_d' lines "
+                              f"after a header line ({type(e).__name__}: {str(e)[:80]})") from None
+        sizes = {v.numel() for v in vectors.values()}
+        if sizes != {embed.embedding_dim}:
+            raise ConfigError(f"{option} {path}: vectors of size {sorted(sizes)[:3]}, the embeddings "
+                              f"are {embed.embedding_dim} wide")
+        with torch.no_grad():
+            utils.load_embedding(vectors, dictionary, embed)
+        found = sum(dictionary[i] in vectors for i in range(len(dictionary)))
+        logger.info(f"{option}: {found} of {len(dictionary)} dictionary words from {path}")
+    if cfg.encoder_freeze_embed:
+        enc.weight.requires_grad = False
+    if cfg.decoder_freeze_embed:
+        dec.weight.requires_grad = False
 
 
 def init_uniform(model: nn.Module, r: float) -> None:

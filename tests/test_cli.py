@@ -285,6 +285,30 @@ def test_hub_over_length_advice_for_the_location_score(data_bin, tmp_path):
         Translator.from_pretrained(str(tmp_path), data=str(data_bin), max_source_positions=40)
 
 
+def test_pretrained_frozen_embeddings_train_and_translate_without_the_file(data_bin, tmp_path):
+    """--encoder-embed-path and --encoder-freeze-embed (fairseq's lstm's options; ours refused
+    them): the checkpoint holds the file's vectors, unchanged by training, and fairseq-generate
+    needs no file (fairseq's lstm read it again when loading the checkpoint)."""
+    from fairseq_s2s_attn.checkpoint import safe_load
+    vectors = {f"w{i}": [round(0.01 * i * (j + 1), 4) for j in range(32)] for i in (1, 2, 3)}
+    vec = tmp_path / "src.vec"
+    vec.write_text("3 32\n" + "".join(w + " " + " ".join(map(str, v)) + "\n" for w, v in vectors.items()))
+    save = tmp_path / "ck"
+    run("fairseq-train", data_bin, *USER_DIR, "--arch", "rnn_luong_tiny", "--encoder-embed-dim", 32,
+        "--encoder-embed-path", vec, "--encoder-freeze-embed", "--optimizer", "adam", "--lr", "0.005",
+        "--max-tokens", 1000, "--max-update", 3, "--save-dir", save, "--no-progress-bar", "--cpu")
+    state = safe_load(str(save / "checkpoint_last.pt"))
+    emb = state["model"]["encoder.embed_tokens.weight"]
+    src_dict = [line.split()[0] for line in (data_bin / "dict.src.txt").read_text().splitlines()]
+    for w, v in vectors.items():
+        row = 4 + src_dict.index(w)  # after <s>, <pad>, </s>, <unk>
+        torch.testing.assert_close(emb[row], torch.tensor(v), rtol=0, atol=1e-6)
+    vec.unlink()
+    gen = run("fairseq-generate", data_bin, *USER_DIR, "--path", save / "checkpoint_last.pt",
+              "--beam", 2, "--cpu", "--batch-size", 16)
+    assert len(parse_generate(gen.stdout)["H"]) == 37
+
+
 def test_plot_attention_script(data_bin, checkpoints, tmp_path):
     src = tmp_path / "src.txt"
     src.write_text("w1 w2 w3 w4 w5\nw2\nw3 w4 w5 w6 w7 w8\n")

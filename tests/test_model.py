@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
 
-from conftest import (ARCH_FNS, FakeTask, build_model, inference_cfg, make_args, make_dict,
+from conftest import (ARCH_FNS, INIT_RANGE, FakeTask, build_model, inference_cfg, make_args, make_dict,
                       random_tokens)
 from fairseq_s2s_attn.config import RNNS2SConfig
 from fairseq_s2s_attn.model import TINY, ConfigError, RNNS2SModel, check_config
@@ -56,9 +56,9 @@ def test_architecture_defaults(arch, placement, attention):
     gru = arch.startswith("rnn_bahdanau") or arch in ("rnn_luong", "rnn_luong_tiny")
     assert args.rnn_type == ("gru" if gru else "lstm")
     # every config field is filled
-    for name in RNNS2SConfig.__dataclass_fields__:
+    for name, f in RNNS2SConfig.__dataclass_fields__.items():
         if not name.startswith("_"):
-            assert getattr(args, name, None) is not None, name
+            assert hasattr(args, name) and (getattr(args, name) is not None or f.default is None), name
     if arch.endswith("_tiny"):
         for k, v in TINY.items():
             assert getattr(args, k) == v, k
@@ -407,3 +407,53 @@ def test_generation_returns_attention_only_when_asked(arch):
     prev = random_tokens(d, [3, 2], left_pad=False, with_eos=False)
     assert model.train()(src, src.ne(d.pad()).sum(1), prev)[1]["attn"][0] is not None
     assert model.eval()(src, src.ne(d.pad()).sum(1), prev)[1]["attn"][0] is None
+
+
+# ------------------------------------------------------------------ pretrained embeddings
+
+
+def _write_vectors(path, vectors, header="2 8"):
+    path.write_text(header + "\n" + "".join(
+        w + " " + " ".join(f"{x:.6f}" for x in v) + "\n" for w, v in vectors.items()))
+    return path
+
+
+def test_pretrained_embeddings_are_loaded_after_the_initialisation_and_can_be_frozen(tmp_path):
+    """fairseq's lstm takes --encoder-embed-path / --decoder-embed-path / --*-freeze-embed; ours
+    refused them ("unrecognized arguments"). Words of the file start from its vectors, the rest
+    from --init-range (the uniform initialisation must not overwrite the vectors)."""
+    from fairseq_s2s_attn.model import BUILDING_FOR_CHECKPOINT
+    torch.manual_seed(7)
+    dim = make_args("rnn_bahdanau_tiny").encoder_embed_dim
+    vecs = {"w3": torch.randn(dim), "w5": torch.randn(dim), "unknown": torch.randn(dim)}
+    src = _write_vectors(tmp_path / "src.vec", vecs, header=f"3 {dim}")
+    tgt = _write_vectors(tmp_path / "tgt.vec", {"w4": torch.full((dim,), 0.5)}, header=f"1 {dim}")
+    model = build_model("rnn_bahdanau_tiny", encoder_embed_path=str(src), decoder_embed_path=str(tgt),
+                        encoder_freeze_embed=True)
+    enc, dec = model.encoder.embed_tokens.weight, model.decoder.embed_tokens.weight
+    d = model.encoder.dictionary
+    for w in ("w3", "w5"):
+        torch.testing.assert_close(enc[d.index(w)], vecs[w], rtol=0, atol=1e-6)
+    assert enc[d.index("w4")].abs().max() <= INIT_RANGE and dec[d.index("w3")].abs().max() <= INIT_RANGE
+    torch.testing.assert_close(dec[model.decoder.dictionary.index("w4")], torch.full((dim,), 0.5))
+    assert not enc.requires_grad and dec.requires_grad
+    # built to take a checkpoint's weights: the files are not read (they may be gone)
+    token = BUILDING_FOR_CHECKPOINT.set(True)
+    try:
+        model = build_model("rnn_bahdanau_tiny", encoder_embed_path=str(tmp_path / "gone.vec"))
+    finally:
+        BUILDING_FOR_CHECKPOINT.reset(token)
+    assert model.encoder.embed_tokens.weight.abs().max() <= INIT_RANGE
+
+
+def test_pretrained_embedding_errors(tmp_path):
+    dim = make_args("rnn_bahdanau_tiny").encoder_embed_dim
+    good = _write_vectors(tmp_path / "good.vec", {"w3": torch.zeros(dim)})
+    short = _write_vectors(tmp_path / "short.vec", {"w3": torch.zeros(dim - 1)})
+    with pytest.raises(ConfigError, match="no such file"):
+        build_model("rnn_bahdanau_tiny", encoder_embed_path=str(tmp_path / "none.vec"))
+    with pytest.raises(ConfigError, match=rf"vectors of size \[{dim - 1}\], the embeddings are {dim} wide"):
+        build_model("rnn_bahdanau_tiny", decoder_embed_path=str(short))
+    with pytest.raises(ConfigError, match="--share-all-embeddings shares one embedding matrix"):
+        build_model("rnn_bahdanau_tiny", share_all_embeddings=True, encoder_embed_path=str(good),
+                    decoder_embed_path=str(short), decoder_embed_dim=dim, decoder_out_embed_dim=dim)
