@@ -157,6 +157,7 @@ def test_bool_option_can_be_switched_off(data_bin, tmp_path):
         (["--init-range", "-0.1"], "--init-range must be 0 (PyTorch's own initialisation) or positive"),
         pytest.param(["--fp16"], "--fp16 trains on a CUDA GPU, and none is available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="--fp16 works on CUDA")),
+        (["--left-pad-target"], "--left-pad-target puts padding where the decoder starts reading"),
         pytest.param(["--amp"], "--amp is fp16 autocast on a CUDA GPU, and none is available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="--amp works on CUDA")),
     ],
