@@ -39,6 +39,8 @@
   (it transposes an empty attention tensor). There is no alignment to print, so the command now
   translates as usual, warns once and prints empty ``A-`` lines rather than made-up ones; also
   with ``--score-reference``, and for an ensemble with such a model (beam search and scoring).
+- Guided alignment (``--criterion label_smoothed_cross_entropy_with_alignment``) with a model that
+  returns no attention in training (rnn_vanilla) stopped with an AttributeError: one error now.
 - Host synchronisation in beam search on a GPU: the source side stays one row per sentence
   (``RNNEncoder.reorder_encoder_out``), and for an arbitrary order the encoder must read the
   order's values to know whether rows stay with their sentences: two ``torch.equal`` per
@@ -227,6 +229,29 @@ def empty_alignments_without_attention() -> None:
         return hypos
 
 
+def alignment_loss_needs_attention() -> None:
+    """--criterion label_smoothed_cross_entropy_with_alignment (guided alignment: a loss on the
+    attention weights at given alignment links, with --load-alignments) read the attention of a
+    model that returns none in training: rnn_vanilla stopped with "'NoneType' object has no
+    attribute 'shape'" (fairseq's lstm with "'NoneType' object is not subscriptable"). Now one
+    error; models with attention are unchanged (their attention is in the coordinates of the
+    padded source, as fairseq's alignments are)."""
+    from fairseq.criterions.label_smoothed_cross_entropy_with_alignment import (
+        LabelSmoothedCrossEntropyCriterionWithAlignment as Criterion,
+    )
+
+    from .errors import ConfigError
+
+    @replaces(Criterion, "compute_alignment_loss")
+    def compute_alignment_loss(original, self, sample, net_output):
+        attn = net_output[1].get("attn") if isinstance(net_output[1], dict) else None
+        if (attn[0] if isinstance(attn, list) and attn else attn) is None:
+            raise ConfigError("--criterion label_smoothed_cross_entropy_with_alignment puts a loss "
+                              "on the attention, and this model returns none in training "
+                              "(rnn_vanilla has no attention): use label_smoothed_cross_entropy")
+        return original(self, sample, net_output)
+
+
 def beam_search_keeps_sentence_runs() -> None:
     """fairseq's SequenceGenerator runs inside ``encoder.sentence_runs()`` (see the module
     docstring): our encoders then reorder without reading the order on the host."""
@@ -344,5 +369,6 @@ def install(model_cls) -> None:
     keep_freed_memory()
     keep_remainder_batches()
     empty_alignments_without_attention()
+    alignment_loss_needs_attention()
     beam_search_keeps_sentence_runs()
     stop_batch_threads_at_exit()

@@ -184,3 +184,35 @@ def test_allocator_settings_of_the_user_are_left_alone(monkeypatch):
         assert not runtime.keep_freed_memory(command=True), var
         assert "MALLOC_MMAP_MAX_" not in os.environ
         monkeypatch.delenv(var)
+
+
+@pytest.mark.parametrize("arch", ["rnn_vanilla_tiny", "rnn_luong_tiny"])
+def test_alignment_loss_needs_a_model_with_attention(arch):
+    """Guided alignment read the attention of rnn_vanilla, which has none: "'NoneType' object has
+    no attribute 'shape'". Now one ConfigError; with attention, fairseq's loss as before."""
+    import torch
+    from fairseq.criterions.label_smoothed_cross_entropy_with_alignment import (
+        LabelSmoothedCrossEntropyCriterionWithAlignment,
+    )
+
+    from conftest import FakeTask, build_model, make_dict, random_tokens
+    from fairseq_s2s_attn.errors import ConfigError
+    d = make_dict()
+    model = build_model(arch, task=FakeTask(d, d))
+    src = random_tokens(d, [5, 3], left_pad=True, generator=torch.Generator().manual_seed(1))
+    tgt = random_tokens(d, [4, 4], left_pad=False, generator=torch.Generator().manual_seed(2))
+    prev = torch.cat([tgt.new_full((2, 1), d.eos()), tgt[:, :-1]], 1)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1),
+                            "prev_output_tokens": prev},
+              "target": tgt, "ntokens": int(tgt.ne(d.pad()).sum()), "nsentences": 2,
+              # links (row of the B*T target positions, source column), as fairseq's collater
+              "alignments": torch.tensor([[4, 0], [3, 1], [2, 6]]),
+              "align_weights": torch.ones(3)}
+    criterion = LabelSmoothedCrossEntropyCriterionWithAlignment(
+        FakeTask(d, d), sentence_avg=False, label_smoothing=0.1, alignment_lambda=0.05)
+    if arch == "rnn_vanilla_tiny":
+        with pytest.raises(ConfigError, match="puts a loss on the attention"):
+            criterion(model, sample)
+    else:
+        loss, _, logging = criterion(model, sample)
+        assert torch.isfinite(loss) and logging["alignment_loss"] > 0
