@@ -213,6 +213,44 @@ def checked_ensemble_loader() -> None:
             BUILDING_FOR_CHECKPOINT.reset(token)
 
 
+# model settings that --model-overrides may change without changing what the trained model
+# computes (precision, speed, limits, training-only settings)
+NEUTRAL_OVERRIDES = {
+    "cpu_bf16", "compile_step", "init_range", "max_source_positions", "max_target_positions",
+    "encoder_dropout_in", "encoder_dropout_out", "decoder_dropout_in", "decoder_dropout_out",
+    "encoder_embed_path", "decoder_embed_path", "encoder_freeze_embed", "decoder_freeze_embed",
+}
+
+
+def warn_changed_model_settings() -> None:
+    """fairseq-generate's ``--model-overrides`` (and the hub's keyword arguments) replace model
+    settings saved in the checkpoint. One that changes the parameters stops with one error (the
+    checkpoint does not fit the model); one that changes only the computation
+    (``reverse_source``, ``attention_mode``, ``readout_state``, ...) was taken silently, and
+    fairseq-generate translated with a model that was never trained. Now a warning names each
+    such setting of our models with its trained value."""
+    from fairseq import checkpoint_utils
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY
+    from fairseq.utils import safe_getattr
+
+    from .config import RNNS2SConfig
+
+    @replaces(checkpoint_utils, "overwrite_args_by_name")
+    def overwrite_args_by_name(original, cfg, overrides):
+        model = cfg.get("model") if hasattr(cfg, "get") else None
+        arch = safe_getattr(model, "arch", None) or safe_getattr(model, "_name", None)
+        watched = [k for k in overrides if k in RNNS2SConfig.__dataclass_fields__
+                   and k not in NEUTRAL_OVERRIDES] if ARCH_MODEL_NAME_REGISTRY.get(arch) == "rnn_s2s" else []
+        trained = {k: safe_getattr(model, k, None) for k in watched}
+        result = original(cfg, overrides)
+        for k in watched:
+            now = safe_getattr(model, k, None)
+            if trained[k] is not None and str(now) != str(trained[k]):
+                logger.warning(f"--model-overrides sets {k} to {now!r}; the model was trained with "
+                               f"{trained[k]!r}, so it now computes what it was not trained for")
+        return result
+
+
 def install() -> None:
     allow_fairseq_checkpoints()
     from fairseq import checkpoint_utils
@@ -220,3 +258,4 @@ def install() -> None:
     if not isinstance(checkpoint_utils.torch, _TorchProxy):
         checkpoint_utils.torch = _TorchProxy(checkpoint_utils.torch)
     checked_ensemble_loader()
+    warn_changed_model_settings()

@@ -310,6 +310,23 @@ def test_pretrained_frozen_embeddings_train_and_translate_without_the_file(data_
     assert len(parse_generate(gen.stdout)["H"]) == 37
 
 
+def test_model_overrides_that_change_the_computation_are_named(data_bin, checkpoints):
+    """--model-overrides "{'reverse_source': True}" (or attention_mode, ...) changes nothing in
+    the parameters, so fairseq took it silently and translated with a model never trained so."""
+    gen = run("fairseq-generate", data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
+              "--beam", 2, "--cpu", "--batch-size", 16, "--model-overrides",
+              "{'reverse_source': True, 'attention_mode': 'local-m', 'cpu_bf16': True}",
+              show_warnings=True)
+    warned = [line for line in gen.stderr.splitlines() if "--model-overrides sets" in line]
+    assert len(warned) == 2, gen.stderr[-3000:]
+    assert "reverse_source to True; the model was trained with False" in warned[0]
+    assert "attention_mode to 'local-m'; the model was trained with 'global'" in warned[1]
+    same = run("fairseq-generate", data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
+               "--beam", 2, "--cpu", "--batch-size", 16, "--model-overrides",
+               "{'attention_mode': 'global'}", show_warnings=True)
+    assert "--model-overrides sets" not in same.stderr
+
+
 def test_plot_attention_script(data_bin, checkpoints, tmp_path):
     src = tmp_path / "src.txt"
     src.write_text("w1 w2 w3 w4 w5\nw2\nw3 w4 w5 w6 w7 w8\n")
