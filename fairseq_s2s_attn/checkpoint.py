@@ -251,6 +251,24 @@ def warn_changed_model_settings() -> None:
         return result
 
 
+def missing_restore_file_is_an_error() -> None:
+    """``fairseq-train --restore-file X`` with no file X trained from scratch, with one INFO line
+    ("No existing checkpoint found X") for a warning: a typo in the path threw away the model the
+    user meant to continue. The default (checkpoint_last.pt in --save-dir, absent on a first
+    run) keeps fairseq's behaviour."""
+    from fairseq import checkpoint_utils
+
+    @replaces(checkpoint_utils, "load_checkpoint")
+    def load_checkpoint(original, cfg, trainer, **kwargs):
+        if cfg.restore_file != "checkpoint_last.pt":
+            suffix = trainer.checkpoint_suffix
+            path = cfg.restore_file.replace(".pt", suffix + ".pt") if suffix else cfg.restore_file
+            if not os.path.isfile(path):
+                raise CheckpointError(f"--restore-file {path}: no such file (fairseq would train "
+                                      "from scratch)")
+        return original(cfg, trainer, **kwargs)
+
+
 def install() -> None:
     allow_fairseq_checkpoints()
     from fairseq import checkpoint_utils
@@ -259,3 +277,4 @@ def install() -> None:
         checkpoint_utils.torch = _TorchProxy(checkpoint_utils.torch)
     checked_ensemble_loader()
     warn_changed_model_settings()
+    missing_restore_file_is_an_error()

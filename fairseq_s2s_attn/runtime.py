@@ -54,7 +54,10 @@
   parse handles --help before model options are added). When help is asked for with one of our
   architectures, the model options (every field of RNNS2SConfig, with its help) are added first.
 - Our own errors (bad options, unsafe or corrupt checkpoints) end the command with one
-  ``error: ...`` line instead of a traceback through fairseq.
+  ``error: ...`` line instead of a traceback through fairseq; so do the checks fairseq makes
+  itself with a message (``assert max_len >= min_len, "min_len cannot be larger than max_len"``,
+  "--sampling requires --nbest to be equal to --beam", "Dataset not found"), unless
+  ``S2S_TRACEBACK=1``.
 - fairseq's ``BufferedIterator`` makes the next batches in a daemon thread. A run that ends
   before its epoch does (``--max-update``, ``--max-epoch`` reached mid-iteration, a generate
   over part of a set) exits while that thread is still inside torch. Python (< 3.14) ends such a
@@ -302,15 +305,42 @@ def _our_error(exc, kind):
     return inner if type(exc) is Exception and isinstance(inner, kind) else None
 
 
+# exceptions fairseq raises itself to refuse options or input (``assert cond, "message"``,
+# ``raise ValueError(...)``, "Dataset not found"), when raised in fairseq's own code
+FAIRSEQ_CHECKS = (AssertionError, ValueError, FileNotFoundError)
+_FAIRSEQ_DIRS = tuple(os.sep + d + os.sep for d in ("fairseq", "fairseq_cli"))
+
+
+def fairseq_check_message(exc, tb) -> Optional[str]:
+    """The message of a check fairseq made itself (the exception raised in fairseq's own code,
+    with a message), or None for anything else (raised in torch, numpy, ours, or without a
+    message: those keep their traceback)."""
+    if not isinstance(exc, FAIRSEQ_CHECKS) or not str(exc).strip() or tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename
+    if not any(d in where for d in _FAIRSEQ_DIRS) or "fairseq_s2s_attn" in where:
+        return None
+    return " ".join(str(exc).split())
+
+
 def clean_error_exit() -> None:
     from .errors import S2SError
 
     @replaces(sys, "excepthook")
     def hook(previous, exc_type, exc, tb):
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
         ours = _our_error(exc, S2SError)
         if ours is None:
-            return previous(exc_type, exc, tb)
-        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
+            # fairseq refuses options with assert statements and plain exceptions: the message
+            # came at the end of a traceback of 10-30 lines through fairseq
+            check = None if os.environ.get("S2S_TRACEBACK") else fairseq_check_message(exc, tb)
+            if check is None:
+                return previous(exc_type, exc, tb)
+            print(f"{prog}: error: {check} (fairseq's check; S2S_TRACEBACK=1 shows where)",
+                  file=sys.stderr)
+            return
         message = str(ours)
         if ours is not exc:  # keep the part of fairseq's message that names the file
             message = f"{message} ({str(exc).split(';')[0].strip()})"

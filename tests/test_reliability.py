@@ -10,6 +10,7 @@ import io
 import os
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from fairseq import checkpoint_utils, options
 from fairseq.sequence_generator import SequenceGenerator
 
-from clitools import REPO, parse_generate, run
+from clitools import BIN, REPO, env, parse_generate, run
 from conftest import FakeTask, build_model, make_dict, random_tokens
 from fairseq_s2s_attn.config import RNNS2SConfig
 from fairseq_s2s_attn.errors import CheckpointError
@@ -393,6 +394,35 @@ def test_errors_fairseq_wraps_still_print_as_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error: the checkpoint was trained with a source dictionary of 16 types " \
         "(Cannot load model parameters from checkpoint /x/checkpoint_last.pt)" in err[0], err
+
+
+@slow
+@pytest.mark.parametrize("args, message", [
+    (["--max-len-a", 0, "--max-len-b", 0], "min_len cannot be larger than max_len"),
+    (["--sampling", "--sampling-topp", 0.9], "--sampling requires --nbest to be equal to --beam"),
+    (["--temperature", 0], "--temperature must be greater than 0"),
+])
+def test_fairseqs_own_checks_are_one_line(small_data_bin, luong_runs, args, message):
+    """fairseq refuses these with assert statements: the message came at the end of a traceback
+    of 10-30 lines (for fairseq's lstm too); S2S_TRACEBACK=1 brings the traceback back."""
+    cmd = [small_data_bin, *USER_DIR, "--path", luong_runs[3] / "checkpoint_last.pt", "--beam", 2,
+           "--cpu", *args]
+    line = one_error_line(run("fairseq-generate", *cmd, check=False), message, "fairseq's check")
+    assert line.startswith("fairseq-generate: error: ")
+    proc = subprocess.run([str(BIN / "fairseq-generate"), *map(str, cmd)], capture_output=True,
+                          text=True, env=dict(env(False), S2S_TRACEBACK="1"), cwd=REPO)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and message in proc.stderr
+
+
+@slow
+def test_missing_restore_file_is_an_error(small_data_bin, luong_runs, tmp_path):
+    """fairseq trained from scratch (one INFO line) when --restore-file named no file."""
+    cmd = luong_cmd(small_data_bin, tmp_path / "ck", 2)
+    line = one_error_line(run("fairseq-train", *cmd, "--restore-file", tmp_path / "nope.pt", check=False),
+                          f"--restore-file {tmp_path / 'nope.pt'}: no such file")
+    assert "train from scratch" in line and not (tmp_path / "ck" / "checkpoint_last.pt").exists()
+    run("fairseq-train", *cmd, "--restore-file", luong_runs[3] / "checkpoint_last.pt",
+        "--reset-optimizer", "--reset-dataloader", "--reset-meters")  # an existing one loads
 
 
 @slow
