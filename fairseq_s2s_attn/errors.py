@@ -20,7 +20,8 @@ class S2SError(_Base):
     """Base class: bad options, bad checkpoints, bad input."""
 
     def __init__(self, message: str = "", *args):
-        if "hydra" in sys.modules and _in_hydra_job():  # hydra prints it after the job ended
+        # hydra prints it after the job ended; an error re-made from a pickle keeps one prefix
+        if "hydra" in sys.modules and not message.startswith("error: ") and _in_hydra_job():
             from .hydra_train import hydra_keys
             message = f"error: {hydra_keys(message)}"
         super().__init__(message, *args)

@@ -216,3 +216,29 @@ def test_alignment_loss_needs_a_model_with_attention(arch):
     else:
         loss, _, logging = criterion(model, sample)
         assert torch.isfinite(loss) and logging["alignment_loss"] > 0
+
+
+def test_only_fairseqs_own_checks_become_one_line():
+    """The one-line form is for exceptions with a message raised in fairseq's own files; others
+    (torch's, numpy's, the plugin's, a bare assert) keep their traceback."""
+    import os
+
+    from fairseq_s2s_attn.runtime import fairseq_check_message
+
+    def raised(exc, filename):
+        code = compile("def f(e):\n    raise e\n", filename, "exec")
+        scope = {}
+        exec(code, scope)
+        try:
+            scope["f"](exc)
+        except BaseException as e:
+            return e, e.__traceback__
+
+    fairseq_file = os.path.join(os.sep, "site-packages", "fairseq", "sequence_generator.py")
+    assert fairseq_check_message(*raised(AssertionError("min_len  cannot\nbe larger"), fairseq_file)) \
+        == "min_len cannot be larger"
+    assert fairseq_check_message(*raised(FileNotFoundError("Dataset not found: valid"), fairseq_file))
+    assert fairseq_check_message(*raised(AssertionError(), fairseq_file)) is None  # no message
+    assert fairseq_check_message(*raised(KeyError("steps"), fairseq_file)) is None
+    for other in ("torch/nn/modules/module.py", "fairseq_s2s_attn/model.py", "mine.py"):
+        assert fairseq_check_message(*raised(ValueError("x"), os.path.join(os.sep, "a", other))) is None
