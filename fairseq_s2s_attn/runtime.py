@@ -292,7 +292,30 @@ def model_options_in_help(model_cls, argv=None) -> None:
             group = self.add_argument_group("Model-specific configuration (fairseq_s2s_attn)",
                                             argument_default=argparse.SUPPRESS)
             model_cls.add_args(group)
+            _show_arch_values(group, _arch_in_argv(argv))
         return original(self, args, namespace)
+
+
+def _show_arch_values(group, arch: str) -> None:
+    """Each option's help ends with the value the architecture gives it ("(rnn_bahdanau: true)"),
+    where it said the dataclass default ("(default: false)" for --coverage, which rnn_bahdanau
+    turns on) or nothing."""
+    import re
+
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    values = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY[arch](values)
+    for action in group._group_actions:
+        if action.help in (None, argparse.SUPPRESS) or not hasattr(values, action.dest):
+            continue
+        value = getattr(values, action.dest)
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        shown = shown.replace("%", "%%")
+        if "(default: " in action.help:
+            action.help = re.sub(r"\(default: [^;)]*", f"({arch}: {shown}", action.help, count=1)
+        else:
+            action.help = f"{action.help} ({arch}: {shown})"
 
 
 def _our_error(exc, kind):

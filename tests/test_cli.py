@@ -133,6 +133,12 @@ def test_help_documents_every_option():
         block = section.split(flag, 1)[1][:400]
         words = f.metadata["help"].split()[:2]
         assert " ".join(words) in re.sub(r"\s+", " ", block), (flag, block)
+    # each help ends with the architecture's value (it said "(default: false)" for --coverage,
+    # which rnn_bahdanau turns on)
+    flat = re.sub(r"\s+", " ", section)
+    assert "(rnn_bahdanau: true; '--coverage' alone means true)" in flat.replace("'-- coverage'", "'--coverage'")
+    assert "(default: false; '--coverage'" not in flat
+    assert "(rnn_bahdanau: gru)" in flat and "(rnn_bahdanau: before)" in flat
 
 
 def test_bool_option_can_be_switched_off(data_bin, tmp_path):
