@@ -5,7 +5,7 @@ Trains every variant on the same data with the same budget, seed, sizes and opti
 (fairseq-train), measures perplexity on the valid and test sets (fairseq-validate) and BLEU on the
 test set (fairseq-generate --beam 5, scored with sacrebleu), and writes a Markdown table:
 
-    | System | Ppl (valid) | Ppl (test) | BLEU (test, beam 5) | Params | Train time |
+    | System | Ppl (valid) | Ppl (test) | BLEU (test, beam 5) | Params | Updates | Train time |
 
 Data: a fairseq data-bin given with --data (e.g. work/demo/data-bin, with --post-process
 sentencepiece so BLEU is computed on detokenised text), or, by default, a synthetic task built
@@ -236,10 +236,10 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown variant(s) {unknown}; see --list")
 
-    work = (REPO / args.work).resolve() if not os.path.isabs(args.work) else Path(args.work)
+    work = Path(args.work).resolve()  # every path relative to the current folder
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data).resolve() if args.data else synthetic_data(work, args)
-    out = Path(args.out) if args.out else work / "ablation.md"
+    out = Path(args.out).resolve() if args.out else work / "ablation.md"
 
     rows = []
     for name in names:

@@ -4,15 +4,16 @@
     python scripts/benchmark.py --data work/demo/data-bin --out BENCHMARKS.md
 
 (defaults: 20 timed updates, beam search over the first 48 test sentences in batches of 16;
-about 5 minutes for the 9 configurations on one core.)
+about 5 minutes for the 10 rows, 5 configurations x 2 precisions, on one core.)
 
 One run measures, on the same binarised data and with matched sizes, every configuration
 
     rnn_vanilla       --arch rnn_vanilla
     rnn_bahdanau      --arch rnn_bahdanau --coverage false (the paper's plain additive score)
     rnn_luong         --arch rnn_luong --input-feeding true (Luong's input feeding, sec. 3.3)
-    rnn_luong_nofeed  --arch rnn_luong --input-feeding false (what --arch rnn_luong gives since
-                      2026-12-03; the names keep earlier reports comparable)
+    rnn_luong_nofeed  --arch rnn_luong --input-feeding false (rnn_luong's default feeding since
+                      2026-12-03, with the LSTM cell of every row here; the names keep earlier
+                      reports comparable)
     lstm              fairseq's --arch lstm (unidirectional encoder, Luong-general attention after
                       the decoder step, input feeding: the closest match to rnn_luong)
 

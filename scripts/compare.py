@@ -268,6 +268,8 @@ def main(argv=None):
                    help="extra fairseq-train options for our rnn_* models (default: bf16 matrix "
                    "products on CPU, as make demo; sizes and dropout are the architecture's)")
     args = p.parse_args(argv)
+    # fairseq runs in the repository root (its --user-dir): paths relative to the caller's folder
+    args.work, args.out = os.path.abspath(args.work), os.path.abspath(args.out)
     for entry in args.archs:  # every entry checked before any training starts
         split_entry(entry, args)
     meta = json.load(open(work_file(args, "data", "meta.json")))

@@ -5,7 +5,8 @@
         --spm-model work/demo/spm/spm.model --input work/demo/data/test.en --num 4 --out work/demo/plots
 
 One PNG per sentence: source pieces on the x axis, output pieces on the y axis, cell (i, j) =
-weight of source piece j when the model produced output piece i (each row sums to 1).
+weight of source piece j when the model produced output piece i (each row sums to 1, below 1
+with local-p attention, whose Gaussian is not renormalised).
 """
 import argparse
 import os

@@ -174,6 +174,15 @@ def test_missing_work_data_names_the_file_and_the_fix(tmp_path, capsys):
     assert f"{work / 'data' / 'test.de'} not found" in message
 
 
+def test_relative_paths_are_the_callers(tmp_path, capsys, monkeypatch):
+    """fairseq runs in the repository root: a relative --work reached fairseq-train as a path
+    under the repository ("data-bin mydata/data-bin not found"), while --out was made in the
+    caller's folder. Both now resolve against the caller's folder."""
+    monkeypatch.chdir(tmp_path)
+    _, message = refused(capsys, ["--work", "mydata", "--out", "cmp"])
+    assert f"{tmp_path / 'mydata' / 'data' / 'meta.json'} not found" in message
+
+
 def test_unknown_arch_names_the_plugins_architectures(tmp_path, capsys):
     work = fake_work(tmp_path / "work")
     _, message = refused(capsys, ["--work", work, "--out", tmp_path / "o",
