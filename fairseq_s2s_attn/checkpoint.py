@@ -243,9 +243,14 @@ def warn_changed_model_settings() -> None:
                    and k not in NEUTRAL_OVERRIDES] if ARCH_MODEL_NAME_REGISTRY.get(arch) == "rnn_s2s" else []
         trained = {k: safe_getattr(model, k, None) for k in watched}
         result = original(cfg, overrides)
+        def same(a, b) -> bool:  # 'False' or 0 for a bool are not False; enums as their names
+            if isinstance(a, (bool, int, float)) or isinstance(b, (bool, int, float)):
+                return type(a) is type(b) and a == b
+            return str(a) == str(b)
+
         for k in watched:
             now = safe_getattr(model, k, None)
-            if trained[k] is not None and str(now) != str(trained[k]):
+            if trained[k] is not None and not same(now, trained[k]):
                 logger.warning(f"--model-overrides sets {k} to {now!r}; the model was trained with "
                                f"{trained[k]!r}, so it now computes what it was not trained for")
         return result
@@ -257,15 +262,20 @@ def missing_restore_file_is_an_error() -> None:
     user meant to continue. The default (checkpoint_last.pt in --save-dir, absent on a first
     run) keeps fairseq's behaviour."""
     from fairseq import checkpoint_utils
+    from fairseq.file_io import PathManager
 
     @replaces(checkpoint_utils, "load_checkpoint")
     def load_checkpoint(original, cfg, trainer, **kwargs):
-        if cfg.restore_file != "checkpoint_last.pt":
+        last = os.path.join(cfg.save_dir, "checkpoint_last.pt")
+        if cfg.restore_file != "checkpoint_last.pt" and os.path.normpath(cfg.restore_file) != os.path.normpath(last):
             suffix = trainer.checkpoint_suffix
             path = cfg.restore_file.replace(".pt", suffix + ".pt") if suffix else cfg.restore_file
-            if not os.path.isfile(path):
+            if not PathManager.isfile(path):
+                in_save_dir = os.path.join(cfg.save_dir, path)
+                hint = (f"; did you mean {in_save_dir}? (the path is not relative to --save-dir)"
+                        if not os.path.isabs(path) and PathManager.isfile(in_save_dir) else "")
                 raise CheckpointError(f"--restore-file {path}: no such file (fairseq would train "
-                                      "from scratch)")
+                                      f"from scratch){hint}")
         return original(cfg, trainer, **kwargs)
 
 

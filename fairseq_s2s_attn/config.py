@@ -165,7 +165,9 @@ class RNNS2SConfig(FairseqDataclass):
                   "them: a text file whose first line (count and size) is skipped, then one "
                   "'word v_1 ... v_d' per line with d = --encoder-embed-dim; the dictionary's "
                   "words found there start from their vectors, the others from --init-range. "
-                  "Read when training starts; a trained checkpoint holds the vectors"},
+                  "Read whenever fairseq-train builds the model (a resumed run too); "
+                  "fairseq-generate, -interactive and the hub take the trained vectors from "
+                  "the checkpoint"},
     )
     decoder_embed_path: Optional[str] = field(
         default=None,
@@ -173,7 +175,8 @@ class RNNS2SConfig(FairseqDataclass):
                   "with --share-all-embeddings give --encoder-embed-path only"},
     )
     encoder_freeze_embed: bool = field(
-        default=False, metadata={"help": "keep the source embeddings fixed in training"},
+        default=False, metadata={"help": "keep the source embeddings fixed in training (with "
+                                 "--share-all-embeddings, the one shared matrix)"},
     )
     decoder_freeze_embed: bool = field(
         default=False,

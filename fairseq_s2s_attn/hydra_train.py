@@ -47,10 +47,18 @@ def hydra_keys(message: str) -> str:
 
     def key(m):
         name = m.group(1).replace("-", "_")
+        if name in NAMED_GROUPS:
+            return f"{NAMED_GROUPS[name]}._name"
         where = groups.get(name, [])
         return f"{where[0]}.{name}" if len(where) == 1 else m.group(0)
 
-    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", key, message)
+    # an option stands alone (after a space or an opening bracket), never inside a path
+    return re.sub(r"(?:(?<=^)|(?<=[\s(\[\"'`]))--([a-z][a-z0-9-]*)(?=$|[\s,;:.)\]\"'`])", key, message)
+
+
+# options that choose a registered component: hydra's key is the group's _name
+NAMED_GROUPS = {"arch": "model", "task": "task", "criterion": "criterion", "optimizer": "optimizer",
+                "lr_scheduler": "lr_scheduler", "bpe": "bpe", "tokenizer": "tokenizer"}
 
 
 def cli_main() -> None:

@@ -52,8 +52,14 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         if getattr(getattr(task, "cfg", None), "left_pad_target", False):
             # the decoders read the target from its first position: left padding would enter as
             # decoder steps before </s> (measured: up to 1.75 nats on a sentence's loss, silently)
-            raise ConfigError("--left-pad-target puts padding where the decoder starts reading; "
-                              "leave targets right-padded (the default)")
+            if not BUILDING_FOR_CHECKPOINT.get():
+                raise ConfigError("--left-pad-target puts padding where the decoder starts "
+                                  "reading; leave targets right-padded (the default)")
+            # a checkpoint trained so by an earlier version still loads: beam search makes its
+            # own targets; only given targets are read wrongly
+            logger.warning("--left-pad-target: beam search is unaffected, but scores of given "
+                           "targets (--score-reference, fairseq-validate) would count the "
+                           "padding as decoder steps; leave targets right-padded")
         src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
 
         encoder_embed = Embedding(len(src_dict), cfg.encoder_embed_dim, src_dict.pad())
@@ -222,10 +228,19 @@ def load_pretrained_embeddings(model: "RNNS2SModel", cfg) -> None:
         except (ValueError, UnicodeDecodeError, StopIteration) as e:
             raise ConfigError(f"{option} {path}: not a text file of 'word v_1 ... v_d' lines "
                               f"after a header line ({type(e).__name__}: {str(e)[:80]})") from None
-        sizes = {v.numel() for v in vectors.values()}
-        if sizes != {embed.embedding_dim}:
-            raise ConfigError(f"{option} {path}: vectors of size {sorted(sizes)[:3]}, the embeddings "
-                              f"are {embed.embedding_dim} wide")
+        vectors.pop("", None)  # blank lines
+        if not vectors:
+            raise ConfigError(f"{option} {path}: no vectors after the header line")
+        wrong = next((w for w, v in vectors.items() if v.numel() != embed.embedding_dim), None)
+        if wrong is not None:
+            raise ConfigError(f"{option} {path}: the vector of {wrong!r} has "
+                              f"{vectors[wrong].numel()} values, the embeddings are "
+                              f"{embed.embedding_dim} wide")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = f.readline().split()
+        if len(header) != 2 or not all(x.isdigit() for x in header):
+            logger.warning(f"{option} {path}: the first line is not a 'count size' header; it "
+                           f"was skipped as one (fairseq's format), so its word has no vector")
         with torch.no_grad():
             utils.load_embedding(vectors, dictionary, embed)
         found = sum(dictionary[i] in vectors for i in range(len(dictionary)))

@@ -178,8 +178,8 @@ def fp16_needs_cuda() -> None:
                 and not torch.cuda.is_available()):
             raise ConfigError("--fp16 trains on a CUDA GPU, and none is available; on a CPU use "
                               "--cpu-bf16 (bf16 products, fp32 weights) or --bf16")
-        if common.amp and not torch.cuda.is_available():
-            raise ConfigError("--amp is fp16 autocast on a CUDA GPU, and none is available (it "
+        if common.amp and (common.cpu or not torch.cuda.is_available()):
+            raise ConfigError("--amp is fp16 autocast on a CUDA GPU, and none is used here (it "
                               "would train in fp32); on a CPU use --cpu-bf16 (bf16 products, fp32 "
                               "weights) or --bf16")
         return original(self)

@@ -331,19 +331,28 @@ def _our_error(exc, kind):
 # exceptions fairseq raises itself to refuse options or input (``assert cond, "message"``,
 # ``raise ValueError(...)``, "Dataset not found"), when raised in fairseq's own code
 FAIRSEQ_CHECKS = (AssertionError, ValueError, FileNotFoundError)
+# fairseq's command-line tools (a program that imports the plugin, such as the hub, is left alone)
+COMMANDS = ("train", "generate", "interactive", "validate", "hydra_train", "preprocess", "score",
+            "eval_lm")
 _FAIRSEQ_DIRS = tuple(os.sep + d + os.sep for d in ("fairseq", "fairseq_cli"))
 
 
 def fairseq_check_message(exc, tb) -> Optional[str]:
-    """The message of a check fairseq made itself (the exception raised in fairseq's own code,
-    with a message), or None for anything else (raised in torch, numpy, ours, or without a
-    message: those keep their traceback)."""
+    """The message of a check fairseq made itself (an ``assert`` or ``raise`` statement in
+    fairseq's own code, with a message), or None for anything else: raised in torch, numpy or the
+    plugin, by Python inside fairseq (an unpacking error, a bug), or without a message; those
+    keep their traceback."""
+    import linecache
+
     if not isinstance(exc, FAIRSEQ_CHECKS) or not str(exc).strip() or tb is None:
         return None
     while tb.tb_next is not None:
         tb = tb.tb_next
     where = tb.tb_frame.f_code.co_filename
     if not any(d in where for d in _FAIRSEQ_DIRS) or "fairseq_s2s_attn" in where:
+        return None
+    statement = linecache.getline(where, tb.tb_lineno).strip()
+    if not statement.startswith(("assert", "raise")):
         return None
     return " ".join(str(exc).split())
 
@@ -358,7 +367,8 @@ def clean_error_exit() -> None:
         if ours is None:
             # fairseq refuses options with assert statements and plain exceptions: the message
             # came at the end of a traceback of 10-30 lines through fairseq
-            check = None if os.environ.get("S2S_TRACEBACK") else fairseq_check_message(exc, tb)
+            check = (None if os.environ.get("S2S_TRACEBACK") or not running_fairseq_command(*COMMANDS)
+                     else fairseq_check_message(exc, tb))
             if check is None:
                 return previous(exc_type, exc, tb)
             print(f"{prog}: error: {check} (fairseq's check; S2S_TRACEBACK=1 shows where)",

@@ -164,7 +164,7 @@ def test_bool_option_can_be_switched_off(data_bin, tmp_path):
         pytest.param(["--fp16"], "--fp16 trains on a CUDA GPU, and none is available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="--fp16 works on CUDA")),
         (["--left-pad-target"], "--left-pad-target puts padding where the decoder starts reading"),
-        pytest.param(["--amp"], "--amp is fp16 autocast on a CUDA GPU, and none is available",
+        pytest.param(["--amp"], "--amp is fp16 autocast on a CUDA GPU, and none is used here",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="--amp works on CUDA")),
     ],
 )
@@ -329,8 +329,26 @@ def test_model_overrides_that_change_the_computation_are_named(data_bin, checkpo
     assert "attention_mode to 'local-m'; the model was trained with 'global'" in warned[1]
     same = run("fairseq-generate", data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
                "--beam", 2, "--cpu", "--batch-size", 16, "--model-overrides",
-               "{'attention_mode': 'global'}", show_warnings=True)
+               "{'attention_mode': 'global', 'reverse_source': False}", show_warnings=True)
     assert "--model-overrides sets" not in same.stderr
+    # a string is not the bool it spells: the model takes 'False' for true
+    typed = run("fairseq-generate", data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
+                "--beam", 2, "--cpu", "--batch-size", 16, "--model-overrides",
+                "{'reverse_source': 'False'}", show_warnings=True, check=False)
+    assert "sets reverse_source to 'False'; the model was trained with False" in typed.stderr
+
+
+def test_checkpoint_trained_with_left_padded_targets_still_loads(data_bin, checkpoints, tmp_path):
+    """Training with --left-pad-target is refused; a checkpoint an earlier version trained so
+    (its task settings say so) still loads for translation, with a warning."""
+    from fairseq_s2s_attn.checkpoint import safe_load
+    from fairseq_s2s_attn.hub import Translator
+    state = safe_load(str(checkpoints["rnn_luong_tiny"]))
+    state["cfg"]["task"]["left_pad_target"] = True
+    (tmp_path / "ck").mkdir()
+    torch.save(state, tmp_path / "ck" / "checkpoint_best.pt")
+    t = Translator.from_pretrained(str(tmp_path / "ck"), data=str(data_bin))
+    assert t.translate("w1 w2 w3", beam=2)
 
 
 def test_plot_attention_script(data_bin, checkpoints, tmp_path):

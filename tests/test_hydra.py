@@ -154,3 +154,14 @@ def test_refused_options_are_one_line_naming_hydra_keys(command, small_data_bin,
     assert lines[0].startswith("error: model.attention dot needs model.decoder_hidden_size (12) ")
     assert "model.encoder_hidden_size" in lines[0] and "--" not in lines[0]
     assert not (tmp_path / "ck" / "checkpoint_last.pt").exists()
+
+
+def test_hydra_keys_rewrites_options_only():
+    """Options become hydra keys (a component's option its group's _name); text that merely
+    contains '--' (a path, a value) stays as it is."""
+    from fairseq_s2s_attn.hydra_train import hydra_keys
+    assert hydra_keys("--path /runs/--seed/x.pt: no such file") == "common_eval.path /runs/--seed/x.pt: no such file"
+    assert hydra_keys("use --criterion label_smoothed_cross_entropy (--coverage), --max-tokens.") == \
+        "use criterion._name label_smoothed_cross_entropy (model.coverage), dataset.max_tokens."
+    # a field of two groups (model and task) stays a command-line option
+    assert hydra_keys("--max-source-positions 12") == "--max-source-positions 12"

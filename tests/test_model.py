@@ -452,8 +452,15 @@ def test_pretrained_embedding_errors(tmp_path):
     short = _write_vectors(tmp_path / "short.vec", {"w3": torch.zeros(dim - 1)})
     with pytest.raises(ConfigError, match="no such file"):
         build_model("rnn_bahdanau_tiny", encoder_embed_path=str(tmp_path / "none.vec"))
-    with pytest.raises(ConfigError, match=rf"vectors of size \[{dim - 1}\], the embeddings are {dim} wide"):
+    with pytest.raises(ConfigError, match=rf"the vector of 'w3' has {dim - 1} values, the embeddings are {dim} wide"):
         build_model("rnn_bahdanau_tiny", decoder_embed_path=str(short))
+    (tmp_path / "empty.vec").write_text(f"0 {dim}\n\n")
+    with pytest.raises(ConfigError, match="no vectors after the header line"):
+        build_model("rnn_bahdanau_tiny", encoder_embed_path=str(tmp_path / "empty.vec"))
+    # a blank line at the end is not a word (fairseq's reader made it one of size 0)
+    blank = tmp_path / "blank.vec"
+    blank.write_text(good.read_text() + "\n")
+    build_model("rnn_bahdanau_tiny", encoder_embed_path=str(blank))
     with pytest.raises(ConfigError, match="--share-all-embeddings shares one embedding matrix"):
         build_model("rnn_bahdanau_tiny", share_all_embeddings=True, encoder_embed_path=str(good),
                     decoder_embed_path=str(short), decoder_embed_dim=dim, decoder_out_embed_dim=dim)

@@ -421,6 +421,14 @@ def test_missing_restore_file_is_an_error(small_data_bin, luong_runs, tmp_path):
     line = one_error_line(run("fairseq-train", *cmd, "--restore-file", tmp_path / "nope.pt", check=False),
                           f"--restore-file {tmp_path / 'nope.pt'}: no such file")
     assert "train from scratch" in line and not (tmp_path / "ck" / "checkpoint_last.pt").exists()
+    # a name in --save-dir: fairseq reads it from the working folder; the error says so
+    (tmp_path / "ck").mkdir(exist_ok=True)
+    shutil.copy(luong_runs[3] / "checkpoint_last.pt", tmp_path / "ck" / "model.pt")
+    line = one_error_line(run("fairseq-train", *cmd, "--restore-file", "model.pt", check=False),
+                          f"did you mean {tmp_path / 'ck' / 'model.pt'}?")
+    # SAVE_DIR/checkpoint_last.pt named explicitly on a first run: fairseq's default, no error
+    run("fairseq-train", *luong_cmd(small_data_bin, tmp_path / "ck3", 2), "--restore-file",
+        tmp_path / "ck3" / "checkpoint_last.pt")
     run("fairseq-train", *cmd, "--restore-file", luong_runs[3] / "checkpoint_last.pt",
         "--reset-optimizer", "--reset-dataloader", "--reset-meters")  # an existing one loads
 

@@ -218,27 +218,49 @@ def test_alignment_loss_needs_a_model_with_attention(arch):
         assert torch.isfinite(loss) and logging["alignment_loss"] > 0
 
 
-def test_only_fairseqs_own_checks_become_one_line():
-    """The one-line form is for exceptions with a message raised in fairseq's own files; others
-    (torch's, numpy's, the plugin's, a bare assert) keep their traceback."""
-    import os
+def test_only_fairseqs_own_checks_become_one_line(tmp_path):
+    """The one-line form is for an assert or raise statement with a message in fairseq's own
+    files; others (torch's, the plugin's, Python's own error inside fairseq such as a failed
+    unpacking, a bare assert, a KeyError) keep their traceback."""
+    import importlib.util
 
     from fairseq_s2s_attn.runtime import fairseq_check_message
 
-    def raised(exc, filename):
-        code = compile("def f(e):\n    raise e\n", filename, "exec")
-        scope = {}
-        exec(code, scope)
+    source = textwrap.dedent("""
+        def check():
+            assert 1 > 2, "min_len  cannot\\nbe larger"
+        def missing():
+            raise FileNotFoundError("Dataset not found: valid")
+        def bare():
+            assert 1 > 2
+        def key():
+            return {}["steps"]
+        def bug():
+            a, b = [1]
+        def value():
+            raise ValueError("x")
+    """)
+
+    def module(*parts):
+        path = tmp_path.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("m_" + "_".join(parts).replace(".", "_"), path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    def raised(fn):
         try:
-            scope["f"](exc)
+            fn()
         except BaseException as e:
             return e, e.__traceback__
 
-    fairseq_file = os.path.join(os.sep, "site-packages", "fairseq", "sequence_generator.py")
-    assert fairseq_check_message(*raised(AssertionError("min_len  cannot\nbe larger"), fairseq_file)) \
-        == "min_len cannot be larger"
-    assert fairseq_check_message(*raised(FileNotFoundError("Dataset not found: valid"), fairseq_file))
-    assert fairseq_check_message(*raised(AssertionError(), fairseq_file)) is None  # no message
-    assert fairseq_check_message(*raised(KeyError("steps"), fairseq_file)) is None
-    for other in ("torch/nn/modules/module.py", "fairseq_s2s_attn/model.py", "mine.py"):
-        assert fairseq_check_message(*raised(ValueError("x"), os.path.join(os.sep, "a", other))) is None
+    fs = module("site-packages", "fairseq", "sequence_generator.py")
+    assert fairseq_check_message(*raised(fs.check)) == "min_len cannot be larger"
+    assert fairseq_check_message(*raised(fs.missing)) == "Dataset not found: valid"
+    assert fairseq_check_message(*raised(fs.value)) == "x"
+    for fn in (fs.bare, fs.key, fs.bug):  # no message, not a check, Python's own error
+        assert fairseq_check_message(*raised(fn)) is None
+    for other in (("torch", "nn", "module.py"), ("fairseq_s2s_attn", "model.py"), ("mine.py",)):
+        assert fairseq_check_message(*raised(module(*other).value)) is None
