@@ -68,8 +68,10 @@
 """
 
 import argparse
+import ast
 import atexit
 import ctypes
+import linecache
 import logging
 import os
 import platform
@@ -342,8 +344,6 @@ def fairseq_check_message(exc, tb) -> Optional[str]:
     fairseq's own code, with a message), or None for anything else: raised in torch, numpy or the
     plugin, by Python inside fairseq (an unpacking error, a bug), or without a message; those
     keep their traceback."""
-    import linecache
-
     if not isinstance(exc, FAIRSEQ_CHECKS) or not str(exc).strip() or tb is None:
         return None
     while tb.tb_next is not None:
@@ -351,10 +351,24 @@ def fairseq_check_message(exc, tb) -> Optional[str]:
     where = tb.tb_frame.f_code.co_filename
     if not any(d in where for d in _FAIRSEQ_DIRS) or "fairseq_s2s_attn" in where:
         return None
-    statement = linecache.getline(where, tb.tb_lineno).strip()
-    if not statement.startswith(("assert", "raise")):
+    if not isinstance(_statement_at(where, tb.tb_lineno), (ast.Assert, ast.Raise)):
         return None
     return " ".join(str(exc).split())
+
+
+def _statement_at(filename: str, lineno: int):
+    """The innermost statement of the file that spans line lineno (an assert over several lines
+    reports the line of its failing condition), or None."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(filename)))
+    except SyntaxError:
+        return None
+    found = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.stmt) and node.lineno <= lineno <= (node.end_lineno or node.lineno):
+            if found is None or node.lineno >= found.lineno and node.end_lineno <= found.end_lineno:
+                found = node
+    return found
 
 
 def clean_error_exit() -> None:

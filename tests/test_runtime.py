@@ -228,7 +228,9 @@ def test_only_fairseqs_own_checks_become_one_line(tmp_path):
 
     source = textwrap.dedent("""
         def check():
-            assert 1 > 2, "min_len  cannot\\nbe larger"
+            assert (
+                1 > 2
+            ), "min_len  cannot\\nbe larger"
         def missing():
             raise FileNotFoundError("Dataset not found: valid")
         def bare():
