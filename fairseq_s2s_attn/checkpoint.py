@@ -222,6 +222,14 @@ NEUTRAL_OVERRIDES = {
 }
 
 
+def _same_setting(a, b) -> bool:
+    """Equal model settings: numbers and bools of the same type ('False' or 0 for a bool are not
+    False: the model takes 'False' for true), other values (choice enums, strings) by name."""
+    if isinstance(a, (bool, int, float)) or isinstance(b, (bool, int, float)):
+        return type(a) is type(b) and a == b
+    return str(a) == str(b)
+
+
 def warn_changed_model_settings() -> None:
     """fairseq-generate's ``--model-overrides`` (and the hub's keyword arguments) replace model
     settings saved in the checkpoint. One that changes the parameters stops with one error (the
@@ -243,14 +251,9 @@ def warn_changed_model_settings() -> None:
                    and k not in NEUTRAL_OVERRIDES] if ARCH_MODEL_NAME_REGISTRY.get(arch) == "rnn_s2s" else []
         trained = {k: safe_getattr(model, k, None) for k in watched}
         result = original(cfg, overrides)
-        def same(a, b) -> bool:  # 'False' or 0 for a bool are not False; enums as their names
-            if isinstance(a, (bool, int, float)) or isinstance(b, (bool, int, float)):
-                return type(a) is type(b) and a == b
-            return str(a) == str(b)
-
         for k in watched:
             now = safe_getattr(model, k, None)
-            if trained[k] is not None and not same(now, trained[k]):
+            if trained[k] is not None and not _same_setting(now, trained[k]):
                 logger.warning(f"--model-overrides sets {k} to {now!r}; the model was trained with "
                                f"{trained[k]!r}, so it now computes what it was not trained for")
         return result
