@@ -106,7 +106,8 @@ class RNNS2SConfig(FairseqDataclass):
         metadata={"help": "score function: additive v^T tanh(W s + U h + b) (Bahdanau), "
                   "dot s^T h, general s^T W h, concat v^T tanh(W [s;h]) (Luong eq. 8), "
                   "location a = softmax(W_a s) (Luong sec. 3.1: one score per source position up to "
-                  "--max-source-positions, positions counted from the first real token)"},
+                  "--max-source-positions, positions counted from the first real token); "
+                  "refused with --attention-placement none (the vanilla decoder has no score)"},
     )
     attention_dim: int = field(
         default=256,
@@ -145,7 +146,8 @@ class RNNS2SConfig(FairseqDataclass):
     input_feeding: bool = field(
         default=True,
         metadata={"help": "Luong's input feeding (sec. 3.3): feed h~_{t-1} into the next RNN "
-                  "step (only with --attention-placement after); rnn_luong turns it off, "
+                  "step (only with --attention-placement after: 'true' is refused with before "
+                  "or none); rnn_luong turns it off, "
                   "rnn_luong_paper keeps it"},
     )
     # ---------------------------------------------------------------- embeddings

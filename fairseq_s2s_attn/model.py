@@ -10,6 +10,7 @@
     *_tiny              vanilla/Bahdanau/Luong, small enough for tests and smoke runs
 """
 
+import argparse
 import contextvars
 import logging
 import os
@@ -385,9 +386,43 @@ def check_variant(cfg) -> None:
 
 
 def _set_defaults(args, **defaults):
+    given = _given_switches(args)
     for key, value in defaults.items():
         setattr(args, key, safe_getattr(args, key, value))
     fill_defaults(args)
+    check_given_switches(args, given)
+
+
+# switches that ask for a decoder the placement does not build; a value the user gave is refused
+# where it would be silently unused. Sizes (--attention-dim, --local-window) stay accepted: sweeps
+# pass one set of sizes to every variant.
+_SWITCHES = ("attention", "input_feeding")
+
+
+def _given_switches(args) -> dict:
+    """The switches the user gave: in fairseq's argparse namespace, before the architecture and
+    fill_defaults run, an option left out is None. A DictConfig (fairseq-hydra-train, build_model
+    of a parsed config, a checkpoint's config) holds every value, given or not: nothing is taken
+    as given there."""
+    if not isinstance(args, argparse.Namespace):
+        return {}
+    return {k: v for k in _SWITCHES if (v := getattr(args, k, None)) is not None}
+
+
+def check_given_switches(args, given: dict) -> None:
+    """Refuses --attention SCORE for the vanilla decoder (it has no attention, so the score was
+    silently unused) and --input-feeding true where the decoder has no h~ to feed (Luong's input
+    feeding, sec. 3.3, exists only with --attention-placement after)."""
+    placement = str(args.attention_placement)
+    if placement == "none" and "attention" in given:
+        raise ConfigError(f"--attention {given['attention']} needs attention (--attention-placement "
+                          "before or after); the vanilla decoder sees the source only through a "
+                          "fixed context vector")
+    if placement != "after" and given.get("input_feeding") is True:
+        raise ConfigError("--input-feeding true (Luong's h~_{t-1} fed into the next step) needs "
+                          "--attention-placement after; "
+                          + ("with before, the context c_i already enters every step"
+                             if placement == "before" else "the vanilla decoder has no h~"))
 
 
 @register_model_architecture("rnn_s2s", "rnn_bahdanau")

@@ -164,6 +164,9 @@ def test_bool_option_can_be_switched_off(data_bin, tmp_path):
         pytest.param(["--fp16"], "--fp16 trains on a CUDA GPU, and none is available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="--fp16 works on CUDA")),
         (["--left-pad-target"], "--left-pad-target puts padding where the decoder starts reading"),
+        # switches the decoder would not use (silently accepted before)
+        (["--attention-placement", "none", "--attention", "dot"], "--attention dot needs attention"),
+        (["--attention-placement", "before", "--input-feeding"], "--input-feeding true (Luong's"),
         pytest.param(["--amp"], "--amp is fp16 autocast on a CUDA GPU, and none is used here",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="--amp works on CUDA")),
     ],

@@ -2,12 +2,14 @@
 SequenceGenerator on tiny untrained models."""
 
 import argparse
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
+from omegaconf import OmegaConf
 
 from conftest import (ARCH_FNS, INIT_RANGE, FakeTask, build_model, inference_cfg, make_args, make_dict,
                       random_tokens)
@@ -192,7 +194,35 @@ def test_valid_configs_pass_check():
     for arch in ARCHS:
         _checked(arch)
     _checked("rnn_luong_tiny", attention="dot")  # 2 x 32 == 64
-    _checked("rnn_vanilla_tiny", attention="dot", decoder_hidden_size=10)  # vanilla has no attention
+    _checked("rnn_vanilla_tiny", input_feeding=False)  # asks for nothing the decoder lacks
+    _checked("rnn_bahdanau_tiny", input_feeding=False)
+
+
+@pytest.mark.parametrize("arch, opts, message", [
+    # accepted and silently unused before: the vanilla decoder has no score
+    ("rnn_vanilla_tiny", dict(attention="dot"), "--attention dot needs attention"),
+    ("rnn_vanilla_tiny", dict(attention="additive"), "--attention additive needs attention"),
+    ("rnn_luong_tiny", dict(attention_placement="none", attention="general"), "--attention general needs"),
+    # input feeding exists only after the RNN step (Luong's h~)
+    ("rnn_bahdanau_tiny", dict(input_feeding=True), "--input-feeding true"),
+    ("rnn_luong_tiny", dict(attention_placement="before", input_feeding=True), "with before, the context"),
+    ("rnn_vanilla_tiny", dict(input_feeding=True), "the vanilla decoder has no h~"),
+])
+def test_switches_the_decoder_would_not_use_raise(arch, opts, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_args(arch, **opts)
+
+
+def test_switches_are_judged_only_when_given():
+    """The architecture's own values and a full config (fairseq-hydra-train, a checkpoint's) are
+    not the user's: rnn_luong's input_feeding=False, the dataclass's attention='additive' for
+    rnn_vanilla."""
+    args = make_args("rnn_vanilla_tiny")
+    assert args.attention == "additive" and args.input_feeding is True  # dataclass defaults
+    cfg = OmegaConf.create(vars(args))
+    ARCH_CONFIG_REGISTRY["rnn_vanilla_tiny"](cfg)  # as fairseq's build_model calls it again
+    check_config(cfg)
+    make_args("rnn_luong_tiny", attention_placement="before")  # rnn_luong's input_feeding=False
 
 
 @pytest.mark.parametrize("opts", [

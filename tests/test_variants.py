@@ -545,8 +545,8 @@ def test_paper_architectures_build(arch):
     ("rnn_vanilla_tiny", dict(coverage=True), "--coverage"),
     ("rnn_vanilla_tiny", dict(attention_mode="local-p"), "--attention-mode local-p"),
     # accepted without effect before: the vanilla decoder has no score to scale or normalise
-    ("rnn_vanilla_tiny", dict(attention_scale=True, attention="dot"), "--attention-scale needs attention"),
-    ("rnn_vanilla_tiny", dict(attention_normalize=True, attention="additive"),
+    ("rnn_vanilla_tiny", dict(attention_scale=True), "--attention-scale needs attention"),
+    ("rnn_vanilla_tiny", dict(attention_normalize=True),
      "--attention-normalize needs attention"),
     ("rnn_luong_tiny", dict(readout="maxout"), "--readout maxout"),
     ("rnn_luong_tiny", dict(readout_state="previous"), "--readout-state previous"),
