@@ -86,7 +86,8 @@ def tool(name: str) -> str:
 
 def run(cmd: List[str], log: Optional[Path] = None) -> subprocess.CompletedProcess:
     cmd = [str(c) for c in cmd]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
+    # in the caller's folder (--user-dir is absolute): paths in --model-args resolve as typed
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
     if log is not None:
         log.write_text(f"$ {shlex.join(cmd)}\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     if proc.returncode != 0:

@@ -45,7 +45,9 @@ def sh(cmd, log_path):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        # in the caller's folder (--user-dir is absolute): paths in --ours-args resolve as the
+        # user typed them
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = open(log_path).read()[-3000:]
         raise SystemExit(f"error: {' '.join(cmd[:3])} ... failed (exit {proc.returncode}); "
@@ -268,7 +270,7 @@ def main(argv=None):
                    help="extra fairseq-train options for our rnn_* models (default: bf16 matrix "
                    "products on CPU, as make demo; sizes and dropout are the architecture's)")
     args = p.parse_args(argv)
-    # fairseq runs in the repository root (its --user-dir): paths relative to the caller's folder
+    # paths relative to the caller's folder, as fairseq (run there) reads --ours-args' paths
     args.work, args.out = os.path.abspath(args.work), os.path.abspath(args.out)
     for entry in args.archs:  # every entry checked before any training starts
         split_entry(entry, args)

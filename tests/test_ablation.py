@@ -70,3 +70,11 @@ def test_unknown_variant_and_missing_budget_are_errors(capsys):
     with pytest.raises(SystemExit):
         ablation.main(["--max-update", "0"])
     assert "budget" in capsys.readouterr().err
+
+
+def test_fairseq_runs_in_the_callers_folder(tmp_path, monkeypatch):
+    """Paths in --model-args (an embedding file) resolve as the user typed them: the commands ran
+    in the repository root before."""
+    monkeypatch.chdir(tmp_path)
+    proc = ablation.run([sys.executable, "-c", "import os; print(os.getcwd())"])
+    assert proc.stdout.strip() == str(tmp_path)

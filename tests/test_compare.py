@@ -114,9 +114,12 @@ def test_compare_precisions_and_epoch_budget(tmp_path):
     (fairseq's --bf16, here on the CPU), each with its own flags in its command."""
     work = tiny_work(tmp_path)
     out = tmp_path / "prec"
+    # a path in --ours-args relative to the caller's folder (fairseq ran in the repository root,
+    # where it was "no such file")
+    (tmp_path / "emb.txt").write_text("1 32\nopen " + " ".join(["0.5"] * 32) + "\n", encoding="utf-8")
     proc = run("compare.py", "--work", work, "--out", out, "--minutes", 0, "--max-epoch", 2,
-               "--parallel", 2, "--warmup", 10, "--ours-args", "--init-range 0.1",
-               "--archs", "rnn_luong_tiny@fp32", "rnn_luong_tiny@bf16", timeout=600)
+               "--parallel", 2, "--warmup", 10, "--ours-args", "--init-range 0.1 --encoder-embed-path emb.txt",
+               "--archs", "rnn_luong_tiny@fp32", "rnn_luong_tiny@bf16", cwd=tmp_path, timeout=600)
     text = (out / "results.md").read_text(encoding="utf-8")
     assert "at most 2 epochs" in text
     commands = [line for line in text.splitlines() if line.startswith("fairseq-train")]
@@ -125,7 +128,8 @@ def test_compare_precisions_and_epoch_budget(tmp_path):
     assert "--stop-time-hours" not in proc.stdout
     for entry in ("rnn_luong_tiny@fp32", "rnn_luong_tiny@bf16"):
         assert re.search(rf"^\| {re.escape(entry)} \| [\d.]+ \| [\d.]+ \|", text, re.M)
-        assert "epoch 002" in (out / entry / "train.log").read_text()
+        log = (out / entry / "train.log").read_text()
+        assert "epoch 002" in log and "dictionary words from emb.txt" in log
     bad = run("compare.py", "--work", work, "--out", out, "--archs", "rnn_luong_tiny@fp16",
               check=False)
     assert bad.returncode != 0 and "fp16 needs --device cuda" in bad.stderr
