@@ -22,8 +22,8 @@ and Luong et al. 2015 both train with this loss):
   reads the two loss gradients and the padding rows to the host once per update (not per step).
 
 The loss is fairseq's: label_smoothed_nll_loss's (1 - eps - eps_i) nll + eps_i smooth with
-eps_i = eps / (V - 1). Models whose decoder has no plain output layer (anything but ours, e.g.
-fairseq's ``lstm``), and ``reduce=False``, take the parent criterion's path unchanged.
+eps_i = eps / (V - 1). Models other than ours (fairseq's ``lstm``, ``transformer``, ...) and ``reduce=False`` take the
+parent criterion's path unchanged.
 """
 
 from dataclasses import dataclass
@@ -135,9 +135,13 @@ def _column_sums(x: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
 
 
 def fusable(model) -> bool:
-    """Whether the model's decoder exposes its output layer as one weight and bias."""
-    decoder = getattr(model, "decoder", None)
-    return callable(getattr(decoder, "output_projection", None))
+    """Whether the model's decoder is ours, which gives its output layer as one weight and bias
+    (``RNNDecoder.output_projection()``). Not a duck-typed check: fairseq's TransformerDecoder has
+    an ``output_projection`` too, an nn.Linear (callable, with an input), and training a
+    transformer with these criterions died with a TypeError at the first update."""
+    from .decoder import RNNDecoder
+
+    return isinstance(getattr(model, "decoder", None), RNNDecoder)
 
 
 def fused_losses(criterion, model, sample, smooth: bool, accuracy: bool

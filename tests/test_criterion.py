@@ -241,8 +241,11 @@ def test_chunks_of_rows_give_the_same_result(monkeypatch, gen):
 
 
 def test_models_without_an_output_projection_take_fairseqs_path(gen):
-    """fairseq's lstm (no output_projection) and reduce=False: the parent criterion, unchanged."""
+    """fairseq's lstm (no output_projection), its transformer (whose output_projection is an
+    nn.Linear: the fused path called it without input, a TypeError) and reduce=False: the parent
+    criterion, unchanged."""
     from fairseq.models.lstm import LSTMModel, base_architecture
+    from fairseq.models.transformer import TransformerModel, tiny_architecture
 
     d = make_dict()
     task = FakeTask(d, d)
@@ -258,6 +261,14 @@ def test_models_without_an_output_projection_take_fairseqs_path(gen):
     options = dict(sentence_avg=False, label_smoothing=0.1)
     loss = FusedLabelSmoothedCrossEntropyCriterion(task, **options)(lstm, sample)[0]
     loss0 = LabelSmoothedCrossEntropyCriterion(task, **options)(lstm, sample)[0]
+    assert float(loss) == float(loss0)
+    args = argparse.Namespace(dropout=0.0)
+    tiny_architecture(args)
+    torch.manual_seed(0)
+    transformer = TransformerModel.build_model(args, task)
+    assert not fused.fusable(transformer)
+    loss = FusedLabelSmoothedCrossEntropyCriterion(task, **options)(transformer, sample)[0]
+    loss0 = LabelSmoothedCrossEntropyCriterion(task, **options)(transformer, sample)[0]
     assert float(loss) == float(loss0)
     ours = build_model("rnn_bahdanau_tiny", task=task)
     unreduced = FusedLabelSmoothedCrossEntropyCriterion(task, **options)(ours, sample, reduce=False)
