@@ -29,9 +29,11 @@ import os
 import socket
 import sys
 
+from typing import Optional
+
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, S2SError
 from .patching import replaces
 
 logger = logging.getLogger(__name__)
@@ -98,12 +100,33 @@ def cpu_launcher() -> None:
                     f"({dt.distributed_backend}, {dt.distributed_init_method})")
         kwargs["start_rank"] = dt.distributed_rank
         dt.distributed_rank = None  # distributed_main assigns start_rank + process index
-        torch.multiprocessing.spawn(
-            fn=_cpu_worker,
-            args=(main, cfg, kwargs),
-            nprocs=dt.distributed_world_size,
-            join=True,
-        )
+        try:
+            torch.multiprocessing.spawn(
+                fn=_cpu_worker,
+                args=(main, cfg, kwargs),
+                nprocs=dt.distributed_world_size,
+                join=True,
+            )
+        except torch.multiprocessing.ProcessRaisedException as e:
+            error = worker_error(str(e))
+            if error is None:
+                raise
+            raise error from None
+
+
+class WorkerError(S2SError):
+    """A spawned process's error that prints as one line (see runtime.one_line_error).
+
+    torch.multiprocessing hands the parent only the text of the child's traceback, which it
+    printed inside a ProcessRaisedException traceback of its own (~30 lines for a bad option);
+    the child raises this with the one line, and the parent raises it again from that text."""
+
+
+def worker_error(text: str) -> Optional[WorkerError]:
+    """The WorkerError whose traceback ends ``text`` (a ProcessRaisedException's message)."""
+    prefix = f"{WorkerError.__module__}.{WorkerError.__qualname__}: "
+    last = text.rstrip().splitlines()[-1] if text.strip() else ""
+    return WorkerError(last[len(prefix):]) if last.startswith(prefix) else None
 
 
 def _cpu_worker(index, main, cfg, kwargs):
@@ -116,8 +139,15 @@ def _cpu_worker(index, main, cfg, kwargs):
 
     if "fork" in multiprocessing.get_all_start_methods():
         multiprocessing.set_start_method("fork", force=True)
+    from .runtime import one_line_error
+
     try:
         distributed_utils.distributed_main(index, main, cfg, kwargs)
+    except Exception as e:
+        line = one_line_error(e, e.__traceback__)
+        if line is None or "\n" in line:
+            raise
+        raise WorkerError(line) from None
     finally:
         close_tensorboard_writers()
 

@@ -349,6 +349,10 @@ def fairseq_check_message(exc, tb) -> Optional[str]:
     while tb.tb_next is not None:
         tb = tb.tb_next
     where = tb.tb_frame.f_code.co_filename
+    if where.startswith("fairseq" + os.sep) and where.endswith(".pyx"):
+        # fairseq's Cython modules (batching: "Sentences lengths should not exceed max_tokens=N"),
+        # named by a relative path, without source: an AssertionError there is an assert
+        return " ".join(str(exc).split()) if isinstance(exc, AssertionError) else None
     if not any(d in where for d in _FAIRSEQ_DIRS) or "fairseq_s2s_attn" in where:
         return None
     if not isinstance(_statement_at(where, tb.tb_lineno), (ast.Assert, ast.Raise)):
@@ -371,27 +375,33 @@ def _statement_at(filename: str, lineno: int):
     return found
 
 
-def clean_error_exit() -> None:
+def one_line_error(exc, tb) -> Optional[str]:
+    """What an uncaught exception prints after "PROG: error: ", or None where it keeps its
+    traceback: our errors (S2SError), and fairseq's own checks in fairseq's commands unless
+    S2S_TRACEBACK is set."""
     from .errors import S2SError
 
+    ours = _our_error(exc, S2SError)
+    if ours is None:
+        # fairseq refuses options with assert statements and plain exceptions: the message
+        # came at the end of a traceback of 10-30 lines through fairseq
+        check = (None if os.environ.get("S2S_TRACEBACK") or not running_fairseq_command(*COMMANDS)
+                 else fairseq_check_message(exc, tb))
+        return None if check is None else f"{check} (fairseq's check; S2S_TRACEBACK=1 shows where)"
+    message = str(ours)
+    if ours is not exc:  # keep the part of fairseq's message that names the file
+        message = f"{message} ({str(exc).split(';')[0].strip()})"
+    return message
+
+
+def clean_error_exit() -> None:
     @replaces(sys, "excepthook")
     def hook(previous, exc_type, exc, tb):
+        line = one_line_error(exc, tb)
+        if line is None:
+            return previous(exc_type, exc, tb)
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
-        ours = _our_error(exc, S2SError)
-        if ours is None:
-            # fairseq refuses options with assert statements and plain exceptions: the message
-            # came at the end of a traceback of 10-30 lines through fairseq
-            check = (None if os.environ.get("S2S_TRACEBACK") or not running_fairseq_command(*COMMANDS)
-                     else fairseq_check_message(exc, tb))
-            if check is None:
-                return previous(exc_type, exc, tb)
-            print(f"{prog}: error: {check} (fairseq's check; S2S_TRACEBACK=1 shows where)",
-                  file=sys.stderr)
-            return
-        message = str(ours)
-        if ours is not exc:  # keep the part of fairseq's message that names the file
-            message = f"{message} ({str(exc).split(';')[0].strip()})"
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {line}", file=sys.stderr)
 
 
 def stop_batch_threads_at_exit(grace_s: float = 30.0) -> None:

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from clitools import BIN, REPO, run
-from fairseq_s2s_attn.distributed import configure_cpu, refuse_late_load
-from fairseq_s2s_attn.errors import ConfigError
+from fairseq_s2s_attn.distributed import WorkerError, configure_cpu, refuse_late_load, worker_error
+from fairseq_s2s_attn.errors import ConfigError, S2SError
 
 ARCHS = ["rnn_vanilla_tiny", "rnn_bahdanau_tiny", "rnn_luong_tiny"]
 USER_DIR = ("--user-dir", REPO / "fairseq_s2s_attn")
@@ -63,6 +63,39 @@ def test_two_cpu_processes_equal_update_freq_2(small_data_bin, tmp_path, arch, l
     assert p1.keys() == p2.keys()
     for name in p1:
         torch.testing.assert_close(p2[name], p1[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    # ours, raised in every spawned process when it builds the model
+    (["--attention", "dot", "--decoder-hidden-size", 48], "--attention dot needs --decoder-hidden-size (48)"),
+    # fairseq's own check, an assert in its Cython batching module
+    # (on the validation set, which fairseq does not filter by --max-tokens)
+    (["--max-tokens", 3], "Sentences lengths should not exceed max_tokens=3 (fairseq's check"),
+])
+def test_errors_of_spawned_processes_are_one_line(small_data_bin, tmp_path, args, message):
+    """torch.multiprocessing re-raised a spawned process's error in the parent as a
+    ProcessRaisedException: ~30 lines of two tracebacks, with our one line at their end."""
+    cmd = [a for a in train_args(small_data_bin, "rnn_luong_tiny", tmp_path) if a != "--disable-validation"]
+    cmd += [str(a) for a in args]
+    proc = run("fairseq-train", *cmd, "--distributed-world-size", 2, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == [f"fairseq-train: error: {errors[0].split('error: ', 1)[1]}"] and message in errors[0]
+    one = run("fairseq-train", *cmd, check=False)  # the same line from one process
+    assert one.returncode != 0 and errors[0] in one.stderr and "Traceback" not in one.stderr
+
+
+def test_worker_error_is_read_from_the_traceback_text():
+    text = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call "
+            "last):\n  File \"x.py\", line 1, in f\nfairseq_s2s_attn.distributed.WorkerError: "
+            "--encoder-layers must be a positive integer, got 0\n")
+    error = worker_error(text)
+    assert isinstance(error, WorkerError) and isinstance(error, S2SError)
+    assert str(error) == "--encoder-layers must be a positive integer, got 0"
+    assert worker_error(text.replace("fairseq_s2s_attn.distributed.WorkerError", "KeyError")) is None
+    assert worker_error("") is None
 
 
 # ----------------------------------------------------------------- launcher logic (no processes)
