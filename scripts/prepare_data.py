@@ -62,6 +62,8 @@ from cli_args import at_least
 SPLITS = ("train", "valid", "test")
 STAMP = ".stamp.json"
 META = "meta.json"
+# the rnn_* models' default --max-source-positions and --max-target-positions (as fairseq's lstm)
+MODEL_POSITIONS = 1024
 STAMP_VERSION = 1  # bump when a change in this script changes what a step writes
 
 
@@ -449,6 +451,17 @@ def stamp_is_current(out_dir, stamp, outputs):
                                                         for f in outputs)
 
 
+def refuse_overwriting_inputs(inputs, out_dir, outputs, advice):
+    """Stops before a step writes over one of its own inputs: a user's corpus named train.en
+    given as --src with --out (or --work's data folder) where it lies was cut to its train split,
+    and `all` cut it again on every rerun (its checksum had changed)."""
+    written = {os.path.realpath(os.path.join(out_dir, f)) for f in outputs}
+    for path in inputs:
+        if os.path.realpath(path) in written:
+            raise DataError(f"{path} would be overwritten: this step writes "
+                            f"{os.path.basename(path)} in {out_dir}; {advice}")
+
+
 def begin_step(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     try:
@@ -551,6 +564,8 @@ def prepare_text(src, tgt, out_dir, src_lang=None, tgt_lang=None, valid_size=100
                         f"({dropped})")
     splits = split_pairs(pairs, valid_size, test_size, seed)
     check_disjoint(splits)
+    refuse_overwriting_inputs([src, tgt], out_dir, corpus_outputs(src_lang, tgt_lang),
+                              "choose another output folder (--out, or --work for `all`)")
     begin_step(out_dir)
     write_corpus(out_dir, splits, src_lang, tgt_lang, {
         "source": "text", "inputs": [os.path.abspath(src), os.path.abspath(tgt)], "stats": dict(stats)})
@@ -615,6 +630,20 @@ def train_spm(inputs, model_prefix, vocab_size, model_type="unigram", character_
     return model_prefix + ".model"
 
 
+def remove_stale_models(out_dir, previous, models):
+    """Removes the models an earlier run wrote in out_dir (its meta.json's) that this one does
+    not: after --joint then --separate, spm.model stayed beside spm.en.model and spm.de.model,
+    and the commands that name spm/spm.model read the old joint model without a word."""
+    kept = {os.path.basename(m) for m in models.values()}
+    for name in sorted(set(previous.values()) - kept):
+        if os.path.basename(name) != name or not name.endswith(".model"):
+            continue  # not a file name this script wrote
+        for path in (os.path.join(out_dir, name), os.path.join(out_dir, name[:-len(".model")] + ".vocab")):
+            if os.path.isfile(path):
+                os.remove(path)
+                log(f"  removed {path} (a model of the earlier run, not of this one)")
+
+
 def _fit(pieces, max_len):
     return len(pieces) <= max_len
 
@@ -638,6 +667,11 @@ def prepare_spm(data_dir, out_dir, vocab_size, joint=True, max_len=128, truncate
     splits = present_splits(data_dir, src_lang, tgt_lang)
     data = {s: read_parallel(os.path.join(data_dir, f"{s}.{src_lang}"), os.path.join(data_dir, f"{s}.{tgt_lang}"),
                              allow_empty=s != "train") for s in splits}
+    refuse_overwriting_inputs([os.path.join(data_dir, f"{s}.{l}") for s in splits for l in (src_lang, tgt_lang)],
+                              out_dir, spm_outputs(src_lang, tgt_lang, joint),
+                              "the piece files would replace the text they are made from: give --out "
+                              "another folder than --data")
+    previous = (read_json(os.path.join(out_dir, META)) or {}).get("models", {})
     begin_step(out_dir)
     langs = (src_lang, tgt_lang)
     train_files = [os.path.join(data_dir, f"train.{l}") for l in langs]
@@ -649,8 +683,10 @@ def prepare_spm(data_dir, out_dir, vocab_size, joint=True, max_len=128, truncate
         models = {l: model for l in langs}
     else:
         models = {l: train_spm([f], os.path.join(out_dir, f"spm.{l}"), **opts) for l, f in zip(langs, train_files)}
+    remove_stale_models(out_dir, previous, models)
     procs = {l: spm.SentencePieceProcessor(model_file=m) for l, m in models.items()}
     stats = collections.Counter()
+    over_limit = collections.Counter()
     sizes = {}
     for split in splits:
         enc = [procs[l].encode([p[i] for p in data[split]], out_type=str) for i, l in enumerate(langs)]
@@ -668,6 +704,8 @@ def prepare_spm(data_dir, out_dir, vocab_size, joint=True, max_len=128, truncate
                     stats[f"{split}: truncated to {max_len} pieces"] += 1
                 else:
                     stats[f"{split}: kept although longer than {max_len} pieces"] += 1
+            if split != "train" and max(len(s), len(t)) > MODEL_POSITIONS:
+                over_limit[split] += 1
             out_src.append(" ".join(s))
             out_tgt.append(" ".join(t))
         if split == "train" and not out_src:
@@ -689,6 +727,11 @@ def prepare_spm(data_dir, out_dir, vocab_size, joint=True, max_len=128, truncate
     for split in splits:
         if split != "train" and stats[f"{split}: kept although longer than {max_len} pieces"]:
             warn(f"{split} has lines longer than --max-len {max_len} pieces (kept; --truncate cuts them)")
+        if over_limit[split]:
+            tool = "fairseq-train" if split == "valid" else "fairseq-generate"
+            warn(f"{split} has {over_limit[split]} line(s) longer than {MODEL_POSITIONS} pieces, the "
+                 f"models' default --max-source-positions / --max-target-positions: {tool} will refuse "
+                 f"them; raise those options when training, or use a larger --vocab-size")
     return sizes
 
 

@@ -346,6 +346,64 @@ def test_all_reuses_steps_and_rebuilds_on_changed_parameters(tmp_path, monkeypat
     assert "up to date" not in log and len(calls) == 3
 
 
+def test_inputs_are_never_overwritten(tmp_path):
+    """A corpus named train.en given as --src with --out where it lies was cut to its train split
+    (and `all` cut it again on every rerun); spm with --out equal to --data replaced the text by
+    its pieces. Each is now refused before anything is written."""
+    src, tgt = make_corpus(120)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write(corpus / "train.en", src)
+    write(corpus / "train.de", tgt)
+    before = (corpus / "train.en").read_bytes()
+    r = run_cli("text", "--src", corpus / "train.en", "--tgt", corpus / "train.de", "--out", corpus,
+                "--valid-size", 5, "--test-size", 5)
+    check_error(r, f"{corpus / 'train.en'} would be overwritten")
+    work = tmp_path / "w"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "train.en").symlink_to(corpus / "train.en")  # the same file by another name
+    write(work / "data" / "train.de", tgt)
+    r = run_cli("all", "--src", work / "data" / "train.en", "--tgt", work / "data" / "train.de", "--work", work,
+                "--valid-size", 5, "--test-size", 5, "--vocab-size", 60)
+    check_error(r, "would be overwritten", "--work")
+    assert (corpus / "train.en").read_bytes() == before and sorted(os.listdir(corpus)) == ["train.de", "train.en"]
+    data = make_piece_data(tmp_path / "data")
+    text = read(data / "valid.en")
+    r = run_cli("spm", "--data", data, "--out", data, "--vocab-size", 40, "--src-lang", "en", "--tgt-lang", "de")
+    check_error(r, "would be overwritten", "another folder than --data")
+    assert read(data / "valid.en") == text and not (data / "spm.model").exists()
+
+
+def test_switching_joint_and_separate_removes_the_other_models(tmp_path, capsys):
+    """After --joint then --separate, the joint spm.model stayed beside the new models, and the
+    commands that name spm/spm.model (plot_attention, fairseq-interactive) read it silently."""
+    data = make_piece_data(tmp_path / "data")
+    out = tmp_path / "spm"
+    common = dict(vocab_size=30, max_len=30, src_lang="en", tgt_lang="de")
+    prep.prepare_spm(str(data), str(out), joint=True, **common)
+    assert (out / "spm.model").exists() and (out / "spm.vocab").exists()
+    prep.prepare_spm(str(data), str(out), joint=False, **common)
+    assert sorted(f for f in os.listdir(out) if f.startswith("spm")) == [
+        "spm.de.model", "spm.de.vocab", "spm.en.model", "spm.en.vocab"]
+    assert f"removed {out / 'spm.model'}" in capsys.readouterr().out
+    prep.prepare_spm(str(data), str(out), joint=True, **common)
+    assert sorted(f for f in os.listdir(out) if f.startswith("spm")) == ["spm.model", "spm.vocab"]
+
+
+def test_lines_beyond_the_models_positions_are_announced(tmp_path, monkeypatch, capsys):
+    """A valid or test line longer than the models' 1024 positions made fairseq-train (valid) or
+    fairseq-generate (test, after the whole training) refuse the set; only --max-len was warned of."""
+    data = make_piece_data(tmp_path / "data")  # one 40-word pair per split, > 40 pieces
+    monkeypatch.setattr(prep, "MODEL_POSITIONS", 40)
+    prep.prepare_spm(str(data), str(tmp_path / "spm"), vocab_size=40, max_len=0, src_lang="en", tgt_lang="de")
+    err = capsys.readouterr().err
+    assert "valid has 1 line(s) longer than 40 pieces" in err and "fairseq-train will refuse" in err
+    assert "test has 1 line(s) longer than 40 pieces" in err and "fairseq-generate will refuse" in err
+    monkeypatch.setattr(prep, "MODEL_POSITIONS", 1024)
+    prep.prepare_spm(str(data), str(tmp_path / "spm2"), vocab_size=40, max_len=0, src_lang="en", tgt_lang="de")
+    assert "line(s) longer than" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------
 # errors: `error: ...` naming the file (and line), exit status 2, no traceback
 
