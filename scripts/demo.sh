@@ -3,7 +3,8 @@
 #   gettext catalogs -> English-German corpus -> sentencepiece -> fairseq-preprocess
 #   -> fairseq-train rnn_bahdanau (bounded CPU time) -> fairseq-generate --beam 5
 #   -> detokenise -> sacrebleu BLEU and chrF -> attention heatmaps, training curves -> summary.
-# A second run reuses what is already built (data, finished training, translations).
+# A second run reuses what is already built (data, finished training, translations); a finished
+# training only on the data-bin it was trained on (another DEMO_VOCAB: an error, nothing deleted).
 #
 # Settings (environment variables):
 #   DEMO_LANG=de         target language (any with gettext catalogs on the machine)
@@ -37,8 +38,18 @@ step() { printf '\n==== %s\n' "$*"; }
 step "1/5 data: English -> $LANG_T pairs from the gettext catalogs, sentencepiece, fairseq-preprocess"
 "$PY" scripts/prepare_data.py all --lang "$LANG_T" --work "$WORK" --vocab-size "${DEMO_VOCAB:-6000}" --max-len 64
 
+# the data-bin's identity (its stamp holds the checksums of the piece files it was built from):
+# a finished training is reused only on the data it was trained on
+DATA_ID=$(sha1sum < "$WORK/data-bin/.stamp.json" | cut -d' ' -f1)
+
 step "2/5 train $ARCH for at most $MINUTES minutes (fairseq-train; progress below)"
 if [ -f "$CKPT/.done" ]; then
+    TRAINED_ON=$(cat "$CKPT/.done")  # empty: a .done of an earlier version, data unknown
+    if [ -n "$TRAINED_ON" ] && [ "$TRAINED_ON" != "$DATA_ID" ]; then
+        echo "error: $CKPT was trained on another data-bin than $WORK/data-bin (DEMO_VOCAB or the" \
+             "data changed since): move or delete $CKPT to train on this one" >&2
+        exit 1
+    fi
     echo "reusing the finished training in $CKPT (delete $CKPT/.done to train again)"
 else
     HOURS=$("$PY" -c "print(round($MINUTES / 60, 4))")
@@ -52,7 +63,7 @@ else
         --log-format simple --log-interval 50 --cpu --seed 1 \
         ${DEMO_TRAIN_ARGS:---cpu-bf16} \
         2>&1 | tee "$OUT/train.log" | grep --line-buffered -E "\| (train_inner|train|valid) \|"
-    touch "$CKPT/.done"
+    echo "$DATA_ID" > "$CKPT/.done"
 fi
 
 step "3/5 translate the test set with beam search (fairseq-generate --beam 5)"
