@@ -13,6 +13,10 @@ test.align with the true alignment in fairseq's "src-tgt" pair format.
 import argparse
 import os
 import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_args import at_least  # noqa: E402
 
 
 def make_pairs(task: str, n: int, vocab: int, min_len: int, max_len: int, rng: random.Random):
@@ -32,29 +36,40 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["reverse", "copy"], default="reverse")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--vocab", type=int, default=20, help="number of distinct tokens")
-    p.add_argument("--min-len", type=int, default=1)
-    p.add_argument("--max-len", type=int, default=30)
-    p.add_argument("--train", type=int, default=20000, help="training pairs")
-    p.add_argument("--valid", type=int, default=500)
-    p.add_argument("--test", type=int, default=500)
+    p.add_argument("--vocab", type=at_least(1), default=20, help="number of distinct tokens (at least 1)")
+    p.add_argument("--min-len", type=at_least(1), default=1, help="shortest sentence, in tokens")
+    p.add_argument("--max-len", type=at_least(1), default=30, help="longest sentence, in tokens")
+    p.add_argument("--train", type=at_least(1), default=20000, help="training pairs (at least 1)")
+    p.add_argument("--valid", type=at_least(0), default=500,
+                   help="validation pairs (0 writes empty valid.src and valid.tgt)")
+    p.add_argument("--test", type=at_least(0), default=500,
+                   help="test pairs (0 writes empty test.src, test.tgt and test.align)")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
-    if not 1 <= args.min_len <= args.max_len:
-        p.error(f"need 1 <= --min-len ({args.min_len}) <= --max-len ({args.max_len})")
+    if not args.min_len <= args.max_len:
+        p.error(f"need --min-len ({args.min_len}) <= --max-len ({args.max_len})")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; give a folder for the corpus")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot make the folder ({e.strerror or e})")
     rng = random.Random(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     for split, n in (("train", args.train), ("valid", args.valid), ("test", args.test)):
-        with open(os.path.join(args.out, f"{split}.src"), "w") as fs, \
-                open(os.path.join(args.out, f"{split}.tgt"), "w") as ft:
-            aligns = []
-            for src, tgt, align in make_pairs(args.task, n, args.vocab, args.min_len, args.max_len, rng):
-                fs.write(" ".join(src) + "\n")
-                ft.write(" ".join(tgt) + "\n")
-                aligns.append(" ".join(f"{s}-{t}" for s, t in align))
-        if split == "test":
-            with open(os.path.join(args.out, "test.align"), "w") as fa:
-                fa.write("\n".join(aligns) + "\n")
+        path = os.path.join(args.out, f"{split}.src")
+        try:
+            with open(path, "w") as fs, open(os.path.join(args.out, f"{split}.tgt"), "w") as ft:
+                aligns = []
+                for src, tgt, align in make_pairs(args.task, n, args.vocab, args.min_len, args.max_len, rng):
+                    fs.write(" ".join(src) + "\n")
+                    ft.write(" ".join(tgt) + "\n")
+                    aligns.append(" ".join(f"{s}-{t}" for s, t in align))
+            if split == "test":  # one line per test sentence: none for --test 0
+                path = os.path.join(args.out, "test.align")
+                with open(path, "w") as fa:
+                    fa.writelines(line + "\n" for line in aligns)
+        except OSError as e:
+            p.error(f"cannot write {e.filename or path} ({e.strerror or e})")
     print(f"wrote {args.task} data to {args.out}")
 
 

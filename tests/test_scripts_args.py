@@ -1,5 +1,5 @@
-"""Argument errors of scripts/plot_attention.py: one `error:` line before any model is loaded,
-no traceback (main(argv) in this process, nothing translated)."""
+"""Argument errors of scripts/plot_attention.py (one `error:` line before any model is loaded, no
+traceback; main(argv) in this process, nothing translated) and of scripts/make_synthetic.py."""
 
 import sys
 
@@ -8,6 +8,7 @@ import pytest
 from clitools import SCRIPTS
 
 sys.path.insert(0, str(SCRIPTS))
+import make_synthetic  # noqa: E402
 import plot_attention  # noqa: E402
 
 
@@ -52,3 +53,43 @@ def test_help_example_uses_the_demos_checkpoint_folder():
     demo = (SCRIPTS / "demo.sh").read_text()
     assert 'CKPT="$WORK/checkpoints/$ARCH"' in demo and 'ARCH="${DEMO_ARCH:-rnn_bahdanau}"' in demo
     assert "--model-dir work/demo/checkpoints/rnn_bahdanau " in plot_attention.__doc__
+
+
+def synthetic_refused(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        make_synthetic.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    assert e.value.code == 2 and "Traceback" not in cap.err and "wrote" not in cap.out
+    return cap.err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("option,value,low", [("--vocab", 0, 1), ("--vocab", -3, 1), ("--train", -5, 1),
+                                              ("--train", 0, 1), ("--valid", -1, 0), ("--test", -2, 0),
+                                              ("--max-len", 0, 1)])
+def test_synthetic_sizes_checked(option, value, low, tmp_path, capsys):
+    """--vocab 0/-3 were IndexErrors; --train -5 wrote empty files."""
+    out = tmp_path / "syn"
+    line = synthetic_refused(capsys, ["--out", out, "--train", 3, option, value])
+    assert f"error: argument {option}: must be at least {low}, got '{value}'" in line
+    assert not out.exists()
+
+
+def test_synthetic_test_0_writes_consistent_empty_files(tmp_path, capsys):
+    """--test 0 wrote a test.align of one empty line next to an empty test.src."""
+    out = tmp_path / "syn"
+    make_synthetic.main(["--out", str(out), "--train", "3", "--valid", "0", "--test", "0"])
+    for name in ("valid.src", "valid.tgt", "test.src", "test.tgt", "test.align"):
+        assert (out / name).read_text() == "", name
+    make_synthetic.main(["--out", str(out), "--train", "3", "--valid", "0", "--test", "4"])
+    assert len((out / "test.align").read_text().splitlines()) == len((out / "test.src").read_text().splitlines()) == 4
+
+
+def test_synthetic_out_must_be_a_folder(tmp_path, capsys):
+    """--out FILE was a FileExistsError, --out FILE/sub a NotADirectoryError."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    line = synthetic_refused(capsys, ["--out", afile, "--train", 3])
+    assert f"--out {afile} is a file; give a folder" in line
+    line = synthetic_refused(capsys, ["--out", afile / "sub", "--train", 3])
+    assert f"--out {afile / 'sub'}: cannot make the folder" in line
+    assert afile.read_text() == "keep me\n"
