@@ -1,6 +1,7 @@
-"""argparse types shared by the scripts in this folder."""
+"""argparse types and argument checks shared by the scripts in this folder."""
 
 import argparse
+import os
 
 
 def _number(text, kind):
@@ -29,3 +30,19 @@ def above(low, kind=float):
             raise argparse.ArgumentTypeError(f"must be above {low}, got {text!r}")
         return v
     return parse
+
+
+def folder_problem(path):
+    """Why the folder `path` could not be made or written into, as words to follow the path in an
+    error line, or None when it looks fine. Makes nothing, so that a script can check its output
+    folder before any slow work; root can still be refused by a virtual or read-only file system
+    (/proc), so the writes themselves must be checked too."""
+    target = os.path.abspath(path)
+    probe = target
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return "is a file, not a folder" if probe == target else f"cannot be made: {probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return "is not writable" if probe == target else f"cannot be made: {probe} is not writable"
+    return None

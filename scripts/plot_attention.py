@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_args import at_least  # noqa: E402
+from cli_args import at_least, folder_problem  # noqa: E402
 
 
 def pick_sentences(path: str, num: int, min_words: int, max_words: int):
@@ -71,7 +71,15 @@ def main(argv=None):
         p.error(f"--data {args.data}: no such folder (the data-bin with the dictionaries)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; give a folder for the PNGs")
-    sentences = pick_sentences(args.input, args.num, args.min_words, args.max_words)
+    problem = folder_problem(args.out)  # checked before the model is loaded
+    if problem:
+        p.error(f"--out {args.out} {problem}")
+    try:
+        sentences = pick_sentences(args.input, args.num, args.min_words, args.max_words)
+    except UnicodeDecodeError as e:
+        p.error(f"--input {args.input}: not UTF-8 text (byte {e.start}); give UTF-8 text")
+    except OSError as e:
+        p.error(f"--input {args.input}: cannot read ({e.strerror or e})")
     if not sentences:
         p.error(f"no sentence of {args.min_words}-{args.max_words} words in {args.input}")
 
@@ -100,7 +108,10 @@ def main(argv=None):
                                                 spm_model=args.spm_model)
     except S2SError as e:
         p.error(str(e))
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot make the folder ({e.strerror or e})")
     written = []
     for i, (sent, res) in enumerate(zip(sentences, translator.translate(sentences, beam=args.beam,
                                                                           return_attention=True))):
@@ -108,7 +119,10 @@ def main(argv=None):
             print("the model has no attention (rnn_vanilla): nothing to plot", file=sys.stderr)
             return 1
         path = os.path.join(args.out, f"attention_{i}.png")
-        plot(res, path, f"{sent}\n→ {res.translation}")
+        try:
+            plot(res, path, f"{sent}\n→ {res.translation}")
+        except OSError as e:
+            p.error(f"cannot write {path} ({e.strerror or e})")
         written.append(path)
         print(f"{path}\t{sent}\t{res.translation}")
     return 0

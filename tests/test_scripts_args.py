@@ -48,6 +48,23 @@ def test_missing_data_existing_out_file_and_bad_spm_model(ok_args, tmp_path, cap
     assert not (tmp_path / "plots").exists()
 
 
+def test_out_under_a_file_is_refused_before_loading(ok_args, tmp_path, capsys):
+    """--out FILE/sub was a NotADirectoryError after the model had been loaded (here the missing
+    checkpoint would be the error if the model were loaded first)."""
+    (tmp_path / "afile").write_text("keep me\n")
+    line = refused(capsys, ok_args + ["--out", tmp_path / "afile" / "sub"])
+    assert f"--out {tmp_path / 'afile' / 'sub'} cannot be made: {tmp_path / 'afile'} is a file" in line
+    assert (tmp_path / "afile").read_text() == "keep me\n"
+
+
+def test_latin1_input_is_refused(ok_args, tmp_path, capsys):
+    """A Latin-1 --input was a UnicodeDecodeError."""
+    (tmp_path / "latin1.txt").write_bytes("ouvrir le fichier du dossier café maintenant\n".encode("latin-1"))
+    line = refused(capsys, ok_args + ["--input", tmp_path / "latin1.txt"])
+    assert f"--input {tmp_path / 'latin1.txt'}: not UTF-8 text" in line
+    assert not (tmp_path / "plots").exists()
+
+
 def test_help_example_uses_the_demos_checkpoint_folder():
     """scripts/demo.sh saves to $WORK/checkpoints/$ARCH (rnn_bahdanau by default)."""
     demo = (SCRIPTS / "demo.sh").read_text()
