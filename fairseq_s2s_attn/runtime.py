@@ -41,6 +41,9 @@
   with ``--score-reference``, and for an ensemble with such a model (beam search and scoring).
 - Guided alignment (``--criterion label_smoothed_cross_entropy_with_alignment``) with a model that
   returns no attention in training (rnn_vanilla) stopped with an AttributeError: one error now.
+- ``--eval-bleu`` logged no BLEU for a validation whose hypotheses were all empty (a model
+  early in training), and ``--best-checkpoint-metric bleu`` then died with ``KeyError: 'bleu'``:
+  such a validation scores BLEU 0.
 - Host synchronisation in beam search on a GPU: the source side stays one row per sentence
   (``RNNEncoder.reorder_encoder_out``), and for an arbitrary order the encoder must read the
   order's values to know whether rows stay with their sentences: two ``torch.equal`` per
@@ -257,6 +260,27 @@ def alignment_loss_needs_attention() -> None:
         return original(self, sample, net_output)
 
 
+def bleu_of_empty_hypotheses() -> None:
+    """--eval-bleu: fairseq's translation task logs BLEU only when the validation hypotheses hold
+    at least one token (``max(totals) > 0``). A model early in training often ends every
+    hypothesis at once (rnn_luong_tiny after 20 updates), and with --best-checkpoint-metric bleu
+    fairseq-train then died with ``KeyError: 'bleu'`` at that validation; without it the valid line
+    silently lacked bleu. Such a validation now scores BLEU 0, as sacrebleu scores empty
+    hypotheses."""
+    from fairseq.logging import metrics
+    from fairseq.tasks.translation import EVAL_BLEU_ORDER, TranslationTask
+
+    @replaces(TranslationTask, "reduce_metrics")
+    def reduce_metrics(original, self, logging_outputs, criterion):
+        original(self, logging_outputs, criterion)
+        if not getattr(self.cfg, "eval_bleu", False):
+            return
+        totals = [sum(log.get(f"_bleu_totals_{i}", 0) for log in logging_outputs)
+                  for i in range(EVAL_BLEU_ORDER)]
+        if not max(float(t) for t in totals) > 0:
+            metrics.log_scalar("bleu", 0.0)
+
+
 def beam_search_keeps_sentence_runs() -> None:
     """fairseq's SequenceGenerator runs inside ``encoder.sentence_runs()`` (see the module
     docstring): our encoders then reorder without reading the order on the host."""
@@ -457,5 +481,6 @@ def install(model_cls) -> None:
     keep_remainder_batches()
     empty_alignments_without_attention()
     alignment_loss_needs_attention()
+    bleu_of_empty_hypotheses()
     beam_search_keeps_sentence_runs()
     stop_batch_threads_at_exit()

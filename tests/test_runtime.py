@@ -266,3 +266,33 @@ def test_only_fairseqs_own_checks_become_one_line(tmp_path):
         assert fairseq_check_message(*raised(fn)) is None
     for other in (("torch", "nn", "module.py"), ("fairseq_s2s_attn", "model.py"), ("mine.py",)):
         assert fairseq_check_message(*raised(module(*other).value)) is None
+
+
+def _validation_bleu(hypothesis_tokens):
+    """The values fairseq's translation task logs for one validation with --eval-bleu, the
+    hypotheses holding ``hypothesis_tokens`` tokens in all (their 1-gram matches: all of them)."""
+    import argparse
+
+    from fairseq.criterions.cross_entropy import CrossEntropyCriterion
+    from fairseq.logging import metrics
+    from fairseq.tasks.translation import EVAL_BLEU_ORDER, TranslationTask
+
+    import fairseq_s2s_attn  # noqa: F401  (installs the replacement)
+
+    task = object.__new__(TranslationTask)
+    task.cfg = argparse.Namespace(eval_bleu=True)
+    log = {"loss": 2.0, "nll_loss": 2.0, "ntokens": 5, "nsentences": 1, "sample_size": 5,
+           "_bleu_sys_len": hypothesis_tokens, "_bleu_ref_len": 5}
+    for i in range(EVAL_BLEU_ORDER):
+        n = max(hypothesis_tokens - i, 0)
+        log.update({f"_bleu_counts_{i}": n, f"_bleu_totals_{i}": n})
+    with metrics.aggregate(new_root=True) as agg:
+        task.reduce_metrics([log], object.__new__(CrossEntropyCriterion))
+        return agg.get_smoothed_values()
+
+
+def test_validation_with_only_empty_hypotheses_scores_bleu_zero():
+    """fairseq logged no bleu when every hypothesis was empty (a model early in training), and
+    fairseq-train --best-checkpoint-metric bleu died with KeyError: 'bleu'."""
+    assert _validation_bleu(0)["bleu"] == 0
+    assert _validation_bleu(5)["bleu"] == 100  # fairseq's own BLEU where there are tokens
