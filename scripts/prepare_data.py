@@ -52,6 +52,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -782,7 +783,7 @@ def binarize(data_dir, out_dir, src_lang=None, tgt_lang=None, joined_dictionary=
         cmd += [f"--{split}pref", os.path.join(data_dir, split)]
     if joined_dictionary:
         cmd.append("--joined-dictionary")
-    log("running: " + " ".join(cmd))
+    log("running: " + shlex.join(cmd))
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.strip().splitlines()[-20:])
@@ -795,7 +796,8 @@ def binarize(data_dir, out_dir, src_lang=None, tgt_lang=None, joined_dictionary=
     sizes = {}
     for l in (src_lang, tgt_lang):
         with open(os.path.join(out_dir, f"dict.{l}.txt"), encoding="utf-8") as fh:
-            sizes[l] = sum(1 for _ in fh)
+            # fairseq pads the dictionary to a multiple of 8 with madeupword0000, ... entries
+            sizes[l] = sum(1 for line in fh if not line.startswith("madeupword"))
     log(f"binarized {src_lang}-{tgt_lang} ({', '.join(splits)}; "
         f"{'joined' if joined_dictionary else 'separate'} dictionaries: "
         + ", ".join(f"{l} {n} symbols + 4 special" for l, n in sizes.items()) + f") -> {out_dir}")
@@ -866,6 +868,24 @@ def spm_params(args):
 # command line
 
 
+def seed_type(text):
+    """argparse type: SentencePiece's seed, an unsigned 32-bit integer (a TypeError inside
+    SentencePiece otherwise)."""
+    value = at_least(0)(text)
+    if value > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"must be at most {2**32 - 1}, got {text!r}")
+    return value
+
+
+def coverage_type(text):
+    """argparse type: --character-coverage in SentencePiece's range [0.98, 1] (its own check
+    printed a C++ source line, not the option)."""
+    value = at_least(0.98, float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be at most 1, got {text!r}")
+    return value
+
+
 def add_split_args(p):
     g = p.add_argument_group("cleaning and splitting")
     g.add_argument("--valid-size", type=parse_size, default=1000,
@@ -899,20 +919,24 @@ def add_spm_args(p):
                    help="longest sequence in pieces; 0: no limit (default 128). Longer train pairs are dropped")
     g.add_argument("--truncate", action="store_true",
                    help="truncate instead: train and valid pairs on both sides, test on the source side only")
-    g.add_argument("--character-coverage", type=float, default=1.0)
-    g.add_argument("--input-sentence-size", type=int, default=1000000,
-                   help="train SentencePiece on at most this many sentences (a seeded sample)")
+    g.add_argument("--character-coverage", type=coverage_type, default=1.0,
+                   help="share of the characters the model covers, 0.98 to 1 (SentencePiece's "
+                        "range; default 1)")
+    g.add_argument("--input-sentence-size", type=at_least(0), default=1000000,
+                   help="train SentencePiece on at most this many sentences (a seeded sample; "
+                        "0: all)")
     g.add_argument("--normalization", default="identity",
                    help="SentencePiece normalization rule (default identity: the text is already NFC and "
                         "whitespace-normalised, and decoded output must match the raw references)")
-    g.add_argument("--spm-seed", type=int, default=1)
-    g.add_argument("--threads", type=int, default=1, help="training threads (1 keeps training reproducible)")
+    g.add_argument("--spm-seed", type=seed_type, default=1, help="SentencePiece's random seed, "
+                   "0 to 4294967295 (default 1)")
+    g.add_argument("--threads", type=at_least(1), default=1, help="training threads (1 keeps training reproducible)")
 
 
 def add_binarize_args(p):
     p.add_argument("--joined-dictionary", action=argparse.BooleanOptionalAction, default=None,
                    help="one fairseq dictionary for both languages (default: yes after a --joint model)")
-    p.add_argument("--workers", type=int, default=None, help="fairseq-preprocess workers (default min(4, cores))")
+    p.add_argument("--workers", type=at_least(1), default=None, help="fairseq-preprocess workers (default min(4, cores))")
 
 
 def build_parser():

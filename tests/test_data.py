@@ -304,6 +304,10 @@ def test_binarize_writes_data_bin(tmp_path):
     prep.prepare_spm(str(data), str(tmp_path / "spm"), vocab_size=40, max_len=30, src_lang="en", tgt_lang="de")
     r = run_cli("binarize", "--data", tmp_path / "spm", "--out", tmp_path / "bin", "--workers", 1)
     assert r.returncode == 0, r.stdout + r.stderr
+    # the count leaves out fairseq's madeupword fillers (the dictionary is padded to a multiple of 8)
+    words = [ln for ln in read(tmp_path / "bin/dict.en.txt") if not ln.startswith("madeupword")]
+    assert f"en {len(words)} symbols + 4 special" in r.stdout
+    assert (len(words) + 4) % 8 != 0  # else nothing was padded: the check would not test the count
     names = set(os.listdir(tmp_path / "bin"))
     assert set(prep.binarize_outputs("en", "de")) <= names
     assert read(tmp_path / "bin/dict.en.txt") == read(tmp_path / "bin/dict.de.txt")  # joined after a joint model
@@ -406,6 +410,21 @@ def test_lines_beyond_the_models_positions_are_announced(tmp_path, monkeypatch, 
 
 # ---------------------------------------------------------------------------------------------------
 # errors: `error: ...` naming the file (and line), exit status 2, no traceback
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--spm-seed", -5], "--spm-seed: must be at least 0"),  # were TypeErrors inside SentencePiece
+    (["--spm-seed", 2**33], "--spm-seed: must be at most 4294967295"),
+    (["--input-sentence-size", -1], "--input-sentence-size: must be at least 0"),  # a ValueError
+    (["--character-coverage", 2], "--character-coverage: must be at most 1"),  # a C++ source line
+    (["--threads", 0], "--threads: must be at least 1"),
+])
+def test_spm_options_out_of_range_are_refused(tmp_path, args, message):
+    r = run_cli("spm", "--data", tmp_path, "--out", tmp_path / "o", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+    r = run_cli("binarize", "--data", tmp_path, "--out", tmp_path / "o", "--workers", -1)
+    assert "--workers: must be at least 1" in r.stderr and "Traceback" not in r.stderr  # was fairseq's
 
 
 def check_error(r, *needles):
