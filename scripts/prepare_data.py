@@ -232,10 +232,13 @@ def split_pairs(pairs, valid_size=1000, test_size=1000, seed="0"):
             out[split].extend(groups[k])
     else:
         if valid_size + test_size >= len(pairs):
+            # sizes that work here (fractions of a corpus this small could leave a split empty)
+            k = max(1, len(pairs) // 20)
+            hint = (f"use smaller sizes, e.g. --valid-size {k} --test-size {k}" if 2 * k < len(pairs)
+                    else "it needs at least 3 pairs")
             raise DataError(
                 f"the corpus has only {len(pairs)} pairs after cleaning; --valid-size {valid_size} + "
-                f"--test-size {test_size} leave no training data (use smaller sizes or fractions, "
-                f"e.g. --valid-size 0.05 --test-size 0.05)")
+                f"--test-size {test_size} leave no training data ({hint})")
         it = iter(order)
         for split, size in (("test", test_size), ("valid", valid_size)):
             while len(out[split]) < size:

@@ -166,8 +166,13 @@ def test_split_fractions_and_size_errors():
     splits = prep.split_pairs(pairs, 0.1, 0.2)
     assert 60 < len(splits["valid"]) < 140 and 150 < len(splits["test"]) < 250
     assert prep.split_pairs(list(reversed(pairs)), 0.1, 0.2) == splits
-    with pytest.raises(prep.DataError, match="leave no training data"):
+    with pytest.raises(prep.DataError, match="leave no training data") as e:
         prep.split_pairs(pairs[:10], 5, 5)
+    # the sizes the error suggests work (it suggested fractions of 0.05, a second error for 10 pairs)
+    assert "--valid-size 1 --test-size 1" in str(e.value)
+    assert len(prep.split_pairs(pairs[:10], 1, 1)["train"]) == 8
+    with pytest.raises(prep.DataError, match="it needs at least 3 pairs"):
+        prep.split_pairs(pairs[:2], 1, 1)
     with pytest.raises(prep.DataError):
         prep.split_pairs(pairs, 0.5, 0.5)
 
