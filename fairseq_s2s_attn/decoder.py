@@ -121,6 +121,10 @@ def gru_from_gates(igates: Tensor, hgates: Tensor, h: Tensor) -> Tensor:
       r = s(i_r + h_r);  z = s(i_z + h_z);  n = tanh(i_n + r * h_n);  h' = (1 - z) * n + z * h
 
     igates = W_i x + b_i (B x 3H), hgates = W_h h + b_h (B x 3H: b_h stays inside r * (...)).
+    This is PyTorch's (and cuDNN's) GRU, which every path here must equal (nn.GRU runs the
+    encoder and the whole-sequence decoders). Cho et al. (2014, eq. 8) and Bahdanau et al.
+    (2014, A.1.1) apply the reset gate before the product, n = tanh(W x + U (r * h)): for the
+    same weights a different function of the same family.
     """
     h = h.to(igates.dtype)
     if use_fused_cells(igates):

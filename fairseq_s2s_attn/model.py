@@ -428,7 +428,8 @@ def check_given_switches(args, given: dict) -> None:
 @register_model_architecture("rnn_s2s", "rnn_bahdanau")
 def rnn_bahdanau(args, **sizes):
     """Bahdanau et al. (2014): additive attention from the previous state, the context fed into
-    the step. GRU, the paper's gated unit (its Appendix A.1.1): measured on en-de at an equal CPU
+    the step. GRU, the paper's gated unit (its Appendix A.1.1) in PyTorch's form (the reset gate
+    applied to U h + b, not to h: see decoder.gru_from_gates): measured on en-de at an equal CPU
     budget (examples/comparison.md), it also learns faster per update and per second than the
     LSTM at the same sizes (valid loss 5.59 against 5.99 after 8 minutes). Coverage (Tu et al.
     2016) is on wherever the score takes it (additive or concat, with attention): it keeps the
@@ -462,7 +463,8 @@ def rnn_vanilla(args, **sizes):
 
 @register_model_architecture("rnn_s2s", "rnn_bahdanau_paper")
 def rnn_bahdanau_paper(args):
-    """RNNsearch-50 (Bahdanau et al. 2014, Appendix A.2 and B.1): GRU (the paper's gated unit),
+    """RNNsearch-50 (Bahdanau et al. 2014, Appendix A.2 and B.1): GRU (the paper's gated unit in
+    PyTorch's form, see decoder.gru_from_gates),
     bidirectional encoder of 1000 units per direction, embeddings 620, decoder 1000, alignment
     model 1000 (n' = 1000), maxout deep output of l = 500 units over U_o s_{i-1} + V_o E y_{i-1}
     + C_o c_i, s_0 = tanh(W_s h<-_1). The paper uses no dropout; one layer each side."""
