@@ -8,8 +8,10 @@ where the run computed it, --eval-bleu) against updates and against wall-clock t
 Reads what fairseq-train (and fairseq-hydra-train, hydra_train.log) prints with --log-format
 simple or json: `train_inner` lines (every --log-interval updates), the end-of-epoch `train`
 line and `valid` lines. --out FILE.png draws one figure (loss against updates and against time;
-a BLEU row when there is BLEU) with every log in it; --out-prefix P draws one figure per x axis
-with every log overlaid: P_updates.png, P_time.png, and P_bleu.png when a log has BLEU.
+a BLEU row when there is BLEU) with every log in it (any format matplotlib writes: .png, .svg,
+.pdf, ...; a name without extension gets .png, a folder gets curves.png inside it); --out-prefix P
+draws one figure per x axis with every log overlaid: P_updates.png, P_time.png, and P_bleu.png
+when a log has BLEU. The files written are printed.
 
 Losses are fairseq's, in base 2 (with label smoothing, the smoothed loss). Wall-clock time is
 fairseq's `wall` (whole seconds since training started; drawn in minutes beyond 10 minutes); a
@@ -23,6 +25,9 @@ import json
 import os
 import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_args import folder_problem  # noqa: E402
 
 TAG = re.compile(r"(?:\| (train_inner|train|valid) \| |\]\[(train_inner|train|valid)\]\[\w+\] - )(.*)$")
 PIPE_KV = re.compile(r"\| (\w+) (-?[\d.]+(?:e-?\d+)?|inf|nan)(?= \||$)")
@@ -199,26 +204,58 @@ def load_runs(logs, labels=None):
     return runs
 
 
+def out_file(path):
+    """The file --out writes: curves.png inside a folder (one that exists, or a path ending in
+    /), PATH.png for a name without extension (as matplotlib saves it), else PATH."""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        return os.path.join(path, "curves.png")
+    return path if os.path.splitext(path)[1] else path + ".png"
+
+
+def out_problem(path):
+    """Why the figure `path` could not be written (checked before any log is read), or None."""
+    ext = os.path.splitext(path)[1][1:].lower()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        known = ", ".join("." + f for f in sorted(formats))
+        return f"matplotlib cannot write .{ext} files (it writes {known})"
+    folder = os.path.dirname(path)
+    problem = folder and folder_problem(folder)
+    return f"its folder {folder} {problem}" if problem else None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", nargs="+", help="fairseq training logs")
     p.add_argument("--labels", nargs="+", help="one name per log (default: the log's folder; "
                    "folder/file stem for logs in the same folder)")
-    p.add_argument("--out", help="one figure with every log: FILE.png")
+    p.add_argument("--out", help="one figure with every log: FILE.png (or .svg, .pdf, ...; no extension: "
+                   "FILE.png; a folder: FOLDER/curves.png)")
     p.add_argument("--out-prefix", help="one figure per x axis, every log overlaid: PREFIX_*.png")
     p.add_argument("--title")
     args = p.parse_args(argv)
     if not args.out and not args.out_prefix:
         p.error("give --out FILE.png and/or --out-prefix PREFIX")
+    out = args.out and out_file(args.out)
+    prefix = args.out_prefix and args.out_prefix + "_updates.png"
+    for option, given, path in (("--out", args.out, out), ("--out-prefix", args.out_prefix, prefix)):
+        problem = path and out_problem(path)
+        if problem:
+            p.error(f"{option} {given}: {problem}")
     runs = load_runs(args.logs, args.labels)
     written = []
-    for path in [args.out, args.out_prefix]:
-        if path and os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-    if args.out:
-        written += plot_figure(runs, args.out, args.title)
-    if args.out_prefix:
-        written += plot_overlay(runs, args.out_prefix, args.title)
+    try:
+        for path in [out, args.out_prefix]:
+            if path and os.path.dirname(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        if out:
+            written += plot_figure(runs, out, args.title)
+        if args.out_prefix:
+            written += plot_overlay(runs, args.out_prefix, args.title)
+    except OSError as e:
+        p.error(f"cannot write {e.filename or out or args.out_prefix} ({e.strerror or e})")
     for label, run in runs:
         tr, va = train_points(run), run["valid"]
         last = f", last valid loss {va[-1]['loss']:.3f} at {va[-1]['updates']} updates" if va else ""

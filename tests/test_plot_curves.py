@@ -116,3 +116,57 @@ def test_curves_and_tensorboard_from_a_training_run(small_data_bin, tmp_path):
     assert "a: " in proc.stdout and "3 validation points" in proc.stdout
     for name in ("one.png", "cmp/curves_updates.png", "cmp/curves_time.png", "cmp/curves_bleu.png"):
         assert (tmp_path / name).stat().st_size > 10000, name
+
+
+@pytest.fixture
+def simple_log(tmp_path):
+    log = tmp_path / "run" / "train.log"
+    log.parent.mkdir()
+    log.write_text("\n".join(SIMPLE) + "\n")
+    return log
+
+
+def curves(capsys, *argv):
+    plot_curves.main([str(a) for a in argv])
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def curves_refused(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        plot_curves.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    assert e.value.code == 2 and "Traceback" not in cap.err and "wrote" not in cap.out
+    return cap.err.strip().splitlines()[-1]
+
+
+def test_unwritable_out_is_one_error_line(simple_log, tmp_path, capsys):
+    """--out x.xyz was matplotlib's ValueError, --out FILE/c.png a FileExistsError; both are
+    refused before the log is read. A write refused by the system (root under /proc: the folder
+    exists) was a FileNotFoundError."""
+    line = curves_refused(capsys, simple_log, "--out", tmp_path / "x.xyz")
+    assert f"--out {tmp_path / 'x.xyz'}: matplotlib cannot write .xyz files (it writes " in line
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    line = curves_refused(capsys, simple_log, "--out", afile / "c.png")
+    assert f"--out {afile / 'c.png'}: its folder {afile} is a file, not a folder" in line
+    line = curves_refused(capsys, simple_log, "--out-prefix", afile / "c")
+    assert f"--out-prefix {afile / 'c'}: its folder {afile} is a file, not a folder" in line
+    assert afile.read_text() == "keep me\n"
+    proc = next((d for d in ("/proc", "/sys") if plot_curves.folder_problem(d) is None), None)
+    if proc:  # as root: the folder looks writable, the write itself fails
+        line = curves_refused(capsys, simple_log, "--out", f"{proc}/c.png")
+        assert f"error: cannot write {proc}/c.png (" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "run"]
+
+
+def test_out_reports_the_file_it_writes(simple_log, tmp_path, capsys):
+    """--out pc/curvesnoext printed `wrote pc/curvesnoext` but matplotlib wrote
+    pc/curvesnoext.png; --out FOLDER printed `wrote FOLDER` and wrote FOLDER.png next to it."""
+    out = tmp_path / "pc"
+    assert curves(capsys, simple_log, "--out", out / "curvesnoext") == f"wrote {out / 'curvesnoext.png'}"
+    assert (out / "curvesnoext.png").stat().st_size > 1000
+    assert curves(capsys, simple_log, "--out", out) == f"wrote {out / 'curves.png'}"
+    assert (out / "curves.png").stat().st_size > 1000 and not (tmp_path / "pc.png").exists()
+    assert curves(capsys, simple_log, "--out", out / "c.svg") == f"wrote {out / 'c.svg'}"
+    assert (out / "c.svg").read_text().lstrip().startswith("<?xml")
+    assert sorted(p.name for p in out.iterdir()) == ["c.svg", "curves.png", "curvesnoext.png"]
