@@ -2,7 +2,9 @@
 # Attention vs. the true alignment on sequence reversal (source position j -> target n-1-j).
 # Trains rnn_bahdanau and rnn_luong for about 2 CPU minutes each, decodes the test set with
 # --print-alignment and reports exact match and alignment accuracy.
-#   bash examples/synthetic_alignment.sh [WORK=work/reverse]
+#   bash examples/synthetic_alignment.sh [FOLDER]
+# FOLDER (a positional argument, not WORK=...; default work/reverse) holds the corpus, data-bin,
+# checkpoints and generate outputs; a relative FOLDER is taken from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate

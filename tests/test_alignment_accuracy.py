@@ -125,3 +125,12 @@ def test_generate_output_without_alignments_is_refused(raw, tmp_path, capsys):
     gen.write_text("".join(ln + "\n" for ln in generate_output(raw).splitlines() if not ln.startswith("A-")))
     assert "no A- lines" in refused(capsys, gen, raw / "test.align")
     assert "no such file" in refused(capsys, tmp_path / "nothing.out", raw / "test.align")
+
+
+def test_example_usage_names_the_positional_folder():
+    """The usage line read `[WORK=work/reverse]`: `bash examples/synthetic_alignment.sh WORK=out`
+    made a folder named `WORK=out`; the script takes the folder as its first argument."""
+    script = (REPO / "examples" / "synthetic_alignment.sh").read_text()
+    assert 'WORK="${1:-work/reverse}"' in script and 'cd "$(dirname "$0")/.."' in script
+    assert "#   bash examples/synthetic_alignment.sh [FOLDER]\n" in script and "[WORK=" not in script
+    assert "a relative FOLDER is taken from the repository root" in script
