@@ -11,6 +11,7 @@ A checkpoint that needs anything else is refused with a message naming the file 
 
 import argparse
 import collections
+import contextlib
 import inspect
 import logging
 import os
@@ -282,6 +283,60 @@ def missing_restore_file_is_an_error() -> None:
         return original(cfg, trainer, **kwargs)
 
 
+_CONFIG_KEY = "_s2s_omegaconf"
+_CONTAINERS = (dict, collections.OrderedDict)  # the mappings of a checkpoint's state
+
+
+def _as_plain(obj):
+    """obj with every omegaconf DictConfig replaced by {_CONFIG_KEY: its plain container, ...}."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(obj, DictConfig):
+        return {_CONFIG_KEY: OmegaConf.to_container(obj, resolve=False),
+                "struct": bool(OmegaConf.is_struct(obj))}
+    if type(obj) in _CONTAINERS:
+        return type(obj)((k, _as_plain(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(_as_plain(v) for v in obj)
+    return obj
+
+
+def _from_plain(obj):
+    """The inverse of _as_plain, as fairseq's load_checkpoint_to_cpu makes a checkpoint's cfg
+    (objects allowed, so argparse.Namespace values stay), with the sender's struct flag."""
+    from omegaconf import OmegaConf
+
+    if isinstance(obj, dict) and _CONFIG_KEY in obj:
+        cfg = OmegaConf.create(obj[_CONFIG_KEY], flags={"allow_objects": True})
+        OmegaConf.set_struct(cfg, obj["struct"])
+        return cfg
+    if type(obj) in _CONTAINERS:
+        return type(obj)((k, _from_plain(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(_from_plain(v) for v in obj)
+    return obj
+
+
+def safe_broadcast_of_checkpoints() -> None:
+    """Resuming data-parallel training: rank 0 loads the checkpoint and fairseq's trainer sends it
+    to the other ranks (``distributed_utils.broadcast_object``) as a pickle of the state with its
+    tensors replaced by placeholders, which the others read with ``torch.load``: with torch >= 2.6
+    safe loading, every other rank died on the state's omegaconf DictConfig ("Unsupported global:
+    omegaconf.dictconfig.DictConfig"), and next on fairseq's ``_TensorPlaceholder``, so no
+    multi-process run could resume (CPU processes and GPUs alike). The state now travels as plain
+    data (the config as its plain container, rebuilt on arrival as fairseq builds it from a
+    file) and the placeholder class is allowed for that load only; the loads stay weights_only."""
+    from fairseq.distributed import utils as distributed_utils
+
+    @replaces(distributed_utils, "broadcast_object")
+    def broadcast_object(original, obj, src_rank, group, dist_device=None):
+        source = distributed_utils.get_rank(group) == src_rank
+        allowed = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+        with allowed([distributed_utils._TensorPlaceholder]) if allowed else contextlib.nullcontext():
+            got = original(_as_plain(obj) if source else obj, src_rank, group, dist_device)
+        return obj if source else _from_plain(got)
+
+
 def install() -> None:
     allow_fairseq_checkpoints()
     from fairseq import checkpoint_utils
@@ -291,3 +346,4 @@ def install() -> None:
     checked_ensemble_loader()
     warn_changed_model_settings()
     missing_restore_file_is_an_error()
+    safe_broadcast_of_checkpoints()

@@ -87,6 +87,26 @@ def test_errors_of_spawned_processes_are_one_line(small_data_bin, tmp_path, args
     assert one.returncode != 0 and errors[0] in one.stderr and "Traceback" not in one.stderr
 
 
+@pytest.mark.slow
+def test_two_cpu_processes_resume(small_data_bin, tmp_path):
+    """Resuming: rank 0 loads checkpoint_last.pt and fairseq broadcasts the state to the other
+    ranks as a pickle, which they read with torch.load(weights_only=True): every other rank died
+    on the state's DictConfig ("Unsupported global: omegaconf.dictconfig.DictConfig"). The resumed
+    run equals one that trained straight through."""
+    def cmd(save_dir, updates):
+        args = train_args(small_data_bin, "rnn_luong_tiny", save_dir)
+        return [*args[:args.index("--max-update")], "--max-update", updates,
+                *args[args.index("--max-update") + 2:], "--distributed-world-size", 2]
+
+    run("fairseq-train", *cmd(tmp_path / "straight", 6))
+    run("fairseq-train", *cmd(tmp_path / "resumed", 3))
+    proc = run("fairseq-train", *cmd(tmp_path / "resumed", 6))
+    assert "Loaded checkpoint" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    straight, resumed = params(tmp_path / "straight"), params(tmp_path / "resumed")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_worker_error_is_read_from_the_traceback_text():
     text = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call "
             "last):\n  File \"x.py\", line 1, in f\nfairseq_s2s_attn.distributed.WorkerError: "
