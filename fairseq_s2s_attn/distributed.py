@@ -19,7 +19,12 @@ For a CPU run (``--cpu``, or no CUDA) with more than one process we therefore
 - with an explicit ``--distributed-init-method``, run one process per command
   (``--distributed-rank`` says which), i.e. as if ``--distributed-no-spawn`` were given;
 - use the gloo backend unless another one than nccl was asked for;
-- build DistributedDataParallel without device ids when the model is on the CPU.
+- build DistributedDataParallel without device ids when the model is on the CPU;
+- close the gloo process group when a process's training has ended (fairseq never does):
+  left to the interpreter's shutdown, gloo's worker threads could still hold tensors whose
+  release takes the GIL while the interpreter is being torn down, and the process died with
+  SIGABRT ("terminate called without an active exception", pytorch/pytorch#190489) after a
+  successful run; it happened to a 2-process torchrun test in CI.
 
 GPU runs are left to fairseq unchanged. See docs/distributed.md for the commands.
 """
@@ -152,6 +157,24 @@ def _cpu_worker(index, main, cfg, kwargs):
         close_tensorboard_writers()
 
 
+def gloo_closed_after_training() -> None:
+    """fairseq's ``distributed_main`` ends with a barrier and leaves the process group to the
+    interpreter's shutdown; for gloo (CPU processes) it is now destroyed there, after that
+    barrier, while the interpreter is whole (see the module's docstring). Only when training
+    returned: destroying a group while other ranks may still be in a collective can hang."""
+    from fairseq.distributed import utils as distributed_utils
+
+    @replaces(distributed_utils, "distributed_main")
+    def distributed_main(original, i, main, cfg, kwargs):
+        result = original(i, main, cfg, kwargs)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+            rank = dist.get_rank()
+            dist.destroy_process_group()
+            logger.info(f"distributed shutdown (rank {rank}): gloo process group closed")
+        return result
+
+
 def close_tensorboard_writers() -> None:
     """Closes fairseq's tensorboard writers (``--tensorboard-logdir``) at the end of a spawned
     process. fairseq closes them in an atexit handler, but a process started by
@@ -205,3 +228,4 @@ def install() -> None:
     refuse_late_load()
     cpu_launcher()
     cpu_ddp()
+    gloo_closed_after_training()

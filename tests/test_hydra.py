@@ -115,6 +115,8 @@ def test_plugin_first_hydra_train_on_two_cpu_processes(small_data_bin, tmp_path)
         proc = run(*launcher, *args, "dataset.num_workers=0", *extra, cwd=tmp_path, timeout=300)
         log = (tmp_path / how / "hydra_train.log").read_text() + proc.stderr
         assert f"training on {1 if how == 'one' else 2} devices" in log, log[-3000:]
+        if how != "one":  # gloo closed before the interpreter's shutdown (a SIGABRT once in CI)
+            assert "distributed shutdown (rank 0)" in log, log[-3000:]
         state = torch.load(tmp_path / how / "checkpoint_last.pt", map_location="cpu", weights_only=True)
         assert state["optimizer_history"][-1]["num_updates"] == 4
         params[how] = state["model"]
