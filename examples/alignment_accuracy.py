@@ -118,7 +118,8 @@ def check(args, src, hyp, ref, pred, truth):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="alignment_accuracy.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generate", required=True, help="fairseq-generate output with --print-alignment")
     p.add_argument("--align", required=True, help="true alignments, one line per test sentence")
     args = p.parse_args(argv)
