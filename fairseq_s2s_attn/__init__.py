@@ -10,9 +10,12 @@ search of ``--cpu-bf16`` models in one autocast region (``precision``), and appl
 defaults in ``runtime``. Each change to a fairseq function is installed by ``patching.replaces``.
 """
 
-from . import checkpoint, criterion, distributed, inputs, precision, runtime  # noqa: F401
-from . import model  # noqa: F401  (registers the model and architectures)
-from .model import RNNS2SModel  # noqa: F401
+from . import runtime
+
+with runtime.fairseq_leaves_logging_alone():  # fairseq's imports set the root logger to DEBUG
+    from . import checkpoint, criterion, distributed, inputs, precision  # noqa: F401
+    from . import model  # noqa: F401  (registers the model and architectures)
+    from .model import RNNS2SModel  # noqa: F401
 
 checkpoint.install()
 distributed.install()

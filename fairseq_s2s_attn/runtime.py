@@ -61,6 +61,10 @@
   itself with a message (``assert max_len >= min_len, "min_len cannot be larger than max_len"``,
   "--sampling requires --nbest to be equal to --beam", "Dataset not found"), unless
   ``S2S_TRACEBACK=1``.
+- Importing fairseq set the root logger to DEBUG (``logging.basicConfig`` in one of its model
+  modules), so programs that import the plugin before configuring logging (the hub, the
+  scripts) printed every library's DEBUG lines; the plugin's first import of fairseq now keeps
+  fairseq's modules from configuring logging.
 - fairseq's ``BufferedIterator`` makes the next batches in a daemon thread. A run that ends
   before its epoch does (``--max-update``, ``--max-epoch`` reached mid-iteration, a generate
   over part of a set) exits while that thread is still inside torch. Python (< 3.14) ends such a
@@ -73,6 +77,7 @@
 import argparse
 import ast
 import atexit
+import contextlib
 import ctypes
 import linecache
 import logging
@@ -90,6 +95,36 @@ import torch
 from .patching import replaces
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def fairseq_leaves_logging_alone():
+    """While the plugin imports fairseq for the first time, ``logging.basicConfig`` calls made by
+    fairseq's own modules do nothing.
+
+    fairseq configures the root logger as its modules are imported:
+    ``fairseq.models.wav2vec.wav2vec2_classification`` calls ``logging.basicConfig(level=DEBUG)``.
+    A program that imports fairseq (or this plugin) before configuring logging, such as a Python
+    session using the hub or scripts/compare.py, then printed every library's DEBUG lines (226 of
+    the 269 lines of a compare.py run were matplotlib's font manager). fairseq's commands configure
+    logging before they import fairseq and are unaffected; a program's own basicConfig still works.
+    """
+    if "fairseq" in sys.modules:  # imported already: too late to keep its settings out
+        yield
+        return
+    original = logging.basicConfig
+
+    def basic_config(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller == "fairseq" or caller.startswith("fairseq."):
+            return None
+        return original(*args, **kwargs)
+
+    logging.basicConfig = basic_config
+    try:
+        yield
+    finally:
+        logging.basicConfig = original
 
 
 def set_thread_defaults() -> None:

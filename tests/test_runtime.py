@@ -296,3 +296,23 @@ def test_validation_with_only_empty_hypotheses_scores_bleu_zero():
     fairseq-train --best-checkpoint-metric bleu died with KeyError: 'bleu'."""
     assert _validation_bleu(0)["bleu"] == 0
     assert _validation_bleu(5)["bleu"] == 100  # fairseq's own BLEU where there are tokens
+
+
+def test_importing_the_plugin_leaves_logging_alone():
+    """Importing fairseq ran logging.basicConfig(level=DEBUG) (fairseq.models.wav2vec.
+    wav2vec2_classification): a program using the plugin (the hub, scripts/compare.py) then printed
+    every library's DEBUG lines. A program's own configuration, before or after, still applies."""
+    code = textwrap.dedent("""
+        import logging, sys
+        if sys.argv[1] == "configured":
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        import fairseq_s2s_attn
+        root = logging.getLogger()
+        print(logging.getLevelName(root.level), len(root.handlers))
+        logging.getLogger("some.library").debug("a debug line")
+    """)
+    for how, expected in (("plain", "WARNING 0"), ("configured", "INFO 1")):
+        proc = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True,
+                              env=env())
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split("\n")[0] == expected and "a debug line" not in proc.stderr
