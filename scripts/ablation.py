@@ -201,12 +201,26 @@ def table(rows: List[Dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def variant_names(text: str) -> List[str]:
+    """--variants: names separated by commas outside parentheses ("global (general, scaled)" is
+    one name; a plain split(",") cut it in two and refused both halves)."""
+    names, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth <= 0:
+            names.append(text[start:i].strip())
+            start, depth = i + 1, 0
+    return [n for n in names if n]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="fairseq data-bin (default: build the synthetic task in --work)")
     p.add_argument("--work", default="work/ablation", help="checkpoints, logs and synthetic data")
-    p.add_argument("--out", help="Markdown table (default: WORK/ablation.md)")
-    p.add_argument("--variants", help="comma-separated names (default: all); --list shows them")
+    p.add_argument("--out", help="Markdown table of this run's variants, rewritten by each run "
+                   "(default: WORK/ablation.md)")
+    p.add_argument("--variants", help="comma-separated names (default: all; commas inside a name's "
+                   "parentheses belong to the name); --list shows them")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--max-update", type=int, default=300, help="training budget in updates (0: none)")
     p.add_argument("--stop-time-minutes", type=float, default=0,
@@ -232,7 +246,7 @@ def main(argv=None):
         return
     if not args.max_update and not args.stop_time_minutes:
         p.error("give a budget: --max-update N and/or --stop-time-minutes M")
-    names = list(VARIANTS) if not args.variants else [v.strip() for v in args.variants.split(",")]
+    names = list(VARIANTS) if not args.variants else variant_names(args.variants)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; see --list")
@@ -245,7 +259,8 @@ def main(argv=None):
     rows = []
     for name in names:
         save = work / "checkpoints" / slug(name)
-        print(f"== {name}: training", flush=True)
+        reused = (save / ".done").exists() and not args.force
+        print(f"== {name}: {'reusing the finished training' if reused else 'training'}", flush=True)
         info = train(name, VARIANTS[name], data, save, args)
         checkpoint = save / "checkpoint_best.pt"
         ppl = perplexity(data, checkpoint, args, save / "validate.log")

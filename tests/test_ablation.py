@@ -78,3 +78,14 @@ def test_fairseq_runs_in_the_callers_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     proc = ablation.run([sys.executable, "-c", "import os; print(os.getcwd())"])
     assert proc.stdout.strip() == str(tmp_path)
+
+
+def test_variants_with_commas_in_their_names_can_be_chosen():
+    """Two rows' names hold commas ("global (general, scaled)"); --variants split at every comma
+    and refused both halves of each."""
+    text = "global (general, scaled), local-m (dot),rnnsearch (GRU, s0 from h<-1, maxout over s_{i-1})"
+    names = ablation.variant_names(text)
+    assert names == ["global (general, scaled)", "local-m (dot)",
+                     "rnnsearch (GRU, s0 from h<-1, maxout over s_{i-1})"]
+    assert all(n in ablation.VARIANTS for n in names)
+    assert ablation.variant_names(",".join(ablation.VARIANTS)) == list(ablation.VARIANTS)
