@@ -811,8 +811,10 @@ def binarize(data_dir, out_dir, src_lang=None, tgt_lang=None, joined_dictionary=
 # all
 
 
-def inputs_fingerprint(paths):
-    return {os.path.abspath(p): file_sha1(p) for p in paths}
+def inputs_fingerprint(paths, base=None):
+    """{path: SHA-1}; paths inside the work folder relative to it (``base``), so a moved or copied
+    work folder is still up to date; the user's own files (and catalogs) by absolute path."""
+    return {os.path.relpath(p, base) if base else os.path.abspath(p): file_sha1(p) for p in paths}
 
 
 def run_all(args):
@@ -843,7 +845,8 @@ def run_all(args):
     src_lang, tgt_lang = resolve_langs(data_dir)
     # 2. sentencepiece
     corpus_files = [os.path.join(data_dir, f"{s}.{l}") for s in SPLITS for l in (src_lang, tgt_lang)]
-    stamp = {"step": "spm", "version": STAMP_VERSION, **spm_params(args), "inputs": inputs_fingerprint(corpus_files)}
+    stamp = {"step": "spm", "version": STAMP_VERSION, **spm_params(args),
+             "inputs": inputs_fingerprint(corpus_files, work)}
     if not args.force and stamp_is_current(spm_dir, stamp, spm_outputs(src_lang, tgt_lang, args.joint)):
         log(f"spm: up to date, reusing {spm_dir}")
     else:
@@ -852,7 +855,7 @@ def run_all(args):
     joined = args.joint if args.joined_dictionary is None else args.joined_dictionary
     piece_files = [os.path.join(spm_dir, f"{s}.{l}") for s in SPLITS for l in (src_lang, tgt_lang)]
     stamp = {"step": "binarize", "version": STAMP_VERSION, "src_lang": src_lang, "tgt_lang": tgt_lang,
-             "joined_dictionary": joined, "inputs": inputs_fingerprint(piece_files)}
+             "joined_dictionary": joined, "inputs": inputs_fingerprint(piece_files, work)}
     if not args.force and stamp_is_current(bin_dir, stamp, binarize_outputs(src_lang, tgt_lang)):
         log(f"binarize: up to date, reusing {bin_dir}")
     else:

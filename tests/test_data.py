@@ -349,6 +349,13 @@ def test_all_reuses_steps_and_rebuilds_on_changed_parameters(tmp_path, monkeypat
     log = capsys.readouterr().out
     assert "text: up to date" in log and "spm: up to date" not in log and calls == [True, True]
 
+    os.rename(work, tmp_path / "moved")  # a moved work folder is still up to date (was: spm and
+    args[args.index(work)] = tmp_path / "moved"  # binarize rebuilt, stamps held absolute paths)
+    assert prep.main(list(map(str, args + ["--vocab-size", 50]))) == 0
+    log = capsys.readouterr().out
+    assert log.count("up to date") == 3 and calls == [True, True], log
+    work = tmp_path / "moved"
+
     write(tmp_path / "c.de", tgt[:-1] + ["Etwas anderes"])  # changed input: everything rebuilds
     assert prep.main(list(map(str, args + ["--vocab-size", 50]))) == 0
     log = capsys.readouterr().out
