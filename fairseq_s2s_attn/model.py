@@ -14,11 +14,13 @@ import argparse
 import contextvars
 import logging
 import os
+from dataclasses import fields
 
 import torch
 import torch.nn as nn
 from fairseq import utils
 from fairseq.models import (
+    ARCH_CONFIG_REGISTRY,
     FairseqEncoderDecoderModel,
     register_model,
     register_model_architecture,
@@ -402,10 +404,14 @@ _SWITCHES = ("attention", "input_feeding")
 def _given_switches(args) -> dict:
     """The switches the user gave: in fairseq's argparse namespace, before the architecture and
     fill_defaults run, an option left out is None. A DictConfig (fairseq-hydra-train, build_model
-    of a parsed config, a checkpoint's config) holds every value, given or not: nothing is taken
-    as given there."""
+    of a parsed config, a checkpoint's config) holds every value, given or not, and so does a
+    namespace the architecture has filled already (fairseq's build_model runs it again on a
+    namespace from parse_args_and_arch): nothing is taken as given there."""
     if not isinstance(args, argparse.Namespace):
         return {}
+    if all(getattr(args, f.name, None) is not None for f in fields(RNNS2SConfig)
+           if not f.name.startswith("_") and f.default is not None):
+        return {}  # filled: the architecture ran on it before (or every option was given)
     return {k: v for k in _SWITCHES if (v := getattr(args, k, None)) is not None}
 
 
@@ -423,6 +429,18 @@ def check_given_switches(args, given: dict) -> None:
                           "--attention-placement after; "
                           + ("with before, the context c_i already enters every step"
                              if placement == "before" else "the vanilla decoder has no h~"))
+
+
+def rnn_s2s(args):
+    """``--arch rnn_s2s``: every default from RNNS2SConfig. fairseq registers a function that does
+    nothing for the model's own name; this one fills the same defaults and judges the switches
+    the user gave, as the named architectures do."""
+    _set_defaults(args)
+
+
+# replaces fairseq's no-op for the model's own name (register_model_architecture refuses a
+# second registration of a name)
+ARCH_CONFIG_REGISTRY["rnn_s2s"] = rnn_s2s
 
 
 @register_model_architecture("rnn_s2s", "rnn_bahdanau")

@@ -3,6 +3,7 @@ SequenceGenerator on tiny untrained models."""
 
 import argparse
 import re
+from dataclasses import fields
 
 import pytest
 import torch
@@ -223,6 +224,24 @@ def test_switches_are_judged_only_when_given():
     ARCH_CONFIG_REGISTRY["rnn_vanilla_tiny"](cfg)  # as fairseq's build_model calls it again
     check_config(cfg)
     make_args("rnn_luong_tiny", attention_placement="before")  # rnn_luong's input_feeding=False
+    # fairseq's build_model runs the architecture again on a namespace it has filled
+    # (parse_args_and_arch, then task.build_model(args)): refused on the first version of the check
+    for arch in ("rnn_vanilla_tiny", "rnn_bahdanau_tiny", "rnn_bahdanau_paper"):
+        args = make_args(arch)
+        ARCH_CONFIG_REGISTRY[arch](args)
+        assert isinstance(RNNS2SModel.build_model(args, FakeTask(make_dict(), make_dict())), RNNS2SModel)
+
+
+def test_rnn_s2s_judges_the_switches_too():
+    """--arch rnn_s2s (every default from the dataclass): fairseq registers a no-op for the
+    model's own name, so the switches passed unjudged there."""
+    for opts, message in ((dict(attention_placement="none", attention="dot"), "--attention dot needs"),
+                          (dict(attention_placement="before", input_feeding=True), "--input-feeding true")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            ARCH_CONFIG_REGISTRY["rnn_s2s"](argparse.Namespace(**opts))
+    args = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY["rnn_s2s"](args)
+    assert vars(args) == {f.name: f.default for f in fields(RNNS2SConfig) if not f.name.startswith("_")}
 
 
 @pytest.mark.parametrize("opts", [
