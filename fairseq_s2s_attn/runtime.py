@@ -308,7 +308,9 @@ def bleu_of_empty_hypotheses() -> None:
     @replaces(TranslationTask, "reduce_metrics")
     def reduce_metrics(original, self, logging_outputs, criterion):
         original(self, logging_outputs, criterion)
-        if not getattr(self.cfg, "eval_bleu", False):
+        # training's logging outputs go through here too, without BLEU statistics: left alone
+        if not getattr(self.cfg, "eval_bleu", False) or not any(
+                "_bleu_totals_0" in log for log in logging_outputs):
             return
         totals = [sum(log.get(f"_bleu_totals_{i}", 0) for log in logging_outputs)
                   for i in range(EVAL_BLEU_ORDER)]

@@ -268,9 +268,10 @@ def test_only_fairseqs_own_checks_become_one_line(tmp_path):
         assert fairseq_check_message(*raised(module(*other).value)) is None
 
 
-def _validation_bleu(hypothesis_tokens):
+def _validation_bleu(hypothesis_tokens, validation=True):
     """The values fairseq's translation task logs for one validation with --eval-bleu, the
-    hypotheses holding ``hypothesis_tokens`` tokens in all (their 1-gram matches: all of them)."""
+    hypotheses holding ``hypothesis_tokens`` tokens in all (their 1-gram matches: all of them);
+    without ``validation``, for training's logging outputs (no BLEU statistics)."""
     import argparse
 
     from fairseq.criterions.cross_entropy import CrossEntropyCriterion
@@ -283,7 +284,7 @@ def _validation_bleu(hypothesis_tokens):
     task.cfg = argparse.Namespace(eval_bleu=True)
     log = {"loss": 2.0, "nll_loss": 2.0, "ntokens": 5, "nsentences": 1, "sample_size": 5,
            "_bleu_sys_len": hypothesis_tokens, "_bleu_ref_len": 5}
-    for i in range(EVAL_BLEU_ORDER):
+    for i in range(EVAL_BLEU_ORDER if validation else 0):
         n = max(hypothesis_tokens - i, 0)
         log.update({f"_bleu_counts_{i}": n, f"_bleu_totals_{i}": n})
     with metrics.aggregate(new_root=True) as agg:
@@ -296,6 +297,7 @@ def test_validation_with_only_empty_hypotheses_scores_bleu_zero():
     fairseq-train --best-checkpoint-metric bleu died with KeyError: 'bleu'."""
     assert _validation_bleu(0)["bleu"] == 0
     assert _validation_bleu(5)["bleu"] == 100  # fairseq's own BLEU where there are tokens
+    assert "bleu" not in _validation_bleu(0, validation=False)  # training lines: no bleu=0
 
 
 def test_importing_the_plugin_leaves_logging_alone():
