@@ -708,7 +708,7 @@ def prepare_spm(data_dir, out_dir, vocab_size, joint=True, max_len=128, truncate
                     stats[f"{split}: truncated to {max_len} pieces"] += 1
                 else:
                     stats[f"{split}: kept although longer than {max_len} pieces"] += 1
-            if split != "train" and max(len(s), len(t)) > MODEL_POSITIONS:
+            if split != "train" and max(len(s), len(t)) + 1 > MODEL_POSITIONS:  # with </s>
                 over_limit[split] += 1
             out_src.append(" ".join(s))
             out_tgt.append(" ".join(t))
@@ -733,9 +733,10 @@ def prepare_spm(data_dir, out_dir, vocab_size, joint=True, max_len=128, truncate
             warn(f"{split} has lines longer than --max-len {max_len} pieces (kept; --truncate cuts them)")
         if over_limit[split]:
             tool = "fairseq-train" if split == "valid" else "fairseq-generate"
-            warn(f"{split} has {over_limit[split]} line(s) longer than {MODEL_POSITIONS} pieces, the "
-                 f"models' default --max-source-positions / --max-target-positions: {tool} will refuse "
-                 f"them; raise those options when training, or use a larger --vocab-size")
+            warn(f"{split} has {over_limit[split]} line(s) of {MODEL_POSITIONS} pieces or more, over "
+                 f"the models' default --max-source-positions / --max-target-positions with </s>: "
+                 f"{tool} will refuse them; raise those options when training, or use a larger "
+                 f"--vocab-size")
     return sizes
 
 

@@ -410,14 +410,22 @@ def test_lines_beyond_the_models_positions_are_announced(tmp_path, monkeypatch, 
     """A valid or test line longer than the models' 1024 positions made fairseq-train (valid) or
     fairseq-generate (test, after the whole training) refuse the set; only --max-len was warned of."""
     data = make_piece_data(tmp_path / "data")  # one 40-word pair per split, > 40 pieces
-    monkeypatch.setattr(prep, "MODEL_POSITIONS", 40)
     prep.prepare_spm(str(data), str(tmp_path / "spm"), vocab_size=40, max_len=0, src_lang="en", tgt_lang="de")
-    err = capsys.readouterr().err
-    assert "valid has 1 line(s) longer than 40 pieces" in err and "fairseq-train will refuse" in err
-    assert "test has 1 line(s) longer than 40 pieces" in err and "fairseq-generate will refuse" in err
-    monkeypatch.setattr(prep, "MODEL_POSITIONS", 1024)
+    longest = max(max(lengths(tmp_path / "spm" / f"{s}.{l}")) for s in ("valid", "test") for l in ("en", "de"))
+    assert "line(s) of 1024 pieces or more" not in capsys.readouterr().err
+    # fairseq counts </s>: a line of exactly MODEL_POSITIONS pieces is already refused
+    monkeypatch.setattr(prep, "MODEL_POSITIONS", longest)
     prep.prepare_spm(str(data), str(tmp_path / "spm2"), vocab_size=40, max_len=0, src_lang="en", tgt_lang="de")
-    assert "line(s) longer than" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"line(s) of {longest} pieces or more" in err, err
+    monkeypatch.setattr(prep, "MODEL_POSITIONS", longest + 1)
+    prep.prepare_spm(str(data), str(tmp_path / "spm3"), vocab_size=40, max_len=0, src_lang="en", tgt_lang="de")
+    assert "pieces or more" not in capsys.readouterr().err
+    monkeypatch.setattr(prep, "MODEL_POSITIONS", 40)
+    prep.prepare_spm(str(data), str(tmp_path / "spm4"), vocab_size=40, max_len=0, src_lang="en", tgt_lang="de")
+    err = capsys.readouterr().err
+    assert "valid has 1 line(s) of 40 pieces or more" in err and "fairseq-train will refuse" in err
+    assert "test has 1 line(s) of 40 pieces or more" in err and "fairseq-generate will refuse" in err
 
 
 # ---------------------------------------------------------------------------------------------------
