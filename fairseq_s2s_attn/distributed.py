@@ -167,12 +167,22 @@ def gloo_closed_after_training() -> None:
     @replaces(distributed_utils, "distributed_main")
     def distributed_main(original, i, main, cfg, kwargs):
         result = original(i, main, cfg, kwargs)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-            rank = dist.get_rank()
-            dist.destroy_process_group()
-            logger.info(f"distributed shutdown (rank {rank}): gloo process group closed")
+        close_gloo_group()
         return result
+
+
+def close_gloo_group() -> None:
+    """Destroys this process's gloo process group, if it has one, and fairseq's cached handle of
+    it (``get_global_group._global_group``), which a later training in the same process (a hydra
+    multirun) would otherwise take for its new group."""
+    from fairseq.distributed import utils as distributed_utils
+
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        vars(distributed_utils.get_global_group).pop("_global_group", None)
+        logger.info(f"distributed shutdown (rank {rank}): gloo process group closed")
 
 
 def close_tensorboard_writers() -> None:

@@ -111,6 +111,24 @@ def test_two_cpu_processes_resume(small_data_bin, tmp_path):
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_closing_the_gloo_group_lets_a_later_training_start_another(tmp_path):
+    """After the group is closed, fairseq's cached global group must not outlive it: a second
+    training in the same process (a hydra multirun) would take the destroyed group."""
+    from fairseq.distributed import utils as distributed_utils
+
+    from fairseq_s2s_attn.distributed import close_gloo_group
+
+    for run_index in range(2):
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{run_index}'}",
+                                             world_size=1, rank=0)
+        total = torch.ones(2)
+        torch.distributed.all_reduce(total, group=distributed_utils.get_global_group())
+        assert total.tolist() == [1.0, 1.0]
+        close_gloo_group()
+        assert not torch.distributed.is_initialized()
+        assert not hasattr(distributed_utils.get_global_group, "_global_group")
+
+
 def test_worker_error_is_read_from_the_traceback_text():
     text = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call "
             "last):\n  File \"x.py\", line 1, in f\nfairseq_s2s_attn.distributed.WorkerError: "
