@@ -270,8 +270,8 @@ def missing_restore_file_is_an_error() -> None:
 
     @replaces(checkpoint_utils, "load_checkpoint")
     def load_checkpoint(original, cfg, trainer, **kwargs):
-        last = os.path.join(cfg.save_dir, "checkpoint_last.pt")
-        if cfg.restore_file != "checkpoint_last.pt" and os.path.normpath(cfg.restore_file) != os.path.normpath(last):
+        last = os.path.normpath(os.path.join(cfg.save_dir, "checkpoint_last.pt"))
+        if cfg.restore_file != "checkpoint_last.pt" and os.path.normpath(cfg.restore_file) != last:
             suffix = trainer.checkpoint_suffix
             path = cfg.restore_file.replace(".pt", suffix + ".pt") if suffix else cfg.restore_file
             if not PathManager.isfile(path):

@@ -99,7 +99,8 @@ class RNNS2SConfig(FairseqDataclass):
         default="before",
         metadata={"help": "none = vanilla seq2seq (fixed context vector, Cho et al. 2014); "
                   "before = Bahdanau (query is the previous decoder state, context enters the "
-                  "RNN step); after = Luong (query is the current state, h~ = tanh(W_c[h;c]), Luong's eq. 5 with the columns of W_c in the other order)"},
+                  "RNN step); after = Luong (query is the current state, h~ = tanh(W_c[h;c]), "
+                  "Luong's eq. 5 with the columns of W_c in the other order)"},
     )
     attention: ATTENTION_CHOICES = field(
         default="additive",

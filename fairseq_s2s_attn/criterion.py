@@ -22,8 +22,8 @@ and Luong et al. 2015 both train with this loss):
   reads the two loss gradients and the padding rows to the host once per update (not per step).
 
 The loss is fairseq's: label_smoothed_nll_loss's (1 - eps - eps_i) nll + eps_i smooth with
-eps_i = eps / (V - 1). Models other than ours (fairseq's ``lstm``, ``transformer``, ...) and ``reduce=False`` take the
-parent criterion's path unchanged.
+eps_i = eps / (V - 1). Models other than ours (fairseq's ``lstm``, ``transformer``, ...) and
+``reduce=False`` take the parent criterion's path unchanged.
 """
 
 from dataclasses import dataclass

@@ -33,7 +33,6 @@ import logging
 import os
 import socket
 import sys
-
 from typing import Optional
 
 import torch

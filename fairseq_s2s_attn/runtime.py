@@ -405,7 +405,8 @@ def fairseq_check_message(exc, tb) -> Optional[str]:
     fairseq's own code, with a message), or None for anything else: raised in torch, numpy or the
     plugin, by Python inside fairseq (an unpacking error, a bug), or without a message; those
     keep their traceback."""
-    if not isinstance(exc, FAIRSEQ_CHECKS) or not str(exc).strip() or tb is None:
+    message = " ".join(str(exc).split())
+    if not isinstance(exc, FAIRSEQ_CHECKS) or not message or tb is None:
         return None
     while tb.tb_next is not None:
         tb = tb.tb_next
@@ -413,12 +414,12 @@ def fairseq_check_message(exc, tb) -> Optional[str]:
     if where.startswith("fairseq" + os.sep) and where.endswith(".pyx"):
         # fairseq's Cython modules (batching: "Sentences lengths should not exceed max_tokens=N"),
         # named by a relative path, without source: an AssertionError there is an assert
-        return " ".join(str(exc).split()) if isinstance(exc, AssertionError) else None
+        return message if isinstance(exc, AssertionError) else None
     if not any(d in where for d in _FAIRSEQ_DIRS) or "fairseq_s2s_attn" in where:
         return None
     if not isinstance(_statement_at(where, tb.tb_lineno), (ast.Assert, ast.Raise)):
         return None
-    return " ".join(str(exc).split())
+    return message
 
 
 def _statement_at(filename: str, lineno: int):
