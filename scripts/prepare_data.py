@@ -270,17 +270,20 @@ def _open_error(path, e):
 
 def iter_lines(path):
     """Yield (line number, text) of a UTF-8 file, split on '\\n' only (a CR before it and a BOM at the
-    start are removed). Invalid UTF-8 raises DataError naming the file and line."""
+    start are removed). Invalid UTF-8 raises DataError naming the file and line, and so does a file
+    whose every line holds a carriage return (bare-CR line endings, classic Mac OS: read as lines
+    of '\\n', it would be one long line, and the corpus "only 1 pairs")."""
     try:
         fh = open(path, "rb")
     except OSError as e:
         raise _open_error(path, e) from None
     with fh:
-        lineno = 0
+        lineno = with_cr = 0
         try:
             for lineno, raw in enumerate(fh, 1):
                 raw = raw[:-1] if raw.endswith(b"\n") else raw
                 raw = raw[:-1] if raw.endswith(b"\r") else raw
+                with_cr += b"\r" in raw
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -292,6 +295,9 @@ def iter_lines(path):
                 yield lineno, line
         except OSError as e:
             raise DataError(f"{path}:{lineno + 1}: read error ({e.strerror or e})") from None
+    if lineno and with_cr == lineno:
+        raise DataError(f"{path}: its lines end in a bare carriage return (\\r, classic Mac OS), not "
+                        f"\\n; convert them first, e.g. tr '\\r' '\\n' < {shlex.quote(str(path))} > fixed")
 
 
 def read_parallel(src_path, tgt_path, allow_empty=False):

@@ -500,6 +500,28 @@ def test_error_invalid_utf8(tmp_path):
                 f"{data / 'train.de'}:2:")
 
 
+def test_error_bare_cr_line_endings(tmp_path):
+    """A file with classic Mac OS line endings (bare CR) read as one line: the corpus had "only 1
+    pairs" with no word of why. Now named, both when one file and when both have them; CRLF files
+    and a stray CR inside a line (cleaned to a space) still read."""
+    n = 40
+    src_lines, tgt_lines = make_corpus(n)
+    mac_src, mac_tgt = tmp_path / "mac.en", tmp_path / "mac.de"
+    mac_src.write_bytes("\r".join(src_lines).encode() + b"\r")
+    mac_tgt.write_bytes("\r".join(tgt_lines).encode() + b"\r")
+    unix_tgt = write(tmp_path / "unix.de", tgt_lines)
+    for src, tgt in ((mac_src, mac_tgt), (mac_src, unix_tgt)):
+        check_error(run_cli("text", "--src", src, "--tgt", tgt, "--out", tmp_path / "o"),
+                    f"{mac_src}: its lines end in a bare carriage return", "tr '\\r' '\\n'")
+        assert not (tmp_path / "o").exists()
+    crlf_src, crlf_tgt = tmp_path / "crlf.en", tmp_path / "crlf.de"
+    crlf_src.write_bytes("".join(f"{s}\r\n" for s in src_lines).encode())
+    stray = list(tgt_lines)
+    stray[3] = stray[3].replace(" ", "\r", 1)
+    crlf_tgt.write_bytes("".join(f"{t}\r\n" for t in stray).encode())
+    assert prep.read_parallel(crlf_src, crlf_tgt) == [(s, t) for s, t in zip(src_lines, stray)]
+
+
 def argument_error(capsys, argv):
     """prepare_data.main(argv) stops in argparse: exit status 2, one `error:` line, no traceback."""
     with pytest.raises(SystemExit) as e:
