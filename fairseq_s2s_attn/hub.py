@@ -22,7 +22,7 @@ from typing import List, Optional, Union
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .inputs import InputError, check_data_bin
+from .inputs import InputError, check_data_bin, check_pieces_cover
 from .model import RNNS2SModel
 
 
@@ -138,26 +138,3 @@ def check_sentencepiece_model(path: str) -> None:
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"cannot read sentencepiece model {path}: {str(e).strip()[:160]}") from None
 
-
-def check_pieces_cover(src_dict, path: str, share: float = 0.95) -> None:
-    """The sentencepiece model must be the one the source side was encoded with: every type of
-    the source dictionary is then one of its pieces. Another model (another corpus's or
-    language's) gave pieces the dictionary lacks, which the model read as ``<unk>``, and a smaller
-    one of the same corpus cut words differently from training: either translated badly without
-    a word. (The demo's dictionary: 5,987 of 5,987 types are pieces of its model, 4,975 of a
-    5,000-piece model of the same text.) Only the source side is judged: the output is joined
-    back into text without the model, so a target side encoded with its own model
-    (prepare_data --separate) is fine."""
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=path)
-    pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
-    types = [src_dict[i] for i in range(src_dict.nspecial, len(src_dict))
-             if not src_dict[i].startswith("madeupword")]  # fairseq's padding to a multiple of 8
-    known = sum(t in pieces for t in types)
-    if types and known < share * len(types):
-        raise CheckpointError(
-            f"sentencepiece model {path} is not the one the source side was encoded with: only "
-            f"{known} of the {len(types)} types of the source dictionary are pieces of it; give the "
-            "model the data-bin was made with (prepare_data: <work>/spm/spm.model, or "
-            "spm.<src>.model with --separate)")

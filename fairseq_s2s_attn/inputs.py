@@ -13,6 +13,8 @@
   binarized data ``--truncate-source`` cuts sources to the limit (not offered in
   fairseq-interactive, where it does nothing). Nothing is truncated or skipped unless asked for.
 - Input that is not UTF-8 text (fairseq-interactive): one error naming the line, not a traceback.
+- A sentencepiece model the source side was not encoded with (fairseq-interactive, the hub):
+  one error line, not ``<unk>``s translated without a word.
 - A data folder that is missing or holds no dictionaries, and training or validating without
   --max-tokens/--batch-size: one error line each (fairseq: tracebacks).
 """
@@ -225,9 +227,53 @@ def batch_size_required() -> None:
         return original(cfg, main, **kwargs)
 
 
+def sentencepiece_model_of_the_source() -> None:
+    """fairseq-interactive with ``--bpe sentencepiece --sentencepiece-model`` of another corpus or
+    language (or a smaller vocabulary of the same text) translated words read as ``<unk>`` (or cut
+    as in no training) without a word; now one error line (``check_pieces_cover``). Only there:
+    fairseq-generate reads binarized sources and uses the model only to join output pieces. For
+    every model of the task (fairseq's too)."""
+    from fairseq.data.encoders.sentencepiece_bpe import SentencepieceBPE
+    from fairseq.tasks.fairseq_task import FairseqTask
+
+    @replaces(FairseqTask, "build_bpe")
+    def build_bpe(original, self, args):
+        bpe = original(self, args)
+        src_dict = getattr(self, "source_dictionary", None)
+        if isinstance(bpe, SentencepieceBPE) and src_dict is not None and \
+                running_fairseq_command("interactive"):
+            check_pieces_cover(src_dict, args.sentencepiece_model)
+        return bpe
+
+
+def check_pieces_cover(src_dict, path: str, share: float = 0.95) -> None:
+    """The sentencepiece model must be the one the source side was encoded with: every type of
+    the source dictionary is then one of its pieces. Another model (another corpus's or
+    language's) gave pieces the dictionary lacks, which the model read as ``<unk>``, and a smaller
+    one of the same corpus cut words differently from training: either translated badly without
+    a word. (The demo's dictionary: 5,987 of 5,987 types are pieces of its model, 4,975 of a
+    5,000-piece model of the same text.) Only the source side is judged: the output is joined
+    back into text without the model, so a target side encoded with its own model
+    (prepare_data --separate) is fine."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+    types = [src_dict[i] for i in range(src_dict.nspecial, len(src_dict))
+             if not src_dict[i].startswith("madeupword")]  # fairseq's padding to a multiple of 8
+    known = sum(t in pieces for t in types)
+    if types and known < share * len(types):
+        raise ConfigError(
+            f"sentencepiece model {path} is not the one the source side was encoded with: only "
+            f"{known} of the {len(types)} types of the source dictionary are pieces of it; give the "
+            "model the data-bin was made with (prepare_data: <work>/spm/spm.model, or "
+            "spm.<src>.model with --separate)")
+
+
 def install() -> None:
     empty_sources_translate_to_empty()
     clear_error_for_long_sources()
     utf8_input_lines()
     checked_data_bin()
     batch_size_required()
+    sentencepiece_model_of_the_source()

@@ -69,3 +69,16 @@ def parse_generate(stdout: str) -> Dict[str, Dict[int, str]]:
 
 def read_lines(path: Path) -> List[str]:
     return path.read_text(encoding="utf-8").splitlines()
+
+
+def make_spm_model(path: Path, pieces: List[str] = ()) -> Path:
+    """A small sentencepiece model (path, ending in .model) trained on German-like text; ``pieces``
+    become pieces of it (``w0``, ``w1``, ...: the words of make_reverse_data's dictionaries)."""
+    import sentencepiece
+
+    text = path.with_suffix(".txt")
+    text.write_text("".join(f"Ein anderer Satz Nummer {i} mit Wörtern.\n" for i in range(200)))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(path.with_suffix("")), vocab_size=60, minloglevel=2,
+        hard_vocab_limit=False, user_defined_symbols=list(pieces))
+    return path

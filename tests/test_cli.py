@@ -255,19 +255,15 @@ def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
                                    data=str(data_bin))
     # a sentencepiece model the source side was not encoded with (its dictionary holds w0 ... w11):
     # <unk>s translated without a word before; a model holding those pieces is taken
-    import sentencepiece
+    from clitools import make_spm_model
 
-    text = tmp_path / "spm.txt"
-    text.write_text("".join(f"Ein anderer Satz Nummer {i} mit Wörtern.\n" for i in range(200)))
-    for name, symbols in (("other", []), ("same", [f"w{i}" for i in range(12)])):
-        sentencepiece.SentencePieceTrainer.train(
-            input=str(text), model_prefix=str(tmp_path / name), vocab_size=60, minloglevel=2, hard_vocab_limit=False,
-            user_defined_symbols=symbols)
-    with pytest.raises(CheckpointError, match=r"other.model is not the one the source side was "
+    other = make_spm_model(tmp_path / "other.model")
+    same = make_spm_model(tmp_path / "same.model", [f"w{i}" for i in range(12)])
+    with pytest.raises(ConfigError, match=r"other.model is not the one the source side was "
                                               r"encoded with: only 0 of the 12 types"):
-        Translator.from_pretrained(model_dir, data=str(data_bin), spm_model=str(tmp_path / "other.model"))
-    same = Translator.from_pretrained(model_dir, data=str(data_bin), spm_model=str(tmp_path / "same.model"))
-    assert same.translate("w1 w2 w3", beam=2)
+        Translator.from_pretrained(model_dir, data=str(data_bin), spm_model=str(other))
+    assert Translator.from_pretrained(model_dir, data=str(data_bin), spm_model=str(same)).translate(
+        "w1 w2 w3", beam=2)
     ensemble = Translator.from_pretrained(
         model_dir, checkpoint_file=f"checkpoint_best.pt{os.pathsep}checkpoint_last.pt", data=str(data_bin))
     assert len(ensemble.hub.models) == 2 and ensemble.translate("w1 w2 w3", beam=2)
