@@ -61,7 +61,7 @@ class Translator:
         hub = RNNS2SModel.from_pretrained(model_dir, checkpoint_file=checkpoint_file,
                                           data_name_or_path=data, **kwargs)
         if spm_model is not None:
-            check_pieces_cover(hub.src_dict, spm_model)
+            check_pieces_cover(hub.src_dict, hub.tgt_dict, spm_model)
         return cls(hub)
 
     def translate(self, sentences: Union[str, List[str]], beam: int = 5, return_attention: bool = False,

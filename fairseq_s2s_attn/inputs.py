@@ -242,33 +242,43 @@ def sentencepiece_model_of_the_source() -> None:
         src_dict = getattr(self, "source_dictionary", None)
         if isinstance(bpe, SentencepieceBPE) and src_dict is not None and \
                 running_fairseq_command("interactive"):
-            check_pieces_cover(src_dict, args.sentencepiece_model)
+            check_pieces_cover(src_dict, getattr(self, "target_dictionary", None),
+                               args.sentencepiece_model)
         return bpe
 
 
-def check_pieces_cover(src_dict, path: str, share: float = 0.95) -> None:
-    """The sentencepiece model must be the one the source side was encoded with: every type of
-    the source dictionary is then one of its pieces. Another model (another corpus's or
-    language's) gave pieces the dictionary lacks, which the model read as ``<unk>``, and a smaller
-    one of the same corpus cut words differently from training: either translated badly without
-    a word. (The demo's dictionary: 5,987 of 5,987 types are pieces of its model, 4,975 of a
-    5,000-piece model of the same text.) Only the source side is judged: the output is joined
-    back into text without the model, so a target side encoded with its own model
-    (prepare_data --separate) is fine."""
+def check_pieces_cover(src_dict, tgt_dict, path: str) -> None:
+    """The sentencepiece model must be the one the source side was encoded with. With separate
+    dictionaries every type of the source dictionary is then one of its pieces: another model
+    (another corpus's or language's) gave pieces the dictionary lacks, read as ``<unk>``, and a
+    smaller one of the same corpus cut words differently from training; either translated badly
+    without a word. The demo's dictionary: 5,987 of its 5,987 types are pieces of its model,
+    4,975 of a 5,000-piece model of the same text, 1,312 of a French model's. The output is
+    joined back into text without the model, so a target side encoded with a model of its own
+    (prepare_data --separate) is fine. A joined dictionary also holds the target side's types
+    (with --separate, pieces of another model): there the model's pieces are judged, most of which
+    a source side encoded with it uses (1,312 of the French model's 5,997 are the demo's types)."""
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=path)
-    pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
-    types = [src_dict[i] for i in range(src_dict.nspecial, len(src_dict))
-             if not src_dict[i].startswith("madeupword")]  # fairseq's padding to a multiple of 8
-    known = sum(t in pieces for t in types)
-    if types and known < share * len(types):
+    pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())
+              if not (sp.is_control(i) or sp.is_unknown(i))}
+    types = {src_dict[i] for i in range(src_dict.nspecial, len(src_dict))
+             if not src_dict[i].startswith("madeupword")}  # fairseq's padding to a multiple of 8
+    known = len(types & pieces)
+    if tgt_dict is not None and tgt_dict.symbols == src_dict.symbols:
+        if pieces and known < 0.5 * len(pieces):
+            raise ConfigError(
+                f"sentencepiece model {path} is not the one the source side was encoded with: only "
+                f"{known} of its {len(pieces)} pieces are types of the (joined) dictionary; give the "
+                "model the data-bin was made with (prepare_data: <work>/spm/spm.model, or "
+                "spm.<src>.model with --separate)")
+    elif types and known < 0.95 * len(types):
         raise ConfigError(
             f"sentencepiece model {path} is not the one the source side was encoded with: only "
             f"{known} of the {len(types)} types of the source dictionary are pieces of it; give the "
             "model the data-bin was made with (prepare_data: <work>/spm/spm.model, or "
             "spm.<src>.model with --separate)")
-
 
 def install() -> None:
     empty_sources_translate_to_empty()

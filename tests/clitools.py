@@ -71,14 +71,14 @@ def read_lines(path: Path) -> List[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def make_spm_model(path: Path, pieces: List[str] = ()) -> Path:
-    """A small sentencepiece model (path, ending in .model) trained on German-like text; ``pieces``
-    become pieces of it (``w0``, ``w1``, ...: the words of make_reverse_data's dictionaries)."""
+def make_spm_model(path: Path) -> Path:
+    """A small sentencepiece model (path, ending in .model) of Russian text: a model of another
+    corpus and language for the tests' data (only its digits are shared)."""
     import sentencepiece
 
     text = path.with_suffix(".txt")
-    text.write_text("".join(f"Ein anderer Satz Nummer {i} mit Wörtern.\n" for i in range(200)))
+    text.write_text("".join(f"Другое предложение номер {i} со словами.\n" for i in range(200)))
     sentencepiece.SentencePieceTrainer.train(
         input=str(text), model_prefix=str(path.with_suffix("")), vocab_size=60, minloglevel=2,
-        hard_vocab_limit=False, user_defined_symbols=list(pieces))
+        hard_vocab_limit=False)
     return path

@@ -253,17 +253,6 @@ def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pt"):
         Translator.from_pretrained(model_dir, checkpoint_file=f"checkpoint_best.pt{os.pathsep}nope.pt",
                                    data=str(data_bin))
-    # a sentencepiece model the source side was not encoded with (its dictionary holds w0 ... w11):
-    # <unk>s translated without a word before; a model holding those pieces is taken
-    from clitools import make_spm_model
-
-    other = make_spm_model(tmp_path / "other.model")
-    same = make_spm_model(tmp_path / "same.model", [f"w{i}" for i in range(12)])
-    with pytest.raises(ConfigError, match=r"other.model is not the one the source side was "
-                                              r"encoded with: only 0 of the 12 types"):
-        Translator.from_pretrained(model_dir, data=str(data_bin), spm_model=str(other))
-    assert Translator.from_pretrained(model_dir, data=str(data_bin), spm_model=str(same)).translate(
-        "w1 w2 w3", beam=2)
     ensemble = Translator.from_pretrained(
         model_dir, checkpoint_file=f"checkpoint_best.pt{os.pathsep}checkpoint_last.pt", data=str(data_bin))
     assert len(ensemble.hub.models) == 2 and ensemble.translate("w1 w2 w3", beam=2)
@@ -284,6 +273,44 @@ def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
     t.hub.encode = lambda text: (seen.append(text), encode(text))[1]
     assert t.translate("w1 w2\nw3\t w4 ", beam=2) == t.translate("w1 w2 w3 w4", beam=2)
     assert seen == ["w1 w2 w3 w4", "w1 w2 w3 w4"]
+
+
+def test_sentencepiece_model_of_another_corpus(tmp_path):
+    """The hub and fairseq-interactive with a sentencepiece model the source side was not encoded
+    with read words as <unk> and translated them without a word; now one error. The model the
+    data-bin was made with (prepare_data, joint and --separate) translates."""
+    from clitools import make_spm_model
+
+    from fairseq_s2s_attn.errors import ConfigError
+    from fairseq_s2s_attn.hub import Translator
+
+    corpus = [(f"open the file number {i} in folder {i % 7}", f"öffne die Datei Nummer {i} im Ordner {i % 7}")
+              for i in range(150)]
+    for lang, side in (("en", 0), ("de", 1)):
+        (tmp_path / f"c.{lang}").write_text("".join(p[side] + "\n" for p in corpus))
+    other = make_spm_model(tmp_path / "other.model")
+    for layout in ("--joint", "--separate"):
+        work = tmp_path / layout.strip("-")
+        run("prepare_data.py", "all", "--src", tmp_path / "c.en", "--tgt", tmp_path / "c.de", "--work", work,
+            "--valid-size", 5, "--test-size", 5, "--vocab-size", 40, layout)
+        run("fairseq-train", work / "data-bin", *USER_DIR, "--arch", "rnn_luong_tiny", "--optimizer", "adam",
+            "--lr", "0.005", "--max-tokens", 1000, "--max-update", 2, "--save-dir", work / "ck",
+            "--no-progress-bar", "--cpu")
+        model = work / "spm" / ("spm.model" if layout == "--joint" else "spm.en.model")
+        args = (work / "data-bin", *USER_DIR, "--path", work / "ck" / "checkpoint_last.pt", "--beam", 2,
+                "--cpu", "--bpe", "sentencepiece", "--sentencepiece-model")
+        proc = run("fairseq-interactive", *args, model, input="open the file number 3\n")
+        assert sorted(parse_generate(proc.stdout)["H"]) == [0]
+        proc = run("fairseq-interactive", *args, other, input="open the file number 3\n", check=False)
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+        assert f"sentencepiece model {other} is not the one the source side was encoded with" in errors[0]
+        assert "H-0" not in proc.stdout
+        assert Translator.from_pretrained(str(work / "ck"), "checkpoint_last.pt", data=str(work / "data-bin"),
+                                          spm_model=str(model)).translate("open the file")
+        with pytest.raises(ConfigError, match="other.model is not the one the source side was encoded"):
+            Translator.from_pretrained(str(work / "ck"), "checkpoint_last.pt", data=str(work / "data-bin"),
+                                       spm_model=str(other))
 
 
 def test_hub_over_length_advice_for_the_location_score(data_bin, tmp_path):

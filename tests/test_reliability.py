@@ -506,27 +506,6 @@ def test_interactive_input_that_is_not_utf8(small_data_bin, luong_runs, tmp_path
 
 
 @slow
-def test_interactive_sentencepiece_model_of_another_corpus(small_data_bin, luong_runs, tmp_path):
-    """fairseq-interactive with a --sentencepiece-model the source side was not encoded with read
-    words as <unk> and translated them without a word; now one error line, before any input is
-    read. The model the data was made with (its pieces are the dictionary's types) translates."""
-    from clitools import make_spm_model
-
-    *_, straight = luong_runs
-    args = [small_data_bin, *USER_DIR, "--path", straight / "checkpoint_last.pt", "--beam", 2,
-            "--source-lang", "src", "--target-lang", "tgt", "--cpu", "--bpe", "sentencepiece"]
-    other = make_spm_model(tmp_path / "other.model")
-    proc = run("fairseq-interactive", *args, "--sentencepiece-model", other, input="w1 w2 w3\n",
-               check=False)
-    one_error_line(proc, f"sentencepiece model {other} is not the one the source side was encoded "
-                         "with: only 0 of the 10 types of the source dictionary")
-    assert "H-0" not in proc.stdout
-    same = make_spm_model(tmp_path / "same.model", [f"w{i}" for i in range(10)])
-    proc = run("fairseq-interactive", *args, "--sentencepiece-model", same, input="w1 w2 w3\n")
-    assert sorted(parse_generate(proc.stdout)["H"]) == [0]
-
-
-@slow
 def test_generate_truncate_source(small_data_bin, luong_runs):
     *_, straight = luong_runs
     proc = run("fairseq-generate", small_data_bin, *USER_DIR, "--path", straight / "checkpoint_last.pt",
