@@ -572,3 +572,143 @@ def test_stack_of_one_step_is_a_view_with_the_values_of_torch_stack():
         one = stack([a], dim=dim)
         assert torch.equal(one, torch.stack([a], dim=dim)) and one.data_ptr() == a.data_ptr()
         assert torch.equal(stack([a, b], dim=dim), torch.stack([a, b], dim=dim))
+
+
+# ------------------------------------------------------------------ dropout, site by site
+
+
+class Scale(torch.nn.Module):
+    """Deterministic stand-in for a FairseqDropout module: multiplies by a constant, so that
+    a missing (or extra) application changes the output exactly, where real dropout only
+    changes a random draw."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x, inplace: bool = False):
+        return x * self.factor
+
+
+D_IN, D_OUT = 0.5, 0.75  # the stand-ins' factors for dropout_in and dropout_out
+
+
+def with_scaled_dropout(model):
+    """Replaces the encoder's and decoder's dropout modules by ``Scale`` stand-ins and turns off
+    nn.LSTM/nn.GRU's own random dropout between layers (checked separately, see
+    test_rnn_dropout_between_layers_is_dropout_out); the model is left in training mode."""
+    for m in (model.encoder, model.decoder):
+        m.dropout_in, m.dropout_out = Scale(D_IN), Scale(D_OUT)
+        m.rnn.dropout = 0.0
+    return model.train()
+
+
+def rnn_step(rnn, x, hs, cs):
+    """One step of a multi-layer nn.LSTM/nn.GRU from per-layer states (lists of B x H), with
+    dropout_out's stand-in between layers, where nn.LSTM/GRU applies its dropout."""
+    new_h, new_c = [], []
+    for k in range(rnn.num_layers):
+        inp = x if k == 0 else new_h[-1] * D_OUT
+        w = [getattr(rnn, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if isinstance(rnn, torch.nn.LSTM):
+            h, c = torch.lstm_cell(inp, (hs[k], cs[k]), *w)
+            new_c.append(c)
+        else:
+            h = torch.gru_cell(inp, hs[k], *w)
+        new_h.append(h)
+    return new_h, (new_c if cs is not None else None)
+
+
+def _train_forward(model, src, lengths, prev):
+    feats, extra = model(src, lengths, prev, features_only=True)
+    return feats.detach(), extra["attn"][0].detach()
+
+
+@pytest.mark.parametrize("rnn_type", ["gru", "lstm"])
+@pytest.mark.parametrize("input_feeding, layers", [(True, 1), (True, 2), (False, 1)],
+                         ids=["feed-L1", "feed-L2", "nofeed-L1"])
+def test_luong_training_applies_dropout_where_documented(input_feeding, layers, rnn_type):
+    """In training (dropout stand-ins: embeddings x D_IN, outputs x D_OUT) Luong's decoder is
+
+      x_t = D_in(E y_{t-1}) (with [x_t; h~_{t-1}] for input feeding); s = RNN(x_t), D_out
+      between layers; h_t = D_out(s_top); c_t = Attn(h_t); h~_t = D_out(tanh(W_c [h_t; c_t]))
+
+    (fairseq's LSTMDecoder's places): the embedding, between layers, the top state (also as
+    the attention query) and h~ (also as fed back). Step loop (input feeding) and whole-sequence
+    path (without) alike; the incremental step path gives the same in training."""
+    d = make_dict()
+    model = with_scaled_dropout(build_model(
+        "rnn_luong_tiny", input_feeding=input_feeding, encoder_layers=layers, decoder_layers=layers,
+        rnn_type=rnn_type, dtype=torch.float64))
+    dec = model.decoder
+    src, lengths, prev = make_batch(d)
+    feats, attn = _train_forward(model, src, lengths, prev)
+    with torch.no_grad():
+        enc = model.encoder(src, lengths)
+        hs = list(enc["final_hidden"].unbind(0))  # decoder_init final, equal sizes
+        cs = list(enc["final_cell"].unbind(0)) if rnn_type == "lstm" else None
+        feed = torch.zeros(len(SRC_LENGTHS), dec.out_embed_dim, dtype=torch.float64)
+        values = enc["encoder_out"].transpose(0, 1)
+        keys = dec.attention.keys(values, enc["encoder_padding_mask"])
+        for t in range(prev.size(1)):
+            x = dec.embed_tokens(prev[:, t]) * D_IN
+            if input_feeding:
+                x = torch.cat([x, feed], -1)
+            hs, cs = rnn_step(dec.rnn, x, hs, cs)
+            h = hs[-1] * D_OUT
+            ctx, a = dec.attention(h, keys, values, enc["encoder_padding_mask"])
+            feed = torch.tanh(dec.readout(torch.cat([h, ctx], -1))) * D_OUT
+            torch.testing.assert_close(feats[:, t], feed)
+            torch.testing.assert_close(attn[:, t], a)
+        # the single-step path of incremental decoding places dropout alike
+        inc, _ = incremental_forward(model, enc, prev, {})
+    torch.testing.assert_close(inc, dec.output_layer(feats))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bahdanau_training_applies_dropout_where_documented(layers):
+    """In training (stand-ins as above) Bahdanau's decoder is
+
+      e_i = D_in(E y_{i-1}); c_i = Attn(s_{i-1}); s_i = RNN([e_i; c_i], s_{i-1}) with D_out
+      between layers; t_i = D_out(tanh(W_o [D_out(s_i); c_i; e_i]))
+
+    the readout's state input and output dropped, the attention query and the recurrent state
+    not. The incremental step path gives the same in training."""
+    d = make_dict()
+    model = with_scaled_dropout(build_model(
+        "rnn_bahdanau_tiny", rnn_type="lstm", decoder_layers=layers, encoder_layers=layers,
+        coverage=False, dtype=torch.float64))
+    dec = model.decoder
+    src, lengths, prev = make_batch(d)
+    feats, attn = _train_forward(model, src, lengths, prev)
+    with torch.no_grad():
+        enc = model.encoder(src, lengths)
+        hs, cs = list(enc["final_hidden"].unbind(0)), list(enc["final_cell"].unbind(0))
+        values = enc["encoder_out"].transpose(0, 1)
+        keys = dec.attention.keys(values, enc["encoder_padding_mask"])
+        for t in range(prev.size(1)):
+            e = dec.embed_tokens(prev[:, t]) * D_IN
+            ctx, a = dec.attention(hs[-1], keys, values, enc["encoder_padding_mask"])
+            hs, cs = rnn_step(dec.rnn, torch.cat([e, ctx], -1), hs, cs)
+            ti = torch.tanh(dec.readout(torch.cat([hs[-1] * D_OUT, ctx, e], -1))) * D_OUT
+            torch.testing.assert_close(feats[:, t], ti)
+            torch.testing.assert_close(attn[:, t], a)
+        inc, _ = incremental_forward(model, enc, prev, {})
+    torch.testing.assert_close(inc, dec.output_layer(feats))
+
+
+@pytest.mark.parametrize("arch, opts", [
+    ("rnn_vanilla_tiny", {}), ("rnn_bahdanau_tiny", {}), ("rnn_luong_tiny", dict(input_feeding=True)),
+])
+def test_rnn_dropout_between_layers_is_dropout_out(arch, opts):
+    """A multi-layer encoder's and decoder's nn.LSTM/nn.GRU drop between layers with
+    dropout_out (their whole-sequence calls: the encoder, vanilla and Luong without input
+    feeding; the step loop applies dropout_out itself); a single layer has none (PyTorch
+    warns about dropout on a single layer)."""
+    model = build_model(arch, dropout=True, encoder_layers=2, decoder_layers=2,
+                        encoder_dropout_out=0.3, decoder_dropout_out=0.2, **opts)
+    assert model.encoder.rnn.dropout == model.encoder.dropout_out.p == 0.3
+    assert model.decoder.rnn.dropout == model.decoder.dropout_out.p == 0.2
+    one = build_model(arch, dropout=True, encoder_layers=1, decoder_layers=1,
+                      encoder_dropout_out=0.3, decoder_dropout_out=0.2, **opts)
+    assert one.encoder.rnn.dropout == 0 and one.decoder.rnn.dropout == 0
