@@ -296,3 +296,38 @@ def test_beam_search_orders_inside_sentence_runs_equal_the_checked_path(tiny_dic
         source_runs(torch.arange(5), 3, 4)  # not whole runs
     with pytest.raises(ValueError, match="for 3 source rows"):
         source_runs(torch.arange(7), 1, 3)  # not a repeat of every row
+
+
+class Scale(torch.nn.Module):
+    """Deterministic stand-in for a FairseqDropout module (multiplies by a constant): a missing
+    application changes the output exactly."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x, inplace: bool = False):
+        return x * self.factor
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_training_drops_the_embeddings_and_the_outputs(tiny_dict, gen, rnn_type):
+    """In training the encoder is out = D_out(RNN(D_in(E x))), fairseq's LSTMEncoder's places
+    (dropout stand-ins: D_in x 0.5, D_out x 0.75); the final states (the decoder's initial
+    state) are the RNN's, not dropped. Between layers nn.LSTM/GRU drops with dropout_out."""
+    enc = make_encoder(tiny_dict, rnn_type=rnn_type, num_layers=2, bidirectional=True,
+                       dropout_in=0.3, dropout_out=0.2)
+    assert enc.rnn.dropout == enc.dropout_out.p == 0.2
+    enc.dropout_in, enc.dropout_out = Scale(0.5), Scale(0.75)
+    enc.rnn.dropout = 0.0  # its random dropout between layers: checked above
+    enc.train()
+    tokens = random_tokens(tiny_dict, LENGTHS, left_pad=False, generator=gen)
+    with torch.no_grad():
+        out = enc(tokens, None)
+        for b, n in enumerate(LENGTHS):
+            y, state = enc.rnn(enc.embed_tokens(tokens[b : b + 1, :n]).transpose(0, 1) * 0.5)
+            torch.testing.assert_close(out["encoder_out"][:n, b], y[:, 0] * 0.75)
+            assert torch.all(out["encoder_out"][n:, b] == 0)
+            h = state[0] if rnn_type == "lstm" else state
+            # the top layer's final state, directions side by side
+            torch.testing.assert_close(out["final_hidden"][-1, b], torch.cat([h[-2, 0], h[-1, 0]]))
