@@ -507,3 +507,27 @@ def test_additive_scores_go_in_blocks_of_rows_on_cpu(monkeypatch, coverage, batc
     assert largest == 3 * per_row
     assert blocks.shape == whole.shape == ((rows, T, S) if batched else (rows, S))
     torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
+def test_location_is_luong_formula_up_to_the_last_position(left):
+    """a_t = softmax(W_a h_t) (Luong sec. 3.1, location): the j-th real word of a sentence (from
+    its first real token, wherever the padding is) scores W_a[j] . h_t, no bias. W_a has one
+    row per position up to max_positions P: a sentence of exactly P words gives its last word
+    row P-1 (the last row), not a clamped earlier one."""
+    torch.manual_seed(0)
+    attn = Attention("location", Q, C, A, max_positions=S).to(torch.float64)  # P = S
+    torch.nn.init.uniform_(attn.scorer.proj.weight, -0.8, 0.8)
+    Wa = attn.scorer.proj.weight
+    assert Wa.shape == (S, Q) and attn.scorer.proj.bias is None
+    ht, hs = _inputs()
+    mask = make_mask(left)  # lengths 5 (= P), 3, 1
+    with torch.no_grad():
+        context, weights = attn(ht, attn.keys(hs, mask), hs, mask)
+        hand = torch.zeros(B, S, dtype=torch.float64)
+        for b in range(B):
+            for j, col in enumerate((~mask[b]).nonzero().flatten().tolist()):
+                hand[b, col] = Wa[j] @ ht[b]
+        w_hand, c_hand = _hand_attention(hand, hs, mask)
+    torch.testing.assert_close(weights, w_hand, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(context, c_hand, rtol=1e-10, atol=1e-12)
