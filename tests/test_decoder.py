@@ -712,3 +712,17 @@ def test_rnn_dropout_between_layers_is_dropout_out(arch, opts):
     one = build_model(arch, dropout=True, encoder_layers=1, decoder_layers=1,
                       encoder_dropout_out=0.3, decoder_dropout_out=0.2, **opts)
     assert one.encoder.rnn.dropout == 0 and one.decoder.rnn.dropout == 0
+
+
+@pytest.mark.parametrize("arch, opts, has_bias", [
+    ("rnn_luong_tiny", dict(input_feeding=True), False),
+    ("rnn_luong_tiny", dict(input_feeding=False), False),
+    ("rnn_bahdanau_tiny", {}, True),
+    ("rnn_bahdanau_tiny", dict(readout="maxout"), True),
+    ("rnn_vanilla_tiny", {}, True),
+])
+def test_readout_bias_follows_the_papers(arch, opts, has_bias):
+    """Luong's h~_t = tanh(W_c [h_t; c_t]) (eq. 5) has no bias; the deep output of vanilla and
+    Bahdanau, t_i = R(W_o [s; c; E y_{i-1}] + b), keeps one (the maxout pieces' too)."""
+    dec = build_model(arch, **opts).decoder
+    assert (dec.readout.bias is not None) is has_bias
