@@ -513,3 +513,33 @@ def test_pretrained_embedding_errors(tmp_path):
     with pytest.raises(ConfigError, match="--share-all-embeddings shares one embedding matrix"):
         build_model("rnn_bahdanau_tiny", share_all_embeddings=True, encoder_embed_path=str(good),
                     decoder_embed_path=str(short), decoder_embed_dim=dim, decoder_out_embed_dim=dim)
+
+
+def test_max_positions_is_source_then_target():
+    """fairseq filters and batches by model.max_positions() as (source, target): with
+    different limits the order shows (the location score's W_a has one row per source position)."""
+    model = build_model("rnn_luong_tiny", attention="location", max_source_positions=37,
+                        max_target_positions=53)
+    assert model.max_positions() == (37, 53)
+    assert model.encoder.max_positions() == 37 and model.decoder.max_positions() == 53
+    assert model.decoder.attention.scorer.proj.out_features == 37
+
+
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+def test_freeze_embed_freezes_that_side_only(side):
+    """--encoder-freeze-embed / --decoder-freeze-embed (fairseq's lstm options) keep that side's
+    embeddings fixed: no gradient after backward, while the other side's and every other
+    parameter get one (without pretrained vectors too)."""
+    d = make_dict()
+    model = build_model("rnn_bahdanau_tiny", **{f"{side}_freeze_embed": True}).train()
+    frozen = getattr(model, side).embed_tokens.weight
+    other = getattr(model, "decoder" if side == "encoder" else "encoder").embed_tokens.weight
+    assert not frozen.requires_grad and other.requires_grad
+    src = random_tokens(d, [4, 3], left_pad=True)
+    prev = torch.full((2, 3), d.eos())
+    prev[:, 1:] = torch.randint(d.nspecial, len(d), (2, 2))
+    logits, _ = model(src, src.ne(d.pad()).sum(1), prev)
+    logits.logsumexp(-1).sum().backward()
+    assert frozen.grad is None
+    assert other.grad is not None and bool(other.grad.ne(0).any())
+    assert all(p.grad is not None for p in model.parameters() if p is not frozen)
