@@ -42,6 +42,10 @@ CRITERIONS = {
         dict(sentence_avg=False, label_smoothing=0.2, report_accuracy=True, ignore_prefix_size=1)),
     "no-smoothing": (FusedLabelSmoothedCrossEntropyCriterion, LabelSmoothedCrossEntropyCriterion,
                      dict(sentence_avg=False, label_smoothing=0.0)),
+    # --sentence-avg: the sample size (the gradient's denominator) is the number of sentences
+    "label-smoothed-sentence-avg": (FusedLabelSmoothedCrossEntropyCriterion,
+                                    LabelSmoothedCrossEntropyCriterion,
+                                    dict(sentence_avg=True, label_smoothing=0.1)),
 }
 
 
