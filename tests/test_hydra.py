@@ -167,3 +167,16 @@ def test_hydra_keys_rewrites_options_only():
         "use criterion._name label_smoothed_cross_entropy (model.coverage), dataset.max_tokens."
     # a field of two groups (model and task) stays a command-line option
     assert hydra_keys("--max-source-positions 12") == "--max-source-positions 12"
+
+
+def test_hydra_keys_name_the_group_of_a_mirrored_field():
+    """fairseq mirrors some fields into a second group (distributed_training.fp16 is
+    ``${common.fp16}``, distributed_training.tpu ``${common.tpu}``, bmuf.distributed_world_size
+    ``${distributed_training.distributed_world_size}``); a hydra user sets the field of its own
+    group, so an error about --fp16 under hydra names common.fp16. Counting the mirrors as a
+    second group left those options unrewritten, as for a field two groups really have."""
+    from fairseq_s2s_attn.hydra_train import hydra_keys
+    assert hydra_keys("--fp16 needs --cpu and --max-tokens") == \
+        "common.fp16 needs common.cpu and dataset.max_tokens"
+    assert hydra_keys("--tpu, --memory-efficient-fp16 and --distributed-world-size 2") == \
+        "common.tpu, common.memory_efficient_fp16 and distributed_training.distributed_world_size 2"
