@@ -242,3 +242,26 @@ def test_a_model_cast_on_the_cpu_drops_its_stale_packed_weights():
     model2.prepare_for_inference_(inference_cfg())
     model2.to("cpu")
     assert all(packed.packed_weight(w) is not None for w in model2.decoder.step_weights())
+
+
+@needs_onednn_bf16
+def test_a_weight_whose_packed_product_would_differ_stays_plain(monkeypatch):
+    """pack() tries the packed product on a probe and keeps the packed copy only where it gives
+    F.linear's bits (a CPU's packed kernel may block the sums differently): with a kernel one
+    bf16 rounding step off (the real one scaled by 1 + 2^-7) the weight is refused, and
+    linear() is F.linear, bit for bit, with no packed product run."""
+    op, calls = packed.PACKED_LINEAR, [0]
+
+    def off_by_a_step(*args):
+        calls[0] += 1
+        return op(*args) * (1 + 2 ** -7)
+
+    monkeypatch.setattr(packed, "PACKED_LINEAR", off_by_a_step)
+    w, b = _weight(32, 16), torch.randn(32).bfloat16()
+    assert packed.pack(w) is None and packed.packed_weight(w) is None
+    assert packed.pack_for_decoding_([w]) == 0
+    assert calls[0] == 2  # each packing attempt ran the probe once
+    x = torch.randn(5, 16).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(packed.linear(x, w, b), F.linear(x, w, b))
+    assert calls[0] == 2
