@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import enum
 import io
+import pickle
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from clitools import BIN, REPO, env, parse_generate, run
 from conftest import FakeTask, build_model, make_dict, random_tokens
 from fairseq_s2s_attn.config import RNNS2SConfig
+from fairseq_s2s_attn.checkpoint import safe_load
 from fairseq_s2s_attn.errors import CheckpointError
 
 TINY_ARCHS = ["rnn_vanilla_tiny", "rnn_bahdanau_tiny", "rnn_luong_tiny"]
@@ -143,7 +145,7 @@ def tiny_checkpoint(path, arch="rnn_bahdanau_tiny", n_words=12):
     return model
 
 
-def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
+def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, monkeypatch):
     good, bad, marker = tmp_path / "good.pt", tmp_path / "bad.pt", tmp_path / "PWNED"
     tiny_checkpoint(good)
     craft_malicious(good, bad, marker)
@@ -151,6 +153,16 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
                                               r"refusing to load .*bad\.pt.*os\.system"):
         checkpoint_utils.load_checkpoint_to_cpu(str(bad))
     assert not marker.exists()
+    # torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 makes loads that do not say weights_only=True
+    # unsafe: fairseq's own calls say nothing, so the plugin says True on every path (a file,
+    # and a stream, which torch.load takes from fairseq without a name to check)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(bad))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        checkpoint_utils.torch.load(io.BytesIO(bad.read_bytes()))
+    assert not marker.exists()
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     # control: the payload is live -- an unsafe load would have run it
     torch.load(bad, weights_only=False)
     assert marker.exists()
@@ -232,6 +244,8 @@ def test_damaged_checkpoints_give_clear_errors(tmp_path):
     torch.save(torch.zeros(3), buf)
     dict_buf = io.BytesIO()
     torch.save({"weights": torch.zeros(3)}, dict_buf)
+    no_cfg = io.BytesIO()  # fairseq: IndexError (list index out of range) in load_checkpoint_to_cpu
+    torch.save({"model": {}, "optimizer_history": []}, no_cfg)
     cases = {
         "empty": (b"", "truncated or corrupt"),
         "header_only": (data[:300], "truncated or corrupt"),
@@ -243,6 +257,7 @@ def test_damaged_checkpoints_give_clear_errors(tmp_path):
         "flipped": (_flip_tensor_bytes(data, model.decoder.fc_out.weight), "checksum mismatch"),
         "a_tensor": (buf.getvalue(), "not a fairseq checkpoint"),
         "no_model": (dict_buf.getvalue(), "not a fairseq checkpoint"),
+        "no_cfg": (no_cfg.getvalue(), "not a fairseq checkpoint: it has no 'cfg' entry"),
     }
     with open(good, "rb") as f:  # the torch.load that fairseq's checkpoint_utils calls
         assert checkpoint_utils.torch.load(f, map_location="cpu")["model"].keys() == model.state_dict().keys()
@@ -253,8 +268,9 @@ def test_damaged_checkpoints_give_clear_errors(tmp_path):
             checkpoint_utils.load_checkpoint_to_cpu(str(path))
         assert str(path) in str(err.value) and message in str(err.value), (name, str(err.value))
         assert "\n" not in str(err.value)
-    with pytest.raises(CheckpointError, match="checkpoint not found: .*missing.pt"):
-        checkpoint_utils.load_model_ensemble([str(tmp_path / "missing.pt")])
+    for load in (lambda p: checkpoint_utils.load_model_ensemble([p]), safe_load):
+        with pytest.raises(CheckpointError, match="checkpoint not found: .*missing.pt"):
+            load(str(tmp_path / "missing.pt"))
     # a folder (was IsADirectoryError): named with the checkpoint files in it
     (tmp_path / "run.pt").mkdir()
     (tmp_path / "run.pt" / "checkpoint_best.pt").write_bytes(b"")
@@ -431,6 +447,12 @@ def test_missing_restore_file_is_an_error(small_data_bin, luong_runs, tmp_path):
         tmp_path / "ck3" / "checkpoint_last.pt")
     run("fairseq-train", *cmd, "--restore-file", luong_runs[3] / "checkpoint_last.pt",
         "--reset-optimizer", "--reset-dataloader", "--reset-meters")  # an existing one loads
+    # fairseq reads --restore-file X.pt with --checkpoint-suffix S as XS.pt: no error for that
+    shutil.copy(luong_runs[3] / "checkpoint_last.pt", tmp_path / "m_x.pt")
+    out = run("fairseq-train", *luong_cmd(small_data_bin, tmp_path / "ck4", 2), "--checkpoint-suffix", "_x",
+              "--restore-file", tmp_path / "m.pt", "--reset-optimizer", "--reset-dataloader",
+              "--reset-meters")
+    assert f"Loaded checkpoint {tmp_path / 'm_x.pt'}" in out.stdout + out.stderr
 
 
 @slow
