@@ -318,3 +318,73 @@ def test_importing_the_plugin_leaves_logging_alone():
                               env=env())
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.split("\n")[0] == expected and "a debug line" not in proc.stderr
+
+
+def test_one_cpu_thread_unless_the_user_chose(monkeypatch):
+    """torch's default is one intra-op thread per core, which slows the many small matrix
+    products of a recurrent model (fairseq's lstm on 2 cores: 26k words/s with 1 thread, 3.7k with
+    2): loading the plugin sets one thread, unless the user set OMP_NUM_THREADS or
+    S2S_NUM_THREADS. The tests' own environment sets OMP_NUM_THREADS=1, so the default is checked
+    in a process started without either variable."""
+    import torch
+
+    from fairseq_s2s_attn import runtime
+
+    code = ("import torch; before = torch.get_num_threads(); import fairseq_s2s_attn; "
+            "print(before, torch.get_num_threads())")
+    clean = {k: v for k, v in env().items() if k not in ("OMP_NUM_THREADS", "S2S_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = map(int, proc.stdout.split())
+    assert after == 1, (before, after)  # torch's own default here: `before` (the core count)
+
+    previous = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("S2S_NUM_THREADS", raising=False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stays
+        torch.set_num_threads(2)
+        runtime.set_thread_defaults()
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("S2S_NUM_THREADS", "3")  # the plugin's own variable, over OMP_NUM_THREADS
+        runtime.set_thread_defaults()
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("S2S_NUM_THREADS", "0")  # at least one
+        runtime.set_thread_defaults()
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("S2S_NUM_THREADS")
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        torch.set_num_threads(2)
+        runtime.set_thread_defaults()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("argv", [
+    ["data-bin", "--arch", "rnn_bahdanau", "--help"],
+    ["data-bin", "--arch=rnn_bahdanau", "-h"],
+    ["data-bin", "-a", "rnn_bahdanau", "--help"],
+])
+def test_help_with_any_spelling_of_arch_lists_the_model_options(argv, monkeypatch):
+    """fairseq-train's --help printed fairseq's general options only; with one of our
+    architectures the model options are added first, whichever way argparse accepts --arch
+    (``--arch X``, ``--arch=X``, ``-a X``). The parser is fairseq-train's own."""
+    import argparse
+
+    from fairseq import options
+
+    from fairseq_s2s_attn import runtime
+    from fairseq_s2s_attn.model import RNNS2SModel
+
+    assert runtime._arch_in_argv(argv) == "rnn_bahdanau"
+    assert runtime._arch_in_argv(["data-bin", "--arch"]) is None  # no value: fairseq's error
+    # the replacement is installed for this parse only (monkeypatch undoes it)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args",
+                        argparse.ArgumentParser.parse_known_args)
+    runtime.model_options_in_help(RNNS2SModel, argv)
+    parser = options.get_training_parser()
+    args, _ = parser.parse_known_args(["data-bin", "--arch", "rnn_bahdanau"])
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["decoder_hidden_size"].startswith("decoder RNN hidden size (rnn_bahdanau: ")
+    assert "(rnn_bahdanau: true;" in helps["coverage"]  # the architecture's value, not the default
