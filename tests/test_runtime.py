@@ -393,3 +393,44 @@ def test_help_with_any_spelling_of_arch_lists_the_model_options(argv, monkeypatc
     helps = {a.dest: a.help for a in parser._actions}
     assert helps["decoder_hidden_size"].startswith("decoder RNN hidden size (rnn_bahdanau: ")
     assert "(rnn_bahdanau: true;" in helps["coverage"]  # the architecture's value, not the default
+
+
+USERS_PROGRAM = textwrap.dedent('''
+    import fairseq_s2s_attn  # noqa: F401
+    from fairseq.utils import FileContentsAction
+
+    FileContentsAction(["--text"], "text", nargs=2)  # fairseq: raise ValueError("nargs not allowed")
+''')
+
+
+def test_fairseqs_checks_are_one_line_in_fairseqs_commands_only(tmp_path, monkeypatch):
+    """Only fairseq's commands print fairseq's own checks as one ``error:`` line: in a user's
+    program that imports the plugin (the hub, a script of theirs) an uncaught exception from
+    fairseq keeps Python's traceback, which says where in their program it came from."""
+    from fairseq_s2s_attn import runtime
+
+    script = tmp_path / "mine.py"
+    script.write_text(USERS_PROGRAM)
+    proc = subprocess.run([sys.executable, str(script)], env=dict(env(), S2S_TRACEBACK=""),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Traceback (most recent call last):"), proc.stderr[-2000:]
+    assert 'mine.py", line 5' in proc.stderr and proc.stderr.rstrip().endswith(
+        "ValueError: nargs not allowed")
+    assert "error:" not in proc.stderr
+
+    # the same exception in fairseq-train: one line (unless S2S_TRACEBACK asks for the traceback)
+    monkeypatch.delenv("S2S_TRACEBACK", raising=False)
+    from fairseq.utils import FileContentsAction
+    try:
+        FileContentsAction(["--text"], "text", nargs=2)
+    except ValueError as e:
+        exc = e
+    for name in runtime.COMMANDS:
+        monkeypatch.delitem(sys.modules, f"fairseq_cli.{name}", raising=False)
+    assert runtime.one_line_error(exc, exc.__traceback__) is None
+    monkeypatch.setitem(sys.modules, "fairseq_cli.train", sys.modules[__name__])
+    assert runtime.one_line_error(exc, exc.__traceback__) == (
+        "nargs not allowed (fairseq's check; S2S_TRACEBACK=1 shows where)")
+    monkeypatch.setenv("S2S_TRACEBACK", "1")
+    assert runtime.one_line_error(exc, exc.__traceback__) is None
