@@ -434,3 +434,41 @@ def test_fairseqs_checks_are_one_line_in_fairseqs_commands_only(tmp_path, monkey
         "nargs not allowed (fairseq's check; S2S_TRACEBACK=1 shows where)")
     monkeypatch.setenv("S2S_TRACEBACK", "1")
     assert runtime.one_line_error(exc, exc.__traceback__) is None
+
+
+def test_exit_stops_a_batch_thread_blocked_on_a_full_queue(monkeypatch):
+    """fairseq's batch thread, ahead of the training loop, waits on its full queue (put) when the
+    run ends; at exit the plugin drains the queue so the thread can see that it must stop, rather
+    than waiting out the grace period with the thread still alive (exit 9.4 s, 39.3 s without the
+    drain, in the audit's run). The stop handler is installed afresh to call it directly."""
+    import atexit
+    import time
+
+    from fairseq.data import iterators
+
+    from fairseq_s2s_attn import runtime
+
+    stock = next(c for c in iterators.BackgroundConsumer.__mro__ if "_s2s" not in vars(c))
+    monkeypatch.setattr(iterators, "BackgroundConsumer", stock)
+    handlers = []
+    monkeypatch.setattr(atexit, "register", handlers.append)
+    runtime.stop_batch_threads_at_exit(grace_s=20.0)
+    (stop_all,) = handlers
+
+    class Endless:
+        def __len__(self):
+            return 10 ** 9
+
+        def __iter__(self):
+            return iter(range(10 ** 9))
+
+    it = iterators.BufferedIterator(2, Endless())
+    assert next(it) == 0
+    thread = it._consumer
+    for _ in range(1000):  # the thread fills the queue, then waits in put
+        if it._queue.full():
+            break
+        time.sleep(0.01)
+    assert it._queue.full() and thread.is_alive()
+    stop_all()
+    assert not thread.is_alive()  # it ended, not left blocked for the process's shutdown
