@@ -7,8 +7,8 @@ import contextlib
 import dataclasses
 import enum
 import io
-import pickle
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -18,13 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fairseq import checkpoint_utils, options
+from fairseq.data import Dictionary
 from fairseq.sequence_generator import SequenceGenerator
 
 from clitools import BIN, REPO, env, parse_generate, run
 from conftest import FakeTask, build_model, make_dict, random_tokens
-from fairseq_s2s_attn.config import RNNS2SConfig
 from fairseq_s2s_attn.checkpoint import safe_load
-from fairseq_s2s_attn.errors import CheckpointError
+from fairseq_s2s_attn.config import RNNS2SConfig
+from fairseq_s2s_attn.errors import CheckpointError, ConfigError
 
 TINY_ARCHS = ["rnn_vanilla_tiny", "rnn_bahdanau_tiny", "rnn_luong_tiny"]
 USER_DIR = ("--user-dir", REPO / "fairseq_s2s_attn")
@@ -464,8 +465,6 @@ def test_generate_with_other_data_bin(small_data_bin, luong_runs, tmp_path):
         f.writelines(f"extra{i} 1\n" for i in range(9))
     proc = run("fairseq-generate", other, *USER_DIR, "--path", straight / "checkpoint_last.pt",
                "--cpu", check=False)
-    from fairseq.data import Dictionary
-
     n_trained, n_now = (len(Dictionary.load(str(d / "dict.src.txt"))) for d in (small_data_bin, other))
     assert n_now == n_trained + 9
     line = one_error_line(proc, f"source dictionary of {n_trained} types", f"has {n_now} types")
@@ -560,6 +559,45 @@ def test_empty_source_rows_in_a_batch(arch):
     for i, j in ((0, 0), (2, 1)):
         assert hypos[i][0]["tokens"].tolist() == alone[j][0]["tokens"].tolist()
         assert torch.allclose(hypos[i][0]["score"], alone[j][0]["score"], atol=1e-5)
+    # --prefix-size: the prefix rows follow the rows they belong to (were not selected: an error)
+    prefix = torch.tensor([[d.index("w4")], [d.index("w5")], [d.index("w6")], [d.index("w7")]])
+    hypos = gen.generate([model], sample, prefix_tokens=prefix)
+    alone = gen.generate([model], {"net_input": {"src_tokens": kept, "src_lengths": kept.ne(d.pad()).sum(1)}},
+                         prefix_tokens=prefix[[0, 2]])
+    for i in (1, 3):
+        assert hypos[i][0]["tokens"].tolist() == [d.eos()]
+    for i, j in ((0, 0), (2, 1)):
+        assert hypos[i][0]["tokens"][0] == prefix[i, 0]
+        assert hypos[i][0]["tokens"].tolist() == alone[j][0]["tokens"].tolist()
+
+
+@slow
+def test_empty_sources_of_other_models_are_left_alone(small_data_bin, fairseq_builtin_checkpoints):
+    """The empty-source rule is ours (rnn_s2s models): fairseq's lstm decodes an empty source
+    as stock fairseq does (a scored hypothesis, not the empty one with score 0)."""
+    [lstm], _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(fairseq_builtin_checkpoints["lstm"])], arg_overrides={"data": str(small_data_bin)})
+    d = task.source_dictionary
+    src = random_tokens(d, [4, 1], left_pad=True, generator=torch.Generator().manual_seed(3))
+    sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1)}, "id": torch.arange(2)}
+    hypos = SequenceGenerator([lstm.eval()], task.target_dictionary, beam_size=2, max_len_b=5).generate(
+        [lstm], sample)
+    assert float(hypos[1][0]["score"]) < 0  # a real log-probability, not the plugin's empty output
+
+
+def test_every_data_shard_but_the_first_may_lack_dictionaries(small_data_bin, tmp_path):
+    """fairseq reads the dictionaries from the first folder of --data a:b:c only; the data-bin
+    check asks for them there and nowhere else."""
+    from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+    (tmp_path / "shard2").mkdir()
+    cfg = TranslationConfig(data=f"{small_data_bin}{os.pathsep}{tmp_path / 'shard2'}", source_lang="src",
+                            target_lang="tgt")
+    task = TranslationTask.setup_task(cfg)
+    assert len(task.source_dictionary) == len(Dictionary.load(str(small_data_bin / "dict.src.txt")))
+    with pytest.raises(ConfigError, match="is not a data-bin"):
+        TranslationTask.setup_task(TranslationConfig(data=f"{tmp_path / 'shard2'}{os.pathsep}{small_data_bin}",
+                                                     source_lang="src", target_lang="tgt"))
 
 
 # =========================================================================== 5. numerics
