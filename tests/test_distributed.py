@@ -207,3 +207,61 @@ def test_late_load_under_torchrun_is_refused(monkeypatch):
         refuse_late_load(TORCHRUN)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     refuse_late_load(TORCHRUN)
+
+
+def test_no_cuda_is_a_cpu_run_without_cpu(monkeypatch):
+    """On a machine without CUDA, ``fairseq-train --distributed-world-size 2`` without ``--cpu``
+    is a CPU run too: fairseq stopped at "world size is 2 but have 0 available devices"; the
+    plugin spawns 2 CPU processes (torch.multiprocessing.spawn recorded here, not run). With CUDA
+    and without --cpu, or on a TPU, fairseq's own launcher decides."""
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.distributed import utils as distributed_utils
+    from omegaconf import OmegaConf
+
+    from fairseq_s2s_attn import distributed
+
+    def cfg(**common):  # fairseq's config, as fairseq-train makes it
+        config = OmegaConf.structured(FairseqConfig)
+        config.distributed_training.distributed_world_size = 2
+        for key, value in common.items():
+            config.common[key] = value
+        return config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    spawned = []
+    monkeypatch.setattr(torch.multiprocessing, "spawn", lambda **kw: spawned.append(kw))
+    run_cfg = cfg()
+    distributed_utils.call_main(run_cfg, main=print)
+    (kw,) = spawned
+    assert kw["fn"] is distributed._cpu_worker and kw["nprocs"] == 2
+    assert run_cfg.distributed_training.distributed_backend == "gloo"
+    assert distributed.is_cpu_run(cfg()) and distributed.is_cpu_run(cfg(cpu=True))
+    assert not distributed.is_cpu_run(cfg(tpu=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not distributed.is_cpu_run(cfg()) and distributed.is_cpu_run(cfg(cpu=True))
+
+
+def test_cpu_workers_fork_their_data_loader_workers(monkeypatch):
+    """A process spawned by torch.multiprocessing inherits the 'spawn' start method, so each of
+    its data-loader workers (--num-workers) started a fresh interpreter and imported fairseq again
+    (seconds before the first update on a small machine); the plugin's CPU worker forks them, as
+    a torchrun process does. Speed only: the start method seen by training is checked."""
+    import multiprocessing
+
+    from fairseq.distributed import utils as distributed_utils
+
+    from fairseq_s2s_attn import distributed
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    seen = []
+    monkeypatch.setattr(distributed_utils, "distributed_main",
+                        lambda i, main, cfg, kwargs: seen.append(multiprocessing.get_start_method()))
+    previous = multiprocessing.get_start_method(allow_none=True)
+    try:
+        multiprocessing.set_start_method("spawn", force=True)  # as in a spawned process
+        distributed._cpu_worker(0, print, None, {})
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+    assert seen == ["fork"]
