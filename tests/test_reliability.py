@@ -600,6 +600,29 @@ def test_every_data_shard_but_the_first_may_lack_dictionaries(small_data_bin, tm
                                                      source_lang="src", target_lang="tgt"))
 
 
+def test_scoring_an_ensemble_without_attention_leaves_need_attn_as_it_was():
+    """--score-reference with a model without attention in the ensemble: the scorer turns the
+    others' attention off for that call (fairseq would average None into it) and must turn it
+    back on, or a later beam search with the same models returns no attention."""
+    from fairseq.sequence_scorer import SequenceScorer
+
+    d = make_dict()
+    luong, vanilla = (build_model(a, task=FakeTask(d, d)).eval() for a in ("rnn_luong_tiny", "rnn_vanilla_tiny"))
+    luong.decoder.need_attn = True
+    g = torch.Generator().manual_seed(5)
+    src, tgt = random_tokens(d, [5, 3], left_pad=True, generator=g), random_tokens(d, [4, 2], left_pad=False,
+                                                                                     generator=g)
+    prev = tgt.roll(1, dims=1)
+    prev[:, 0] = d.eos()
+    sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1),
+                            "prev_output_tokens": prev}, "target": tgt, "id": torch.arange(2)}
+    hypos = SequenceScorer(d, compute_alignment=True).generate([luong, vanilla], sample)
+    assert [h[0]["alignment"] for h in hypos] == [[], []]
+    assert luong.decoder.need_attn is True
+    beam = SequenceGenerator([luong], d, beam_size=2, max_len_b=4).generate([luong], sample)
+    assert beam[0][0]["attention"].numel() > 0
+
+
 # =========================================================================== 5. numerics
 
 
