@@ -68,6 +68,11 @@ def _select_rows(sample, rows: torch.Tensor, bsz: int):
 
 
 def empty_sources_translate_to_empty() -> None:
+    """fairseq's beam search decodes an empty source (a blank line of fairseq-interactive, an
+    empty line of a test set) like any other, and our models then wrote made-up words for it;
+    now such rows get the empty hypothesis (score 0, one per beam slot) and the other rows of
+    the batch are decoded as without them, with their --prefix-size prefixes. Only for
+    ensembles of rnn_s2s models (see the module's docstring)."""
     from fairseq.sequence_generator import SequenceGenerator
 
     @replaces(SequenceGenerator, "_generate")
@@ -101,6 +106,9 @@ def empty_sources_translate_to_empty() -> None:
 
 
 def clear_error_for_long_sources() -> None:
+    """fairseq stops at a source longer than the limit with ``Exception: Size of sample #N is
+    invalid`` and a traceback; the same stop is now one error line naming the sizes, the limit
+    and fairseq's own options for such sentences (see the module's docstring)."""
     from fairseq.tasks.fairseq_task import FairseqTask
 
     @replaces(FairseqTask, "filter_indices_by_size")
