@@ -128,6 +128,9 @@ def fairseq_leaves_logging_alone():
 
 
 def set_thread_defaults() -> None:
+    """One intra-op thread for torch unless the user set OMP_NUM_THREADS (kept as torch read it)
+    or S2S_NUM_THREADS (that many, at least one): torch's default of one thread per core slows
+    the many small matrix products of a recurrent model (see the module's docstring)."""
     threads = os.environ.get("S2S_NUM_THREADS")
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
@@ -202,6 +205,11 @@ def keep_freed_memory(command: Optional[bool] = None) -> bool:
 
 
 def keep_remainder_batches() -> None:
+    """fairseq's ``data_utils.batch_by_size`` drops the last batch when its size is not a multiple
+    of --required-batch-size-multiple (default 8), so fairseq-generate silently skipped up to 7
+    sentences of a test set and computed BLEU on fewer. The dropped indices (the tail: batches
+    are consecutive runs of the indices) are kept as one last batch. Batches of fixed shapes
+    (``fixed_shapes``) are fairseq's."""
     from fairseq.data import data_utils
 
     @replaces(data_utils, "batch_by_size")
@@ -332,6 +340,8 @@ def beam_search_keeps_sentence_runs() -> None:
 
 
 def _arch_in_argv(argv):
+    """The architecture named on the command line, as argparse accepts it: ``--arch X``,
+    ``--arch=X`` or ``-a X``; None without one."""
     for i, arg in enumerate(argv):
         if arg in ("--arch", "-a") and i + 1 < len(argv):
             return argv[i + 1]
@@ -341,6 +351,11 @@ def _arch_in_argv(argv):
 
 
 def model_options_in_help(model_cls, argv=None) -> None:
+    """``fairseq-train --arch rnn_bahdanau --help`` printed fairseq's general options only: its
+    first parse handles --help before the model's options are added. When help is asked for
+    with one of our architectures (``argv``, the command line by default), the parser that has
+    --arch gets the model options first (every field of RNNS2SConfig, with its help and the
+    architecture's value); without --help, or with another architecture, nothing changes."""
     argv = sys.argv[1:] if argv is None else argv
     if not {"-h", "--help"} & set(argv):
         return
@@ -457,6 +472,10 @@ def one_line_error(exc, tb) -> Optional[str]:
 
 
 def clean_error_exit() -> None:
+    """An uncaught exception ended fairseq's commands with a traceback through fairseq, the
+    message on its last line. ``sys.excepthook`` now prints "PROG: error: MESSAGE" for what
+    ``one_line_error`` accepts (our errors; fairseq's own checks in fairseq's commands, unless
+    S2S_TRACEBACK is set); anything else goes to the previous hook, with its traceback."""
     @replaces(sys, "excepthook")
     def hook(previous, exc_type, exc, tb):
         line = one_line_error(exc, tb)
