@@ -472,3 +472,22 @@ def test_exit_stops_a_batch_thread_blocked_on_a_full_queue(monkeypatch):
     assert it._queue.full() and thread.is_alive()
     stop_all()
     assert not thread.is_alive()  # it ended, not left blocked for the process's shutdown
+
+
+def test_the_last_batch_is_kept_whatever_its_size():
+    """fairseq's batch_by_size dropped the last batch when its size was not a multiple of
+    --required-batch-size-multiple (default 8): fairseq-generate skipped up to 7 sentences of a
+    test set without a word. The tail is now one last batch."""
+    import numpy as np
+    from fairseq.data import data_utils
+
+    import fairseq_s2s_attn  # noqa: F401  (installs the replacement)
+
+    indices = np.arange(13)
+    for limit in (dict(max_sentences=8), dict(max_tokens=40)):  # 8 sentences of 5 tokens a batch
+        batches = data_utils.batch_by_size(indices, lambda i: 5, required_batch_size_multiple=8,
+                                           **limit)
+        assert [list(b) for b in batches] == [list(range(8)), list(range(8, 13))], limit
+    stock = data_utils.batch_by_size.__wrapped__  # fairseq's: the 5 last sentences dropped
+    assert [list(b) for b in stock(indices, lambda i: 5, max_sentences=8,
+                                   required_batch_size_multiple=8)] == [list(range(8))]
