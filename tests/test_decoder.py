@@ -619,9 +619,20 @@ def rnn_step(rnn, x, hs, cs):
     return new_h, (new_c if cs is not None else None)
 
 
-def _train_forward(model, src, lengths, prev):
+def _scaled_dropout_run(arch, **opts):
+    """A model in fp64 with the dropout stand-ins, its training forward on make_batch (features,
+    attention) and what a manual loop starts from: the encoder's output, the decoder's initial
+    per-layer states (decoder_init final, equal sizes; cells for an LSTM), values and keys."""
+    model = with_scaled_dropout(build_model(arch, dtype=torch.float64, **opts))
+    src, lengths, prev = make_batch(make_dict())
     feats, extra = model(src, lengths, prev, features_only=True)
-    return feats.detach(), extra["attn"][0].detach()
+    with torch.no_grad():
+        enc = model.encoder(src, lengths)
+        hs = list(enc["final_hidden"].unbind(0))
+        cs = list(enc["final_cell"].unbind(0)) if enc.get("final_cell") is not None else None
+        values = enc["encoder_out"].transpose(0, 1)
+        keys = model.decoder.attention.keys(values, enc["encoder_padding_mask"])
+    return (model, prev, feats.detach(), extra["attn"][0].detach(), enc, hs, cs, values, keys)
 
 
 @pytest.mark.parametrize("rnn_type", ["gru", "lstm"])
@@ -636,20 +647,12 @@ def test_luong_training_applies_dropout_where_documented(input_feeding, layers, 
     (fairseq's LSTMDecoder's places): the embedding, between layers, the top state (also as
     the attention query) and h~ (also as fed back). Step loop (input feeding) and whole-sequence
     path (without) alike; the incremental step path gives the same in training."""
-    d = make_dict()
-    model = with_scaled_dropout(build_model(
+    model, prev, feats, attn, enc, hs, cs, values, keys = _scaled_dropout_run(
         "rnn_luong_tiny", input_feeding=input_feeding, encoder_layers=layers, decoder_layers=layers,
-        rnn_type=rnn_type, dtype=torch.float64))
+        rnn_type=rnn_type)
     dec = model.decoder
-    src, lengths, prev = make_batch(d)
-    feats, attn = _train_forward(model, src, lengths, prev)
     with torch.no_grad():
-        enc = model.encoder(src, lengths)
-        hs = list(enc["final_hidden"].unbind(0))  # decoder_init final, equal sizes
-        cs = list(enc["final_cell"].unbind(0)) if rnn_type == "lstm" else None
         feed = torch.zeros(len(SRC_LENGTHS), dec.out_embed_dim, dtype=torch.float64)
-        values = enc["encoder_out"].transpose(0, 1)
-        keys = dec.attention.keys(values, enc["encoder_padding_mask"])
         for t in range(prev.size(1)):
             x = dec.embed_tokens(prev[:, t]) * D_IN
             if input_feeding:
@@ -674,18 +677,11 @@ def test_bahdanau_training_applies_dropout_where_documented(layers):
 
     the readout's state input and output dropped, the attention query and the recurrent state
     not. The incremental step path gives the same in training."""
-    d = make_dict()
-    model = with_scaled_dropout(build_model(
+    model, prev, feats, attn, enc, hs, cs, values, keys = _scaled_dropout_run(
         "rnn_bahdanau_tiny", rnn_type="lstm", decoder_layers=layers, encoder_layers=layers,
-        coverage=False, dtype=torch.float64))
+        coverage=False)
     dec = model.decoder
-    src, lengths, prev = make_batch(d)
-    feats, attn = _train_forward(model, src, lengths, prev)
     with torch.no_grad():
-        enc = model.encoder(src, lengths)
-        hs, cs = list(enc["final_hidden"].unbind(0)), list(enc["final_cell"].unbind(0))
-        values = enc["encoder_out"].transpose(0, 1)
-        keys = dec.attention.keys(values, enc["encoder_padding_mask"])
         for t in range(prev.size(1)):
             e = dec.embed_tokens(prev[:, t]) * D_IN
             ctx, a = dec.attention(hs[-1], keys, values, enc["encoder_padding_mask"])
