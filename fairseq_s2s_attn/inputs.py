@@ -260,12 +260,16 @@ def check_pieces_cover(src_dict, tgt_dict, path: str) -> None:
     dictionaries every type of the source dictionary is then one of its pieces: another model
     (another corpus's or language's) gave pieces the dictionary lacks, read as ``<unk>``, and a
     smaller one of the same corpus cut words differently from training; either translated badly
-    without a word. The demo's dictionary: 5,987 of its 5,987 types are pieces of its model,
-    4,975 of a 5,000-piece model of the same text, 1,312 of a French model's. The output is
-    joined back into text without the model, so a target side encoded with a model of its own
-    (prepare_data --separate) is fine. A joined dictionary also holds the target side's types
-    (with --separate, pieces of another model): there the model's pieces are judged, most of which
-    a source side encoded with it uses (1,312 of the French model's 5,997 are the demo's types)."""
+    without a word. The output is joined back into text without the model, so a target side
+    encoded with a model of its own (prepare_data --separate) is fine. A joined dictionary (the
+    default of prepare_data) also holds the target side's types, with --separate pieces of
+    another model; there the model's pieces are judged instead: a source side encoded with the
+    model uses most of them. That catches another corpus's or language's model, not another
+    vocabulary size of the same text. Measured on the demo's joined dictionary (5,987 types):
+    its own model has 5,987 of its 5,997 pieces in it, a French model 1,312 of 5,997 (refused),
+    5,000- and 6,500-piece models of the same text 4,975 of 4,997 and 5,977 of 6,497 (taken);
+    as separate dictionaries, 5,987, 1,312, 4,975 (refused) and 5,977 of the 5,987 types would
+    be pieces of these models."""
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=path)
