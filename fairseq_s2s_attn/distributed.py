@@ -94,11 +94,11 @@ def cpu_launcher() -> None:
     """fairseq's ``distributed_utils.call_main`` assumes one process per GPU: on CPU
     ``--distributed-world-size 2`` stopped at "world size is 2 but have 0 available devices",
     and under torchrun the rank was divided by the GPU count or torchrun's environment ignored
-    (see the module's docstring). For a CPU run (``is_cpu_run``: --cpu, or no CUDA; not a TPU) the distributed
-    options are filled by ``configure_cpu`` (torchrun's environment, a free local port, gloo),
-    and where this process must start the others, --distributed-world-size processes are
-    spawned (``_cpu_worker``), their errors re-raised as one line. GPU runs, one process and
-    one rank of a launcher go to fairseq's call_main."""
+    (see the module's docstring). For a CPU run (``is_cpu_run``: --cpu, or no CUDA; not a TPU)
+    the distributed options are filled by ``configure_cpu`` (torchrun's environment, a free local
+    port, gloo), and where this process must start the others, --distributed-world-size
+    processes are spawned (``_cpu_worker``), their errors re-raised as one line. GPU runs, one
+    process and one rank of a launcher go to fairseq's call_main."""
     from fairseq.distributed import utils as distributed_utils
 
     @replaces(distributed_utils, "call_main")

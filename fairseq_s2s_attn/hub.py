@@ -137,4 +137,3 @@ def check_sentencepiece_model(path: str) -> None:
         sentencepiece.SentencePieceProcessor(model_file=path)
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"cannot read sentencepiece model {path}: {str(e).strip()[:160]}") from None
-

@@ -237,8 +237,8 @@ def batch_size_required() -> None:
 
 def sentencepiece_model_of_the_source() -> None:
     """fairseq-interactive with ``--bpe sentencepiece --sentencepiece-model`` of another corpus or
-    language (or a smaller vocabulary of the same text) translated words read as ``<unk>`` (or cut
-    as in no training) without a word; now one error line (``check_pieces_cover``). Only there:
+    language translated words read as ``<unk>`` without a word; now one error line
+    (``check_pieces_cover``, which says what each dictionary layout catches). Only there:
     fairseq-generate reads binarized sources and uses the model only to join output pieces. For
     every model of the task (fairseq's too)."""
     from fairseq.data.encoders.sentencepiece_bpe import SentencepieceBPE
@@ -279,18 +279,17 @@ def check_pieces_cover(src_dict, tgt_dict, path: str) -> None:
              if not src_dict[i].startswith("madeupword")}  # fairseq's padding to a multiple of 8
     known = len(types & pieces)
     if tgt_dict is not None and tgt_dict.symbols == src_dict.symbols:
-        if pieces and known < 0.5 * len(pieces):
-            raise ConfigError(
-                f"sentencepiece model {path} is not the one the source side was encoded with: only "
-                f"{known} of its {len(pieces)} pieces are types of the (joined) dictionary; give the "
-                "model the data-bin was made with (prepare_data: <work>/spm/spm.model, or "
-                "spm.<src>.model with --separate)")
-    elif types and known < 0.95 * len(types):
+        short = pieces and known < 0.5 * len(pieces)
+        what = f"{known} of its {len(pieces)} pieces are types of the (joined) dictionary"
+    else:
+        short = types and known < 0.95 * len(types)
+        what = f"{known} of the {len(types)} types of the source dictionary are pieces of it"
+    if short:
         raise ConfigError(
             f"sentencepiece model {path} is not the one the source side was encoded with: only "
-            f"{known} of the {len(types)} types of the source dictionary are pieces of it; give the "
-            "model the data-bin was made with (prepare_data: <work>/spm/spm.model, or "
-            "spm.<src>.model with --separate)")
+            f"{what}; give the model the data-bin was made with (prepare_data: "
+            "<work>/spm/spm.model, or spm.<src>.model with --separate)")
+
 
 def install() -> None:
     empty_sources_translate_to_empty()

@@ -123,6 +123,19 @@ def random_tokens(d: Dictionary, lengths, left_pad: bool, generator=None, with_e
     return out
 
 
+class Scale(torch.nn.Module):
+    """Deterministic stand-in for a FairseqDropout module in training: multiplies by a constant,
+    so a missing (or extra) application of dropout changes the output exactly, where real
+    dropout would only change a random draw."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x, inplace: bool = False):
+        return x * self.factor
+
+
 @pytest.fixture
 def tiny_dict():
     return make_dict()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PAPER_TINY, build_model, make_dict, random_tokens
+from conftest import PAPER_TINY, Scale, build_model, make_dict, random_tokens
 
 SRC_LENGTHS = [5, 2, 4]
 TGT_LEN = 4
@@ -575,19 +575,6 @@ def test_stack_of_one_step_is_a_view_with_the_values_of_torch_stack():
 
 
 # ------------------------------------------------------------------ dropout, site by site
-
-
-class Scale(torch.nn.Module):
-    """Deterministic stand-in for a FairseqDropout module: multiplies by a constant, so that
-    a missing (or extra) application changes the output exactly, where real dropout only
-    changes a random draw."""
-
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x, inplace: bool = False):
-        return x * self.factor
 
 
 D_IN, D_OUT = 0.5, 0.75  # the stand-ins' factors for dropout_in and dropout_out

@@ -8,7 +8,7 @@ from fairseq.models.transformer import Embedding
 
 from fairseq_s2s_attn.encoder import RNNEncoder, compact_left, sentence_runs, source_runs
 
-from conftest import random_tokens
+from conftest import Scale, random_tokens
 
 E, H = 8, 5
 LENGTHS = [6, 3, 1, 4]
@@ -296,18 +296,6 @@ def test_beam_search_orders_inside_sentence_runs_equal_the_checked_path(tiny_dic
         source_runs(torch.arange(5), 3, 4)  # not whole runs
     with pytest.raises(ValueError, match="for 3 source rows"):
         source_runs(torch.arange(7), 1, 3)  # not a repeat of every row
-
-
-class Scale(torch.nn.Module):
-    """Deterministic stand-in for a FairseqDropout module (multiplies by a constant): a missing
-    application changes the output exactly."""
-
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x, inplace: bool = False):
-        return x * self.factor
 
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
