@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq.models import FairseqIncrementalDecoder
-from fairseq.modules import FairseqDropout
 
 from .attention import AdditiveScorer, Attention
+from .dropout import Dropout
 from .encoder import RNN_TYPES
 from .packed import Linear, linear
 from .precision import cast_for_products, cpu_autocast, runs_cpu_bf16
@@ -261,8 +261,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
         self.max_target_positions = max_target_positions
         self.embed_tokens = embed_tokens
         embed_dim = embed_tokens.embedding_dim
-        self.dropout_in = FairseqDropout(dropout_in, module_name=self.__class__.__name__)
-        self.dropout_out = FairseqDropout(dropout_out, module_name=self.__class__.__name__)
+        self.dropout_in = Dropout(dropout_in, module_name=self.__class__.__name__)
+        self.dropout_out = Dropout(dropout_out, module_name=self.__class__.__name__)
 
         # vanilla and Bahdanau feed the context into the RNN; Luong may feed the last h~ instead
         rnn_input = embed_dim

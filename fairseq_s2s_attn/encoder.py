@@ -9,8 +9,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from fairseq.models import FairseqEncoder
-from fairseq.modules import FairseqDropout
 
+from .dropout import Dropout
 from .precision import cast_for_products, cpu_autocast, runs_cpu_bf16
 
 RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -100,8 +100,8 @@ class RNNEncoder(FairseqEncoder):
         self.max_source_positions = max_source_positions
         self.num_directions = 2 if bidirectional else 1
         self.output_dim = hidden_size * self.num_directions
-        self.dropout_in = FairseqDropout(dropout_in, module_name=self.__class__.__name__)
-        self.dropout_out = FairseqDropout(dropout_out, module_name=self.__class__.__name__)
+        self.dropout_in = Dropout(dropout_in, module_name=self.__class__.__name__)
+        self.dropout_out = Dropout(dropout_out, module_name=self.__class__.__name__)
         self.rnn = RNN_TYPES[rnn_type](
             input_size=embed_tokens.embedding_dim,
             hidden_size=hidden_size,
