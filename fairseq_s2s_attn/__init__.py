@@ -5,21 +5,22 @@ registers the model ``rnn_s2s`` and its architectures and the criterions ``fused
 and ``fused_label_smoothed_cross_entropy`` (``criterion``: fairseq's losses with the output layer
 fused in), lets torch's safe checkpoint loader accept the plain types fairseq checkpoints hold,
 makes fairseq's data-parallel training work on CPU processes (``distributed``, see
-docs/distributed.md), defines what happens to empty and too-long sources (``inputs``), runs beam
-search of ``--cpu-bf16`` models in one autocast region (``precision``), and applies the run-time
-defaults in ``runtime``. Each change to a fairseq function is installed by ``patching.replaces``.
+docs/distributed.md), defines what happens to empty and too-long sources (``inputs``), runs
+fairseq's Adam on the CPU in torch's fused kernel (``optim``), runs beam search of ``--cpu-bf16``
+models in one autocast region (``precision``), and applies the run-time defaults in ``runtime``. Each change to a fairseq function is installed by ``patching.replaces``.
 """
 
 from . import runtime
 
 with runtime.fairseq_leaves_logging_alone():  # fairseq's imports set the root logger to DEBUG
-    from . import checkpoint, criterion, distributed, inputs, precision  # noqa: F401
+    from . import checkpoint, criterion, distributed, inputs, optim, precision  # noqa: F401
     from . import model  # noqa: F401  (registers the model and architectures)
     from .model import RNNS2SModel  # noqa: F401
 
 checkpoint.install()
 distributed.install()
 inputs.install()
+optim.install()
 precision.install()
 runtime.install(RNNS2SModel)
 

@@ -33,7 +33,9 @@ Matched sizes (--sizes, default 256): embedding = encoder hidden = decoder hidde
 What is measured (each configuration in its own subprocess, one after the other, never in parallel):
 
   train tok/s     target tokens per second over --updates timed updates (forward, fairseq's
-                  --criterion, backward, torch.optim.Adam step), after --warmup untimed
+                  --criterion, backward, the Adam step of fairseq-train's --optimizer adam on
+                  a CPU: fairseq's Adam, which the plugin runs in torch's fused kernel,
+                  fairseq_s2s_attn/optim.py; every row), after --warmup untimed
                   updates. Batches come from fairseq's task.get_batch_iterator (--max-tokens,
                   --seed, shuffled epoch 1, required batch size multiple 8): the same batches in the
                   same order for every model (checked with a fingerprint of the sentence ids).
@@ -470,6 +472,14 @@ def fingerprint(id_lists) -> str:
     return hashlib.sha1(json.dumps(id_lists).encode()).hexdigest()[:12]
 
 
+def cpu_adam(params, lr):
+    """fairseq-train's --optimizer adam on a CPU: fairseq's Adam (its FusedAdam needs CUDA), as
+    the plugin runs it (one fused kernel, fairseq_s2s_attn/optim.py); the same for every row."""
+    from fairseq.optim.adam import Adam
+
+    return Adam(params, lr=lr)
+
+
 def run_train(spec, cfg, task, batches, autocast, result):
     import torch
 
@@ -478,7 +488,7 @@ def run_train(spec, cfg, task, batches, autocast, result):
     criterion = task.build_criterion(cfg.criterion)
     model.train()
     criterion.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec["lr"])
+    optimizer = cpu_adam(model.parameters(), spec["lr"])
     result["params"] = sum(p.numel() for p in model.parameters())
 
     def forward_backward(sample):
@@ -652,7 +662,7 @@ def runtime_warmup(spec, cfg, task, train, gen, autocast):
     model = task.build_model(cfg.model)
     if train:
         criterion = task.build_criterion(cfg.criterion)
-        optimizer = torch.optim.Adam(model.parameters(), lr=spec["lr"])
+        optimizer = cpu_adam(model.parameters(), spec["lr"])
         model.train()
         with autocast():
             loss, _, _ = criterion(model, train[0])
