@@ -33,7 +33,7 @@ from torch import Tensor
 
 from fairseq.models import FairseqIncrementalDecoder
 
-from .attention import AdditiveScorer, Attention
+from .attention import AdditiveScorer, Attention, fp32_context
 from .dropout import Dropout
 from .encoder import RNN_TYPES
 from .packed import Linear, linear
@@ -355,6 +355,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
             # B x S x C, cast once for the products of every step (kept in the incremental state)
             values = cast_for_products(encoder_out["encoder_out"].transpose(0, 1))
             keys = self.attention.keys(values, padding_mask) if self.attention is not None else None
+            if self.attention is not None and fp32_context(values):
+                values = values.float()  # the context's per-step products in fp32 (once per batch)
         else:
             state = cached
             keys, values = self._follow_source_rows(cached, src_ids)

@@ -531,3 +531,43 @@ def test_location_is_luong_formula_up_to_the_last_position(left):
         w_hand, c_hand = _hand_attention(hand, hs, mask)
     torch.testing.assert_close(weights, w_hand, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(context, c_hand, rtol=1e-10, atol=1e-12)
+
+
+def test_context_of_fp32_values_runs_in_fp32_in_training_under_cpu_autocast():
+    """attention.context: in training under CPU autocast the product over fp32 values is torch's
+    fp32 batched product (bit for bit, gradients too), over bf16 values autocast's bf16 one, and
+    without gradients (decoding) autocast's too; without autocast it is torch.bmm."""
+    from fairseq_s2s_attn import attention as att
+
+    g = torch.Generator().manual_seed(3)
+    weights = torch.softmax(torch.randn(B, T, S, generator=g), -1).requires_grad_()
+    values = torch.randn(B, S, C, generator=g).requires_grad_()
+    w, v = weights.detach(), values.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = att.context(weights, values)
+        in_bf16 = att.context(weights, values.bfloat16())
+        autocasts = torch.bmm(w, v)
+        with torch.no_grad():
+            decoding = att.context(w, v)
+    want = torch.bmm(w, v)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert in_bf16.dtype == decoding.dtype == torch.bfloat16
+    assert torch.equal(in_bf16.detach(), autocasts) and torch.equal(decoding, autocasts)
+    assert not torch.equal(autocasts.float(), want)
+    gy = torch.randn(B, T, C, generator=g)
+    gw, gv = torch.autograd.grad(got, (weights, values), gy)
+    w0, v0 = w.clone().requires_grad_(), v.clone().requires_grad_()
+    gw0, gv0 = torch.autograd.grad(torch.bmm(w0, v0), (w0, v0), gy)
+    assert torch.equal(gw, gw0) and torch.equal(gv, gv0)
+    assert torch.equal(att.context(w.double(), v.double()), torch.bmm(w.double(), v.double()))
+
+
+def test_fp32_context_only_in_training_under_cpu_autocast():
+    from fairseq_s2s_attn import attention as att
+
+    v = torch.zeros(2, 3, 4)
+    assert not att.fp32_context(v)  # no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert att.fp32_context(v)
+        with torch.no_grad():
+            assert not att.fp32_context(v)  # decoding, validation

@@ -352,3 +352,44 @@ def test_fp16_conversion_of_a_cpu_bf16_model_decodes_in_fp16(arch):
             hypos = search.generate([model], sample)
         results.append([(h["tokens"].tolist(), h["score"].item()) for hs in hypos for h in hs])
     assert results[0] == results[1] and len(results[0]) == 12
+
+
+@pytest.mark.parametrize("name", ["bahdanau-lstm", "luong-feed-lstm", "bahdanau-gru-coverage"])
+def test_training_context_products_run_in_fp32(name, monkeypatch, gen):
+    """--cpu-bf16 training: the attention context's per-step products run in fp32 over fp32
+    values (converted once per batch where the encoder's RNN gave bf16), where autocast ran
+    them in bf16 (casting fp32 values at every step); decoding keeps autocast's bf16 products.
+    The two training paths agree to bf16 rounding."""
+    from conftest import random_tokens
+    from fairseq_s2s_attn import attention
+
+    seen = []
+    context = attention.context
+
+    def spy(weights, values):
+        out = context(weights, values)
+        seen.append((values.dtype, out.dtype, torch.is_grad_enabled()))
+        return out
+
+    monkeypatch.setattr(attention, "context", spy)
+    model = _bf16_model(name, True, monkeypatch)
+    d = model.decoder.dictionary
+    src = random_tokens(d, [7, 4, 6, 2], left_pad=True, generator=gen)
+    prev = random_tokens(d, [5, 3, 5, 1], left_pad=False, generator=gen, with_eos=False)
+    fast = _train_and_decode(model, src, prev)
+    assert {(v, o) for v, o, grad in seen if grad} == {(torch.float32, torch.float32)}
+    assert {o for _, o, grad in seen if not grad} == {torch.bfloat16}
+    seen.clear()
+    # an encoder output in bf16 (oneDNN's LSTM under autocast at larger sizes) is converted
+    enc = model.train().encoder(src, None)
+    enc = dict(enc, encoder_out=enc["encoder_out"].bfloat16())
+    model.decoder(prev, enc)
+    assert {(v, o) for v, o, grad in seen} == {(torch.float32, torch.float32)}
+    seen.clear()
+    monkeypatch.setattr(attention, "FP32_CONTEXT", False)
+    plain = _train_and_decode(model, src, prev)
+    assert {o for _, o, grad in seen if grad} == {torch.bfloat16}
+    assert len(fast) == len(plain)
+    for a, b in zip(fast, plain):
+        scale = b.abs().max().clamp_min(1e-3)
+        assert (a - b).abs().max() <= 2 ** -4 * scale
