@@ -2026,7 +2026,8 @@ def main(argv=None):
                    f"fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s.", ""]
         md += [f"Data: {data_desc} (dictionaries incl. special symbols: {vocab}). Training: "
                f"{args.updates} timed updates after {args.warmup} warm-up, --max-tokens {args.max_tokens}, "
-               f"{args.criterion}, torch.optim.Adam (lr {args.lr}), dropout {args.dropout}; the same batches "
+               f"{args.criterion}, fairseq's Adam as fairseq-train runs it with the plugin (torch's "
+               f"fused CPU kernel; lr {args.lr}), dropout {args.dropout}; the same batches "
                "in the same order for every model. Generation: fairseq SequenceGenerator, the first "
                f"{args.gen_sentences} sentences of {args.gen_split} in batches of {args.gen_batch_size}, "
                "hypotheses forced to the longest reference length in the batch (untrained models). "
