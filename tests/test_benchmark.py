@@ -309,6 +309,46 @@ def test_beam_ab_takes_turns_and_reports_medians(small_data_bin):
     assert "8 sentences of test in batches of 4" in proc.stdout
 
 
+@pytest.mark.slow
+def test_train_ab_switches_each_lever_in_turns(small_data_bin):
+    """scripts/train_ab.py: one row per configuration and lever, each from pairs of updates with
+    the fast path off and on (2 batches x 2 rounds: 4 pairs), times and speed-ups positive."""
+    proc = run("train_ab.py", "--data", small_data_bin, "--archs", "rnn_luong", "--size", 16,
+               "--levers", "dropout", "adam", "context", "--updates", 2, "--rounds", 2, "--warmup", 1,
+               "--max-tokens", 200, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
+    assert [r[:3] for r in rows] == [["rnn_luong", "bf16 (--cpu-bf16)", lever]
+                                     for lever in ("dropout", "adam", "context")]
+    for r in rows:
+        assert r[3] == "4" and float(r[4]) > 0 and float(r[5]) > 0 and float(r[6]) > 0
+    assert "2 batches x 2 rounds" in proc.stdout
+
+
+def test_train_ab_levers_switch_the_fast_paths():
+    """Each lever's switches set what its fast path reads; "on" restores the plugin's state."""
+    spec = importlib.util.spec_from_file_location("train_ab_script", SCRIPTS / "train_ab.py")
+    train_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_ab)
+    from fairseq.modules import FairseqDropout
+
+    from fairseq_s2s_attn import attention, dropout, optim
+
+    state = (dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT)
+    switches = train_ab.levers()
+    assert set(switches) == set(train_ab.LEVERS)
+    try:
+        for _, off in switches.values():
+            off()
+        assert dropout.Dropout.forward is FairseqDropout.forward
+        assert optim.FUSED_ADAMW is None and attention.FP32_CONTEXT is False
+        for on, _ in switches.values():
+            on()
+        assert (dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT) == state
+    finally:
+        dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT = state
+
+
 def test_beam_ab_needs_the_lstm_baseline(small_data_bin):
     proc = run("beam_ab.py", "--data", small_data_bin, "--archs", "rnn_luong", check=False)
     assert proc.returncode == 2 and "--archs needs lstm" in proc.stderr
