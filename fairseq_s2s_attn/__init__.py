@@ -7,7 +7,8 @@ fused in), lets torch's safe checkpoint loader accept the plain types fairseq ch
 makes fairseq's data-parallel training work on CPU processes (``distributed``, see
 docs/distributed.md), defines what happens to empty and too-long sources (``inputs``), runs
 fairseq's Adam on the CPU in torch's fused kernel (``optim``), runs beam search of ``--cpu-bf16``
-models in one autocast region (``precision``), and applies the run-time defaults in ``runtime``. Each change to a fairseq function is installed by ``patching.replaces``.
+models in one autocast region (``precision``), and applies the run-time defaults in ``runtime``.
+Each change to a fairseq function is installed by ``patching.replaces``.
 """
 
 from . import runtime

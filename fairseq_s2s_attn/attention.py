@@ -322,11 +322,12 @@ def context(weights: Tensor, values: Tensor) -> Tensor:
     """sum_j a_j h_j: B x M x S weights by B x S x C values -> B x M x C (M: steps or hypotheses).
 
     In training under CPU autocast (``fp32_context``), with fp32 values, the product runs in
-    fp32, not in autocast's bf16: these are many tiny products (one per sentence, M = 1 per step), where
-    torch's fp32 batched product is 2-4x as fast as its bf16 one (oneDNN). Measured on one core
-    of the AMX Xeon (2026-12-06): B 32 x S 34 x C 256, forward and backward 267 against 417 us;
-    per --cpu-bf16 training update (sizes 256, in turns in one process) rnn_bahdanau 1.04x,
-    rnn_luong 1.02x. (The scores' products in fp32 as well made rnn_luong 0.94x: they stay bf16.)
+    fp32, not in autocast's bf16: these are many tiny products (one per sentence, M = 1 per
+    step), where torch's fp32 batched product is 2-4x as fast as its bf16 one (oneDNN). Measured
+    on one core of the AMX Xeon (2026-12-06): B 32 x S 34 x C 256, forward and backward 267
+    against 417 us; per --cpu-bf16 training update (sizes 256, scripts/train_ab.py) rnn_bahdanau
+    1.03x, rnn_luong 1.03x, rnn_luong_nofeed (one product for all steps) 1.00x. (The scores'
+    products in fp32 as well made rnn_luong 0.94x: they stay bf16.)
     """
     if values.dtype == torch.float32 and fp32_context(values):
         with torch.autocast("cpu", enabled=False):

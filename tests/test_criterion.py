@@ -294,7 +294,7 @@ def test_fairseq_train_with_the_fused_criterion_logs_the_same_losses(small_data_
                   "--criterion", crit, "--label-smoothing", "0.1", "--report-accuracy",
                   "--optimizer", "adam", "--lr", "0.005", "--max-tokens", 1000, "--max-update", 8,
                   "--no-progress-bar", "--log-format", "simple", "--cpu", "--seed", 3,
-                  "--no-save", "--log-interval", 1)
+                  "--no-save", "--save-dir", tmp_path / "checkpoints", "--log-interval", 1)
         logs[crit] = [line for line in (out.stdout + out.stderr).splitlines()
                       if "| valid |" in line or "| train |" in line]
     plain, ours = logs["label_smoothed_cross_entropy"], logs["fused_label_smoothed_cross_entropy"]

@@ -95,7 +95,7 @@ def test_curves_and_tensorboard_from_a_training_run(small_data_bin, tmp_path):
                 "--arch", "rnn_bahdanau_tiny", "--optimizer", "adam", "--lr", "0.005",
                 "--max-tokens", 400, "--max-epoch", 3, "--log-interval", 2, "--log-format", "simple",
                 "--eval-bleu", "--eval-bleu-args", '{"beam": 1}', "--tensorboard-logdir", tb,
-                "--no-save", "--cpu", "--seed", 1)
+                "--no-save", "--save-dir", tmp_path / "checkpoints", "--cpu", "--seed", 1)
     output = train.stdout + train.stderr
     assert "Please install tensorboardX" not in output and "tensorboard not found" not in output
     for subset in ("train_inner", "train", "valid"):  # one event file per logged subset
