@@ -102,9 +102,7 @@ def main(argv=None):
             times[key].append(runs[key]())
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
-    print(f"## Beam search taking turns in one process ({time.strftime('%Y-%m-%d %H:%M')})\n")
-    print("Command: `python scripts/beam_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
-    print(benchmark.machine_description(args.threads) + "\n")
+    print(benchmark.report_header("Beam search taking turns in one process", "beam_ab.py", argv, args.threads))
     print(f"{sentences} sentences of {args.gen_split} in batches of {args.gen_batch_size}, sizes "
           f"{args.size}, {args.rounds} rounds (+1 warm-up). Ratios: per round against fairseq's lstm "
           f"(fp32, and at its fastest setting per beam: the faster of its rows), then the median.\n")

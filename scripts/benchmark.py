@@ -1320,6 +1320,14 @@ def make_synthetic(root, args):
     return bin_dir
 
 
+def report_header(title: str, script: str, argv, threads: int) -> str:
+    """The opening of a turn-taking script's markdown report (beam_ab.py, train_ab.py): a dated
+    title, the command as run, the machine."""
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    return (f"## {title} ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
+            f"Command: `python scripts/{script} {command}`\n\n{machine_description(threads)}\n")
+
+
 def machine_description(threads):
     cpu = "unknown CPU"
     flags = set()

@@ -122,9 +122,7 @@ def main(argv=None):
                              statistics.median(ratios), q[0], q[2]))
                 print(f"{name} {prec} {lever}: {statistics.median(ratios):.3f}x", file=sys.stderr, flush=True)
 
-    print(f"## CPU fast paths off and on in turns ({time.strftime('%Y-%m-%d %H:%M')})\n")
-    print("Command: `python scripts/train_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
-    print(benchmark.machine_description(args.threads) + "\n")
+    print(benchmark.report_header("CPU fast paths off and on in turns", "train_ab.py", argv, args.threads))
     print(f"Sizes {args.size}, --max-tokens {args.max_tokens}, {args.updates} batches x {args.rounds} "
           f"rounds, each batch trained once with the lever off and once on (alternating order) after "
           f"{args.warmup} warm-up updates; speed-up = the median over pairs of off time / on time.\n")
