@@ -22,6 +22,8 @@ at every update) makes the masks reproducible as before; they are other masks th
 same seed. On other devices (CUDA: one fused kernel already) and for p >= 1, ``F.dropout``.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,9 +45,7 @@ def effective_p(p: float) -> float:
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
     """A bool mask of ``shape``: True with probability 1 - effective_p(p), independently."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     draws.random_(-(1 << 63), None)  # all 64 bits random (random_() leaves the sign bit 0)
     return draws.view(torch.int16)[:n].view(shape) >= drop_threshold(p)
