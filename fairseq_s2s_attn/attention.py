@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .packed import Linear
+from .precision import padded_rows_linear
 
 SCORERS = ("additive", "dot", "general", "concat", "location")
 MODES = ("global", "local-m", "local-p")
@@ -40,6 +41,13 @@ def source_positions(padding_mask: Optional[Tensor], like: Tensor) -> Tuple[Tens
         return pos, torch.full((bsz,), seqlen, device=like.device, dtype=torch.long)
     real = (~padding_mask).long()
     return real.cumsum(dim=1) - 1, real.sum(dim=1)
+
+
+
+def over_positions(proj: nn.Linear, x: Tensor) -> Tensor:
+    """proj(x); for x over all positions of a batch (B x T x D or B x S x D, not one step's B x D)
+    through ``padded_rows_linear``, whose rows come in a few sizes (oneDNN's per-shape kernels)."""
+    return padded_rows_linear(x, proj.weight, proj.bias) if x.dim() == 3 else proj(x)
 
 
 class AdditiveScorer(nn.Module):
@@ -69,7 +77,7 @@ class AdditiveScorer(nn.Module):
 
     def keys(self, values: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         # B x S x C -> B x S x A, in the dtype the score's element-wise work runs in
-        return for_elementwise(self.key_proj(values))
+        return for_elementwise(over_positions(self.key_proj, values))
 
     def v_weight(self) -> Tensor:
         """v (A), or g v / ||v|| when normalised."""
@@ -80,7 +88,7 @@ class AdditiveScorer(nn.Module):
 
     def forward(self, query: Tensor, keys: Tensor, coverage: Optional[Tensor] = None) -> Tensor:
         """query B [x T] x Q, keys B x S x A, coverage (one per query) B [x T] x S -> B [x T] x S."""
-        q = self.query_proj(query).to(keys.dtype)  # B x A  or  B x T x A
+        q = over_positions(self.query_proj, query).to(keys.dtype)  # B x A  or  B x T x A
         if q.dim() == 2:
             q = q.unsqueeze(1)  # B x 1 x A (with keys B x S x A)
         else:
@@ -268,7 +276,7 @@ class GeneralScorer(nn.Module):
         self.g = nn.Parameter(torch.tensor(1.0)) if scale else None
 
     def keys(self, values: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
-        return self.key_proj(values)  # B x S x Q
+        return over_positions(self.key_proj, values)  # B x S x Q
 
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
         return _scaled(_bdot(query, keys), self.g)
@@ -294,7 +302,7 @@ class LocationScorer(nn.Module):
         return pos.clamp(0, self.max_positions - 1)  # B x S
 
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
-        scores = self.proj(query)  # B x P  or  B x T x P
+        scores = over_positions(self.proj, query)  # B x P  or  B x T x P
         if scores.dim() == 2:
             return scores.gather(1, keys)  # B x S
         index = keys.unsqueeze(1).expand(-1, scores.size(1), -1)  # B x T x S
@@ -481,7 +489,7 @@ class Attention(nn.Module):
         words. W_p h_t stays a product in the autocast dtype; from its result on, tanh, v_p^T and
         the sigmoid run in fp32 (an element-wise product and sum, which autocast leaves alone).
         """
-        pre = self.position_proj(query)  # B [x T] x A
+        pre = over_positions(self.position_proj, query)  # B [x T] x A
         h = torch.tanh(pre.to(torch.promote_types(pre.dtype, torch.float32)))
         p = torch.sigmoid((h * self.position_v.weight[0].to(h.dtype)).sum(-1))  # B [x T]
         return lengths.view(-1, *([1] * (p.dim() - 1))).to(p.dtype) * p

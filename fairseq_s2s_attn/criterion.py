@@ -41,6 +41,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 
+from .precision import pad_rows, pads_rows
+
 # elements per chunk of rows: about 1 MB of fp32 on a CPU (stays in its L2 cache across the
 # chunk's passes); on a GPU large chunks, so that a chunk's kernels fill the device
 CHUNK_ELEMENTS = {"cpu": 1 << 18}
@@ -160,9 +162,11 @@ def fused_losses(criterion, model, sample, smooth: bool, accuracy: bool
         dtype = torch.get_autocast_dtype(device)
     else:
         dtype = features.dtype
+    features, target = features.reshape(-1, features.size(-1)), target.reshape(-1)  # N x C, N
+    if pads_rows(features):  # rows in a few sizes for oneDNN's per-shape kernels (precision.py)
+        features, target = pad_rows(features), pad_rows(target, criterion.padding_idx)
     nll, smooth_sum, correct = OutputLayerLoss.apply(
-        features.reshape(-1, features.size(-1)), weight, bias, target.reshape(-1),
-        criterion.padding_idx, dtype, smooth, accuracy)
+        features, weight, bias, target, criterion.padding_idx, dtype, smooth, accuracy)
     return nll, smooth_sum, correct, weight.size(0)
 
 

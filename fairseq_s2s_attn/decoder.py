@@ -28,7 +28,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq.models import FairseqIncrementalDecoder
@@ -37,7 +36,7 @@ from .attention import AdditiveScorer, Attention, fp32_context
 from .dropout import Dropout
 from .encoder import RNN_TYPES
 from .packed import Linear, linear
-from .precision import cast_for_products, cpu_autocast, runs_cpu_bf16
+from .precision import cast_for_products, cpu_autocast, padded_rows_linear, runs_cpu_bf16
 
 PLACEMENTS = ("none", "before", "after")
 DECODER_INITS = ("zeros", "final", "bridge", "backward_first")
@@ -167,7 +166,7 @@ class StackedCell:
             w_x = w_x.to(torch.get_autocast_dtype(emb.device.type))
         self.w_x = w_x.contiguous()
         bias = self.b_ih[0] + self.b_hh[0] if self.lstm else self.b_ih[0]
-        return F.linear(emb, self.w_ih[0][:, :self.embed_dim], bias)
+        return padded_rows_linear(emb, self.w_ih[0][:, :self.embed_dim], bias)
 
     def step(self, x: Tensor, hs: List[Tensor], cs: Optional[List[Tensor]], pre: Optional[Tensor] = None):
         """One time step through all layers; returns the new per-layer (h, c) lists.
@@ -422,7 +421,7 @@ class RNNDecoder(FairseqIncrementalDecoder):
         if self.placement == "before":  # t_i = R(W_o [s; c_i; E y_{i-1}]) for all i at once
             h = self.dropout_out(stack(outs, dim=1))  # B x T x H
             parts = [h, stack(contexts, dim=1), emb.transpose(0, 1)]
-            x = self.dropout_out(self._activate(self.readout(torch.cat(parts, dim=-1))))
+            x = self.dropout_out(self._activate(self._readout_all(torch.cat(parts, dim=-1))))
         else:
             x = stack(outs, dim=1)  # B x T x O
         new_state: State = {
@@ -500,8 +499,12 @@ class RNNDecoder(FairseqIncrementalDecoder):
         else:  # B x T x C, B x T x S
             context, attn = self.attention(h, keys, values, padding_mask, state["step"])
         parts = [h, context] + ([emb] if self.readout_uses_embedding else [])
-        out = self.dropout_out(self._activate(self.readout(torch.cat(parts, dim=-1))))
+        out = self.dropout_out(self._activate(self._readout_all(torch.cat(parts, dim=-1))))
         return out, attn, new_state
+
+    def _readout_all(self, x: Tensor) -> Tensor:
+        """The readout's product for all target positions at once (B x T x R -> B x T x O')."""
+        return padded_rows_linear(x, self.readout.weight, self.readout.bias)
 
     def _activate(self, x: Tensor) -> Tensor:
         """Readout nonlinearity: tanh, or maxout over adjacent pairs (Bahdanau A.2.2:
@@ -569,7 +572,7 @@ class RNNDecoder(FairseqIncrementalDecoder):
 
     def output_layer(self, features: Tensor) -> Tensor:
         weight, bias = self.output_projection()
-        return linear(features, weight, bias)  # B x T x V
+        return padded_rows_linear(features, weight, bias)  # B x T x V
 
     # ------------------------------------------------------------------ state
     def _summary(self, encoder_out: Dict[str, Optional[Tensor]]) -> Tensor:

@@ -23,10 +23,13 @@ the hub) the model stores the weights that enter only matrix products in bf16
 import contextlib
 import importlib.util
 import logging
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .packed import linear
 from .patching import replaces
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,65 @@ def cast_for_products(x: Tensor) -> Tensor:
     if x.requires_grad and torch.is_grad_enabled():
         return x
     return x.to(torch.get_autocast_dtype(device))
+
+
+# Tests and scripts/train_ab.py set this to False to run every product over its own rows
+PAD_ROWS = True
+MIN_ROW_STEP = 64  # the finest bucket step (rows); steps grow with the row count (``padded_rows``)
+
+
+def padded_rows(rows: int) -> int:
+    """The bucket ``rows`` is padded to: the next multiple of 2^(floor(log2 rows) - 3), at least
+    MIN_ROW_STEP: 8 buckets per octave (1,024-2,047 rows: multiples of 128), so at most 1/8 and
+    on average ~3% more rows (the demo's batches at --max-tokens 2000: 2.9% over the target
+    positions, 3.4% over the source positions)."""
+    step = max(MIN_ROW_STEP, 1 << max(0, rows.bit_length() - 4))
+    return -(-rows // step) * step
+
+
+def pads_rows(x: Tensor) -> bool:
+    """Whether a product over x's rows is padded (``padded_rows_linear``): in training (autograd
+    recording) on a CPU with the product in bf16 (x bf16, or CPU autocast in bf16), where oneDNN
+    compiles a kernel per shape. fp32 products on a CPU (MKL, no per-shape compilation), GPUs and
+    decoding are left alone."""
+    if not PAD_ROWS or x.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    if x.dtype == torch.bfloat16:
+        return True
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def pad_rows(x: Tensor, fill=0) -> Tensor:
+    """x (N x ...) with rows of ``fill`` appended up to ``padded_rows(N)``; x itself if none are
+    needed. Autograd gives the appended rows no gradient and slices x's gradient back to N rows."""
+    extra = padded_rows(x.size(0)) - x.size(0)
+    if not extra:
+        return x
+    return torch.cat([x, x.new_full((extra,) + tuple(x.shape[1:]), fill)])
+
+
+def padded_rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """F.linear(x, weight, bias) for a product over many rows (x: ... x K, all positions of a
+    batch: B x T or B x S of them), its rows padded with zeros to a bucket (``padded_rows``) in
+    bf16 training on a CPU; ... x N.
+
+    Why: torch runs a bf16 product on a CPU through oneDNN, which compiles a kernel for every
+    shape it meets (ONEDNN_VERBOSE: 0.4-15 ms each). fairseq's batches give a new number of
+    positions B x T at nearly every update, so every update compiled all of its N-row products
+    anew, forward and backward: traced on an Intel Xeon with AMX (rnn_bahdanau, sizes 256,
+    --max-tokens 2000), 25 kernels and 33-60 ms per update against 48-61 ms of oneDNN execution.
+    Over a bucket's rows the products meet a few shapes, compiled once and kept in oneDNN's cache
+    (``runtime.TRAINING_PRIMITIVE_CACHE``). Each row's result is its own product (the zero rows
+    add nothing to the weight's gradient). Elsewhere ``packed.linear`` (decoding's packed
+    weights)."""
+    if not pads_rows(x):
+        return linear(x, weight, bias)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.size(-1))  # N x K
+    if torch.is_autocast_enabled("cpu"):
+        flat = flat.to(torch.get_autocast_dtype("cpu"))  # pad the copy the product reads
+    out = F.linear(pad_rows(flat), weight, bias)  # N' x N
+    return out[:flat.size(0)].view(*lead, out.size(-1))
 
 
 def store_in_bf16_(params) -> int:

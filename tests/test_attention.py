@@ -471,7 +471,9 @@ def test_cpu_bf16_additive_score_works_element_wise_in_fp32(coverage, grad):
         k = sc.key_proj(values)
     assert keys.dtype == torch.float32 and q.dtype == k.dtype == torch.bfloat16
     block = B * T * S * A
-    big = [(name, dtype) for name, dtype, n in log.ops if n >= block]
+    # (a slice computes nothing: in training the query projection's rows are padded to a
+    # bucket, precision.padded_rows, and its result sliced back)
+    big = [(name, dtype) for name, dtype, n in log.ops if n >= block and name != "slice"]
     assert ("sigmoid_", torch.float32) in big and all(dtype == torch.float32 for _, dtype in big), big
     assert not any(name == "_to_copy" for name, _ in big), big  # no cast of a whole block
     x = q.float().unsqueeze(2) + k.float().unsqueeze(1)  # B x T x S x A, fp32

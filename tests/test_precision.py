@@ -8,6 +8,7 @@ import argparse
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clitools import REPO, parse_generate, run
 from conftest import build_model, inference_cfg
@@ -393,3 +394,126 @@ def test_training_context_products_run_in_fp32(name, monkeypatch, gen):
     for a, b in zip(fast, plain):
         scale = b.abs().max().clamp_min(1e-3)
         assert (a - b).abs().max() <= 2 ** -4 * scale
+
+
+def test_row_buckets_are_few_and_close_above_the_rows():
+    """padded_rows: at least the rows, at most 1/8 more from 512 rows on (64-row steps below),
+    8 buckets per octave; the buckets are fixed points."""
+    for n in range(1, 9000):
+        p = precision.padded_rows(n)
+        assert p >= n and p % precision.MIN_ROW_STEP == 0 and precision.padded_rows(p) == p
+        assert p - n < max(precision.MIN_ROW_STEP, n / 8)
+    assert len({precision.padded_rows(n) for n in range(1025, 2049)}) == 8
+    assert len({precision.padded_rows(n) for n in range(4097, 8193)}) == 8
+
+
+def _padded_linear_case(gen, rows=19):
+    x = torch.randn(2, rows, 24, generator=gen).transpose(0, 1)  # rows x 2 x 24, a view
+    w = torch.randn(40, 24, generator=gen)
+    b = torch.randn(40, generator=gen)
+    return x, w, b
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-tensors"])
+def test_padded_rows_linear_gives_each_row_its_own_product(autocast, monkeypatch):
+    """bf16 training on a CPU: the product runs over a bucket's rows (zeros appended) and the
+    result is sliced back; each row's result and x's gradient equal, bit for bit, the product
+    over x's own rows (one 2-D product, the bias added in it), the weight's and bias's gradients
+    to rounding (the zero rows add nothing)."""
+    seen = []
+    linear = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        seen.append(x.shape[0])
+        return linear(x, w, b)
+
+    def run(pad):
+        monkeypatch.setattr(precision, "PAD_ROWS", pad)
+        x0, w0, b0 = _padded_linear_case(torch.Generator().manual_seed(3))
+        if not autocast:
+            x0, w0, b0 = x0.bfloat16(), w0.bfloat16(), b0.bfloat16()
+        x, w, b = (t.detach().requires_grad_() for t in (x0, w0, b0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if pad:
+                out = precision.padded_rows_linear(x, w, b)
+            else:  # the same product over x's own 38 rows
+                out = spy(x.reshape(-1, x.size(-1)), w, b).view(*x.shape[:-1], -1)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return [out, x.grad, w.grad, b.grad]
+
+    monkeypatch.setattr(precision.F, "linear", spy)
+    padded, plain = run(True), run(False)
+    assert seen == [64, 38]  # 38 rows (19 x 2) padded to 64
+    assert padded[0].shape == plain[0].shape == (19, 2, 40)
+    assert torch.equal(padded[0], plain[0]) and torch.equal(padded[1], plain[1])
+    for a, b in zip(padded[2:], plain[2:]):
+        torch.testing.assert_close(a, b, rtol=2 ** -7, atol=1e-3)
+
+
+def test_padded_rows_linear_leaves_fp32_gpus_and_decoding_alone(gen, monkeypatch):
+    """No padding where oneDNN compiles nothing per shape or nothing is trained: fp32 products
+    (MKL), no autograd (decoding goes through packed.linear), CUDA."""
+    seen = []
+    monkeypatch.setattr(precision.F, "linear",
+                        lambda x, w, b=None: seen.append(x.shape[0]) or torch.matmul(x, w.t()))
+    x, w, b = _padded_linear_case(gen)
+    precision.padded_rows_linear(x.requires_grad_(), w, b)  # fp32: x itself, 19 x 2 x 24
+    assert seen == [19] and not precision.pads_rows(x)
+    assert not precision.pads_rows(x.to("meta").bfloat16())  # not a CPU tensor
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert precision.pads_rows(x)
+        with torch.no_grad():
+            assert not precision.pads_rows(x)
+        monkeypatch.setattr(precision, "PAD_ROWS", False)
+        assert not precision.pads_rows(x)
+
+
+class MatmulShapes(TorchDispatchMode):
+    """The argument shapes of every 2-D matrix product (mm, addmm) that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name in ("mm", "addmm"):
+            self.shapes.add(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["bahdanau-lstm", "luong-feed-lstm", "bahdanau-gru-coverage"])
+@pytest.mark.parametrize("pad", [True, False], ids=["padded", "plain"])
+def test_training_batches_of_other_lengths_meet_the_same_product_shapes(name, pad, monkeypatch, gen):
+    """--cpu-bf16 training, forward and backward with fairseq's fused criterion: batches whose
+    B x T target positions differ (T 9, 10, 11 at B 4: 36, 40, 44 rows) but share a bucket run
+    every 2-D matrix product (over all positions: the first layer's embedding part, the readout,
+    the attention keys, the output layer; forward and backward) in the same shapes, which oneDNN
+    compiles once; over their own rows each batch meets new ones."""
+    from conftest import FakeTask, make_dict, random_tokens
+    from fairseq_s2s_attn.criterion import FusedLabelSmoothedCrossEntropyCriterion
+
+    monkeypatch.setattr(precision, "PAD_ROWS", pad)
+    arch, overrides = HOIST_VARIANTS[name]
+    d = make_dict()
+    task = FakeTask(d, d)
+    model = build_model(arch, task=task, seed=5, cpu_bf16=True, **overrides).train()
+    crit = FusedLabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1)
+    src = random_tokens(d, [7, 4, 6, 2], left_pad=True, generator=gen)
+    shapes = []
+    for t in (9, 10, 11):
+        target = random_tokens(d, [t, 3, t - 1, 2], left_pad=False, generator=gen)
+        prev = torch.roll(target, 1, 1)
+        prev[:, 0] = d.eos()
+        sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1),
+                                "prev_output_tokens": prev}, "target": target,
+                  "ntokens": int(target.ne(d.pad()).sum())}
+        with MatmulShapes() as mode:
+            loss, _, _ = crit(model, sample)
+            loss.backward()
+        shapes.append(mode.shapes)
+    if pad:
+        assert shapes[0] == shapes[1] == shapes[2]
+        assert any(64 in s for shape in shapes[0] for s in shape)  # the 64-row bucket
+    else:
+        assert shapes[0] != shapes[1] != shapes[2]
