@@ -55,7 +55,7 @@ What is measured (each configuration in its own subprocess, one after the other,
                   generation phase (beam 5 and 1, a fresh model), each phase in its own
                   subprocess, each as the fairseq command runs with the plugin
                   (fairseq_s2s_attn/runtime.py; every row, fairseq's lstm too): training as
-                  fairseq-train (oneDNN's primitive cache capped at 16, freed memory kept on the
+                  fairseq-train (oneDNN's primitive cache capped at 128, freed memory kept on the
                   heap), generation as fairseq-generate (the default primitive cache, freed memory
                   kept on the heap). The peak is reset after the warm-up
                   (/proc/self/clear_refs); where that is not allowed (or with --separate-phases)
@@ -78,6 +78,10 @@ What is measured (each configuration in its own subprocess, one after the other,
                   NOT counted by FlopCounterMode; its FLOPs are added analytically:
                   2 * T * B * (I + H) * G*H forward (G gates), twice that for backward. Element-wise
                   work (gate nonlinearities, softmax, dropout, the Adam update) is not counted.
+                  Counted over each batch's own rows: the zero rows that --cpu-bf16 training adds
+                  to its products over all positions (fairseq_s2s_attn/precision.py, ~3% more
+                  rows) are work done, not work asked for, and are left out (PAD_ROWS off while
+                  counting).
   % of peak       GFLOP/s as a share of the machine's matmul peak in the same precision and the same
                   thread count: best of several 2048 x 2048 x 2048 torch.mm in fp32 or bf16.
 
@@ -351,6 +355,12 @@ def optimizer_tensors(optimizer):
     return [v for state in optimizer.state.values() for v in state.values()]
 
 
+def training_cache() -> int:
+    """The oneDNN primitive cache fairseq-train keeps with the plugin (runtime.py)."""
+    from fairseq_s2s_attn.runtime import TRAINING_PRIMITIVE_CACHE
+    return TRAINING_PRIMITIVE_CACHE
+
+
 def release_memory():
     import ctypes
     import gc
@@ -522,10 +532,15 @@ def count_flops(spec, model, optimizer, forward_backward, timed, result):
     k = spec["flop_batches"] or len(timed)
     counted = timed[:k]
     tally = {}
-    with FlopCounterMode(display=False, custom_mapping=rnn_flop_formulas(tally)) as counter:
-        for sample in counted:
-            forward_backward(sample)
-            optimizer.zero_grad(set_to_none=True)
+    from fairseq_s2s_attn import precision
+    padded, precision.PAD_ROWS = precision.PAD_ROWS, False  # the work asked for, not the padding
+    try:
+        with FlopCounterMode(display=False, custom_mapping=rnn_flop_formulas(tally)) as counter:
+            for sample in counted:
+                forward_backward(sample)
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        precision.PAD_ROWS = padded
     flops = counter.get_total_flops()
     counted_tokens = sum(int(s["ntokens"]) for s in counted)
     per_token = flops / counted_tokens
@@ -2043,8 +2058,8 @@ def main(argv=None):
                "after imports, data and one throwaway update/generation batch; "
                + ("one subprocess per phase, VmHWM reset after the warm-up." if reset_peak
                   else "ru_maxrss, one subprocess per phase.")
-               + " Training subprocesses cap oneDNN's primitive cache at 16 as fairseq-train does "
-               "with the plugin, and both phases keep freed memory on the heap as fairseq-train and "
+               + f" Training subprocesses cap oneDNN's primitive cache at {training_cache()} as "
+               "fairseq-train does with the plugin, and both phases keep freed memory on the heap as fairseq-train and "
                "fairseq-generate do with it (every row)."
                + " Ratios (× lstm) are against fairseq's lstm at fp32; for memory, lower is better.", "",
                "Columns: train tok/s = target tokens (incl. EOS) per second of forward + backward + "

@@ -18,6 +18,17 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
             fairseq's Python loop
   context   the attention context's per-step products in fp32 in --cpu-bf16 training
             (fairseq_s2s_attn/attention.py) against autocast's bf16
+  rows      --cpu-bf16 products over all positions padded to a few row counts
+            (fairseq_s2s_attn/precision.py) with fairseq-train's oneDNN cache of compiled kernels
+            (runtime.TRAINING_PRIMITIVE_CACHE), against each batch's own rows with the cache of
+            16 that fairseq-train had before
+
+The rows lever gains across batches (a kernel compiled for one batch serves later ones), so
+switching it per batch would measure nothing: it runs side by side instead, two processes at
+once, each pinned to its own core with the lever fixed (off, on) for --warmup + --updates
+batches, the cores swapped in every other round; the report gives both processes' total time
+and peak resident memory (VmHWM) and the ratio of the totals (off / on) per round. On one core
+the two run one after the other.
 """
 import argparse
 import os
@@ -34,7 +45,7 @@ def levers():
     """name -> (switch on, switch off): module state the fast path reads at every call."""
     from fairseq.modules import FairseqDropout
 
-    from fairseq_s2s_attn import attention, dropout, optim
+    from fairseq_s2s_attn import attention, dropout, optim, precision
 
     fast_dropout, fused = dropout.Dropout.forward, optim.FUSED_ADAMW
 
@@ -46,13 +57,83 @@ def levers():
                     setter(dropout.Dropout, "forward", FairseqDropout.forward)),
         "adam": (setter(optim, "FUSED_ADAMW", fused), setter(optim, "FUSED_ADAMW", None)),
         "context": (setter(attention, "FP32_CONTEXT", True), setter(attention, "FP32_CONTEXT", False)),
+        "rows": (setter(precision, "PAD_ROWS", True), setter(precision, "PAD_ROWS", False)),
     }
 
 
-LEVERS = ("dropout", "adam", "context")
+LEVERS = ("dropout", "adam", "context", "rows")
+SIDE_BY_SIDE = ("rows",)
+OLD_TRAINING_PRIMITIVE_CACHE = 16  # fairseq-train's cap before the rows lever
+
+
+def rows_worker(spec):
+    """One process of the side-by-side measure: trains spec's model on its batches with the rows
+    lever fixed; returns the per-update times (the timed ones) and the peak RSS in MB."""
+    import torch
+    from fairseq_s2s_attn import precision
+    from fairseq_s2s_attn.runtime import keep_freed_memory
+
+    os.sched_setaffinity(0, {spec["core"]})
+    torch.set_num_threads(1)
+    keep_freed_memory(command=True)
+    precision.PAD_ROWS = spec["on"]
+    cfg, task = benchmark.build(spec)
+    torch.set_num_threads(1)
+    batches = benchmark.train_batches(task, spec)
+    torch.manual_seed(spec["seed"])
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    model.train()
+    optimizer = benchmark.cpu_adam(model.parameters(), 0.001)
+    times = []
+    for sample in batches:
+        t0 = time.perf_counter()
+        loss, _, _ = criterion(model, sample)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    return {"times": times[spec["warmup"]:], "peak_mb": hwm / 1024}
+
+
+def side_by_side(spec, rounds):
+    """[(off result, on result) per round] from pairs of rows_worker processes run at once."""
+    import json
+    import subprocess
+
+    from fairseq_s2s_attn import runtime
+
+    cores = sorted(os.sched_getaffinity(0))
+    results = []
+    for r in range(rounds):
+        procs = {}
+        for k, on in enumerate((False, True)):
+            core = cores[(k + r) % len(cores)]
+            env = dict(os.environ, **{runtime.ONEDNN_CACHE_VAR: str(
+                runtime.TRAINING_PRIMITIVE_CACHE if on else OLD_TRAINING_PRIMITIVE_CACHE)})
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker",
+                   json.dumps(dict(spec, on=on, core=core))]
+            procs[on] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+            if len(cores) < 2:  # one core: one after the other
+                procs[on].wait()
+        out = {}
+        for on, proc in procs.items():
+            stdout, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"error: the side-by-side worker (rows {'on' if on else 'off'}) "
+                                 f"failed with exit status {proc.returncode}")
+            out[on] = json.loads(stdout.strip().splitlines()[-1])
+        results.append((out[False], out[True]))
+    return results
 
 
 def main(argv=None):
+    if argv is None and sys.argv[1:2] == ["--worker"]:
+        import json
+        print(json.dumps(rows_worker(json.loads(sys.argv[2]))))
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="fairseq data-bin (e.g. work/demo/data-bin)")
     p.add_argument("--archs", nargs="+", default=["rnn_bahdanau", "rnn_luong", "rnn_luong_nofeed"],
@@ -77,7 +158,7 @@ def main(argv=None):
     keep_freed_memory(command=True)
     switches = levers()
 
-    rows = []
+    rows, side = [], []
     for name in args.archs:
         for prec in args.precisions:
             spec = dict(data=args.data, max_tokens=args.max_tokens, seed=args.seed, lr=0.001,
@@ -104,6 +185,10 @@ def main(argv=None):
                 update(sample)
             timed = batches[args.warmup:]
             for lever in args.levers:
+                if lever in SIDE_BY_SIDE:
+                    side.append((name, benchmark.precision_label(name, prec),
+                                 side_by_side(dict(spec, warmup=args.warmup), args.rounds)))
+                    continue
                 on, off = switches[lever]
                 ratios, t_off, t_on = [], [], []
                 for r in range(args.rounds):
@@ -123,14 +208,33 @@ def main(argv=None):
                 print(f"{name} {prec} {lever}: {statistics.median(ratios):.3f}x", file=sys.stderr, flush=True)
 
     print(benchmark.report_header("CPU fast paths off and on in turns", "train_ab.py", argv, args.threads))
-    print(f"Sizes {args.size}, --max-tokens {args.max_tokens}, {args.updates} batches x {args.rounds} "
-          f"rounds, each batch trained once with the lever off and once on (alternating order) after "
-          f"{args.warmup} warm-up updates; speed-up = the median over pairs of off time / on time.\n")
-    print("| config | precision | lever | pairs | ms/update off | ms/update on | speed-up | quartiles |")
-    print("|---|---|---|---:|---:|---:|---:|---|")
+    if rows:
+        print(f"Sizes {args.size}, --max-tokens {args.max_tokens}, {args.updates} batches x "
+              f"{args.rounds} rounds, each batch trained once with the lever off and once on "
+              f"(alternating order) after {args.warmup} warm-up updates; speed-up = the median over "
+              f"pairs of off time / on time.\n")
+        print("| config | precision | lever | pairs | ms/update off | ms/update on | speed-up | quartiles |")
+        print("|---|---|---|---:|---:|---:|---:|---|")
     for name, label, lever, n, m_off, m_on, med, q1, q3 in rows:
         print(f"| {name} | {label} | {lever} | {n} | {m_off * 1000:.1f} | {m_on * 1000:.1f} | "
               f"{med:.3f} | {q1:.3f}-{q3:.3f} |")
+    if side:
+        from fairseq_s2s_attn.runtime import TRAINING_PRIMITIVE_CACHE
+        print(f"\nLever rows, side by side (sizes {args.size}, --max-tokens {args.max_tokens}; two "
+              f"processes at once, one core each, swapped every other round; {args.updates} timed "
+              f"updates each after {args.warmup}): off = each "
+              f"batch's own rows, oneDNN cache {OLD_TRAINING_PRIMITIVE_CACHE}; on = rows padded, "
+              f"cache {TRAINING_PRIMITIVE_CACHE}.\n")
+        print("| config | precision | round | s off | s on | ms/update off | ms/update on | speed-up "
+              "| peak MB off | peak MB on |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name, label, results in side:
+            for r, (off, on) in enumerate(results, 1):
+                t_off, t_on = sum(off["times"]), sum(on["times"])
+                n = len(off["times"])
+                print(f"| {name} | {label} | {r} | {t_off:.1f} | {t_on:.1f} | {t_off / n * 1000:.1f} | "
+                      f"{t_on / n * 1000:.1f} | {t_off / t_on:.3f} | {off['peak_mb']:.0f} | "
+                      f"{on['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,46 @@ def test_analytic_rnn_flops_match_the_decomposed_count(layers, bidirectional):
     assert abs(fused_total - decomposed_total) <= 0.03 * decomposed_total
 
 
+def test_flops_are_counted_over_each_batchs_own_rows(gen):
+    """--cpu-bf16 training pads its products over all positions to a bucket of rows
+    (precision.padded_rows); count_flops counts the products asked for (36 target rows here, not
+    the 64 run), the same as with the padding off, and leaves the padding switched on."""
+    from conftest import FakeTask, build_model, make_dict, random_tokens
+    from fairseq_s2s_attn import precision
+    from fairseq_s2s_attn.criterion import FusedCrossEntropyCriterion
+
+    bench = load_benchmark()
+    d = make_dict()
+    task = FakeTask(d, d)
+    model = build_model("rnn_bahdanau_tiny", task=task, cpu_bf16=True).train()
+    crit = FusedCrossEntropyCriterion(task, False)
+    src = random_tokens(d, [7, 4, 6, 2], left_pad=True, generator=gen)
+    target = random_tokens(d, [9, 3, 8, 2], left_pad=False, generator=gen)
+    prev = torch.roll(target, 1, 1)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1),
+                            "prev_output_tokens": prev}, "target": target, "ntokens": 22}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def forward_backward(s):
+        crit(model, s)[0].backward()
+
+    def flops(padded_run):
+        result = dict(train_tokens=22, train_updates=1, train_tok_s=1.0)
+        bench.count_flops(dict(flop_batches=1), model, optimizer, forward_backward, [sample], result)
+        with FlopCounterMode(display=False) as fc:  # the padded work itself
+            precision.PAD_ROWS = padded_run
+            try:
+                forward_backward(sample)
+            finally:
+                precision.PAD_ROWS = True
+        return result["flops_counted"], fc.get_total_flops()
+
+    counted, run_padded = flops(True)
+    counted_plain, run_plain = flops(False)
+    assert precision.PAD_ROWS is True
+    assert counted == counted_plain == run_plain < run_padded
+
+
 def device_table(markdown: str):
     """The main table of the --device cuda / --gpu-style report: (head, rows as dicts, raw rows)."""
     return table_rows(markdown)
@@ -325,6 +365,21 @@ def test_train_ab_switches_each_lever_in_turns(small_data_bin):
     assert "2 batches x 2 rounds" in proc.stdout
 
 
+@pytest.mark.slow
+def test_train_ab_runs_the_rows_lever_side_by_side(small_data_bin):
+    """The rows lever: two worker processes (off, on) per round, their totals and peak memory;
+    the cache sizes each ran with are named."""
+    proc = run("train_ab.py", "--data", small_data_bin, "--archs", "rnn_bahdanau", "--size", 16,
+               "--levers", "rows", "--updates", 2, "--rounds", 2, "--warmup", 1,
+               "--max-tokens", 200, timeout=300)
+    assert "Lever rows, side by side" in proc.stdout and "cache 16; on = rows padded" in proc.stdout
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| rnn_bahdanau")]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    assert [r[2] for r in rows] == ["1", "2"]
+    for r in rows:  # ms per update, speed-up, peak memory (the totals of 2 tiny updates may be 0.0)
+        assert all(float(v) > 0 for v in r[5:])
+
+
 def test_train_ab_levers_switch_the_fast_paths():
     """Each lever's switches set what its fast path reads; "on" restores the plugin's state."""
     spec = importlib.util.spec_from_file_location("train_ab_script", SCRIPTS / "train_ab.py")
@@ -332,9 +387,9 @@ def test_train_ab_levers_switch_the_fast_paths():
     spec.loader.exec_module(train_ab)
     from fairseq.modules import FairseqDropout
 
-    from fairseq_s2s_attn import attention, dropout, optim
+    from fairseq_s2s_attn import attention, dropout, optim, precision
 
-    state = (dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT)
+    state = (dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT, precision.PAD_ROWS)
     switches = train_ab.levers()
     assert set(switches) == set(train_ab.LEVERS)
     try:
@@ -342,11 +397,14 @@ def test_train_ab_levers_switch_the_fast_paths():
             off()
         assert dropout.Dropout.forward is FairseqDropout.forward
         assert optim.FUSED_ADAMW is None and attention.FP32_CONTEXT is False
+        assert precision.PAD_ROWS is False
         for on, _ in switches.values():
             on()
-        assert (dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT) == state
+        assert (dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT,
+                precision.PAD_ROWS) == state
     finally:
-        dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT = state
+        (dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT,
+         precision.PAD_ROWS) = state
 
 
 def test_beam_ab_needs_the_lstm_baseline(small_data_bin):
