@@ -21,6 +21,11 @@ and Luong et al. 2015 both train with this loss):
   the output layer's products. One N x V tensor in all instead of four. On CUDA the backward
   reads the two loss gradients and the padding rows to the host once per update (not per step).
 
+In ``--cpu-bf16`` training the N rows (features and targets) are first padded to a bucket of
+rows (``precision.padded_rows``; padding targets, so the extra rows add nothing to the loss, the
+counts or the gradients): oneDNN compiles the output layer's three products once per bucket
+instead of once per batch.
+
 The loss is fairseq's: label_smoothed_nll_loss's (1 - eps - eps_i) nll + eps_i smooth with
 eps_i = eps / (V - 1). Models other than ours (fairseq's ``lstm``, ``transformer``, ...) and
 ``reduce=False`` take the parent criterion's path unchanged.
