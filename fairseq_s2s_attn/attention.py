@@ -43,7 +43,6 @@ def source_positions(padding_mask: Optional[Tensor], like: Tensor) -> Tuple[Tens
     return real.cumsum(dim=1) - 1, real.sum(dim=1)
 
 
-
 def over_positions(proj: nn.Linear, x: Tensor) -> Tensor:
     """proj(x); for x over all positions of a batch (B x T x D or B x S x D, not one step's B x D)
     through ``padded_rows_linear``, whose rows come in a few sizes (oneDNN's per-shape kernels)."""

@@ -17,7 +17,9 @@ fairseq-interactive convert the model for ``--fp16`` only; ``bf16_inference`` co
 optimizer state, the softmax of attention and the loss stay fp32. On a GPU it does nothing; use
 ``--bf16``, ``--fp16`` or ``--amp`` there. For decoding (fairseq-generate, fairseq-interactive,
 the hub) the model stores the weights that enter only matrix products in bf16
-(``store_in_bf16_``, called by ``RNNS2SModel.prepare_for_inference_``).
+(``store_in_bf16_``, called by ``RNNS2SModel.prepare_for_inference_``). In ``--cpu-bf16``
+training the products over all positions of a batch run over their rows padded to a few sizes
+(``padded_rows_linear``), so that oneDNN compiles their kernels once, not at every update.
 """
 
 import contextlib
