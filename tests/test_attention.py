@@ -573,3 +573,29 @@ def test_fp32_context_only_in_training_under_cpu_autocast():
         assert att.fp32_context(v)
         with torch.no_grad():
             assert not att.fp32_context(v)  # decoding, validation
+
+
+@pytest.mark.parametrize("score", ["additive", "concat", "general", "location"])
+def test_training_products_over_all_positions_run_over_padded_rows(score, monkeypatch):
+    """--cpu-bf16 training: the keys (B x S positions) and the query projections over all steps
+    (B x T) run over rows padded to a bucket (precision.padded_rows: 15 and 12 rows -> 64), so
+    sources and targets of other lengths meet the same product shapes; one step's B x Q query
+    is not padded (beam search and the step loop), nor is anything outside autograd."""
+    from fairseq_s2s_attn import precision
+
+    rows = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(precision.F, "linear",
+                        lambda x, w, b=None: rows.append(tuple(x.shape[:-1])) or linear(x, w, b))
+    attn = make_attention(score, dtype=torch.float32)
+    values = torch.randn(B, S, C)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keys = attn.keys(values, make_mask(True))
+        attn.scorer(torch.randn(B, T, Q), keys)  # all steps
+        all_steps, rows[:] = list(rows), []
+        attn.scorer(torch.randn(B, Q), keys)  # one step
+        with torch.no_grad():
+            attn.scorer(torch.randn(B, T, Q), attn.keys(values, make_mask(True)))
+    projections = {"additive": 2, "concat": 2, "general": 1, "location": 1}[score]
+    assert all_steps == [(64,)] * projections  # 15 key rows and 12 query rows, each padded to 64
+    assert rows and all(r[0] != 64 for r in rows), rows  # one step's B rows, decoding's B x T x Q
