@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .packed import Linear
-from .precision import padded_rows_linear
+from .precision import over_positions
 
 SCORERS = ("additive", "dot", "general", "concat", "location")
 MODES = ("global", "local-m", "local-p")
@@ -41,12 +41,6 @@ def source_positions(padding_mask: Optional[Tensor], like: Tensor) -> Tuple[Tens
         return pos, torch.full((bsz,), seqlen, device=like.device, dtype=torch.long)
     real = (~padding_mask).long()
     return real.cumsum(dim=1) - 1, real.sum(dim=1)
-
-
-def over_positions(proj: nn.Linear, x: Tensor) -> Tensor:
-    """proj(x); for x over all positions of a batch (B x T x D or B x S x D, not one step's B x D)
-    through ``padded_rows_linear``, whose rows come in a few sizes (oneDNN's per-shape kernels)."""
-    return padded_rows_linear(x, proj.weight, proj.bias) if x.dim() == 3 else proj(x)
 
 
 class AdditiveScorer(nn.Module):

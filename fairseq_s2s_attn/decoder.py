@@ -36,7 +36,8 @@ from .attention import AdditiveScorer, Attention, fp32_context
 from .dropout import Dropout
 from .encoder import RNN_TYPES
 from .packed import Linear, linear
-from .precision import cast_for_products, cpu_autocast, padded_rows_linear, runs_cpu_bf16
+from .precision import (cast_for_products, cpu_autocast, over_positions, padded_rows_linear,
+                        runs_cpu_bf16)
 
 PLACEMENTS = ("none", "before", "after")
 DECODER_INITS = ("zeros", "final", "bridge", "backward_first")
@@ -421,7 +422,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
         if self.placement == "before":  # t_i = R(W_o [s; c_i; E y_{i-1}]) for all i at once
             h = self.dropout_out(stack(outs, dim=1))  # B x T x H
             parts = [h, stack(contexts, dim=1), emb.transpose(0, 1)]
-            x = self.dropout_out(self._activate(self._readout_all(torch.cat(parts, dim=-1))))
+            readout = over_positions(self.readout, torch.cat(parts, dim=-1))  # B x T x O'
+            x = self.dropout_out(self._activate(readout))
         else:
             x = stack(outs, dim=1)  # B x T x O
         new_state: State = {
@@ -499,12 +501,9 @@ class RNNDecoder(FairseqIncrementalDecoder):
         else:  # B x T x C, B x T x S
             context, attn = self.attention(h, keys, values, padding_mask, state["step"])
         parts = [h, context] + ([emb] if self.readout_uses_embedding else [])
-        out = self.dropout_out(self._activate(self._readout_all(torch.cat(parts, dim=-1))))
+        readout = over_positions(self.readout, torch.cat(parts, dim=-1))  # B x T x O'
+        out = self.dropout_out(self._activate(readout))
         return out, attn, new_state
-
-    def _readout_all(self, x: Tensor) -> Tensor:
-        """The readout's product for all target positions at once (B x T x R -> B x T x O')."""
-        return padded_rows_linear(x, self.readout.weight, self.readout.bias)
 
     def _activate(self, x: Tensor) -> Tensor:
         """Readout nonlinearity: tanh, or maxout over adjacent pairs (Bahdanau A.2.2:

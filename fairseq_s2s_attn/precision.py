@@ -28,6 +28,7 @@ import logging
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -134,6 +135,12 @@ def padded_rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None)
         flat = flat.to(torch.get_autocast_dtype("cpu"))  # pad the copy the product reads
     out = F.linear(pad_rows(flat), weight, bias)  # N' x N
     return out[:flat.size(0)].view(*lead, out.size(-1))
+
+
+def over_positions(proj: nn.Linear, x: Tensor) -> Tensor:
+    """proj(x); for x over all positions of a batch (B x T x D or B x S x D, not one step's B x D)
+    through ``padded_rows_linear``, whose rows come in a few sizes (oneDNN's per-shape kernels)."""
+    return padded_rows_linear(x, proj.weight, proj.bias) if x.dim() == 3 else proj(x)
 
 
 def store_in_bf16_(params) -> int:
