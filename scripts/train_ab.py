@@ -108,7 +108,7 @@ def side_by_side(spec, rounds):
     cores = sorted(os.sched_getaffinity(0))
     results = []
     for r in range(rounds):
-        procs = {}
+        procs, outputs = {}, {}
         for k, on in enumerate((False, True)):
             core = cores[(k + r) % len(cores)]
             env = dict(os.environ, **{runtime.ONEDNN_CACHE_VAR: str(
@@ -116,11 +116,11 @@ def side_by_side(spec, rounds):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker",
                    json.dumps(dict(spec, on=on, core=core))]
             procs[on] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
-            if len(cores) < 2:  # one core: one after the other
-                procs[on].wait()
+            if len(cores) < 2:  # one core: one after the other (read it whole: a wait() on a
+                outputs[on] = procs[on].communicate()[0]  # full pipe would never return)
         out = {}
         for on, proc in procs.items():
-            stdout, _ = proc.communicate()
+            stdout = outputs[on] if on in outputs else proc.communicate()[0]
             if proc.returncode != 0:
                 raise SystemExit(f"error: the side-by-side worker (rows {'on' if on else 'off'}) "
                                  f"failed with exit status {proc.returncode}")
