@@ -335,3 +335,58 @@ def test_fairseq_train_with_the_fused_criterion_logs_the_same_losses(small_data_
         for key in ("loss", "nll_loss", "ppl", "accuracy"):
             x, y = float(fa[key]), float(fb[key])
             assert abs(x - y) <= 0.01 + 1e-3 * abs(x), (key, a, b)
+
+
+class OpNames(TorchDispatchMode):
+    """The names of the aten ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def output_layer_loss(x, w, b, target, dtype, coefficients):
+    """OutputLayerLoss's loss c_nll nll + c_smooth smooth, its gradients (x, W, b) and the ops
+    its forward and backward ran."""
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    with OpNames() as ops:
+        nll, smooth, _ = fused.OutputLayerLoss.apply(x, w, b, target, 1, dtype, True, False)
+        loss = coefficients[0] * nll + coefficients[1] * smooth
+        loss.backward()
+    return loss.detach(), (x.grad, w.grad, b.grad), set(ops.names)
+
+
+@pytest.mark.parametrize("coefficients", [(0.9, 0.1 / 49), (1.0, 0.0), (-1.0, 0.0), (0.0, 0.0)],
+                         ids=["smoothed", "nll", "negated", "zero"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_backward_reuses_the_forward_log_sum_exp(dtype, coefficients, gen, monkeypatch):
+    """The loss keeps each row's log-sum-exp, and backward makes p = exp(z - lse) from it: no
+    softmax or log_softmax row kernel runs (REUSE_LSE off: both run), and the loss and the
+    gradients equal those of torch's row kernels: fp64 to 1e-12, bf16 logits to the rounding of
+    the gradient written over them. Negated and zero losses (scale <= 0) included."""
+    monkeypatch.setitem(fused.CHUNK_ELEMENTS, "cpu", 8 * 50)  # several chunks of 8 rows
+    x = torch.randn(37, 16, generator=gen, dtype=torch.float64)
+    w = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    b = torch.randn(50, generator=gen, dtype=torch.float64)
+    target = torch.randint(2, 50, (37,), generator=gen)
+    target[[3, 20, 36]] = 1  # padding rows
+    if dtype == torch.bfloat16:
+        x, w, b = x.float(), w.float(), b.float()
+    results = {}
+    for reuse in (True, False):
+        monkeypatch.setattr(fused, "REUSE_LSE", reuse)
+        results[reuse] = output_layer_loss(x, w, b, target, dtype, coefficients)
+    (loss, grads, ops), (loss0, grads0, ops0) = results[True], results[False]
+    assert not {"_softmax", "_log_softmax"} & ops
+    assert {"_softmax", "_log_softmax"} <= ops0
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(loss, loss0, rtol=tol, atol=tol)
+    for g, g0 in zip(grads, grads0):
+        scale = float(g0.abs().max().clamp_min(1e-6))
+        assert float((g - g0).abs().max()) <= (1e-12 if dtype == torch.float64 else 2 ** -7) * scale
+    if coefficients == (0.0, 0.0):
+        assert all(not g.any() for g in grads)
