@@ -24,6 +24,7 @@ the RNN runs over the whole target in one call and attention is batched over all
 otherwise the decoder loops over steps.
 """
 
+import contextlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -35,6 +36,7 @@ from fairseq.models import FairseqIncrementalDecoder
 from .attention import AdditiveScorer, Attention, fp32_context
 from .dropout import Dropout
 from .encoder import RNN_TYPES
+from . import stepgrad
 from .packed import Linear, linear
 from .precision import (cast_for_products, cpu_autocast, over_positions, padded_rows_linear,
                         runs_cpu_bf16)
@@ -166,6 +168,7 @@ class StackedCell:
             # autocast re-casts (and keeps for backward) a non-parameter weight at every step
             w_x = w_x.to(torch.get_autocast_dtype(emb.device.type))
         self.w_x = w_x.contiguous()
+        stepgrad.add(self.w_x)  # within a step loop: W_x's gradient once per batch
         bias = self.b_ih[0] + self.b_hh[0] if self.lstm else self.b_ih[0]
         return padded_rows_linear(emb, self.w_ih[0][:, :self.embed_dim], bias)
 
@@ -182,7 +185,7 @@ class StackedCell:
             if k > 0:
                 igates = linear(self.dropout(new_h[-1]), self.w_ih[k], self.b_ih[k])
             elif pre is not None:  # W_e E y + biases came with pre: add W_x x
-                igates = torch.addmm(pre, x, self.w_x.t())
+                igates = stepgrad.addmm(pre, x, self.w_x)
             else:
                 igates = linear(x, self.w_ih[0], self.b_ih[0])
             # the recurrent bias: folded into pre for an LSTM; a GRU keeps it inside r * (...)
@@ -397,11 +400,10 @@ class RNNDecoder(FairseqIncrementalDecoder):
         """
         cell = StackedCell(self.rnn, emb.size(-1), self.dropout_out)
         steps = emb.unbind(0)  # T x (B x E)
-        if len(steps) > 1:
-            # unbind once: indexing pre[t] would make backward fill a T x B x G zero tensor per step
-            pre: List[Optional[Tensor]] = list(cell.embedding_part(emb).unbind(0))  # T x (B x G)
-        else:  # one step (incremental decoding): one input product over [E y; x] is cheaper
-            pre = [None]
+        # more steps: pre = the embedding part for all steps (made within the loop below), unbound
+        # once (indexing pre[t] would make backward fill a T x B x G zero tensor per step); one
+        # step (incremental decoding): one input product over [E y; x] is cheaper
+        pre: List[Optional[Tensor]] = [None]
         hs = list(state["h"].unbind(0))
         cs = list(state["c"].unbind(0)) if state["c"] is not None else None
         feed = state.get("feed")
@@ -410,15 +412,22 @@ class RNNDecoder(FairseqIncrementalDecoder):
         cov, step = state.get("cov"), state["step"]  # B x S, B
         outs, contexts, attns = [], [], []
         # compiled in training only: a single incremental step gains nothing from it on CPU
-        step_fn = self._compiled_step() if self.compile_step and self.training else self._step
-        for t in range(emb.size(0)):
-            hs, cs, feed, cov, out, context, attn = step_fn(
-                cell, steps[t], pre[t], hs, cs, feed, cov, step + t if t else step, keys, values,
-                padding_mask)
-            outs.append(out)
-            if context is not None:
-                contexts.append(context)
-            attns.append(attn)
+        compiled = self.compile_step and self.training
+        step_fn = self._compiled_step() if compiled else self._step
+        # CPU training: the per-step weights' gradients once per batch (stepgrad.py)
+        loop = stepgrad.step_loop(self.step_weights(), emb) if len(steps) > 1 and not compiled \
+            else contextlib.nullcontext()
+        with loop:
+            if len(steps) > 1:
+                pre = list(cell.embedding_part(emb).unbind(0))  # T x (B x G)
+            for t in range(emb.size(0)):
+                hs, cs, feed, cov, out, context, attn = step_fn(
+                    cell, steps[t], pre[t], hs, cs, feed, cov, step + t if t else step, keys,
+                    values, padding_mask)
+                outs.append(out)
+                if context is not None:
+                    contexts.append(context)
+                attns.append(attn)
         if self.placement == "before":  # t_i = R(W_o [s; c_i; E y_{i-1}]) for all i at once
             h = self.dropout_out(stack(outs, dim=1))  # B x T x H
             parts = [h, stack(contexts, dim=1), emb.transpose(0, 1)]

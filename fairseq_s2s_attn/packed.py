@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import stepgrad
+
 logger = logging.getLogger(__name__)
 
 # Smaller weights stay unpacked: the packed product costs about 15 us however small it is, and
@@ -137,7 +139,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """F.linear(x, weight, bias), through the weight's packed copy where it gives the same bits.
 
     x: ... x K (bf16, or any float dtype under CPU bf16 autocast, which casts x and the bias to
-    bf16 for the plain product as here), weight N x K, bias N -> ... x N."""
+    bf16 for the plain product as here), weight N x K, bias N -> ... x N. Within a training step
+    loop the weight's gradient is made once per batch instead (``stepgrad.py``)."""
+    loop_weight = stepgrad.deferred(weight)
+    if loop_weight is not None:
+        return loop_weight(x, bias)
     entry = _PACKED.get(id(weight)) if _PACKED else None
     if entry is None or torch.is_grad_enabled() or not x.is_contiguous() or not entry.fits(weight):
         return F.linear(x, weight, bias)

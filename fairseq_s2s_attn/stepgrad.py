@@ -1,0 +1,189 @@
+"""Weight gradients of a decoder's step loop, one matrix product per weight and batch (CPU
+training).
+
+A decoder that loops over the target steps (Bahdanau, Luong with input feeding, coverage) runs
+the same products at every step i: y_i = x_i W^T (+ b), x_i: B x K for the batch's B sentences
+(the recurrent matrix W_h, the context's part W_x of the first layer's input, the attention's
+query projection, Luong's readout W_c). Autograd makes W's gradient at every step,
+dW += g_i^T x_i, a product whose inner dimension is B, and adds it to the sum so far: T small
+products and T sums of an N x K matrix per weight. Under ``--cpu-bf16`` autocast those sums run
+in bf16 (autograd sums the gradients of autocast's bf16 copy of W), T roundings.
+
+Here the loop's products keep x_i and, in backward, g_i (``StepProduct``); W's gradient is made
+after the last of them, by the node that gave the loop its copy of W (``LoopWeight``):
+dW = G^T X with the steps' rows stacked (G: T B x N, X: T B x K), one product with T B for its
+inner dimension, accumulated inside the product and rounded once; db = the column sums of G.
+The products' outputs and the inputs' gradients g_i W are those of the plain path, bit for bit
+(the same kernels on the same values): only the weights' and biases' gradients change, to
+rounding. Measured on the demo's batches by ``scripts/train_ab.py --levers stepgrad``.
+
+``step_loop(weights, like)`` opens a loop: within it ``linear`` (``packed.linear``, every
+``packed.Linear``) and ``addmm`` below route the 2-D products of those weights here. On for
+training on a CPU (autograd recording), fp32 or ``--cpu-bf16``; elsewhere (GPUs, decoding,
+validation) nothing changes.
+"""
+
+import contextlib
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# tests and scripts/train_ab.py set it to False for the plain path (autograd's per-step sums)
+DEFER = True
+
+# id(weight) -> its LoopWeight while a step loop is open (see step_loop), else None
+_LOOP: Optional[Dict[int, "LoopWeight"]] = None
+
+
+def enabled(like: Tensor) -> bool:
+    """Whether a step loop over tensors like ``like`` defers its weight gradients: training on a
+    CPU (autograd recording). CUDA keeps autograd's per-step sums (not measured there)."""
+    return DEFER and like.device.type == "cpu" and torch.is_grad_enabled()
+
+
+@contextlib.contextmanager
+def step_loop(weights: Iterable[Tensor], like: Tensor):
+    """Defers the gradients of ``weights`` (those requiring one) over the products made within;
+    a no-op where ``enabled(like)`` is false. Not re-entrant: an inner loop changes nothing."""
+    global _LOOP
+    if not enabled(like) or _LOOP is not None:
+        yield
+        return
+    _LOOP = {}
+    try:
+        for w in weights:
+            add(w)
+        yield
+    finally:
+        _LOOP = None
+
+
+def add(weight: Tensor) -> None:
+    """Adds a weight to the open loop (one made within it, e.g. a slice of a parameter); a
+    no-op without an open loop or for a weight that needs no gradient."""
+    if _LOOP is not None and weight.requires_grad:
+        _LOOP.setdefault(id(weight), LoopWeight(weight))
+
+
+def deferred(weight: Tensor) -> Optional["LoopWeight"]:
+    """The open loop's LoopWeight of ``weight``, or None."""
+    return _LOOP.get(id(weight)) if _LOOP else None
+
+
+def addmm(add_to: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """add_to + x W^T (B x N, B x K, N x K), the weight's gradient deferred within a loop."""
+    loop_weight = deferred(weight)
+    if loop_weight is not None:
+        return loop_weight(x, None, add_to)
+    return torch.addmm(add_to, x, weight.t())
+
+
+class LoopWeight:
+    """One weight (and the bias used with it) of an open step loop: ``__call__`` runs a step's
+    product, the gradient comes from ``_Gradients`` once per loop. Its bf16 copy (under
+    --cpu-bf16) is made at the first product, as autocast's cache makes it."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+        self.bias: Optional[Tensor] = None
+        self.copies: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # W, b in the products' dtype
+        self.dtype = weight.dtype
+        self.inputs: List[Tensor] = []  # per step: x_i (B x K), in the products' dtype
+        self.grads: List[Optional[Tensor]] = []  # per step: g_i (B x N), set in backward
+
+    def __call__(self, x: Tensor, bias: Optional[Tensor] = None, add_to: Optional[Tensor] = None):
+        """add_to + x W^T + b for one step (x: B x K); falls back to the plain product for
+        another bias than the first call's, or for an input that is not a matrix."""
+        if self.copies is None:
+            self.bias = bias
+            if torch.is_autocast_enabled(x.device.type):
+                self.dtype = torch.get_autocast_dtype(x.device.type)
+            self.copies = LoopWeightNode.apply(self.weight, bias, self.dtype, self)
+        if bias is not self.bias or x.dim() != 2 or (bias is not None and add_to is not None):
+            out = torch.nn.functional.linear(x, self.weight, bias)
+            return out if add_to is None else add_to + out
+        w, b = self.copies
+        return StepProduct.apply(x, w, b, add_to, self)
+
+
+class LoopWeightNode(torch.autograd.Function):
+    """The loop's copy of W (and b) in the products' dtype; its backward, which autograd runs
+    after every step's (they all use the copy), makes dW = G^T X and db = sum G over the steps'
+    stacked rows. The steps give it no gradient of their own (None)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype, loop: LoopWeight):
+        ctx.set_materialize_grads(False)
+        ctx.loop = loop
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        w = weight.to(dtype) if weight.dtype != dtype else weight.view_as(weight)
+        if bias is None:
+            return w, None
+        return w, (bias.to(dtype) if bias.dtype != dtype else bias.view_as(bias))
+
+    @staticmethod
+    def backward(ctx, g_w: Optional[Tensor], g_b: Optional[Tensor]):
+        loop: LoopWeight = ctx.loop
+        steps = [(x, g) for x, g in zip(loop.inputs, loop.grads) if g is not None]
+        loop.grads = [None] * len(loop.grads)  # free them; a retained graph's next backward refills
+        grad_w = grad_b = None
+        if steps:
+            x = _stacked([x for x, _ in steps])  # T B x K
+            g = _stacked([g for _, g in steps])  # T B x N
+            if ctx.needs_input_grad[0]:
+                grad_w = g.t().mm(x).to(ctx.dtypes[0])  # N x K
+            if ctx.needs_input_grad[1]:
+                grad_b = g.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(ctx.dtypes[1])
+        if g_w is not None:  # the copy was used outside the steps' products as well
+            grad_w = g_w.to(ctx.dtypes[0]) if grad_w is None else grad_w + g_w
+        if g_b is not None:
+            grad_b = g_b.to(ctx.dtypes[1]) if grad_b is None else grad_b + g_b
+        return grad_w, grad_b, None, None
+
+
+def _stacked(rows: List[Tensor]) -> Tensor:
+    """The steps' rows stacked (T B x D); in bf16, with zero rows appended up to a bucket of
+    rows (``precision.padded_rows``): T B is a new number at nearly every batch, and oneDNN
+    compiles its bf16 product for every new shape. Zero rows add nothing to G^T X or to sum G."""
+    from . import precision  # precision imports packed, which imports this module
+
+    n = sum(r.size(0) for r in rows)
+    size = precision.padded_rows(n) if precision.PAD_ROWS and rows[0].dtype == torch.bfloat16 else n
+    out = rows[0].new_empty(size, rows[0].size(1))
+    torch.cat(rows, out=out[:n])
+    out[n:].zero_()
+    return out
+
+
+class StepProduct(torch.autograd.Function):
+    """add_to + x W^T + b for one step (x: B x K in any float dtype, W, b: the loop's copies);
+    backward returns the gradients of x and add_to and keeps g for W's (LoopWeightNode)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Optional[Tensor], add_to: Optional[Tensor],
+                loop: LoopWeight):
+        ctx.set_materialize_grads(False)
+        x_c = x.to(w.dtype)  # autocast's cast of the input (none in fp32)
+        if add_to is not None:
+            out = torch.addmm(add_to.to(w.dtype), x_c, w.t())  # B x N
+        elif b is not None:
+            out = torch.addmm(b, x_c, w.t())
+        else:
+            out = torch.mm(x_c, w.t())
+        ctx.save_for_backward(w)
+        ctx.loop, ctx.index = loop, len(loop.inputs)
+        ctx.dtypes = (x.dtype, None if add_to is None else add_to.dtype)
+        loop.inputs.append(x_c)
+        loop.grads.append(None)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Optional[Tensor]):
+        if g is None:
+            return None, None, None, None, None
+        (w,) = ctx.saved_tensors
+        ctx.loop.grads[ctx.index] = g
+        grad_x = g.mm(w).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None  # B x K
+        grad_add = g.to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_add, None

@@ -1,0 +1,184 @@
+"""The step loop's weight gradients made once per batch (fairseq_s2s_attn/stepgrad.py) against
+autograd's per-step products and sums (the plain path, DEFER off)."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import build_model, random_tokens
+from fairseq_s2s_attn import stepgrad
+
+VARIANTS = {
+    "bahdanau-lstm": ("rnn_bahdanau_tiny", dict(rnn_type="lstm")),
+    "bahdanau-gru-coverage-2-layers": ("rnn_bahdanau_tiny", dict(
+        rnn_type="gru", coverage=True, decoder_layers=2)),
+    "luong-feed-lstm": ("rnn_luong_tiny", dict(rnn_type="lstm", input_feeding=True)),
+    "luong-local-p-feed-2-layers": ("rnn_luong_tiny", dict(
+        attention_mode="local-p", local_window=2, input_feeding=True, decoder_layers=2)),
+}
+
+
+def batch(model, gen, tgt_lengths=(6, 3, 5, 2)):
+    d = model.decoder.dictionary
+    src = random_tokens(d, [7, 4, 6, 2], left_pad=True, generator=gen)
+    prev = random_tokens(d, tgt_lengths, left_pad=False, generator=gen)
+    prev = torch.roll(prev, 1, 1)
+    prev[:, 0] = d.eos()
+    return src, src.ne(d.pad()).sum(1), prev
+
+
+def train_step(model, src, lengths, prev):
+    """Logits and every parameter's gradient of one training forward + backward."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(src, lengths, prev)
+    logits.float().log_softmax(-1)[..., 4:9].sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
+
+
+def deferred_names(model):
+    """The parameters whose gradients the loop makes (its weights and the biases used with
+    them); every other gradient must not change at all."""
+    step = {id(w) for w in model.decoder.step_weights()}
+    names = {n for n, p in model.named_parameters() if id(p) in step}
+    return names | {n for n, _ in model.decoder.rnn.named_parameters(prefix="decoder.rnn")}
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp32", "cpu-bf16"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_deferred_weight_gradients_equal_the_per_step_ones(name, precision, gen, monkeypatch):
+    """Logits and all other gradients bit for bit; the loop's weights' and biases' gradients to
+    the rounding of their sums (fp64 1e-12, fp32 1e-5, bf16 products 2^-6 of the largest)."""
+    arch, overrides = VARIANTS[name]
+    model = build_model(arch, seed=3, init_range=0.3, dtype=torch.float64 if precision == "fp64"
+                        else torch.float32, cpu_bf16=precision == "cpu-bf16", **overrides)
+    inputs = batch(model, gen)
+    results = {}
+    for defer in (True, False):
+        monkeypatch.setattr(stepgrad, "DEFER", defer)
+        results[defer] = train_step(model, *inputs)
+    (logits, grads), (logits0, grads0) = results[True], results[False]
+    assert torch.equal(logits, logits0)
+    assert sorted(grads) == sorted(grads0)
+    loop = deferred_names(model)
+    tol = {"fp64": 1e-12, "fp32": 1e-5, "cpu-bf16": 2 ** -6}[precision]
+    changed = set()
+    for n in grads:
+        if not torch.equal(grads[n], grads0[n]):
+            changed.add(n)
+            assert n in loop, n
+            scale = float(grads0[n].abs().max())
+            assert float((grads[n] - grads0[n]).abs().max()) <= tol * scale, n
+    if precision == "cpu-bf16":  # one rounding instead of bf16 sums over the steps
+        assert "decoder.rnn.weight_hh_l0" in changed
+
+
+class WeightShapedProducts(TorchDispatchMode):
+    """Counts the matrix products whose output has one of the given shapes."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.count = shapes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("mm", "addmm") and tuple(out.shape) in self.shapes:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("defer", [True, False], ids=["deferred", "plain"])
+@pytest.mark.parametrize("cpu_bf16", [False, True], ids=["fp32", "cpu-bf16"])
+def test_weight_gradient_products_do_not_grow_with_the_target_length(defer, cpu_bf16, gen,
+                                                                     monkeypatch):
+    """One gradient product per loop weight and batch: as many for 9 target steps as for 5.
+    Autograd's path makes one per weight and step (plus the output layer's, the keys')."""
+    monkeypatch.setattr(stepgrad, "DEFER", defer)
+    model = build_model("rnn_bahdanau_tiny", seed=3, cpu_bf16=cpu_bf16)
+    shapes = {tuple(w.shape) for w in model.decoder.step_weights()}  # not v's (in the score)
+    counts = []
+    for t in (5, 9):
+        inputs = batch(model, gen, tgt_lengths=(t, 3, t - 1, 2))
+        with WeightShapedProducts(shapes) as mode:
+            train_step(model, *inputs)
+        counts.append(mode.count)
+    if defer:
+        assert counts[0] == counts[1]
+    else:
+        assert counts[1] >= counts[0] + 4 * 2  # 4 more steps, 2 or more weights per step
+
+
+def test_step_loop_opens_only_for_training_on_a_cpu(monkeypatch):
+    """No loop without autograd recording (decoding, validation), off a CPU, with DEFER off, or
+    inside an open one (one loop at a time); weights needing no gradient are not taken."""
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    with stepgrad.step_loop([w], w):
+        assert stepgrad.deferred(w) is not None
+        with stepgrad.step_loop([w], w):  # nested: the outer loop stays
+            assert stepgrad.deferred(w) is not None
+        frozen = torch.randn(3, 2)
+        stepgrad.add(frozen)
+        assert stepgrad.deferred(frozen) is None
+    assert stepgrad.deferred(w) is None
+    with torch.no_grad(), stepgrad.step_loop([w], w):
+        assert stepgrad.deferred(w) is None
+    with stepgrad.step_loop([w], torch.empty(1, device="meta")):
+        assert stepgrad.deferred(w) is None
+    monkeypatch.setattr(stepgrad, "DEFER", False)
+    with stepgrad.step_loop([w], w):
+        assert stepgrad.deferred(w) is None
+
+
+def test_loop_products_and_gradients_against_autograd():
+    """The module's products directly: y_i = x_i W^T + b and add + x_i W^T, a step whose output
+    gets no gradient, the loop's copy of W used outside a product, W itself outside the loop:
+    every gradient equals autograd's (fp64)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    add = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def run(defer):
+        for t in [w, b, add] + xs:
+            t.grad = None
+        with stepgrad.step_loop([w], w) if defer else contextlib.nullcontext():
+            if defer:
+                loop_w = stepgrad.deferred(w)
+                ys = [loop_w(xs[0], b), stepgrad.addmm(add, xs[1], w)]
+                loop_w(xs[2], b)  # a step whose output gets no gradient
+                ys.append(loop_w.copies[0] * 2)  # the loop's copy of W used outside a product
+            else:
+                ys = [F.linear(xs[0], w, b), torch.addmm(add, xs[1], w.t())]
+                F.linear(xs[2], w, b)
+                ys.append(w * 2)
+        loss = sum((y * y).sum() for y in ys) + (w * w).sum()
+        loss.backward()
+        return [t.grad.clone() if t.grad is not None else None for t in [w, b, add] + xs]
+
+    got, want = run(True), run(False)
+    for g, g0 in zip(got, want):
+        if g0 is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-12)
+
+
+def test_a_retained_graph_gives_the_same_weight_gradients_again(gen):
+    """backward twice through a retained graph: the second adds the same gradients again."""
+    model = build_model("rnn_luong_tiny", seed=3, dtype=torch.float64, input_feeding=True)
+    src, lengths, prev = batch(model, gen)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(src, lengths, prev)
+    loss = logits.log_softmax(-1)[..., 4:9].sum()
+    loss.backward(retain_graph=True)
+    once = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss.backward()
+    for n, p in model.named_parameters():
+        if n in once:
+            torch.testing.assert_close(p.grad, 2 * once[n], rtol=1e-12, atol=1e-12, msg=n)
