@@ -22,6 +22,11 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
             (fairseq_s2s_attn/precision.py) with fairseq-train's oneDNN cache of compiled kernels
             (runtime.TRAINING_PRIMITIVE_CACHE), against each batch's own rows with the cache of
             16 that fairseq-train had before
+  loss      the fused criterion's backward from the forward's log-sum-exp (one exp pass per
+            chunk of rows, fairseq_s2s_attn/criterion.py) against torch's log_softmax and
+            softmax row kernels
+  stepgrad  the step loop's weight gradients in one product per weight and batch
+            (fairseq_s2s_attn/stepgrad.py) against autograd's per-step products and sums
 
 The rows lever gains across batches (a kernel compiled for one batch serves later ones), so
 switching it per batch would measure nothing: it runs side by side instead, two processes at
@@ -45,7 +50,7 @@ def levers():
     """name -> (switch on, switch off): module state the fast path reads at every call."""
     from fairseq.modules import FairseqDropout
 
-    from fairseq_s2s_attn import attention, dropout, optim, precision
+    from fairseq_s2s_attn import attention, criterion, dropout, optim, precision, stepgrad
 
     fast_dropout, fused = dropout.Dropout.forward, optim.FUSED_ADAMW
 
@@ -58,10 +63,12 @@ def levers():
         "adam": (setter(optim, "FUSED_ADAMW", fused), setter(optim, "FUSED_ADAMW", None)),
         "context": (setter(attention, "FP32_CONTEXT", True), setter(attention, "FP32_CONTEXT", False)),
         "rows": (setter(precision, "PAD_ROWS", True), setter(precision, "PAD_ROWS", False)),
+        "loss": (setter(criterion, "REUSE_LSE", True), setter(criterion, "REUSE_LSE", False)),
+        "stepgrad": (setter(stepgrad, "DEFER", True), setter(stepgrad, "DEFER", False)),
     }
 
 
-LEVERS = ("dropout", "adam", "context", "rows")
+LEVERS = ("dropout", "adam", "context", "rows", "loss", "stepgrad")
 SIDE_BY_SIDE = ("rows",)
 OLD_TRAINING_PRIMITIVE_CACHE = 16  # fairseq-train's cap before the rows lever
 

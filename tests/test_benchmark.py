@@ -387,24 +387,25 @@ def test_train_ab_levers_switch_the_fast_paths():
     spec.loader.exec_module(train_ab)
     from fairseq.modules import FairseqDropout
 
-    from fairseq_s2s_attn import attention, dropout, optim, precision
+    from fairseq_s2s_attn import attention, criterion, dropout, optim, precision, stepgrad
 
-    state = (dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT, precision.PAD_ROWS)
+    names = [(dropout.Dropout, "forward"), (optim, "FUSED_ADAMW"), (attention, "FP32_CONTEXT"),
+             (precision, "PAD_ROWS"), (criterion, "REUSE_LSE"), (stepgrad, "DEFER")]
+    state = [getattr(obj, name) for obj, name in names]
     switches = train_ab.levers()
     assert set(switches) == set(train_ab.LEVERS)
     try:
         for _, off in switches.values():
             off()
         assert dropout.Dropout.forward is FairseqDropout.forward
-        assert optim.FUSED_ADAMW is None and attention.FP32_CONTEXT is False
-        assert precision.PAD_ROWS is False
+        assert optim.FUSED_ADAMW is None
+        assert [getattr(obj, name) for obj, name in names[2:]] == [False] * 4
         for on, _ in switches.values():
             on()
-        assert (dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT,
-                precision.PAD_ROWS) == state
+        assert [getattr(obj, name) for obj, name in names] == state
     finally:
-        (dropout.Dropout.forward, optim.FUSED_ADAMW, attention.FP32_CONTEXT,
-         precision.PAD_ROWS) = state
+        for (obj, name), value in zip(names, state):
+            setattr(obj, name, value)
 
 
 def test_beam_ab_needs_the_lstm_baseline(small_data_bin):
