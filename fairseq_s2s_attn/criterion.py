@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -49,7 +50,6 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 
-from .packed import bias_fused_linear
 from .precision import pad_rows, pads_rows
 
 # elements per chunk of rows: about 1 MB of fp32 on a CPU (stays in its L2 cache across the
@@ -81,7 +81,7 @@ class OutputLayerLoss(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             x = features.to(dtype)  # N x C
             w = weight.to(dtype)  # V x C
-            logits = bias_fused_linear(x, w, None if bias is None else bias.to(dtype))  # N x V
+            logits = F.linear(x, w, None if bias is None else bias.to(dtype))  # N x V
             acc = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 models
             keep = target.ne(padding_idx)  # N
             zero = logits.new_zeros((), dtype=acc)

@@ -156,21 +156,6 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return PACKED_LINEAR(x, entry.packed, bias, "none", [], "")  # ... x K -> ... x N, as F.linear
 
 
-def bias_fused_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """F.linear(x, weight, bias) (x: N x K, weight: N' x K, bias: N'), for bf16 tensors on a CPU
-    through oneDNN's linear with the bias added inside the product (the same bits: oneDNN's
-    kernel on the same values; checked in the tests); F.linear elsewhere. No autograd.
-
-    torch's bf16 addmm on a CPU first copies the bias into every row of the output, then adds
-    the product onto it: for the demo's output layer (2,048 x 256 by 5,992 x 256) 10.8 ms, of
-    which 6.7 ms the copy, against 7.5 ms here (one core of an Intel Xeon with AMX)."""
-    if (bias is None or PACKED_LINEAR is None or x.device.type != "cpu" or x.dim() != 2
-            or not (x.dtype == weight.dtype == bias.dtype == torch.bfloat16)
-            or not torch.backends.mkldnn.is_available()):
-        return F.linear(x, weight, bias)
-    return PACKED_LINEAR(x.contiguous(), weight.contiguous(), bias, "none", [], "")
-
-
 class Linear(nn.Linear):
     """nn.Linear whose product goes through ``linear``: its packed weight once decoding on CPU
     in bf16 has packed it, F.linear otherwise. The same parameters and state-dict keys."""

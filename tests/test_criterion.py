@@ -390,23 +390,3 @@ def test_backward_reuses_the_forward_log_sum_exp(dtype, coefficients, gen, monke
         assert float((g - g0).abs().max()) <= (1e-12 if dtype == torch.float64 else 2 ** -7) * scale
     if coefficients == (0.0, 0.0):
         assert all(not g.any() for g in grads)
-
-
-def test_bf16_logits_come_from_one_product_with_the_bias_inside(gen):
-    """Under --cpu-bf16 the logits z = x W^T + b are one oneDNN linear with the bias added
-    inside the product, not torch's addmm (which first copies the bias into all N x V outputs);
-    the same values as F.linear's, bit for bit, for the shapes the loss meets."""
-    from fairseq_s2s_attn import packed
-
-    x = torch.randn(64, 16, generator=gen)
-    w = torch.randn(50, 16, generator=gen)
-    b = torch.randn(50, generator=gen)
-    target = torch.randint(2, 50, (37,), generator=gen)
-    _, _, ops = output_layer_loss(x[:37], w, b, target, torch.bfloat16, (1.0, 0.0))
-    assert "addmm" not in ops and "_linear_pointwise" in ops
-    for rows in (1, 5, 37, 64):
-        xb, wb, bb = (t.bfloat16() for t in (x[:rows], w, b))
-        assert torch.equal(packed.bias_fused_linear(xb, wb, bb), F.linear(xb, wb, bb))
-    # fp32, or no bias: F.linear itself
-    _, _, ops = output_layer_loss(x[:37], w, b, target, torch.float32, (1.0, 0.0))
-    assert "_linear_pointwise" not in ops
