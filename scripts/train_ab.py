@@ -27,6 +27,8 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
             softmax row kernels
   stepgrad  the step loop's weight gradients in one product per weight and batch
             (fairseq_s2s_attn/stepgrad.py) against autograd's per-step products and sums
+  score     the additive score's backward from sigmoid(2 (q + k)) (attention.AdditiveScore)
+            against the tanh remade in full
 
 The rows lever gains across batches (a kernel compiled for one batch serves later ones), so
 switching it per batch would measure nothing: it runs side by side instead, two processes at
@@ -65,10 +67,12 @@ def levers():
         "rows": (setter(precision, "PAD_ROWS", True), setter(precision, "PAD_ROWS", False)),
         "loss": (setter(criterion, "REUSE_LSE", True), setter(criterion, "REUSE_LSE", False)),
         "stepgrad": (setter(stepgrad, "DEFER", True), setter(stepgrad, "DEFER", False)),
+        "score": (setter(attention, "SIGMOID_BACKWARD", True),
+                  setter(attention, "SIGMOID_BACKWARD", False)),
     }
 
 
-LEVERS = ("dropout", "adam", "context", "rows", "loss", "stepgrad")
+LEVERS = ("dropout", "adam", "context", "rows", "loss", "stepgrad", "score")
 SIDE_BY_SIDE = ("rows",)
 OLD_TRAINING_PRIMITIVE_CACHE = 16  # fairseq-train's cap before the rows lever
 

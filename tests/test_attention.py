@@ -336,6 +336,51 @@ def test_additive_score_gradients(batched, coverage):
             torch.testing.assert_close(a, b)
 
 
+class OpNames(TorchDispatchMode):
+    """The names of the aten ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sigmoid", [True, False], ids=["sigmoid", "tanh"])
+@pytest.mark.parametrize("coverage", [False, True], ids=["plain", "coverage"])
+@pytest.mark.parametrize("batched", [False, True], ids=["one_step", "all_steps"])
+def test_additive_score_fp32_backward_from_the_sigmoid(batched, coverage, sigmoid, monkeypatch):
+    """fp32 on CPU: backward from s = sigmoid(2 (q + k)) as the forward makes it (tanh = 2 s - 1,
+    tanh' = 4 s (1 - s)), no tanh and no tanh_backward; every gradient equals fp64 autograd's
+    through v^T tanh(q + k [+ cov w_c]) to fp32 rounding, saturated values included, as the
+    tanh path (SIGMOID_BACKWARD off) does."""
+    from fairseq_s2s_attn import attention
+
+    monkeypatch.setattr(attention, "SIGMOID_BACKWARD", sigmoid)
+    g = torch.Generator().manual_seed(5)
+    shape_q, shape_k = ((B, T, 1, A), (B, 1, S, A)) if batched else ((B, 1, A), (B, S, A))
+    inputs = [torch.randn(shape_q, generator=g, dtype=torch.float64) * 3,
+              torch.randn(shape_k, generator=g, dtype=torch.float64) * 3,
+              torch.randn(A, generator=g, dtype=torch.float64)]
+    if coverage:
+        inputs += [torch.rand(shape_q[:-2] + (S, 1), generator=g, dtype=torch.float64),
+                   torch.randn(A, generator=g, dtype=torch.float64)]
+    grad = torch.randn(shape_q[:-2] + (S,), generator=g, dtype=torch.float64)
+    ref = [t.clone().requires_grad_() for t in inputs]
+    keys = ref[1] + ref[3] * ref[4] if coverage else ref[1]
+    want = torch.autograd.grad(torch.tanh(ref[0] + keys) @ ref[2], ref, grad)
+    ours = [t.float().requires_grad_() for t in inputs]
+    out = attention.AdditiveScore.apply(*ours)
+    with OpNames() as ops:
+        got = torch.autograd.grad(out, ours, grad.float())
+    assert ("tanh_backward" in ops.names) != sigmoid and "tanh" not in ops.names
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
 @pytest.mark.parametrize("coverage", [False, True], ids=["plain", "coverage"])
 def test_additive_attention_keeps_no_per_step_tanh_for_backward(coverage):
     """Per decoder step, backward keeps nothing of size B x S x A except the keys themselves

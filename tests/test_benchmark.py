@@ -390,7 +390,8 @@ def test_train_ab_levers_switch_the_fast_paths():
     from fairseq_s2s_attn import attention, criterion, dropout, optim, precision, stepgrad
 
     names = [(dropout.Dropout, "forward"), (optim, "FUSED_ADAMW"), (attention, "FP32_CONTEXT"),
-             (precision, "PAD_ROWS"), (criterion, "REUSE_LSE"), (stepgrad, "DEFER")]
+             (precision, "PAD_ROWS"), (criterion, "REUSE_LSE"), (stepgrad, "DEFER"),
+             (attention, "SIGMOID_BACKWARD")]
     state = [getattr(obj, name) for obj, name in names]
     switches = train_ab.levers()
     assert set(switches) == set(train_ab.LEVERS)
@@ -399,7 +400,7 @@ def test_train_ab_levers_switch_the_fast_paths():
             off()
         assert dropout.Dropout.forward is FairseqDropout.forward
         assert optim.FUSED_ADAMW is None
-        assert [getattr(obj, name) for obj, name in names[2:]] == [False] * 4
+        assert [getattr(obj, name) for obj, name in names[2:]] == [False] * 5
         for on, _ in switches.values():
             on()
         assert [getattr(obj, name) for obj, name in names] == state
