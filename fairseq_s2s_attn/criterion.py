@@ -15,14 +15,17 @@ and Luong et al. 2015 both train with this loss):
 - forward: logits z = x W^T + b in the products' dtype (bf16 under ``--cpu-bf16``, as autocast
   makes them); then, a few rows at a time (cache-sized chunks) in fp32, each row's log-sum-exp
   lse and sum_j z_j give -log p(target) = lse - z_t and (with label smoothing)
-  -sum_j log p_j = V lse - sum_j z_j. z and lse (N values) are kept for backward.
-- backward: dL/dz = g_nll (p - onehot) + g_smooth (V p - 1), with p = exp(z - lse) in fp32 (one
-  pass, not a softmax's three), written over z itself chunk by chunk (one rounding), padding rows
-  zeroed, then the output layer's products. One N x V tensor in all instead of four. On CUDA the
-  backward reads the two loss gradients and the padding rows to the host once per update (not
-  per step). (``REUSE_LSE`` off: torch's log_softmax and softmax row kernels per chunk instead,
-  the path this replaced; per --cpu-bf16 update 1.05x faster with lse, ``scripts/train_ab.py
-  --levers loss``.)
+  -sum_j log p_j = V lse - sum_j z_j;
+- and the gradient: dL/dz = c_nll (p - onehot) + c_smooth (V p - 1) (the loss's two
+  coefficients, for an upstream gradient of 1, fairseq-train's ``loss.backward()``), made in the
+  same pass from each row's log-sum-exp while the chunk is in the cache and written over z
+  itself (one rounding), padding rows zeroed. Backward is then the output layer's products alone,
+  scaled by the upstream gradient. One N x V tensor in all instead of four, read by the loss
+  once. On CUDA the forward reads the padding rows to the host once per update (not per step).
+  (``FORWARD_GRADIENT`` off, and for fp16 logits, where fairseq's loss scale, the upstream
+  gradient, keeps the gradient's small values out of fp16's subnormal range: torch's
+  log_softmax row kernel forward, the gradient from its softmax in backward, the path this
+  replaced; ``scripts/train_ab.py --levers loss`` measures the two.)
 
 In ``--cpu-bf16`` training the N rows (features and targets) are first padded to a bucket of
 rows (``precision.padded_rows``; padding targets, so the extra rows add nothing to the loss, the
@@ -34,7 +37,6 @@ eps_i = eps / (V - 1). Models other than ours (fairseq's ``lstm``, ``transformer
 ``reduce=False`` take the parent criterion's path unchanged.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -57,9 +59,10 @@ from .precision import pad_rows, pads_rows
 CHUNK_ELEMENTS = {"cpu": 1 << 18}
 GPU_CHUNK_ELEMENTS = 1 << 24
 
-# backward makes p from the forward's log-sum-exp in one pass (_log_sum_exp, _write_gradient);
-# tests and scripts/train_ab.py set it to False for torch's log_softmax / softmax row kernels
-REUSE_LSE = True
+# the forward writes the loss's gradient over the logits while each chunk of rows is in the
+# cache (_loss_and_gradient); tests and scripts/train_ab.py set it to False for torch's
+# log_softmax (forward) and softmax (backward) row kernels, the path it replaced
+FORWARD_GRADIENT = True
 
 
 def _rows_per_chunk(logits: Tensor) -> int:
@@ -68,91 +71,135 @@ def _rows_per_chunk(logits: Tensor) -> int:
 
 
 class OutputLayerLoss(torch.autograd.Function):
-    """nll, smooth (fp32 scalars) and the number of correct argmax predictions from features
-    x (N x C), the output layer's weight W (V x C) and bias b (V or None) and targets (N).
+    """The loss c_nll nll + c_smooth smooth (an fp32 scalar), nll (for logging) and the number of
+    correct argmax predictions, from features x (N x C), the output layer's weight W (V x C) and
+    bias b (V or None) and targets (N): nll = -sum log p(target) and smooth = -sum_j log p_j,
+    summed over the rows whose target is not padding. Only the loss has a gradient.
 
     Per chunk of rows the fp32 work runs on a chunk that stays in the cache, never an N x V fp32
-    tensor (``_log_sum_exp`` forward, ``_write_gradient`` backward)."""
+    tensor. With FORWARD_GRADIENT the forward also writes the loss's gradient for an upstream
+    gradient of 1 (fairseq-train's ``loss.backward()``) over the chunk's logits
+    (``_loss_and_gradient``), and backward scales the output layer's products by the upstream
+    gradient: the N x V block is read once more by the loss instead of twice and written once
+    instead of twice. Without it, torch's log_softmax row kernel forward and the gradient from its
+    softmax in backward (``_log_softmax_rows``, ``_write_gradient``)."""
 
     @staticmethod
     def forward(ctx, features: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                padding_idx: int, dtype: torch.dtype, smooth: bool, accuracy: bool):
+                padding_idx: int, dtype: torch.dtype, c_nll: float, c_smooth: float,
+                accuracy: bool):
         device = features.device.type
+        smooth = c_smooth != 0
         with torch.autocast(device, enabled=False):
             x = features.to(dtype)  # N x C
             w = weight.to(dtype)  # V x C
             logits = F.linear(x, w, None if bias is None else bias.to(dtype))  # N x V
             acc = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 models
             keep = target.ne(padding_idx)  # N
-            zero = logits.new_zeros((), dtype=acc)
-            if REUSE_LSE:
-                lse, nll, smooth_rows = _log_sum_exp(logits, target, acc, smooth)  # N each
+            # not in fp16 (--fp16 on a GPU), where the upstream gradient is fairseq's loss scale,
+            # which lifts the gradient's small values out of fp16's subnormal range
+            ctx.gradient_written = FORWARD_GRADIENT and dtype != torch.float16
+            if ctx.gradient_written:
+                nll, smooth_rows, argmax = _loss_and_gradient(logits, target, acc, c_nll, c_smooth,
+                                                              accuracy)
+                logits.index_fill_(0, keep.logical_not().nonzero().squeeze(1), 0)  # padding rows
             else:  # torch's log_softmax row kernel, the log-probabilities of a chunk at a time
-                lse, nll, smooth_rows = None, *_log_softmax_rows(logits, target, acc, smooth)
+                nll, smooth_rows = _log_softmax_rows(logits, target, acc, smooth)
+                argmax = logits.argmax(1) if accuracy else None
+            zero = nll.new_zeros(())
             nll_sum = torch.where(keep, nll, zero).sum()
             # fairseq's smooth_loss: -sum_j log p_j over the row
-            smooth_sum = torch.where(keep, smooth_rows, zero).sum() if smooth else zero.clone()
-            correct = (logits.argmax(1).eq(target) & keep).sum() if accuracy else zero.long()
-        ctx.mark_non_differentiable(correct)
+            smooth_sum = torch.where(keep, smooth_rows, zero).sum() if smooth else zero
+            # as label_smoothed_nll_loss: (1 - eps - eps_i) nll + eps_i smooth
+            loss = c_nll * nll_sum + c_smooth * smooth_sum
+            correct = (argmax.eq(target) & keep).sum() if accuracy else zero.long()
+        ctx.mark_non_differentiable(nll_sum, correct)
+        ctx.coefficients = (c_nll, c_smooth)
         ctx.has_bias = bias is not None
         ctx.dtypes = (features.dtype, weight.dtype, None if bias is None else bias.dtype, acc)
-        ctx.save_for_backward(x, w, logits, target, keep, lse)
-        return nll_sum, smooth_sum, correct
+        ctx.save_for_backward(x, w, logits, target, keep)
+        return loss, nll_sum, correct
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_nll: Tensor, g_smooth: Tensor, _g_correct):
-        # saved_tensors checks that logits was not overwritten: a second backward through the
-        # same graph (retain_graph=True) raises instead of using the gradient written below
-        x, w, logits, target, keep, lse = ctx.saved_tensors
+    def backward(ctx, g_loss: Tensor, _g_nll, _g_correct):
+        # saved_tensors checks that the logits were not overwritten since: without
+        # FORWARD_GRADIENT a second backward through the same graph (retain_graph=True) raises
+        # instead of using the gradient written below; with it, it gives the same gradients
+        x, w, logits, target, keep = ctx.saved_tensors
         acc = ctx.dtypes[3]
-        # dL/dz = g_nll (p - onehot) + g_smooth (V p - 1) = scale p - g_smooth - g_nll onehot
-        g_nll, g_smooth = float(g_nll), float(g_smooth)
+        g = float(g_loss)
         with torch.autocast(x.device.type, enabled=False):
-            _write_gradient(logits, target, lse, acc, g_nll, g_smooth)
-            grad = logits.index_fill_(0, keep.logical_not().nonzero().squeeze(1), 0)  # N x V
+            if ctx.gradient_written:  # dL/dz for an upstream gradient of 1: scale the products
+                scale = g
+            else:  # dL/dz = g (c_nll (p - onehot) + c_smooth (V p - 1))
+                c_nll, c_smooth = ctx.coefficients
+                _write_gradient(logits, target, acc, g * c_nll, g * c_smooth)
+                logits.index_fill_(0, keep.logical_not().nonzero().squeeze(1), 0)
+                scale = 1.0
+            grad = logits  # N x V
             grad_x = grad_w = grad_b = None
             if ctx.needs_input_grad[0]:
-                grad_x = grad.mm(w).to(ctx.dtypes[0])  # N x C
+                grad_x = _scaled(grad.mm(w), scale, ctx.dtypes[0])  # N x C
             if ctx.needs_input_grad[1]:
-                grad_w = grad.t().mm(x).to(ctx.dtypes[1])  # V x C
+                grad_w = _scaled(grad.t().mm(x), scale, ctx.dtypes[1])  # V x C
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_b = _column_sums(grad, acc, _rows_per_chunk(grad)).to(ctx.dtypes[2])  # V
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+                grad_b = _scaled(_column_sums(grad, acc, _rows_per_chunk(grad)), scale, ctx.dtypes[2])
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-def _log_sum_exp(logits: Tensor, target: Tensor, acc: torch.dtype, smooth: bool
-                 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Per row of the logits z (N x V): lse = log sum_j exp z_j, -log p(target) = lse - z_t and
-    (with smoothing) -sum_j log p_j = V lse - sum_j z_j, all in ``acc``; N each.
+def _scaled(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """x in ``dtype``, times ``scale`` (after the conversion: one rounding of the product)."""
+    x = x.to(dtype)
+    return x if scale == 1.0 else x.mul_(scale)
 
-    A chunk of rows at a time in one ``acc`` buffer that stays in the cache: copy (converting),
-    row maxima m, row sums, exp(z - m) in place, its row sums. lse is kept for backward, which
-    then makes p = exp(z - lse) in one pass instead of torch's softmax (max, sum and divide).
-    Measured on the demo's chunks (43 x 5,992 bf16, one core of an Intel Xeon with AMX):
-    161 us against 247 us for torch's log_softmax(dtype=float32), the gather and the sum."""
+
+def _loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, c_nll: float,
+                       c_smooth: float, accuracy: bool
+                       ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Per row of the logits z (N x V): -log p(target) = lse - z_t, (for c_smooth != 0)
+    -sum_j log p_j = V lse - sum_j z_j (lse = log sum_j exp z_j), in ``acc``, and (with accuracy)
+    argmax_j z_j; N each. Overwrites z with the gradient of c_nll nll + c_smooth smooth,
+    dL/dz = c_nll (p - onehot) + c_smooth (V p - 1) = scale p - c_smooth - c_nll onehot(target),
+    scale = c_nll + V c_smooth (one rounding to z's dtype).
+
+    A chunk of rows at a time in one ``acc`` buffer that stays in the cache: copy in
+    (converting), row maxima m, row sums, e = exp(z - m) in place and its row sums s (lse =
+    m + log s), then scale p = e (scale / s), the constant and the target's term, copy out."""
     n, vocab = logits.shape
-    lse = logits.new_empty(n, dtype=acc)
-    nll = logits.gather(1, target.unsqueeze(1)).squeeze(1).to(acc)  # N: z_t
+    smooth = c_smooth != 0
+    scale = c_nll + vocab * c_smooth
+    z_target = logits.gather(1, target.unsqueeze(1)).squeeze(1).to(acc)  # N
+    lse = logits.new_empty(n, dtype=acc)  # N
     total = logits.new_empty(n, dtype=acc) if smooth else None  # N: sum_j z_j
+    argmax = logits.new_empty(n, dtype=torch.long) if accuracy else None
     rows = _rows_per_chunk(logits)
     buf = logits.new_empty(min(rows, n), vocab, dtype=acc)
+    onehot = buf.new_full((buf.size(0), 1), -c_nll)
     for r in range(0, n, rows):
-        z = buf[:min(rows, n - r)].copy_(logits[r:r + rows])  # n x V
-        m = z.amax(1)  # n
+        chunk = logits[r:r + rows]  # k x V, overwritten by dL/dz
+        k = chunk.size(0)
+        z = buf[:k].copy_(chunk)
+        m = z.amax(1)  # k
+        if accuracy:
+            torch.argmax(z, 1, out=argmax[r:r + k])
         if smooth:
-            torch.sum(z, 1, out=total[r:r + rows])
+            torch.sum(z, 1, out=total[r:r + k])
         z.sub_(m.unsqueeze(1)).exp_()
-        torch.sum(z, 1, out=lse[r:r + rows])
-        lse[r:r + rows].log_().add_(m)
-    nll = lse - nll
-    return lse, nll, (lse * vocab - total) if smooth else None
+        s = z.sum(1)  # k
+        torch.add(s.log(), m, out=lse[r:r + k])
+        z.mul_(s.reciprocal_().mul_(scale).unsqueeze(1))  # scale p
+        if smooth:
+            z.sub_(c_smooth)
+        z.scatter_add_(1, target[r:r + k].unsqueeze(1), onehot[:k])
+        chunk.copy_(z)
+    return lse - z_target, (lse * vocab - total) if smooth else None, argmax
 
 
 def _log_softmax_rows(logits: Tensor, target: Tensor, acc: torch.dtype, smooth: bool
                       ) -> Tuple[Tensor, Optional[Tensor]]:
     """The same -log p(target) and -sum_j log p_j (N each) from torch's log_softmax row kernel
-    over a chunk of rows at a time (the plain path: REUSE_LSE off)."""
+    over a chunk of rows at a time (the plain path: FORWARD_GRADIENT off)."""
     n = logits.size(0)
     logp = logits.new_empty(n, dtype=acc)  # N: log p(target)
     total = logits.new_empty(n, dtype=acc) if smooth else None  # N: sum_j log p_j
@@ -165,29 +212,18 @@ def _log_softmax_rows(logits: Tensor, target: Tensor, acc: torch.dtype, smooth: 
     return logp.neg_(), total.neg_() if smooth else None
 
 
-def _write_gradient(logits: Tensor, target: Tensor, lse: Optional[Tensor], acc: torch.dtype,
-                    g_nll: float, g_smooth: float) -> None:
+def _write_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, g_nll: float,
+                    g_smooth: float) -> None:
     """Overwrites the logits z (N x V) with dL/dz = scale p - g_smooth - g_nll onehot(target),
-    scale = g_nll + V g_smooth, a chunk of rows at a time (one rounding to z's dtype). With the
-    forward's lse, scale p = exp(z - lse + log scale) in one pass; without (REUSE_LSE off) p is
-    torch's softmax, scaled after."""
-    n, vocab = logits.shape
-    scale = g_nll + vocab * g_smooth
+    scale = g_nll + V g_smooth, p from torch's softmax row kernel, a chunk of rows at a time
+    (one rounding to z's dtype): the backward of FORWARD_GRADIENT off."""
+    scale = g_nll + logits.size(1) * g_smooth
     rows = _rows_per_chunk(logits)
-    buf = logits.new_empty(min(rows, n), vocab, dtype=acc) if lse is not None else None
-    if lse is not None:  # the shift in fp64: scale p to fp32 rounding, however large lse
-        shift = (lse.double() - math.log(scale) if scale > 0 else lse.double()).to(acc)
-    for r in range(0, n, rows):
+    for r in range(0, logits.size(0), rows):
         chunk = logits[r:r + rows]  # n x V, overwritten by dL/dz
-        if lse is None:
-            p = torch.softmax(chunk, 1, dtype=acc)  # n x V
-            if scale != 1.0:
-                p.mul_(scale)
-        else:
-            p = buf[:chunk.size(0)].copy_(chunk)
-            p.sub_(shift[r:r + rows].unsqueeze(1)).exp_()
-            if scale <= 0:
-                p.mul_(scale)
+        p = torch.softmax(chunk, 1, dtype=acc)  # n x V
+        if scale != 1.0:
+            p.mul_(scale)
         if g_smooth:
             p.sub_(g_smooth)
         onehot = p.new_full((p.size(0), 1), -g_nll)
@@ -217,10 +253,12 @@ def fusable(model) -> bool:
     return isinstance(getattr(model, "decoder", None), RNNDecoder)
 
 
-def fused_losses(criterion, model, sample, smooth: bool, accuracy: bool
-                 ) -> Tuple[Tensor, Tensor, Tensor, int]:
-    """nll, smooth, n_correct (sums over the batch's non-padding targets) and the vocabulary size,
-    for a model with ``decoder.output_projection()``."""
+def fused_losses(criterion, model, sample, eps: float, accuracy: bool
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The loss with label smoothing ``eps``, fairseq's label_smoothed_nll_loss's
+    (1 - eps - eps_i) nll + eps_i smooth with eps_i = eps / (V - 1) (eps 0: nll, cross-entropy),
+    nll and n_correct, sums over the batch's non-padding targets, for a model with
+    ``decoder.output_projection()``."""
     net_output = model(**sample["net_input"], features_only=True)
     features = net_output[0]  # B x T x C
     target = model.get_targets(sample, net_output)  # B x T
@@ -236,9 +274,9 @@ def fused_losses(criterion, model, sample, smooth: bool, accuracy: bool
     features, target = features.reshape(-1, features.size(-1)), target.reshape(-1)  # N x C, N
     if pads_rows(features):  # rows in a few sizes for oneDNN's per-shape kernels (precision.py)
         features, target = pad_rows(features), pad_rows(target, criterion.padding_idx)
-    nll, smooth_sum, correct = OutputLayerLoss.apply(
-        features, weight, bias, target, criterion.padding_idx, dtype, smooth, accuracy)
-    return nll, smooth_sum, correct, weight.size(0)
+    eps_i = eps / (weight.size(0) - 1)
+    return OutputLayerLoss.apply(features, weight, bias, target, criterion.padding_idx, dtype,
+                                 1.0 - eps - eps_i, eps_i, accuracy)
 
 
 def _logging_output(loss, nll, sample, sample_size):
@@ -258,7 +296,7 @@ class FusedCrossEntropyCriterion(CrossEntropyCriterion):
     def forward(self, model, sample, reduce=True):
         if not reduce or not fusable(model):
             return super().forward(model, sample, reduce=reduce)
-        nll, _, _, _ = fused_losses(self, model, sample, smooth=False, accuracy=False)
+        nll, _, _ = fused_losses(self, model, sample, eps=0.0, accuracy=False)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = _logging_output(nll, nll, sample, sample_size)
         del logging_output["nll_loss"]  # fairseq's cross_entropy logs none
@@ -280,10 +318,8 @@ class FusedLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion
     def forward(self, model, sample, reduce=True):
         if not reduce or not fusable(model):
             return super().forward(model, sample, reduce=reduce)
-        nll, smooth, correct, vocab = fused_losses(
-            self, model, sample, smooth=self.eps > 0, accuracy=self.report_accuracy)
-        eps_i = self.eps / (vocab - 1)
-        loss = (1.0 - self.eps - eps_i) * nll + eps_i * smooth
+        loss, nll, correct = fused_losses(self, model, sample, eps=self.eps,
+                                          accuracy=self.report_accuracy)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = _logging_output(loss, nll, sample, sample_size)
         if self.report_accuracy:

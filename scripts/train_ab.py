@@ -22,9 +22,9 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
             (fairseq_s2s_attn/precision.py) with fairseq-train's oneDNN cache of compiled kernels
             (runtime.TRAINING_PRIMITIVE_CACHE), against each batch's own rows with the cache of
             16 that fairseq-train had before
-  loss      the fused criterion's backward from the forward's log-sum-exp (one exp pass per
-            chunk of rows, fairseq_s2s_attn/criterion.py) against torch's log_softmax and
-            softmax row kernels
+  loss      the fused criterion's gradient written by its forward while each chunk of rows
+            is in the cache (fairseq_s2s_attn/criterion.py) against torch's log_softmax row
+            kernel forward and softmax backward
   stepgrad  the step loop's weight gradients in one product per weight and batch
             (fairseq_s2s_attn/stepgrad.py) against autograd's per-step products and sums
   score     the additive score's backward from sigmoid(2 (q + k)) (attention.AdditiveScore)
@@ -65,7 +65,8 @@ def levers():
         "adam": (setter(optim, "FUSED_ADAMW", fused), setter(optim, "FUSED_ADAMW", None)),
         "context": (setter(attention, "FP32_CONTEXT", True), setter(attention, "FP32_CONTEXT", False)),
         "rows": (setter(precision, "PAD_ROWS", True), setter(precision, "PAD_ROWS", False)),
-        "loss": (setter(criterion, "REUSE_LSE", True), setter(criterion, "REUSE_LSE", False)),
+        "loss": (setter(criterion, "FORWARD_GRADIENT", True),
+                 setter(criterion, "FORWARD_GRADIENT", False)),
         "stepgrad": (setter(stepgrad, "DEFER", True), setter(stepgrad, "DEFER", False)),
         "score": (setter(attention, "SIGMOID_BACKWARD", True),
                   setter(attention, "SIGMOID_BACKWARD", False)),

@@ -390,7 +390,7 @@ def test_train_ab_levers_switch_the_fast_paths():
     from fairseq_s2s_attn import attention, criterion, dropout, optim, precision, stepgrad
 
     names = [(dropout.Dropout, "forward"), (optim, "FUSED_ADAMW"), (attention, "FP32_CONTEXT"),
-             (precision, "PAD_ROWS"), (criterion, "REUSE_LSE"), (stepgrad, "DEFER"),
+             (precision, "PAD_ROWS"), (criterion, "FORWARD_GRADIENT"), (stepgrad, "DEFER"),
              (attention, "SIGMOID_BACKWARD")]
     state = [getattr(obj, name) for obj, name in names]
     switches = train_ab.levers()

@@ -248,16 +248,44 @@ def test_column_sums_by_chunks_equal_torchs_sum(rows, gen):
     assert torch.equal(fused._column_sums(x32, torch.float32, rows), x32.sum(0))
 
 
-def test_second_backward_through_the_same_graph_raises(gen):
-    """backward overwrites the logits with their gradient: a second backward (retain_graph) must
-    fail rather than use them."""
+def test_fp16_logits_keep_the_gradient_in_backward(gen):
+    """fp16 logits (--fp16 on a GPU; the CPU runs the same ops here): the gradient is made in
+    backward with the upstream gradient (fairseq's loss scale) in it, so that small values are
+    scaled before the rounding to fp16: with a loss scale of 2^10, entries far below fp16's
+    smallest normal (6e-5) survive, and the gradients equal the fp64 ones to fp16 rounding."""
+    x = torch.randn(16, 8, generator=gen, dtype=torch.float64) * 3
+    w = torch.randn(300, 8, generator=gen, dtype=torch.float64)
+    b = torch.zeros(300, dtype=torch.float64)
+    target = torch.randint(2, 300, (16,), generator=gen)
+    coefficients = (0.9, 0.1 / 299)
+    _, want, _, _ = output_layer_loss(x, w, b, target, torch.float64, coefficients, 2.0 ** 10)
+    _, got, fwd, bwd = output_layer_loss(x.float(), w.float(), b.float(), target, torch.float16,
+                                         coefficients, 2.0 ** 10)
+    assert "scatter_add_" in bwd and "scatter_add_" not in fwd  # made in backward
+    for g, g0 in zip(got, want):
+        torch.testing.assert_close(g.double(), g0, rtol=1e-2, atol=1e-2 * float(g0.abs().max()))
+
+
+@pytest.mark.parametrize("written", [True, False], ids=["forward-gradient", "plain"])
+def test_second_backward_through_the_same_graph(written, gen, monkeypatch):
+    """retain_graph: with the gradient written by the forward, a second backward gives the same
+    gradients again; the plain path's backward overwrites the logits with their gradient, so
+    its second backward must fail rather than use them."""
+    monkeypatch.setattr(fused, "FORWARD_GRADIENT", written)
     model = build_model("rnn_luong_tiny")
     task = FakeTask(make_dict(), make_dict())
     sample = make_sample(task.target_dictionary, gen)
     loss = FusedCrossEntropyCriterion(task, False)(model, sample)[0]
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+    once = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    if not written:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        return
+    loss.backward()
+    for n, p in model.named_parameters():
+        if n in once:
+            torch.testing.assert_close(p.grad, 2 * once[n], msg=n)
 
 
 def test_chunks_of_rows_give_the_same_result(monkeypatch, gen):
@@ -349,25 +377,29 @@ class OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def output_layer_loss(x, w, b, target, dtype, coefficients):
-    """OutputLayerLoss's loss c_nll nll + c_smooth smooth, its gradients (x, W, b) and the ops
-    its forward and backward ran."""
+def output_layer_loss(x, w, b, target, dtype, coefficients, upstream=1.0):
+    """OutputLayerLoss's loss c_nll nll + c_smooth smooth, its gradients (x, W, b) for an
+    upstream gradient ``upstream``, and the ops its forward and its backward ran."""
     x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
-    with OpNames() as ops:
-        nll, smooth, _ = fused.OutputLayerLoss.apply(x, w, b, target, 1, dtype, True, False)
-        loss = coefficients[0] * nll + coefficients[1] * smooth
-        loss.backward()
-    return loss.detach(), (x.grad, w.grad, b.grad), set(ops.names)
+    with OpNames() as forward:
+        loss, _, _ = fused.OutputLayerLoss.apply(x, w, b, target, 1, dtype, *coefficients, False)
+    with OpNames() as backward:
+        loss.backward(torch.tensor(upstream))
+    return loss.detach(), (x.grad, w.grad, b.grad), set(forward.names), set(backward.names)
 
 
+@pytest.mark.parametrize("upstream", [1.0, 3.0])
 @pytest.mark.parametrize("coefficients", [(0.9, 0.1 / 49), (1.0, 0.0), (-1.0, 0.0), (0.0, 0.0)],
                          ids=["smoothed", "nll", "negated", "zero"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_backward_reuses_the_forward_log_sum_exp(dtype, coefficients, gen, monkeypatch):
-    """The loss keeps each row's log-sum-exp, and backward makes p = exp(z - lse) from it: no
-    softmax or log_softmax row kernel runs (REUSE_LSE off: both run), and the loss and the
-    gradients equal those of torch's row kernels: fp64 to 1e-12, bf16 logits to the rounding of
-    the gradient written over them. Negated and zero losses (scale <= 0) included."""
+def test_forward_writes_the_gradient_backward_only_multiplies(dtype, coefficients, upstream, gen,
+                                                             monkeypatch):
+    """The forward writes the loss's gradient over the logits chunk by chunk (no softmax or
+    log_softmax row kernel), and backward runs the output layer's products and column sums
+    alone, no element-wise pass over the logits (FORWARD_GRADIENT off: log_softmax forward,
+    softmax and the gradient's passes in backward). The loss and the gradients equal those of
+    torch's row kernels: fp64 to 1e-12, bf16 logits to the rounding of the gradient written over
+    them; for an upstream gradient other than 1 too, and negated and zero losses."""
     monkeypatch.setitem(fused.CHUNK_ELEMENTS, "cpu", 8 * 50)  # several chunks of 8 rows
     x = torch.randn(37, 16, generator=gen, dtype=torch.float64)
     w = torch.randn(50, 16, generator=gen, dtype=torch.float64)
@@ -377,12 +409,14 @@ def test_backward_reuses_the_forward_log_sum_exp(dtype, coefficients, gen, monke
     if dtype == torch.bfloat16:
         x, w, b = x.float(), w.float(), b.float()
     results = {}
-    for reuse in (True, False):
-        monkeypatch.setattr(fused, "REUSE_LSE", reuse)
-        results[reuse] = output_layer_loss(x, w, b, target, dtype, coefficients)
-    (loss, grads, ops), (loss0, grads0, ops0) = results[True], results[False]
-    assert not {"_softmax", "_log_softmax"} & ops
-    assert {"_softmax", "_log_softmax"} <= ops0
+    for written in (True, False):
+        monkeypatch.setattr(fused, "FORWARD_GRADIENT", written)
+        results[written] = output_layer_loss(x, w, b, target, dtype, coefficients, upstream)
+    (loss, grads, fwd, bwd), (loss0, grads0, fwd0, bwd0) = results[True], results[False]
+    row_kernels = {"_softmax", "_log_softmax"}
+    assert not row_kernels & (fwd | bwd) and row_kernels <= (fwd0 | bwd0)
+    assert not {"exp", "exp_", "scatter_add_", "copy_"} & bwd, bwd
+    assert "scatter_add_" in bwd0
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(loss, loss0, rtol=tol, atol=tol)
     for g, g0 in zip(grads, grads0):
@@ -390,3 +424,7 @@ def test_backward_reuses_the_forward_log_sum_exp(dtype, coefficients, gen, monke
         assert float((g - g0).abs().max()) <= (1e-12 if dtype == torch.float64 else 2 ** -7) * scale
     if coefficients == (0.0, 0.0):
         assert all(not g.any() for g in grads)
+    else:
+        assert all(g.abs().max() > 0 for g in grads)
+
+
