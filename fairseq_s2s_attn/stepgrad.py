@@ -79,32 +79,43 @@ def addmm(add_to: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     return torch.addmm(add_to, x, weight.t())
 
 
+class Tape:
+    """A loop weight's record of its steps: per step the input x_i (B x K, in the products'
+    dtype, detached) and, once backward has reached that step, its output's gradient g_i
+    (B x N). The autograd nodes hold it; it holds no tensor with a graph: a reference back into
+    the graph (an input's grad_fn, the weight's copy) would make a cycle through autograd's
+    nodes, which Python's garbage collector cannot see, and keep every batch's steps alive."""
+
+    def __init__(self):
+        self.inputs: List[Tensor] = []
+        self.grads: List[Optional[Tensor]] = []
+
+
 class LoopWeight:
     """One weight (and the bias used with it) of an open step loop: ``__call__`` runs a step's
-    product, the gradient comes from ``_Gradients`` once per loop. Its bf16 copy (under
+    product, the gradients come from ``LoopWeightNode`` once per loop. Its bf16 copy (under
     --cpu-bf16) is made at the first product, as autocast's cache makes it."""
 
     def __init__(self, weight: Tensor):
         self.weight = weight
         self.bias: Optional[Tensor] = None
         self.copies: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # W, b in the products' dtype
-        self.dtype = weight.dtype
-        self.inputs: List[Tensor] = []  # per step: x_i (B x K), in the products' dtype
-        self.grads: List[Optional[Tensor]] = []  # per step: g_i (B x N), set in backward
+        self.tape = Tape()
 
     def __call__(self, x: Tensor, bias: Optional[Tensor] = None, add_to: Optional[Tensor] = None):
         """add_to + x W^T + b for one step (x: B x K); falls back to the plain product for
         another bias than the first call's, or for an input that is not a matrix."""
         if self.copies is None:
             self.bias = bias
+            dtype = self.weight.dtype
             if torch.is_autocast_enabled(x.device.type):
-                self.dtype = torch.get_autocast_dtype(x.device.type)
-            self.copies = LoopWeightNode.apply(self.weight, bias, self.dtype, self)
+                dtype = torch.get_autocast_dtype(x.device.type)
+            self.copies = LoopWeightNode.apply(self.weight, bias, dtype, self.tape)
         if bias is not self.bias or x.dim() != 2 or (bias is not None and add_to is not None):
             out = torch.nn.functional.linear(x, self.weight, bias)
             return out if add_to is None else add_to + out
         w, b = self.copies
-        return StepProduct.apply(x, w, b, add_to, self)
+        return StepProduct.apply(x, w, b, add_to, self.tape)
 
 
 class LoopWeightNode(torch.autograd.Function):
@@ -113,9 +124,9 @@ class LoopWeightNode(torch.autograd.Function):
     stacked rows. The steps give it no gradient of their own (None)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype, loop: LoopWeight):
+    def forward(ctx, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype, tape: Tape):
         ctx.set_materialize_grads(False)
-        ctx.loop = loop
+        ctx.tape = tape
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         w = weight.to(dtype) if weight.dtype != dtype else weight.view_as(weight)
         if bias is None:
@@ -124,9 +135,9 @@ class LoopWeightNode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_w: Optional[Tensor], g_b: Optional[Tensor]):
-        loop: LoopWeight = ctx.loop
-        steps = [(x, g) for x, g in zip(loop.inputs, loop.grads) if g is not None]
-        loop.grads = [None] * len(loop.grads)  # free them; a retained graph's next backward refills
+        tape: Tape = ctx.tape
+        steps = [(x, g) for x, g in zip(tape.inputs, tape.grads) if g is not None]
+        tape.grads = [None] * len(tape.grads)  # free them; a retained graph's next backward refills
         grad_w = grad_b = None
         if steps:
             x = _stacked([x for x, _ in steps])  # T B x K
@@ -158,11 +169,11 @@ def _stacked(rows: List[Tensor]) -> Tensor:
 
 class StepProduct(torch.autograd.Function):
     """add_to + x W^T + b for one step (x: B x K in any float dtype, W, b: the loop's copies);
-    backward returns the gradients of x and add_to and keeps g for W's (LoopWeightNode)."""
+    backward returns the gradients of x and add_to and records g for W's (LoopWeightNode)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Optional[Tensor], add_to: Optional[Tensor],
-                loop: LoopWeight):
+                tape: Tape):
         ctx.set_materialize_grads(False)
         x_c = x.to(w.dtype)  # autocast's cast of the input (none in fp32)
         if add_to is not None:
@@ -172,10 +183,10 @@ class StepProduct(torch.autograd.Function):
         else:
             out = torch.mm(x_c, w.t())
         ctx.save_for_backward(w)
-        ctx.loop, ctx.index = loop, len(loop.inputs)
+        ctx.tape, ctx.index = tape, len(tape.inputs)
         ctx.dtypes = (x.dtype, None if add_to is None else add_to.dtype)
-        loop.inputs.append(x_c)
-        loop.grads.append(None)
+        tape.inputs.append(x_c.detach())  # without its graph (see Tape)
+        tape.grads.append(None)
         return out
 
     @staticmethod
@@ -183,7 +194,7 @@ class StepProduct(torch.autograd.Function):
         if g is None:
             return None, None, None, None, None
         (w,) = ctx.saved_tensors
-        ctx.loop.grads[ctx.index] = g
+        ctx.tape.grads[ctx.index] = g
         grad_x = g.mm(w).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None  # B x K
         grad_add = g.to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None
         return grad_x, None, None, grad_add, None

@@ -182,3 +182,31 @@ def test_a_retained_graph_gives_the_same_weight_gradients_again(gen):
     for n, p in model.named_parameters():
         if n in once:
             torch.testing.assert_close(p.grad, 2 * once[n], rtol=1e-12, atol=1e-12, msg=n)
+
+
+def test_a_loop_keeps_nothing_alive_after_its_backward(gen, monkeypatch):
+    """Nothing of a loop outlives its graph: after backward, with the outputs dropped, every
+    loop weight's record of the steps (their inputs) is freed at once, without the garbage
+    collector (a reference cycle through autograd's nodes, which Python's collector cannot
+    see, kept each batch's step inputs alive: fairseq-train grew to 24 GB in 4,500 updates)."""
+    import gc
+    import weakref
+
+    tapes = []
+    init = stepgrad.Tape.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        tapes.append(weakref.ref(self))
+
+    monkeypatch.setattr(stepgrad.Tape, "__init__", recorded)
+    for cpu_bf16 in (False, True):
+        model = build_model("rnn_luong_tiny", seed=3, input_feeding=True, cpu_bf16=cpu_bf16)
+        train_step(model, *batch(model, gen))
+    assert len(tapes) >= 4  # W_h, W_x and W_c per model
+    gc.disable()
+    try:
+        assert all(ref() is None for ref in tapes)
+    finally:
+        gc.enable()
+    gc.collect()
