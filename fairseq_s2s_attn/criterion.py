@@ -296,11 +296,11 @@ class FusedCrossEntropyCriterion(CrossEntropyCriterion):
     def forward(self, model, sample, reduce=True):
         if not reduce or not fusable(model):
             return super().forward(model, sample, reduce=reduce)
-        nll, _, _ = fused_losses(self, model, sample, eps=0.0, accuracy=False)
+        loss, _, _ = fused_losses(self, model, sample, eps=0.0, accuracy=False)  # loss = nll
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = _logging_output(nll, nll, sample, sample_size)
+        logging_output = _logging_output(loss, loss, sample, sample_size)
         del logging_output["nll_loss"]  # fairseq's cross_entropy logs none
-        return nll, sample_size, logging_output
+        return loss, sample_size, logging_output
 
 
 @dataclass

@@ -250,9 +250,9 @@ def test_column_sums_by_chunks_equal_torchs_sum(rows, gen):
 
 def test_fp16_logits_keep_the_gradient_in_backward(gen):
     """fp16 logits (--fp16 on a GPU; the CPU runs the same ops here): the gradient is made in
-    backward with the upstream gradient (fairseq's loss scale) in it, so that small values are
-    scaled before the rounding to fp16: with a loss scale of 2^10, entries far below fp16's
-    smallest normal (6e-5) survive, and the gradients equal the fp64 ones to fp16 rounding."""
+    backward, not by the forward, with the upstream gradient (fairseq's loss scale) in it, so
+    that small values are scaled before the rounding to fp16; under a loss scale of 2^10 the
+    gradients equal the fp64 ones to fp16 rounding."""
     x = torch.randn(16, 8, generator=gen, dtype=torch.float64) * 3
     w = torch.randn(300, 8, generator=gen, dtype=torch.float64)
     b = torch.zeros(300, dtype=torch.float64)
