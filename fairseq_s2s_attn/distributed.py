@@ -24,12 +24,19 @@ For a CPU run (``--cpu``, or no CUDA) with more than one process we therefore
   left to the interpreter's shutdown, gloo's worker threads could still hold tensors whose
   release takes the GIL while the interpreter is being torn down, and the process died with
   SIGABRT ("terminate called without an active exception", pytorch/pytorch#190489) after a
-  successful run; it happened to a 2-process torchrun test in CI.
+  successful run; it happened to a 2-process torchrun test in CI;
+- and end such a process without the interpreter's teardown (``exit_without_teardown``):
+  closing the group is not enough, since DistributedDataParallel keeps it (and gloo's threads
+  and connections) alive to the end of the process, garbage collection or not; a process still
+  died with SIGABRT at exit after a successful run, about 1 in 150 on a 2-core machine, and once
+  in CI a rank hung there until the test's 10-minute timeout.
 
 GPU runs are left to fairseq unchanged. See docs/distributed.md for the commands.
 """
 
+import atexit
 import logging
+import multiprocessing.util
 import os
 import socket
 import sys
@@ -173,23 +180,70 @@ def gloo_closed_after_training() -> None:
 
     @replaces(distributed_utils, "distributed_main")
     def distributed_main(original, i, main, cfg, kwargs):
+        exit_without_teardown.register()  # before training: its handler then runs last
+        exit_without_teardown.trained = False  # a later training in this process starts over
         result = original(i, main, cfg, kwargs)
-        close_gloo_group()
+        exit_without_teardown.trained = close_gloo_group()
         return result
 
 
-def close_gloo_group() -> None:
+def close_gloo_group() -> bool:
     """Destroys this process's gloo process group, if it has one, and fairseq's cached handle of
     it (``get_global_group._global_group``), which a later training in the same process (a hydra
-    multirun) would otherwise take for its new group."""
+    multirun) would otherwise take for its new group. Returns whether there was one."""
     from fairseq.distributed import utils as distributed_utils
 
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        vars(distributed_utils.get_global_group).pop("_global_group", None)
-        logger.info(f"distributed shutdown (rank {rank}): gloo process group closed")
+    if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"):
+        return False
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    vars(distributed_utils.get_global_group).pop("_global_group", None)
+    logger.info(f"distributed shutdown (rank {rank}): gloo process group closed")
+    return True
+
+
+class exit_without_teardown:
+    """Ends a process whose training in a gloo group succeeded with ``os._exit(0)`` once
+    Python's exit handlers have run, skipping the interpreter's teardown (garbage collection of
+    what is left, modules, C++ static objects).
+
+    fairseq behaviour it fixes: a CPU rank (spawned by our launcher, or one of torchrun's) exits
+    through the interpreter's full teardown with its gloo group still alive, even after
+    ``close_gloo_group``: DistributedDataParallel's reducer keeps the group, its worker threads and
+    its connections until the process ends (garbage collection does not free it). Torn down with
+    the rest, it made a successful run's process die with SIGABRT ("terminate called without an
+    active exception"), or hang, in about 1 of 150 runs of a 2-process training (see the module's
+    docstring). What runs before: threads joined, the exit handlers registered after training
+    started (fairseq's tensorboard writers, wandb), multiprocessing's (children, finalizers),
+    logging's (handlers flushed and closed), the standard streams flushed.
+
+    The handler is registered when a distributed training starts (so that it runs after the
+    handlers registered during training) and acts only when the last training in the process
+    closed a gloo group and no uncaught exception followed (``sys.last_value``: the exit status
+    is then 1 and stays so). GPU (nccl) runs and single-process training are unchanged."""
+
+    registered = False
+    trained = False
+
+    @classmethod
+    def register(cls) -> None:
+        if not cls.registered:
+            atexit.register(cls.handler)
+            cls.registered = True
+
+    @classmethod
+    def handler(cls) -> None:
+        if not cls.trained or getattr(sys, "last_value", None) is not None:
+            return
+        multiprocessing.util._exit_function()  # its atexit handler, registered before ours
+        logging.shutdown()  # likewise
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+        os._exit(0)
 
 
 def close_tensorboard_writers() -> None:

@@ -129,6 +129,63 @@ def test_closing_the_gloo_group_lets_a_later_training_start_another(tmp_path):
         assert not hasattr(distributed_utils.get_global_group, "_global_group")
 
 
+# A process that trains through fairseq's distributed_main (one rank of a gloo group, here of
+# one), then ends as the argument says; stdout tells which exit steps ran.
+GLOO_RANK_PROGRAM = """
+import atexit, sys
+import torch
+from omegaconf import OmegaConf
+from fairseq.dataclass.configs import FairseqConfig
+from fairseq.distributed import utils as distributed_utils
+import fairseq_s2s_attn  # the plugin's changes to fairseq
+
+class Teardown:
+    def __del__(self):
+        print("teardown ran", flush=True)
+
+KEEP = Teardown()  # finalized only by the interpreter's teardown
+
+def main(cfg):
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))  # keeps the group
+    model(torch.ones(1, 2)).sum().backward()
+    atexit.register(print, "exit handler from training ran")
+    print("trained")  # not flushed: left in the pipe's buffer
+
+cfg = OmegaConf.structured(FairseqConfig())
+cfg.model = cfg.task = None
+cfg.common.cpu = True
+dt = cfg.distributed_training
+dt.distributed_init_method, dt.distributed_backend = "file://" + sys.argv[1], "gloo"
+dt.distributed_world_size, dt.distributed_rank = 1, 0
+distributed_utils.distributed_main(0, main, cfg, {})
+print("gloo closed:", not torch.distributed.is_initialized())
+if sys.argv[2] == "raise":
+    raise RuntimeError("failed after training")
+"""
+
+
+@pytest.mark.parametrize("end", ["return", "raise"])
+def test_a_trained_gloo_rank_exits_without_the_interpreters_teardown(tmp_path, end):
+    """A rank whose training closed its gloo group ends after Python's exit handlers (those of the
+    training included, streams flushed) but before the interpreter's teardown, where the group
+    DistributedDataParallel keeps alive made a successful run abort or hang now and then; an
+    uncaught exception after training keeps its exit status and traceback."""
+    import subprocess
+
+    from clitools import env
+
+    proc = subprocess.run([sys.executable, "-c", GLOO_RANK_PROGRAM, str(tmp_path / "store"), end],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    lines = proc.stdout.splitlines()
+    assert lines[:3] == ["trained", "gloo closed: True", "exit handler from training ran"], proc.stdout
+    if end == "return":
+        assert proc.returncode == 0, proc.stderr
+        assert "teardown ran" not in lines
+    else:
+        assert proc.returncode == 1 and "RuntimeError: failed after training" in proc.stderr
+        assert "teardown ran" in lines  # no os._exit over a failure
+
+
 def test_worker_error_is_read_from_the_traceback_text():
     text = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call "
             "last):\n  File \"x.py\", line 1, in f\nfairseq_s2s_attn.distributed.WorkerError: "
