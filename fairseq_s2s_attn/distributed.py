@@ -25,11 +25,12 @@ For a CPU run (``--cpu``, or no CUDA) with more than one process we therefore
   release takes the GIL while the interpreter is being torn down, and the process died with
   SIGABRT ("terminate called without an active exception", pytorch/pytorch#190489) after a
   successful run; it happened to a 2-process torchrun test in CI;
-- and end such a process without the interpreter's teardown (``exit_without_teardown``):
-  closing the group is not enough, since DistributedDataParallel keeps it (and gloo's threads
-  and connections) alive to the end of the process, garbage collection or not; a process still
-  died with SIGABRT at exit after a successful run, about 1 in 150 on a 2-core machine, and once
-  in CI a rank hung there until the test's 10-minute timeout.
+- keep the closed group's object to the end of the process and end the process without the
+  interpreter's teardown (``exit_without_teardown``): freeing the group joins gloo's worker
+  threads while holding the GIL, and a worker still releasing the final barrier's work needs the
+  GIL: a rank hung for good in a garbage collection after a successful run (once in CI, until
+  the test's 10-minute timeout; once here, its stacks read with gdb), or died with SIGABRT at
+  exit (about 1 run in 150 of a 2-process training on a 2-core machine).
 
 GPU runs are left to fairseq unchanged. See docs/distributed.md for the commands.
 """
@@ -187,18 +188,34 @@ def gloo_closed_after_training() -> None:
         return result
 
 
+# gloo groups closed by close_gloo_group, kept alive to the end of the process (see there)
+_CLOSED_GROUPS = []
+
+
 def close_gloo_group() -> bool:
     """Destroys this process's gloo process group, if it has one, and fairseq's cached handle of
     it (``get_global_group._global_group``), which a later training in the same process (a hydra
-    multirun) would otherwise take for its new group. Returns whether there was one."""
+    multirun) would otherwise take for its new group. Returns whether there was one.
+
+    The group object itself is kept (``_CLOSED_GROUPS``) until the process ends: freeing it
+    joins gloo's worker threads while holding the GIL, and a worker that is still releasing the
+    last collective's work (the final barrier, which holds DistributedDataParallel's last
+    all-reduce and its tensors) needs the GIL to free those tensors. Seen here: a rank hung for
+    good after a successful run, its main thread joining the worker inside a garbage collection
+    (the trainer's DistributedDataParallel freed, its reducer holding the group's last
+    reference), the worker waiting for the GIL in ~AsyncBarrierWork; the process then ends
+    through ``exit_without_teardown``, which never frees it."""
     from fairseq.distributed import utils as distributed_utils
 
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"):
         return False
     rank = dist.get_rank()
+    # the default group and fairseq's global group (a new_group of all ranks, the one
+    # DistributedDataParallel takes)
+    _CLOSED_GROUPS.append(dist.group.WORLD)
+    _CLOSED_GROUPS.append(vars(distributed_utils.get_global_group).pop("_global_group", None))
     dist.destroy_process_group()
-    vars(distributed_utils.get_global_group).pop("_global_group", None)
     logger.info(f"distributed shutdown (rank {rank}): gloo process group closed")
     return True
 
@@ -210,11 +227,11 @@ class exit_without_teardown:
 
     fairseq behaviour it fixes: a CPU rank (spawned by our launcher, or one of torchrun's) exits
     through the interpreter's full teardown with its gloo group still alive, even after
-    ``close_gloo_group``: DistributedDataParallel's reducer keeps the group, its worker threads and
-    its connections until the process ends (garbage collection does not free it). Torn down with
-    the rest, it made a successful run's process die with SIGABRT ("terminate called without an
-    active exception"), or hang, in about 1 of 150 runs of a 2-process training (see the module's
-    docstring). What runs before: threads joined, the exit handlers registered after training
+    ``close_gloo_group`` (which keeps it on purpose; before, DistributedDataParallel's reducer
+    kept it): freed during the teardown, with gloo's worker threads and connections, it made a
+    successful run's process die with SIGABRT ("terminate called without an active exception"),
+    or hang, in about 1 of 150 runs of a 2-process training (see the module's docstring and
+    ``close_gloo_group``). What runs before: threads joined, the exit handlers registered after training
     started (fairseq's tensorboard writers, wandb), multiprocessing's (children, finalizers),
     logging's (handlers flushed and closed), the standard streams flushed.
 

@@ -132,7 +132,7 @@ def test_closing_the_gloo_group_lets_a_later_training_start_another(tmp_path):
 # A process that trains through fairseq's distributed_main (one rank of a gloo group, here of
 # one), then ends as the argument says; stdout tells which exit steps ran.
 GLOO_RANK_PROGRAM = """
-import atexit, sys
+import atexit, gc, sys, weakref
 import torch
 from omegaconf import OmegaConf
 from fairseq.dataclass.configs import FairseqConfig
@@ -145,9 +145,14 @@ class Teardown:
 
 KEEP = Teardown()  # finalized only by the interpreter's teardown
 
+GROUP = []
+
 def main(cfg):
-    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))  # keeps the group
-    model(torch.ones(1, 2)).sum().backward()
+    total = torch.ones(2)
+    torch.distributed.all_reduce(total, group=distributed_utils.get_global_group())
+    # the default group, and fairseq's (a new_group of all ranks, which DDP takes)
+    GROUP.extend(weakref.ref(g) for g in (torch.distributed.group.WORLD,
+                                          distributed_utils.get_global_group()))
     atexit.register(print, "exit handler from training ran")
     print("trained")  # not flushed: left in the pipe's buffer
 
@@ -159,6 +164,8 @@ dt.distributed_init_method, dt.distributed_backend = "file://" + sys.argv[1], "g
 dt.distributed_world_size, dt.distributed_rank = 1, 0
 distributed_utils.distributed_main(0, main, cfg, {})
 print("gloo closed:", not torch.distributed.is_initialized())
+gc.collect()
+print("group objects kept:", all(ref() is not None for ref in GROUP))
 if sys.argv[2] == "raise":
     raise RuntimeError("failed after training")
 """
@@ -166,10 +173,11 @@ if sys.argv[2] == "raise":
 
 @pytest.mark.parametrize("end", ["return", "raise"])
 def test_a_trained_gloo_rank_exits_without_the_interpreters_teardown(tmp_path, end):
-    """A rank whose training closed its gloo group ends after Python's exit handlers (those of the
-    training included, streams flushed) but before the interpreter's teardown, where the group
-    DistributedDataParallel keeps alive made a successful run abort or hang now and then; an
-    uncaught exception after training keeps its exit status and traceback."""
+    """A rank whose training closed its gloo group keeps the group's object (freeing it joins
+    gloo's threads under the GIL: a rank hung so after a successful run) and ends after Python's
+    exit handlers (those of the training included, streams flushed) but before the interpreter's
+    teardown, where the group made a successful run abort or hang now and then; an uncaught
+    exception after training keeps its exit status and traceback."""
     import subprocess
 
     from clitools import env
@@ -177,7 +185,8 @@ def test_a_trained_gloo_rank_exits_without_the_interpreters_teardown(tmp_path, e
     proc = subprocess.run([sys.executable, "-c", GLOO_RANK_PROGRAM, str(tmp_path / "store"), end],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     lines = proc.stdout.splitlines()
-    assert lines[:3] == ["trained", "gloo closed: True", "exit handler from training ran"], proc.stdout
+    assert lines[:4] == ["trained", "gloo closed: True", "group objects kept: True",
+                         "exit handler from training ran"], proc.stdout
     if end == "return":
         assert proc.returncode == 0, proc.stderr
         assert "teardown ran" not in lines
