@@ -380,6 +380,34 @@ def test_train_ab_runs_the_rows_lever_side_by_side(small_data_bin):
         assert all(float(v) > 0 for v in r[5:])
 
 
+@pytest.mark.slow
+def test_memory_trend_reports_long_runs_against_both_lstm_rows(small_data_bin):
+    """scripts/memory_trend.py: lstm fp32 as stock fairseq and with the plugin's run-time
+    settings, then each configuration; the resident set every --every updates, the peak, and
+    ratios that are the rows' own peaks over the lstm rows' (4 updates, every 2: 2 columns)."""
+    proc = run("memory_trend.py", "--data", small_data_bin, "--archs", "rnn_luong", "--size", 16,
+               "--precisions", "bf16", "fp32", "--updates", 4, "--every", 2, "--max-tokens", 200,
+               timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[3:5] == ["RSS @2", "RSS @4"]
+    rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[1:]]
+    assert [(r["config"], r["precision"], r["run-time settings"]) for r in rows] == [
+        ("lstm", "fp32", "stock"), ("lstm", "fp32", "plugin"),
+        ("rnn_luong", "bf16 (--cpu-bf16)", "plugin"), ("rnn_luong", "fp32", "plugin")]
+    stock, plugin = float(rows[0]["peak MB"]), float(rows[1]["peak MB"])
+    for r in rows:
+        peak = float(r["peak MB"])
+        assert float(r["RSS @2"]) > 0 and float(r["RSS @4"]) <= peak
+        assert float(r["x lstm stock"]) == pytest.approx(peak / stock, abs=0.01)
+        assert float(r["x lstm plugin"]) == pytest.approx(peak / plugin, abs=0.01)
+    # the run-time settings each row ran with (glibc's heap kept only with the plugin's)
+    assert "lstm fp32 stock: peak" in proc.stderr
+    kept = [ln.endswith("True") for ln in proc.stderr.splitlines() if "freed memory kept" in ln]
+    glibc = __import__("platform").libc_ver()[0] == "glibc"
+    assert kept == [False, glibc, glibc, glibc]
+
+
 def test_train_ab_levers_switch_the_fast_paths():
     """Each lever's switches set what its fast path reads; "on" restores the plugin's state."""
     spec = importlib.util.spec_from_file_location("train_ab_script", SCRIPTS / "train_ab.py")
