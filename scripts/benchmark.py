@@ -1335,6 +1335,24 @@ def make_synthetic(root, args):
     return bin_dir
 
 
+def training_parser(doc: str, configs) -> argparse.ArgumentParser:
+    """The options the training scripts that build on this one share (train_ab.py,
+    memory_trend.py): the data, the configurations (names from ``configs``, lstm left out: it is
+    the baseline), precisions, matched sizes, --max-tokens and the seed of the batches."""
+    from cli_args import at_least
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="fairseq data-bin (e.g. work/demo/data-bin)")
+    p.add_argument("--archs", nargs="+", default=["rnn_bahdanau", "rnn_luong", "rnn_luong_nofeed"],
+                   choices=sorted(n for n in configs if n != BASELINE),
+                   help="configurations (benchmark.py's names)")
+    p.add_argument("--precisions", nargs="+", default=["bf16"], choices=PRECISIONS)
+    p.add_argument("--size", type=at_least(1), default=256, help="matched sizes, as benchmark.py --sizes")
+    p.add_argument("--max-tokens", type=at_least(1), default=2000)
+    p.add_argument("--seed", type=int, default=1)
+    return p
+
+
 def report_header(title: str, script: str, argv, threads: int) -> str:
     """The opening of a turn-taking script's markdown report (beam_ab.py, train_ab.py): a dated
     title, the command as run, the machine."""

@@ -18,7 +18,6 @@ plugin. Each peak is also given as a ratio against both lstm rows of the same ru
 growth over the process's resident set once data, batches and libraries are loaded (before the
 model is built): the same for every row. Sizes as benchmark.py's (--size, 1 layer, dropout 0.1).
 """
-import argparse
 import json
 import os
 import subprocess
@@ -78,17 +77,9 @@ def main(argv=None):
     if argv is None and sys.argv[1:2] == ["--worker"]:
         print(json.dumps(worker(json.loads(sys.argv[2]))))
         return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="fairseq data-bin (e.g. work/demo/data-bin)")
-    p.add_argument("--archs", nargs="+", default=["rnn_bahdanau", "rnn_luong", "rnn_luong_nofeed"],
-                   choices=sorted(n for n in benchmark.CONFIGS if n != benchmark.BASELINE),
-                   help="configurations (benchmark.py's names)")
-    p.add_argument("--precisions", nargs="+", default=["bf16"], choices=benchmark.PRECISIONS)
-    p.add_argument("--size", type=at_least(1), default=256, help="matched sizes, as benchmark.py --sizes")
-    p.add_argument("--max-tokens", type=at_least(1), default=2000)
+    p = benchmark.training_parser(__doc__, benchmark.CONFIGS)
     p.add_argument("--updates", type=at_least(1), default=400, help="training updates per row")
     p.add_argument("--every", type=at_least(1), default=50, help="report the resident set every this many updates")
-    p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     benchmark.check_data(args.data, "train")
 

@@ -37,7 +37,6 @@ batches, the cores swapped in every other round; the report gives both processes
 and peak resident memory (VmHWM) and the ratio of the totals (off / on) per round. On one core
 the two run one after the other.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -146,19 +145,11 @@ def main(argv=None):
         import json
         print(json.dumps(rows_worker(json.loads(sys.argv[2]))))
         return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="fairseq data-bin (e.g. work/demo/data-bin)")
-    p.add_argument("--archs", nargs="+", default=["rnn_bahdanau", "rnn_luong", "rnn_luong_nofeed"],
-                   choices=sorted(n for n in benchmark.ALL_CONFIGS if n != benchmark.BASELINE),
-                   help="configurations (benchmark.py's names)")
-    p.add_argument("--precisions", nargs="+", default=["bf16"], choices=benchmark.PRECISIONS)
+    p = benchmark.training_parser(__doc__, benchmark.ALL_CONFIGS)
     p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=LEVERS)
-    p.add_argument("--size", type=at_least(1), default=256, help="matched sizes, as benchmark.py --sizes")
-    p.add_argument("--max-tokens", type=at_least(1), default=2000)
     p.add_argument("--updates", type=at_least(1), default=24, help="batches per round (pairs of updates)")
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed updates first (fast paths on)")
     p.add_argument("--rounds", type=at_least(1), default=2)
-    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=at_least(1), default=1)
     args = p.parse_args(argv)
     benchmark.check_data(args.data, "train")
