@@ -1293,7 +1293,10 @@ def data_splits(data):
     return sorted({os.path.basename(f).split(".")[0] for f in glob.glob(os.path.join(data, "*.bin"))})
 
 
-def check_data(data, gen_split):
+def check_data(data, gen_split, synthetic: bool = True):
+    """Stops with one error (and the command that builds the demo data) unless ``data`` is a
+    fairseq data-bin with a train split and ``gen_split``; ``synthetic``: the script has
+    --synthetic, which the error then names too."""
     def missing():
         if not os.path.isdir(data):
             return f"{data} does not exist"
@@ -1312,8 +1315,8 @@ def check_data(data, gen_split):
             f"error: {problem}: --data must be a fairseq data-bin.\n"
             "Build the demo data first:\n"
             "    python scripts/prepare_data.py all --lang de --work work/demo\n"
-            "(or `make demo`), or pass --synthetic to benchmark on a synthetic data-bin built in a "
-            "temporary folder.")
+            + ("(or `make demo`), or pass --synthetic to benchmark on a synthetic data-bin built in "
+               "a temporary folder." if synthetic else "(or `make demo`)."))
 
 
 def make_synthetic(root, args):

@@ -81,7 +81,7 @@ def main(argv=None):
     p.add_argument("--updates", type=at_least(1), default=400, help="training updates per row")
     p.add_argument("--every", type=at_least(1), default=50, help="report the resident set every this many updates")
     args = p.parse_args(argv)
-    benchmark.check_data(args.data, "train")
+    benchmark.check_data(args.data, "train", synthetic=False)
 
     rows = [("lstm", "fp32", "stock"), ("lstm", "fp32", "plugin")]
     rows += [(name, prec, "plugin") for name in args.archs for prec in args.precisions]

@@ -152,7 +152,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=at_least(1), default=2)
     p.add_argument("--threads", type=at_least(1), default=1)
     args = p.parse_args(argv)
-    benchmark.check_data(args.data, "train")
+    benchmark.check_data(args.data, "train", synthetic=False)
 
     import torch
     torch.set_num_threads(args.threads)

@@ -408,6 +408,15 @@ def test_memory_trend_reports_long_runs_against_both_lstm_rows(small_data_bin):
     assert kept == [False, glibc, glibc, glibc]
 
 
+@pytest.mark.parametrize("script", ["memory_trend.py", "train_ab.py"])
+def test_training_scripts_name_the_fix_for_missing_data_but_no_synthetic_option(tmp_path, script):
+    """They take benchmark.py's batches but have no --synthetic: the error must not offer it."""
+    proc = run(script, "--data", tmp_path / "nothing", check=False, timeout=120)
+    assert proc.returncode != 0 and "does not exist: --data must be a fairseq data-bin" in proc.stderr
+    assert "prepare_data.py all --lang de --work work/demo" in proc.stderr
+    assert "--synthetic" not in proc.stderr
+
+
 def test_train_ab_levers_switch_the_fast_paths():
     """Each lever's switches set what its fast path reads; "on" restores the plugin's state."""
     spec = importlib.util.spec_from_file_location("train_ab_script", SCRIPTS / "train_ab.py")
