@@ -64,6 +64,11 @@ GPU_CHUNK_ELEMENTS = 1 << 24
 # log_softmax (forward) and softmax (backward) row kernels, the path it replaced
 FORWARD_GRADIENT = True
 
+# --report-accuracy on a CPU: whether each row's argmax is its target from the count of the row's
+# maxima (_argmax_hits); tests and scripts/train_ab.py set it to False for torch's argmax of
+# every row, the path it replaced
+ARGMAX_BY_COUNT = True
+
 
 def _rows_per_chunk(logits: Tensor) -> int:
     elements = CHUNK_ELEMENTS.get(logits.device.type, GPU_CHUNK_ELEMENTS)
@@ -100,19 +105,19 @@ class OutputLayerLoss(torch.autograd.Function):
             # which lifts the gradient's small values out of fp16's subnormal range
             ctx.gradient_written = FORWARD_GRADIENT and dtype != torch.float16
             if ctx.gradient_written:
-                nll, smooth_rows, argmax = _loss_and_gradient(logits, target, acc, c_nll, c_smooth,
-                                                              accuracy)
+                nll, smooth_rows, hits = _loss_and_gradient(logits, target, acc, c_nll, c_smooth,
+                                                            accuracy)
                 logits.index_fill_(0, keep.logical_not().nonzero().squeeze(1), 0)  # padding rows
             else:  # torch's log_softmax row kernel, the log-probabilities of a chunk at a time
                 nll, smooth_rows = _log_softmax_rows(logits, target, acc, smooth)
-                argmax = logits.argmax(1) if accuracy else None
+                hits = logits.argmax(1).eq(target) if accuracy else None
             zero = nll.new_zeros(())
             nll_sum = torch.where(keep, nll, zero).sum()
             # fairseq's smooth_loss: -sum_j log p_j over the row
             smooth_sum = torch.where(keep, smooth_rows, zero).sum() if smooth else zero
             # as label_smoothed_nll_loss: (1 - eps - eps_i) nll + eps_i smooth
             loss = c_nll * nll_sum + c_smooth * smooth_sum
-            correct = (argmax.eq(target) & keep).sum() if accuracy else zero.long()
+            correct = (hits & keep).sum() if accuracy else zero.long()
         ctx.mark_non_differentiable(nll_sum, correct)
         ctx.coefficients = (c_nll, c_smooth)
         ctx.has_bias = bias is not None
@@ -159,9 +164,10 @@ def _loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, c_nll: 
                        ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Per row of the logits z (N x V): -log p(target) = lse - z_t, (for c_smooth != 0)
     -sum_j log p_j = V lse - sum_j z_j (lse = log sum_j exp z_j), in ``acc``, and (with accuracy)
-    argmax_j z_j; N each. Overwrites z with the gradient of c_nll nll + c_smooth smooth,
-    dL/dz = c_nll (p - onehot) + c_smooth (V p - 1) = scale p - c_smooth - c_nll onehot(target),
-    scale = c_nll + V c_smooth (one rounding to z's dtype).
+    whether argmax_j z_j is the target (``_argmax_hits`` on a CPU); N each. Overwrites z with the
+    gradient of c_nll nll + c_smooth smooth, dL/dz = c_nll (p - onehot) + c_smooth (V p - 1) =
+    scale p - c_smooth - c_nll onehot(target), scale = c_nll + V c_smooth (one rounding to z's
+    dtype).
 
     A chunk of rows at a time in one ``acc`` buffer that stays in the cache: copy in
     (converting), row maxima m, row sums, e = exp(z - m) in place and its row sums s (lse =
@@ -172,20 +178,25 @@ def _loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, c_nll: 
     z_target = logits.gather(1, target.unsqueeze(1)).squeeze(1).to(acc)  # N
     lse = logits.new_empty(n, dtype=acc)  # N
     total = logits.new_empty(n, dtype=acc) if smooth else None  # N: sum_j z_j
-    argmax = logits.new_empty(n, dtype=torch.long) if accuracy else None
+    hits = logits.new_empty(n, dtype=torch.bool) if accuracy else None
     rows = _rows_per_chunk(logits)
     buf = logits.new_empty(min(rows, n), vocab, dtype=acc)
+    fast_hits = accuracy and ARGMAX_BY_COUNT and logits.device.type == "cpu"
+    scratch = torch.empty_like(buf) if fast_hits else None
     onehot = buf.new_full((buf.size(0), 1), -c_nll)
     for r in range(0, n, rows):
         chunk = logits[r:r + rows]  # k x V, overwritten by dL/dz
         k = chunk.size(0)
         z = buf[:k].copy_(chunk)
         m = z.amax(1)  # k
-        if accuracy:
-            torch.argmax(z, 1, out=argmax[r:r + k])
         if smooth:
             torch.sum(z, 1, out=total[r:r + k])
-        z.sub_(m.unsqueeze(1)).exp_()
+        z.sub_(m.unsqueeze(1))  # z - max: <= 0, 0 at the row's maxima
+        if fast_hits:
+            _argmax_hits(z, m, chunk, target[r:r + k], scratch[:k], hits[r:r + k])
+        elif accuracy:  # (a GPU's argmax is fast, and this needs no host read)
+            torch.eq(chunk.argmax(1), target[r:r + k], out=hits[r:r + k])
+        z.exp_()
         s = z.sum(1)  # k
         torch.add(s.log(), m, out=lse[r:r + k])
         z.mul_(s.reciprocal_().mul_(scale).unsqueeze(1))  # scale p
@@ -193,7 +204,27 @@ def _loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, c_nll: 
             z.sub_(c_smooth)
         z.scatter_add_(1, target[r:r + k].unsqueeze(1), onehot[:k])
         chunk.copy_(z)
-    return lse - z_target, (lse * vocab - total) if smooth else None, argmax
+    return lse - z_target, (lse * vocab - total) if smooth else None, hits
+
+
+def _argmax_hits(shifted: Tensor, row_max: Tensor, logits: Tensor, target: Tensor,
+                 scratch: Tensor, out: Tensor) -> None:
+    """out (k, bool) = whether torch.argmax of each row of ``logits`` (k x V) is its target, from
+    shifted = logits - row_max (in ``acc``, <= 0, exactly 0 at the row's maxima). For
+    --report-accuracy: torch's argmax over a row is about 20x slower than its max on a CPU (345
+    against 16 us for 43 x 5,992 fp32 rows; ~17 ms an update at the demo's sizes). A row's
+    maxima are counted with one sign pass, V + sum_j sign(shifted_j); where there is one, argmax
+    hits the target iff shifted is 0 there. Rows with several maxima (ties) and rows whose max is
+    not finite (NaN, whose sign counts as 0, or +-inf) take torch's argmax of their logits, the
+    first maximum: the same answers as argmax everywhere."""
+    torch.sign(shifted, out=scratch)
+    count = scratch.sum(1).add_(shifted.size(1))  # k: the row's maxima (exact below 2^24)
+    at_target = shifted.gather(1, target.unsqueeze(1)).squeeze(1).eq(0)
+    single = count.eq(1).logical_and_(row_max.isfinite())
+    torch.logical_and(at_target, single, out=out)
+    ties = single.logical_not_().nonzero().squeeze(1)  # a host read: CPU only
+    if ties.numel():
+        out[ties] = logits[ties].argmax(1).eq(target[ties])
 
 
 def _log_softmax_rows(logits: Tensor, target: Tensor, acc: torch.dtype, smooth: bool

@@ -29,6 +29,9 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
             (fairseq_s2s_attn/stepgrad.py) against autograd's per-step products and sums
   score     the additive score's backward from sigmoid(2 (q + k)) (attention.AdditiveScore)
             against the tanh remade in full
+  accuracy  --report-accuracy's hits from the count of each row's maxima
+            (criterion._argmax_hits) against torch's argmax of every row; needs
+            --report-accuracy
 
 The rows lever gains across batches (a kernel compiled for one batch serves later ones), so
 switching it per batch would measure nothing: it runs side by side instead, two processes at
@@ -69,10 +72,12 @@ def levers():
         "stepgrad": (setter(stepgrad, "DEFER", True), setter(stepgrad, "DEFER", False)),
         "score": (setter(attention, "SIGMOID_BACKWARD", True),
                   setter(attention, "SIGMOID_BACKWARD", False)),
+        "accuracy": (setter(criterion, "ARGMAX_BY_COUNT", True),
+                     setter(criterion, "ARGMAX_BY_COUNT", False)),
     }
 
 
-LEVERS = ("dropout", "adam", "context", "rows", "loss", "stepgrad", "score")
+LEVERS = ("dropout", "adam", "context", "rows", "loss", "stepgrad", "score", "accuracy")
 SIDE_BY_SIDE = ("rows",)
 OLD_TRAINING_PRIMITIVE_CACHE = 16  # fairseq-train's cap before the rows lever
 
@@ -146,12 +151,21 @@ def main(argv=None):
         print(json.dumps(rows_worker(json.loads(sys.argv[2]))))
         return
     p = benchmark.training_parser(__doc__, benchmark.ALL_CONFIGS)
-    p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=LEVERS)
+    p.add_argument("--levers", nargs="+", choices=LEVERS,
+                   help="default: all (accuracy only with --report-accuracy)")
     p.add_argument("--updates", type=at_least(1), default=24, help="batches per round (pairs of updates)")
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed updates first (fast paths on)")
     p.add_argument("--rounds", type=at_least(1), default=2)
     p.add_argument("--threads", type=at_least(1), default=1)
+    p.add_argument("--report-accuracy", action="store_true",
+                   help="train with fused_label_smoothed_cross_entropy --label-smoothing 0.1 "
+                        "--report-accuracy (the demo's criterion, counting correct predictions) "
+                        "instead of fused_cross_entropy; the accuracy lever needs it")
     args = p.parse_args(argv)
+    if args.levers is None:
+        args.levers = [v for v in LEVERS if v != "accuracy" or args.report_accuracy]
+    if "accuracy" in args.levers and not args.report_accuracy:
+        p.error("--levers accuracy measures --report-accuracy's count: add --report-accuracy")
     benchmark.check_data(args.data, "train", synthetic=False)
 
     import torch
@@ -161,11 +175,16 @@ def main(argv=None):
     keep_freed_memory(command=True)
     switches = levers()
 
+    criterion_name, criterion_options = benchmark.DEFAULT_CRITERION, []
+    if args.report_accuracy:
+        criterion_name = "fused_label_smoothed_cross_entropy"
+        criterion_options = ["--label-smoothing", "0.1", "--report-accuracy"]
     rows, side = [], []
     for name in args.archs:
         for prec in args.precisions:
             spec = dict(data=args.data, max_tokens=args.max_tokens, seed=args.seed, lr=0.001,
-                        warmup=args.warmup, updates=args.updates, criterion=benchmark.DEFAULT_CRITERION,
+                        warmup=args.warmup, updates=args.updates, criterion=criterion_name,
+                        criterion_options=criterion_options,
                         model_options=benchmark.model_options(name, prec, args.size, 1, 0.1))
             cfg, task = benchmark.build(spec)
             torch.set_num_threads(args.threads)
@@ -212,7 +231,8 @@ def main(argv=None):
 
     print(benchmark.report_header("CPU fast paths off and on in turns", "train_ab.py", argv, args.threads))
     if rows:
-        print(f"Sizes {args.size}, --max-tokens {args.max_tokens}, {args.updates} batches x "
+        print(f"Sizes {args.size}, --max-tokens {args.max_tokens}, --criterion "
+              f"{' '.join([criterion_name] + criterion_options)}, {args.updates} batches x "
               f"{args.rounds} rounds, each batch trained once with the lever off and once on "
               f"(alternating order) after {args.warmup} warm-up updates; speed-up = the median over "
               f"pairs of off time / on time.\n")

@@ -366,6 +366,23 @@ def test_train_ab_switches_each_lever_in_turns(small_data_bin):
 
 
 @pytest.mark.slow
+def test_train_ab_measures_the_accuracy_count_with_report_accuracy(small_data_bin):
+    """The accuracy lever trains with --report-accuracy's criterion, which the report names;
+    without --report-accuracy it is refused in one line (it would measure nothing)."""
+    proc = run("train_ab.py", "--data", small_data_bin, "--archs", "rnn_luong_nofeed", "--size", 16,
+               "--levers", "accuracy", "--report-accuracy", "--updates", 2, "--rounds", 1,
+               "--warmup", 1, "--max-tokens", 200, timeout=300)
+    assert ("--criterion fused_label_smoothed_cross_entropy --label-smoothing 0.1 "
+            "--report-accuracy" in proc.stdout)
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in proc.stdout.splitlines()
+            if ln.startswith("| rnn_luong_nofeed")]
+    assert [r[2:4] for r in rows] == [["accuracy", "2"]] and float(rows[0][6]) > 0
+    refused = run("train_ab.py", "--data", small_data_bin, "--levers", "accuracy", check=False,
+                  timeout=120)
+    assert refused.returncode == 2 and "add --report-accuracy" in refused.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
 def test_train_ab_runs_the_rows_lever_side_by_side(small_data_bin):
     """The rows lever: two worker processes (off, on) per round, their totals and peak memory;
     the cache sizes each ran with are named."""
@@ -428,7 +445,7 @@ def test_train_ab_levers_switch_the_fast_paths():
 
     names = [(dropout.Dropout, "forward"), (optim, "FUSED_ADAMW"), (attention, "FP32_CONTEXT"),
              (precision, "PAD_ROWS"), (criterion, "FORWARD_GRADIENT"), (stepgrad, "DEFER"),
-             (attention, "SIGMOID_BACKWARD")]
+             (attention, "SIGMOID_BACKWARD"), (criterion, "ARGMAX_BY_COUNT")]
     state = [getattr(obj, name) for obj, name in names]
     switches = train_ab.levers()
     assert set(switches) == set(train_ab.LEVERS)
@@ -437,7 +454,7 @@ def test_train_ab_levers_switch_the_fast_paths():
             off()
         assert dropout.Dropout.forward is FairseqDropout.forward
         assert optim.FUSED_ADAMW is None
-        assert [getattr(obj, name) for obj, name in names[2:]] == [False] * 5
+        assert [getattr(obj, name) for obj, name in names[2:]] == [False] * 6
         for on, _ in switches.values():
             on()
         assert [getattr(obj, name) for obj, name in names] == state
