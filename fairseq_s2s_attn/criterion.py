@@ -27,6 +27,14 @@ and Luong et al. 2015 both train with this loss):
   log_softmax row kernel forward, the gradient from its softmax in backward, the path this
   replaced; ``scripts/train_ab.py --levers loss`` measures the two.)
 
+With ``--report-accuracy`` (label-smoothed) fairseq counts the rows whose argmax is the target;
+torch's argmax over a row runs about 20x slower than its max on a CPU, and took ~35 ms of a
+~200 ms ``--cpu-bf16`` update at the demo's sizes. On a CPU each chunk's hits come from its
+maxima instead (``_argmax_hits``: one sign pass over z - max counts them; a row with one maximum
+hits iff the target's entry is it); rows with ties or non-finite values take torch's argmax, so
+the count is argmax's (``ARGMAX_BY_COUNT``; ``scripts/train_ab.py --levers accuracy
+--report-accuracy`` measures the two).
+
 In ``--cpu-bf16`` training the N rows (features and targets) are first padded to a bucket of
 rows (``precision.padded_rows``; padding targets, so the extra rows add nothing to the loss, the
 counts or the gradients): oneDNN compiles the output layer's three products once per bucket
