@@ -28,9 +28,9 @@ For a CPU run (``--cpu``, or no CUDA) with more than one process we therefore
 - keep the closed group's object to the end of the process and end the process without the
   interpreter's teardown (``exit_without_teardown``): freeing the group joins gloo's worker
   threads while holding the GIL, and a worker still releasing the final barrier's work needs the
-  GIL: a rank hung for good in a garbage collection after a successful run (once in CI, until
-  the test's 10-minute timeout; once here, its stacks read with gdb), or died with SIGABRT at
-  exit (about 1 run in 150 of a 2-process training on a 2-core machine).
+  GIL: a rank hung for good in a garbage collection after a successful run (its stacks read
+  with gdb here; in CI the same test hung until its 10-minute timeout), or died with SIGABRT at
+  exit: 2 of about 200 runs of a 2-process training on a 2-core machine.
 
 GPU runs are left to fairseq unchanged. See docs/distributed.md for the commands.
 """
@@ -230,10 +230,10 @@ class exit_without_teardown:
     ``close_gloo_group`` (which keeps it on purpose; before, DistributedDataParallel's reducer
     kept it): freed during the teardown, with gloo's worker threads and connections, it made a
     successful run's process die with SIGABRT ("terminate called without an active exception"),
-    or hang, in about 1 of 150 runs of a 2-process training (see the module's docstring and
-    ``close_gloo_group``). What runs before: threads joined, the exit handlers registered after training
-    started (fairseq's tensorboard writers, wandb), multiprocessing's (children, finalizers),
-    logging's (handlers flushed and closed), the standard streams flushed.
+    or hang (see the module's docstring and ``close_gloo_group``). What runs before: threads
+    joined, the exit handlers registered after training started (fairseq's tensorboard writers,
+    wandb), multiprocessing's (children, finalizers), logging's (handlers flushed and closed),
+    the standard streams flushed.
 
     The handler is registered when a distributed training starts (so that it runs after the
     handlers registered during training) and acts only when the last training in the process
