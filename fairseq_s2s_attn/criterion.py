@@ -222,9 +222,9 @@ def _argmax_hits(shifted: Tensor, row_max: Tensor, logits: Tensor, target: Tenso
     --report-accuracy: torch's argmax over a row is about 20x slower than its max on a CPU (345
     against 16 us for 43 x 5,992 fp32 rows; ~35 ms of a --cpu-bf16 update at the demo's sizes).
     A row's maxima are counted with one sign pass, V + sum_j sign(shifted_j); where there is one,
-    argmax hits the target iff shifted is 0 there. Rows with several maxima (ties) and rows whose max is
-    not finite (NaN, whose sign counts as 0, or +-inf) take torch's argmax of their logits, the
-    first maximum: the same answers as argmax everywhere."""
+    argmax hits the target iff shifted is 0 there. Rows with several maxima (ties) and rows whose
+    max is not finite (NaN, whose sign counts as 0, or +-inf) take torch's argmax of their
+    logits, the first maximum: the same answers as argmax everywhere."""
     torch.sign(shifted, out=scratch)
     count = scratch.sum(1).add_(shifted.size(1))  # k: the row's maxima (exact below 2^24)
     at_target = shifted.gather(1, target.unsqueeze(1)).squeeze(1).eq(0)

@@ -430,7 +430,8 @@ def build(spec):
 
     device_flag = ["--cpu"] if spec.get("device", "cpu") == "cpu" else []
     argv = [spec["data"], "--user-dir", USER_DIR, "--task", "translation"] + device_flag + [
-            "--criterion", spec.get("criterion", DEFAULT_CRITERION), *spec.get("criterion_options", []),
+            "--criterion", spec.get("criterion", DEFAULT_CRITERION),
+            *spec.get("criterion_options", []),
             "--max-tokens", str(spec["max_tokens"]),
             "--seed", str(spec["seed"]), "--optimizer", "adam", "--lr", str(spec["lr"]),
             "--num-workers", "0"] + spec["model_options"]

@@ -200,12 +200,12 @@ def test_a_loop_keeps_nothing_alive_after_its_backward(gen, monkeypatch):
         tapes.append(weakref.ref(self))
 
     monkeypatch.setattr(stepgrad.Tape, "__init__", recorded)
-    for cpu_bf16 in (False, True):
-        model = build_model("rnn_luong_tiny", seed=3, input_feeding=True, cpu_bf16=cpu_bf16)
-        train_step(model, *batch(model, gen))
-    assert len(tapes) >= 4  # W_h, W_x and W_c per model
-    gc.disable()
+    gc.disable()  # from the start: a collection during training would free a cycle too
     try:
+        for cpu_bf16 in (False, True):
+            model = build_model("rnn_luong_tiny", seed=3, input_feeding=True, cpu_bf16=cpu_bf16)
+            train_step(model, *batch(model, gen))
+        assert len(tapes) >= 4  # W_h, W_x and W_c per model
         assert all(ref() is None for ref in tapes)
     finally:
         gc.enable()
