@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fused import Fused
 from .packed import Linear
 from .precision import over_positions
 
@@ -145,10 +146,17 @@ SCORE_BLOCK_ELEMENTS = {"cpu": 1 << 22}
 
 
 def additive_scores(q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor] = None,
-                    w_c: Optional[Tensor] = None) -> Tensor:
+                    w_c: Optional[Tensor] = None, training: bool = False) -> Tensor:
     """e = v^T tanh(q + k [+ coverage w_c]) over the last dimension, for broadcastable q and k
-    of one number of dimensions, in their dtype; coverage (... x S x 1) times w_c (A) is added to
-    the keys one block of rows at a time (``SCORE_BLOCK_ELEMENTS``)."""
+    of one number of dimensions, in their dtype: in one compiled loop where that is faster
+    (``FUSED_SCORES``; training: the forward of ``AdditiveScore``), else eagerly, coverage
+    (... x S x 1) times w_c (A) added to the keys one block of rows at a time
+    (``SCORE_BLOCK_ELEMENTS``)."""
+    if (q.dim() == k.dim() and q.dtype == k.dtype
+            and FUSED_SCORES.usable(k, _elements(q, k), training)):
+        scores = FUSED_SCORES(q, k, v.to(k.dtype), coverage, w_c)
+        if scores is not None:
+            return scores
     limit = SCORE_BLOCK_ELEMENTS.get(k.device.type)
     if limit is not None and q.dim() == k.dim():
         per_row = math.prod(max(a, b) for a, b in zip(q.shape[1:], k.shape[1:]))  # [T x] S x A
@@ -183,6 +191,43 @@ def _additive_scores(q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor]
     return x.view(-1, x.size(-1)).mv(v.to(x.dtype) * 2).view(x.shape[:-1])
 
 
+def _elements(q: Tensor, k: Tensor) -> int:
+    """How many values q + k has (B [x T] x S x A)."""
+    return math.prod(torch.broadcast_shapes(q.shape, k.shape))
+
+
+def _fused_scores(q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor],
+                  w_c: Optional[Tensor]) -> Tensor:
+    """``additive_scores`` as one loop over the B [x T] x S x A values (compiled, fused.py):
+    e = (2v)^T (sigmoid(2q + 2k [+ 2 coverage w_c]) - 1/2), no B x S x A tensor written."""
+    if coverage is not None:
+        k = k + coverage * w_c
+    return ((torch.sigmoid(2 * q + 2 * k) - 0.5) * (2 * v)).sum(-1)
+
+
+def _fused_score_grads(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, coverage: Optional[Tensor],
+                       w_c: Optional[Tensor], coverage_grads: bool):
+    """``AdditiveScore.backward``'s gradients (for q, k, v[, coverage, w_c]) from one pass over
+    the values (compiled, fused.py): s = sigmoid(2 (q + k)) remade, tanh = 2 s - 1,
+    d e / d (q + k) = grad v tanh' = grad 4 v s (1 - s); only that B x S x A gradient (k's) is
+    written, q's and v's sums are taken in the same loop."""
+    keys = k if coverage is None else k + coverage * w_c
+    s = torch.sigmoid(2 * q + 2 * keys)
+    g = grad.unsqueeze(-1)  # ... x S x 1
+    grad_v = (g * (2 * s - 1)).sum(dim=tuple(range(s.dim() - 1)))
+    d_pre = g * (4 * v) * s * (1 - s)
+    grad_cov = grad_w = None
+    if coverage is not None and coverage_grads:
+        grad_cov = _sum_to((d_pre * w_c).sum(-1, keepdim=True), coverage)
+        grad_w = (d_pre * coverage).sum(dim=tuple(range(s.dim() - 1)))
+    return _sum_to(d_pre, q), _sum_to(d_pre, k), grad_v, grad_cov, grad_w
+
+
+# the additive score's forward and backward each in one compiled loop on CPU (fp32 values,
+# the dtype of its element-wise work there, ``for_elementwise``); fused.ENABLED switches it off
+FUSED_SCORES = Fused(_fused_scores)
+FUSED_SCORE_GRADS = Fused(_fused_score_grads)
+
 # backward on CPU from sigmoid(2 (q + k)) (AdditiveScore.backward); tests and
 # scripts/train_ab.py set it to False for the tanh itself (additive_hidden)
 SIGMOID_BACKWARD = True
@@ -208,11 +253,19 @@ class AdditiveScore(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor] = None,
                 w_c: Optional[Tensor] = None) -> Tensor:
         ctx.save_for_backward(q, k, v, coverage, w_c)
-        return additive_scores(q, k, v, coverage, w_c)
+        return additive_scores(q, k, v, coverage, w_c, training=True)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, v, coverage, w_c = ctx.saved_tensors
+        if q.dtype == k.dtype and FUSED_SCORE_GRADS.usable(k, _elements(q, k), training=True):
+            needs = tuple(ctx.needs_input_grad[3:]) + (False, False)  # coverage, w_c
+            grads = FUSED_SCORE_GRADS(q, k, v.to(k.dtype), grad.to(k.dtype), coverage, w_c,
+                                      needs[0] or needs[1])
+            if grads is not None:
+                grad_q, grad_k, grad_v, grad_cov, grad_w = grads
+                return (grad_q, grad_k, grad_v.to(v.dtype), grad_cov if needs[0] else None,
+                        grad_w.to(w_c.dtype) if needs[1] else None)
         keys = k if coverage is None else torch.addcmul(k, coverage, w_c)
         if (not SIGMOID_BACKWARD or q.is_cuda or keys.is_cuda
                 or torch.float64 in (q.dtype, keys.dtype)):

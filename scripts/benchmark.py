@@ -18,7 +18,8 @@ One run measures, on the same binarised data and with matched sizes, every confi
                       the decoder step, input feeding: the closest match to rnn_luong)
 
 (LSTM cells in ours too, like fairseq's lstm; on request, --archs rnn_bahdanau_gru rnn_luong_gru
-run the architectures' own GRU cell, rnn_luong_gru being what --arch rnn_luong gives)
+run the architectures' own GRU cell, rnn_luong_gru being what --arch rnn_luong gives and
+rnn_bahdanau_gru_coverage what --arch rnn_bahdanau gives, make demo's model)
 
 each at fp32 and bf16 (--precisions). Our bf16 is the model option --cpu-bf16 (torch CPU autocast
 inside the model); fairseq's lstm has no CPU bf16 option (its --bf16 --cpu assumes a TPU), so its
@@ -194,6 +195,8 @@ COMPILED_CONFIGS = {
 GRU_CONFIGS = {
     "rnn_bahdanau_gru": ("rnn_bahdanau", ["--coverage", "false", "--rnn-type", "gru"]),
     "rnn_luong_gru": ("rnn_luong", ["--input-feeding", "false", "--rnn-type", "gru"]),
+    # what --arch rnn_bahdanau gives (make demo's model), at the matched sizes
+    "rnn_bahdanau_gru_coverage": ("rnn_bahdanau", ["--coverage", "true", "--rnn-type", "gru"]),
 }
 ALL_CONFIGS = dict(CONFIGS, **PAPER_CONFIGS, **COMPILED_CONFIGS, **GRU_CONFIGS)
 BASELINE = "lstm"

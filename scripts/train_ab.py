@@ -29,6 +29,8 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
             (fairseq_s2s_attn/stepgrad.py) against autograd's per-step products and sums
   score     the additive score's backward from sigmoid(2 (q + k)) (attention.AdditiveScore)
             against the tanh remade in full
+  fused     the additive score's forward and backward each in one loop compiled by inductor
+            (fairseq_s2s_attn/fused.py) against torch's eager element-wise operations
   accuracy  --report-accuracy's hits from the count of each row's maxima
             (criterion._argmax_hits) against torch's argmax of every row; needs
             --report-accuracy
@@ -54,9 +56,9 @@ def levers():
     """name -> (switch on, switch off): module state the fast path reads at every call."""
     from fairseq.modules import FairseqDropout
 
-    from fairseq_s2s_attn import attention, criterion, dropout, optim, precision, stepgrad
+    from fairseq_s2s_attn import attention, criterion, dropout, fused, optim, precision, stepgrad
 
-    fast_dropout, fused = dropout.Dropout.forward, optim.FUSED_ADAMW
+    fast_dropout, fused_adam = dropout.Dropout.forward, optim.FUSED_ADAMW
 
     def setter(obj, name, value):
         return lambda: setattr(obj, name, value)
@@ -64,7 +66,7 @@ def levers():
     return {
         "dropout": (setter(dropout.Dropout, "forward", fast_dropout),
                     setter(dropout.Dropout, "forward", FairseqDropout.forward)),
-        "adam": (setter(optim, "FUSED_ADAMW", fused), setter(optim, "FUSED_ADAMW", None)),
+        "adam": (setter(optim, "FUSED_ADAMW", fused_adam), setter(optim, "FUSED_ADAMW", None)),
         "context": (setter(attention, "FP32_CONTEXT", True), setter(attention, "FP32_CONTEXT", False)),
         "rows": (setter(precision, "PAD_ROWS", True), setter(precision, "PAD_ROWS", False)),
         "loss": (setter(criterion, "FORWARD_GRADIENT", True),
@@ -72,12 +74,13 @@ def levers():
         "stepgrad": (setter(stepgrad, "DEFER", True), setter(stepgrad, "DEFER", False)),
         "score": (setter(attention, "SIGMOID_BACKWARD", True),
                   setter(attention, "SIGMOID_BACKWARD", False)),
+        "fused": (setter(fused, "ENABLED", True), setter(fused, "ENABLED", False)),
         "accuracy": (setter(criterion, "ARGMAX_BY_COUNT", True),
                      setter(criterion, "ARGMAX_BY_COUNT", False)),
     }
 
 
-LEVERS = ("dropout", "adam", "context", "rows", "loss", "stepgrad", "score", "accuracy")
+LEVERS = ("dropout", "adam", "context", "rows", "loss", "stepgrad", "score", "fused", "accuracy")
 SIDE_BY_SIDE = ("rows",)
 OLD_TRAINING_PRIMITIVE_CACHE = 16  # fairseq-train's cap before the rows lever
 

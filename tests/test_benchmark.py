@@ -310,11 +310,13 @@ def test_analytic_cudnn_rnn_flops(layers, bidirectional):
 @pytest.mark.parametrize("name, rnn_type, feeding", [
     ("rnn_luong", "lstm", True), ("rnn_luong_nofeed", "lstm", False), ("rnn_luong_gru", "gru", False),
     ("rnn_bahdanau", "lstm", None), ("rnn_bahdanau_gru", "gru", None),
+    ("rnn_bahdanau_gru_coverage", "gru", "coverage"),
 ])
 def test_configs_parse_to_the_cell_and_feeding_they_name(name, rnn_type, feeding):
     """The matched-size options put LSTM cells in every row like fairseq's lstm; the *_gru
     configurations' own --rnn-type gru must win over that, and rnn_luong_gru is rnn_luong's
-    default (no input feeding); the Bahdanau rows keep the paper's plain score."""
+    default (no input feeding); the Bahdanau rows keep the paper's plain score, except
+    rnn_bahdanau_gru_coverage, --arch rnn_bahdanau's own default (GRU, coverage)."""
     from fairseq import options
 
     bench = load_benchmark()
@@ -322,7 +324,9 @@ def test_configs_parse_to_the_cell_and_feeding_they_name(name, rnn_type, feeding
         opts = bench.model_options(name, precision, 32, 1, 0.1)
         args = options.parse_args_and_arch(options.get_training_parser(), ["data-bin", *opts])
         assert args.rnn_type == rnn_type and args.cpu_bf16 is (precision == "bf16")
-        if feeding is not None:
+        if feeding == "coverage":
+            assert args.coverage is True
+        elif feeding is not None:
             assert args.input_feeding is feeding
         else:
             assert args.coverage is False

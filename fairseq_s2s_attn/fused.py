@@ -1,0 +1,81 @@
+"""Element-wise work fused into single loops by torch.compile's inductor backend, on CPU.
+
+Eager torch runs a chain of element-wise operations as one pass over memory per operation;
+inductor compiles the chain, and a reduction that ends it, into one C++ loop. The plugin uses it
+for the additive score (``attention.AdditiveScore``), whose element-wise work over B x S x A
+values is the largest of Bahdanau's decoder step: its forward was four passes (add, sigmoid,
+subtract, product with v), its backward seven or more.
+
+A function is compiled at its first call (dynamic shapes: one kernel for all batch and sentence
+sizes; a C++ compiler is needed at run time) and the kernel is kept in inductor's on-disk cache
+for later processes. If compilation fails (no compiler, an unsupported platform), the failure is
+logged once and every later call returns None, for the caller's eager path. S2S_FUSED=0 in the
+environment keeps the eager path from the start (nothing compiled).
+"""
+
+import logging
+import os
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+# tests and scripts/train_ab.py set it to False for the eager path
+ENABLED = os.environ.get("S2S_FUSED", "1") != "0"
+# below this many values per call the eager path is faster: a compiled call pays ~20 us of
+# guard checks and wrapper code. In training (one forward and one backward call per decoder
+# step over the B x S x A values): at B 16, S 20, A 256, 84 against 79 us eager; at B 32,
+# S 40, 206 against 280 us. In beam search, whose other per-step work is small, more is needed:
+# at batch 16 (beam 1, ~164k values a step) fairseq-generate ran 0.89x as fast compiled, at
+# beam 5 (~512k) 1.03-1.05x; at B 160, S 30, 653 against 1,164-1,488 us (one thread of an
+# Intel Xeon with AMX, torch 2.13).
+MIN_ELEMENTS = {True: 1 << 17, False: 1 << 19}  # training: True, decoding: False
+
+
+class Fused:
+    """fn compiled by inductor at its first call; ``__call__`` returns None where the caller
+    should run its eager path: switched off, not a CPU fp32 input, under another compilation
+    (``--compile-step`` traces the eager path into its own graph) or compilation failed."""
+
+    failure: Optional[str] = None  # the first failure, for every Fused: the cause is the same
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.compiled: Optional[Callable] = None
+
+    def usable(self, like: Tensor, elements: int, training: bool) -> bool:
+        return (ENABLED and Fused.failure is None and like.device.type == "cpu"
+                and like.dtype == torch.float32 and elements >= MIN_ELEMENTS[training]
+                and not torch.compiler.is_compiling())
+
+    def __call__(self, *args, **kwargs):
+        from torch._dynamo.exc import BackendCompilerFailed  # inductor's errors derive from it
+
+        try:
+            if self.compiled is None:
+                _check_compiler()
+                self.compiled = torch.compile(self.fn, dynamic=True)
+            return self.compiled(*args, **kwargs)
+        except (BackendCompilerFailed, _CompilerMissing) as exc:  # the eager path from now on
+            lines = str(exc).strip().splitlines()
+            Fused.failure = lines[0][:300] if lines else type(exc).__name__
+            logger.warning(f"the fused CPU kernels are off, their compilation failed "
+                           f"({Fused.failure}); running the eager operations instead")
+            return None
+
+
+class _CompilerMissing(RuntimeError):
+    pass
+
+
+def _check_compiler() -> None:
+    """Raises _CompilerMissing without a C++ compiler that inductor can use, before inductor
+    tries one: its own failure, later, logs a multi-line CRITICAL record of the kernel it could
+    not build before raising."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler, or no inductor on this platform
+        raise _CompilerMissing(f"{type(exc).__name__}: {exc}") from exc
