@@ -148,12 +148,12 @@ SCORE_BLOCK_ELEMENTS = {"cpu": 1 << 22}
 def additive_scores(q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor] = None,
                     w_c: Optional[Tensor] = None, training: bool = False) -> Tensor:
     """e = v^T tanh(q + k [+ coverage w_c]) over the last dimension, for broadcastable q and k
-    of one number of dimensions, in their dtype: in one compiled loop where that is faster
-    (``FUSED_SCORES``; training: the forward of ``AdditiveScore``), else eagerly, coverage
+    of one number of dimensions, in their dtype: in training (the forward of ``AdditiveScore``)
+    in one compiled loop where that is faster (``FUSED_SCORES``), else eagerly, coverage
     (... x S x 1) times w_c (A) added to the keys one block of rows at a time
     (``SCORE_BLOCK_ELEMENTS``)."""
-    if (q.dim() == k.dim() and q.dtype == k.dtype
-            and FUSED_SCORES.usable(k, _elements(q, k), training)):
+    if (training and q.dim() == k.dim() and q.dtype == k.dtype
+            and FUSED_SCORES.usable(k, _elements(q, k))):
         scores = FUSED_SCORES(q, k, v.to(k.dtype), coverage, w_c)
         if scores is not None:
             return scores
@@ -192,8 +192,9 @@ def _additive_scores(q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor]
 
 
 def _elements(q: Tensor, k: Tensor) -> int:
-    """How many values q + k has (B [x T] x S x A)."""
-    return math.prod(torch.broadcast_shapes(q.shape, k.shape))
+    """How many values q + k has (B [x T] x S x A), for q and k of one number of dimensions
+    (a few us; torch.broadcast_shapes took 11)."""
+    return math.prod(max(a, b) for a, b in zip(q.shape, k.shape))
 
 
 def _fused_scores(q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor],
@@ -223,8 +224,10 @@ def _fused_score_grads(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, coverage: 
     return _sum_to(d_pre, q), _sum_to(d_pre, k), grad_v, grad_cov, grad_w
 
 
-# the additive score's forward and backward each in one compiled loop on CPU (fp32 values,
-# the dtype of its element-wise work there, ``for_elementwise``); fused.ENABLED switches it off
+# in training, the additive score's forward and backward each in one compiled loop on CPU (fp32
+# values, the dtype of its element-wise work there, ``for_elementwise``); decoding stays eager
+# (fused.py: compiling costs more than it saves in a fairseq-generate run); fused.ENABLED
+# switches it off
 FUSED_SCORES = Fused(_fused_scores)
 FUSED_SCORE_GRADS = Fused(_fused_score_grads)
 
@@ -258,7 +261,8 @@ class AdditiveScore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, v, coverage, w_c = ctx.saved_tensors
-        if q.dtype == k.dtype and FUSED_SCORE_GRADS.usable(k, _elements(q, k), training=True):
+        if (q.dim() == k.dim() and q.dtype == k.dtype
+                and FUSED_SCORE_GRADS.usable(k, _elements(q, k))):
             needs = tuple(ctx.needs_input_grad[3:]) + (False, False)  # coverage, w_c
             grads = FUSED_SCORE_GRADS(q, k, v.to(k.dtype), grad.to(k.dtype), coverage, w_c,
                                       needs[0] or needs[1])
