@@ -208,10 +208,11 @@ def _fused_scores(q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor],
 
 def _fused_score_grads(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, coverage: Optional[Tensor],
                        w_c: Optional[Tensor], coverage_grads: bool):
-    """``AdditiveScore.backward``'s gradients (for q, k, v[, coverage, w_c]) from one pass over
-    the values (compiled, fused.py): s = sigmoid(2 (q + k)) remade, tanh = 2 s - 1,
-    d e / d (q + k) = grad v tanh' = grad 4 v s (1 - s); only that B x S x A gradient (k's) is
-    written, q's and v's sums are taken in the same loop."""
+    """``AdditiveScore.backward``'s gradients (for q, k, v[, coverage, w_c]), compiled
+    (fused.py): s = sigmoid(2 (q + k)) remade once (one exp per value), tanh = 2 s - 1,
+    d e / d (q + k) = grad v tanh' = grad 4 v s (1 - s). Inductor makes one kernel of four
+    loops over the values without coverage (s; v's sum; the gradient, written over s as k's;
+    q's sum over the positions) where the eager path ran seven or more operations, each a pass."""
     keys = k if coverage is None else k + coverage * w_c
     s = torch.sigmoid(2 * q + 2 * keys)
     g = grad.unsqueeze(-1)  # ... x S x 1
