@@ -445,11 +445,11 @@ def test_train_ab_levers_switch_the_fast_paths():
     spec.loader.exec_module(train_ab)
     from fairseq.modules import FairseqDropout
 
-    from fairseq_s2s_attn import attention, criterion, dropout, optim, precision, stepgrad
+    from fairseq_s2s_attn import attention, criterion, dropout, fused, optim, precision, stepgrad
 
     names = [(dropout.Dropout, "forward"), (optim, "FUSED_ADAMW"), (attention, "FP32_CONTEXT"),
              (precision, "PAD_ROWS"), (criterion, "FORWARD_GRADIENT"), (stepgrad, "DEFER"),
-             (attention, "SIGMOID_BACKWARD"), (criterion, "ARGMAX_BY_COUNT")]
+             (attention, "SIGMOID_BACKWARD"), (criterion, "ARGMAX_BY_COUNT"), (fused, "ENABLED")]
     state = [getattr(obj, name) for obj, name in names]
     switches = train_ab.levers()
     assert set(switches) == set(train_ab.LEVERS)
@@ -458,7 +458,7 @@ def test_train_ab_levers_switch_the_fast_paths():
             off()
         assert dropout.Dropout.forward is FairseqDropout.forward
         assert optim.FUSED_ADAMW is None
-        assert [getattr(obj, name) for obj, name in names[2:]] == [False] * 6
+        assert [getattr(obj, name) for obj, name in names[2:]] == [False] * 7
         for on, _ in switches.values():
             on()
         assert [getattr(obj, name) for obj, name in names] == state

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from clitools import REPO, run
 from conftest import FakeTask, build_model, make_dict, random_tokens
-from fairseq_s2s_attn import criterion as fused
+from fairseq_s2s_attn import criterion as fused_loss
 from fairseq_s2s_attn.criterion import (FusedCrossEntropyCriterion,
                                         FusedLabelSmoothedCrossEntropyCriterion)
 
@@ -147,12 +147,12 @@ def test_fused_criterion_over_padded_rows_gives_the_unpadded_loss(crit, gen, mon
     task = FakeTask(make_dict(), make_dict())
     sample = make_sample(task.target_dictionary, gen, (7, 5, 6, 4), (9, 7, 8, 6))
     rows = []
-    apply = fused.OutputLayerLoss.apply
-    monkeypatch.setattr(fused.OutputLayerLoss, "apply",
+    apply = fused_loss.OutputLayerLoss.apply
+    monkeypatch.setattr(fused_loss.OutputLayerLoss, "apply",
                         lambda x, *args: rows.append(x.size(0)) or apply(x, *args))
     results = {}
     for pad in (True, False):  # the model's own products padded in both
-        monkeypatch.setattr(fused, "pads_rows", lambda x, pad=pad: pad)
+        monkeypatch.setattr(fused_loss, "pads_rows", lambda x, pad=pad: pad)
         results[pad] = loss_and_grads(cls(task, **options), model, sample)
     prefix = options.get("ignore_prefix_size", 0)
     assert rows == [64, 4 * (9 - prefix)]
@@ -196,7 +196,7 @@ def test_fused_criterion_makes_one_logits_sized_tensor(cpu_bf16, gen, monkeypatc
     The fused one makes the logits only and writes their gradient over them (its temporaries are
     the size of a chunk of rows; here 8 of the batch's 36)."""
     d = make_dict(400)
-    monkeypatch.setitem(fused.CHUNK_ELEMENTS, "cpu", 8 * len(d))
+    monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * len(d))
     task = FakeTask(d, d)
     model = build_model("rnn_bahdanau_tiny", task=task, cpu_bf16=cpu_bf16)
     sample = make_sample(d, gen, src_lengths=(7, 5, 6, 4), tgt_lengths=(9, 7, 8, 6))
@@ -222,7 +222,7 @@ def test_fused_backward_under_cpu_bf16_allocates_no_fp32_logits_sized_block(gen,
     from torch.profiler import ProfilerActivity, profile
 
     d = make_dict(4000)
-    monkeypatch.setitem(fused.CHUNK_ELEMENTS, "cpu", 8 * len(d))
+    monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * len(d))
     task = FakeTask(d, d)
     model = build_model("rnn_bahdanau_tiny", task=task, cpu_bf16=True)
     sample = make_sample(d, gen, src_lengths=(7, 5, 6, 4), tgt_lengths=(9, 7, 8, 6))
@@ -241,11 +241,11 @@ def test_column_sums_by_chunks_equal_torchs_sum(rows, gen):
     """The chunked column sums (bias gradient) equal torch's sum of the whole bf16 tensor in
     fp32, to fp32 rounding; an fp32 tensor is summed as it is."""
     x = torch.randn(37, 50, generator=gen).bfloat16()
-    got = fused._column_sums(x, torch.float32, rows)
+    got = fused_loss._column_sums(x, torch.float32, rows)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, x.sum(0, dtype=torch.float32), rtol=1e-6, atol=1e-6)
     x32 = x.float()
-    assert torch.equal(fused._column_sums(x32, torch.float32, rows), x32.sum(0))
+    assert torch.equal(fused_loss._column_sums(x32, torch.float32, rows), x32.sum(0))
 
 
 def test_fp16_logits_keep_the_gradient_in_backward(gen):
@@ -271,7 +271,7 @@ def test_second_backward_through_the_same_graph(written, gen, monkeypatch):
     """retain_graph: with the gradient written by the forward, a second backward gives the same
     gradients again; the plain path's backward overwrites the logits with their gradient, so
     its second backward must fail rather than use them."""
-    monkeypatch.setattr(fused, "FORWARD_GRADIENT", written)
+    monkeypatch.setattr(fused_loss, "FORWARD_GRADIENT", written)
     model = build_model("rnn_luong_tiny")
     task = FakeTask(make_dict(), make_dict())
     sample = make_sample(task.target_dictionary, gen)
@@ -295,7 +295,7 @@ def test_chunks_of_rows_give_the_same_result(monkeypatch, gen):
     sample = make_sample(task.target_dictionary, gen)
     crit = FusedLabelSmoothedCrossEntropyCriterion(task, False, 0.1)
     loss, _, _, grads = loss_and_grads(crit, model, sample)
-    monkeypatch.setitem(fused.CHUNK_ELEMENTS, "cpu", 1)  # one row per chunk
+    monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 1)  # one row per chunk
     loss1, _, _, grads1 = loss_and_grads(crit, model, sample)
     torch.testing.assert_close(loss1, loss, rtol=1e-12, atol=1e-12)
     for n in grads:
@@ -318,7 +318,7 @@ def test_models_without_an_output_projection_take_fairseqs_path(gen):
     base_architecture(args)
     torch.manual_seed(0)
     lstm = LSTMModel.build_model(args, task)
-    assert not fused.fusable(lstm)
+    assert not fused_loss.fusable(lstm)
     sample = make_sample(d, gen, src_lengths=(5, 4, 3))  # fairseq's lstm wants them sorted
     options = dict(sentence_avg=False, label_smoothing=0.1)
     loss = FusedLabelSmoothedCrossEntropyCriterion(task, **options)(lstm, sample)[0]
@@ -328,7 +328,7 @@ def test_models_without_an_output_projection_take_fairseqs_path(gen):
     tiny_architecture(args)
     torch.manual_seed(0)
     transformer = TransformerModel.build_model(args, task)
-    assert not fused.fusable(transformer)
+    assert not fused_loss.fusable(transformer)
     loss = FusedLabelSmoothedCrossEntropyCriterion(task, **options)(transformer, sample)[0]
     loss0 = LabelSmoothedCrossEntropyCriterion(task, **options)(transformer, sample)[0]
     assert float(loss) == float(loss0)
@@ -382,7 +382,7 @@ def output_layer_loss(x, w, b, target, dtype, coefficients, upstream=1.0):
     upstream gradient ``upstream``, and the ops its forward and its backward ran."""
     x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
     with OpNames() as forward:
-        loss, _, _ = fused.OutputLayerLoss.apply(x, w, b, target, 1, dtype, *coefficients, False)
+        loss, _, _ = fused_loss.OutputLayerLoss.apply(x, w, b, target, 1, dtype, *coefficients, False)
     with OpNames() as backward:
         loss.backward(torch.tensor(upstream))
     return loss.detach(), (x.grad, w.grad, b.grad), set(forward.names), set(backward.names)
@@ -400,7 +400,7 @@ def test_forward_writes_the_gradient_backward_only_multiplies(dtype, coefficient
     softmax and the gradient's passes in backward). The loss and the gradients equal those of
     torch's row kernels: fp64 to 1e-12, bf16 logits to the rounding of the gradient written over
     them; for an upstream gradient other than 1 too, and negated and zero losses."""
-    monkeypatch.setitem(fused.CHUNK_ELEMENTS, "cpu", 8 * 50)  # several chunks of 8 rows
+    monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * 50)  # several chunks of 8 rows
     x = torch.randn(37, 16, generator=gen, dtype=torch.float64)
     w = torch.randn(50, 16, generator=gen, dtype=torch.float64)
     b = torch.randn(50, generator=gen, dtype=torch.float64)
@@ -410,7 +410,7 @@ def test_forward_writes_the_gradient_backward_only_multiplies(dtype, coefficient
         x, w, b = x.float(), w.float(), b.float()
     results = {}
     for written in (True, False):
-        monkeypatch.setattr(fused, "FORWARD_GRADIENT", written)
+        monkeypatch.setattr(fused_loss, "FORWARD_GRADIENT", written)
         results[written] = output_layer_loss(x, w, b, target, dtype, coefficients, upstream)
     (loss, grads, fwd, bwd), (loss0, grads0, fwd0, bwd0) = results[True], results[False]
     row_kernels = {"_softmax", "_log_softmax"}
@@ -428,8 +428,6 @@ def test_forward_writes_the_gradient_backward_only_multiplies(dtype, coefficient
         assert all(g.abs().max() > 0 for g in grads)
 
 
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_accuracy_hits_equal_argmax_ties_and_non_finite_rows_included(dtype, gen, monkeypatch):
     """--report-accuracy on a CPU: whether each row's argmax is its target, counted from the
@@ -437,7 +435,7 @@ def test_accuracy_hits_equal_argmax_ties_and_non_finite_rows_included(dtype, gen
     answers as torch.argmax, the first maximum, for rows with one maximum, ties before, at and
     after the target, all-equal rows, NaN, +-inf; and argmax runs only for the rows with ties
     or non-finite values."""
-    monkeypatch.setitem(fused.CHUNK_ELEMENTS, "cpu", 8 * 40)  # several chunks of 8 rows
+    monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * 40)  # several chunks of 8 rows
     n, vocab = 60, 40
     logits = torch.randint(-3, 4, (n, vocab), generator=gen).to(dtype)  # small integers: ties
     logits[:20] = torch.randn(20, vocab, generator=gen, dtype=torch.float64).to(dtype)  # none
@@ -462,7 +460,7 @@ def test_accuracy_hits_equal_argmax_ties_and_non_finite_rows_included(dtype, gen
     expected = logits.argmax(1).eq(target)
     assert expected[:10].all() and not expected[40] and expected[41] and expected[46]
     with OpNames() as ops:
-        _, _, hits = fused._loss_and_gradient(logits.clone(), target, torch.promote_types(
+        _, _, hits = fused_loss._loss_and_gradient(logits.clone(), target, torch.promote_types(
             dtype, torch.float32), 0.9, 0.1 / vocab, True)
     assert torch.equal(hits, expected)
     # argmax only over the chunks holding rows with ties or non-finite values, not rows 0-19
