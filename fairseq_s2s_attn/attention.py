@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import stepgrad
 from .fused import Fused
 from .packed import Linear
 from .precision import over_positions
@@ -411,16 +412,16 @@ def context(weights: Tensor, values: Tensor) -> Tensor:
     """
     if values.dtype == torch.float32 and fp32_context(values):
         with torch.autocast("cpu", enabled=False):
-            return torch.bmm(weights.float(), values)
-    return torch.bmm(weights, values)
+            return stepgrad.bmm(weights.float(), values)
+    return stepgrad.bmm(weights, values)
 
 
 def _bdot(query: Tensor, keys: Tensor) -> Tensor:
     """Dot products of queries (B x Q or B x T x Q) with keys (B x S x Q): B x S or B x T x S."""
     # one query per sentence as a 1 x Q by Q x S product: on CPU this is ~8x faster than the
     # S x Q by Q x 1 form (a matrix-vector product per sentence)
-    if query.dim() == 2:
-        return torch.bmm(query.unsqueeze(1), keys.transpose(1, 2)).squeeze(1)
+    if query.dim() == 2:  # (in a training step loop, the keys' gradient once per batch)
+        return stepgrad.bmm(query.unsqueeze(1), keys, transposed=True).squeeze(1)
     return torch.bmm(query, keys.transpose(1, 2))
 
 

@@ -414,9 +414,10 @@ class RNNDecoder(FairseqIncrementalDecoder):
         # compiled in training only: a single incremental step gains nothing from it on CPU
         compiled = self.compile_step and self.training
         step_fn = self._compiled_step() if compiled else self._step
-        # CPU training: the per-step weights' gradients once per batch (stepgrad.py)
-        loop = stepgrad.step_loop(self.step_weights(), emb) if len(steps) > 1 and not compiled \
-            else contextlib.nullcontext()
+        # CPU training: the per-step weights' and the source side's gradients once per batch
+        # (stepgrad.py)
+        loop = stepgrad.step_loop(self.step_weights(), emb, (keys, values)) \
+            if len(steps) > 1 and not compiled else contextlib.nullcontext()
         with loop:
             if len(steps) > 1:
                 pre = list(cell.embedding_part(emb).unbind(0))  # T x (B x G)

@@ -17,10 +17,18 @@ The products' outputs and the inputs' gradients g_i W are those of the plain pat
 (the same kernels on the same values): only the weights' and biases' gradients change, to
 rounding. Measured on the demo's batches by ``scripts/train_ab.py --levers stepgrad``.
 
-``step_loop(weights, like)`` opens a loop: within it ``linear`` (``packed.linear``, every
-``packed.Linear``) and ``addmm`` below route the 2-D products of those weights here. On for
-training on a CPU (autograd recording), fp32 or ``--cpu-bf16``; elsewhere (GPUs, decoding,
-validation) nothing changes.
+The loop's attention does the same with the source side: every step multiplies a B x S x D
+tensor made once per batch (the dot and general scores' keys, the context's values) with the
+step's B x 1 x K rows (the query; the weights), m_i = x_i M^T or x_i M. Autograd makes M's
+gradient at every step as an outer product per sentence (g_i^T x_i or x_i^T g_i, B x S x D,
+inner dimension 1) and adds it to the sum so far: 2 T passes over B x S x D per source tensor.
+Here (``bmm``, ``LoopSourceNode``) the steps keep x_i and g_i and M's gradient is one batched
+product over the stacked steps, G^T X or X^T G (inner dimension T), in fp32 at least.
+
+``step_loop(weights, like, sources)`` opens a loop: within it ``linear`` (``packed.linear``,
+every ``packed.Linear``) and ``addmm`` below route the 2-D products of those weights here, and
+``bmm`` the products with those sources. On for training on a CPU (autograd recording), fp32 or
+``--cpu-bf16``; elsewhere (GPUs, decoding, validation) nothing changes.
 """
 
 import contextlib
@@ -31,9 +39,15 @@ from torch import Tensor
 
 # tests and scripts/train_ab.py set it to False for the plain path (autograd's per-step sums)
 DEFER = True
+# the same for the source side's gradients alone (``bmm``): the ``sources`` lever
+DEFER_SOURCES = True
 
 # id(weight) -> its LoopWeight while a step loop is open (see step_loop), else None
 _LOOP: Optional[Dict[int, "LoopWeight"]] = None
+# while a loop is open: id(source) -> the source (kept alive, so that its id stays its own), and
+# (id(source), transposed) -> its LoopSource, made at the source's first product
+_SOURCES: Dict[int, Tensor] = {}
+_SOURCE_PRODUCTS: Dict[Tuple[int, bool], "LoopSource"] = {}
 
 
 def enabled(like: Tensor) -> bool:
@@ -43,9 +57,11 @@ def enabled(like: Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def step_loop(weights: Iterable[Tensor], like: Tensor):
-    """Defers the gradients of ``weights`` (those requiring one) over the products made within;
-    a no-op where ``enabled(like)`` is false. Not re-entrant: an inner loop changes nothing."""
+def step_loop(weights: Iterable[Tensor], like: Tensor, sources: Iterable[Optional[Tensor]] = ()):
+    """Defers the gradients of ``weights`` over the products made within (``linear``,
+    ``addmm``) and those of ``sources`` (B x S x D, the attention's keys and values) over the
+    batched products made within (``bmm``); tensors needing no gradient are left alone. A no-op
+    where ``enabled(like)`` is false. Not re-entrant: an inner loop changes nothing."""
     global _LOOP
     if not enabled(like) or _LOOP is not None:
         yield
@@ -54,9 +70,13 @@ def step_loop(weights: Iterable[Tensor], like: Tensor):
     try:
         for w in weights:
             add(w)
+        if DEFER_SOURCES:
+            _SOURCES.update((id(m), m) for m in sources if m is not None and m.requires_grad)
         yield
     finally:
         _LOOP = None
+        _SOURCES.clear()
+        _SOURCE_PRODUCTS.clear()
 
 
 def add(weight: Tensor) -> None:
@@ -77,6 +97,20 @@ def addmm(add_to: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     if loop_weight is not None:
         return loop_weight(x, None, add_to)
     return torch.addmm(add_to, x, weight.t())
+
+
+def bmm(x: Tensor, source: Tensor, transposed: bool = False) -> Tensor:
+    """x source^T (``transposed``: B x R x D by B x S x D -> B x R x S) or x source (B x R x S by
+    B x S x D -> B x R x D): torch.bmm, with the source's gradient deferred where it is a source
+    of the open loop (``step_loop``), as autocast would run it (bf16 products under
+    ``--cpu-bf16``)."""
+    if _SOURCES and id(source) in _SOURCES:
+        key = (id(source), transposed)
+        product = _SOURCE_PRODUCTS.get(key)
+        if product is None:
+            product = _SOURCE_PRODUCTS[key] = LoopSource(source, transposed)
+        return product(x)
+    return torch.bmm(x, source.transpose(1, 2) if transposed else source)
 
 
 class Tape:
@@ -198,3 +232,81 @@ class StepProduct(torch.autograd.Function):
         grad_x = g.mm(w).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None  # B x K
         grad_add = g.to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None
         return grad_x, None, None, grad_add, None
+
+
+class LoopSource:
+    """One source tensor M (B x S x D) of an open loop, in products of one orientation: its copy
+    in the products' dtype (made at the first product, once per batch) and the steps' tape."""
+
+    def __init__(self, source: Tensor, transposed: bool):
+        self.source = source
+        self.transposed = transposed
+        self.copy: Optional[Tensor] = None
+        self.tape = Tape()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.copy is None:
+            dtype = self.source.dtype
+            device = x.device.type
+            if torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.float16,
+                                                               torch.bfloat16):
+                dtype = torch.get_autocast_dtype(device)  # autocast's bmm casts both operands
+            self.copy = LoopSourceNode.apply(self.source, dtype, self.transposed, self.tape)
+        return StepBmm.apply(x, self.copy, self.transposed, self.tape)
+
+
+class LoopSourceNode(torch.autograd.Function):
+    """The loop's copy of a source M in the products' dtype; its backward, after every step's,
+    makes M's gradient from the steps' stacked rows (X: B x T R x K, G: B x T R x N):
+    G^T X for products x M^T, X^T G for products x M, in fp32 (fp64 for fp64)."""
+
+    @staticmethod
+    def forward(ctx, source: Tensor, dtype: torch.dtype, transposed: bool, tape: Tape):
+        ctx.set_materialize_grads(False)
+        ctx.tape, ctx.transposed, ctx.dtype = tape, transposed, source.dtype
+        return source.to(dtype) if source.dtype != dtype else source.view_as(source)
+
+    @staticmethod
+    def backward(ctx, g_copy: Optional[Tensor]):
+        tape: Tape = ctx.tape
+        steps = [(x, g) for x, g in zip(tape.inputs, tape.grads) if g is not None]
+        tape.grads = [None] * len(tape.grads)  # free them; a retained graph's next backward refills
+        grad = None
+        if steps:
+            acc = torch.promote_types(ctx.dtype, torch.float32)
+            with torch.autocast(steps[0][0].device.type, enabled=False):
+                x = torch.cat([x for x, _ in steps], 1).to(acc)  # B x T R x K
+                g = torch.cat([g for _, g in steps], 1).to(acc)  # B x T R x N
+                grad = (torch.bmm(g.transpose(1, 2), x) if ctx.transposed
+                        else torch.bmm(x.transpose(1, 2), g)).to(ctx.dtype)  # B x S x D
+        if g_copy is not None:  # the copy was used outside the steps' products as well
+            grad = g_copy.to(ctx.dtype) if grad is None else grad + g_copy
+        return grad, None, None, None
+
+
+class StepBmm(torch.autograd.Function):
+    """One step's x M^T or x M (x: B x R x K in any float dtype, M: the loop's copy); backward
+    returns x's gradient and records g for M's (LoopSourceNode)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, m: Tensor, transposed: bool, tape: Tape):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(x.device.type, enabled=False):
+            x_c = x.to(m.dtype)  # autocast's cast of the rows (none in fp32)
+            out = torch.bmm(x_c, m.transpose(1, 2) if transposed else m)
+        ctx.save_for_backward(m)
+        ctx.tape, ctx.index, ctx.transposed, ctx.dtype = tape, len(tape.inputs), transposed, x.dtype
+        tape.inputs.append(x_c.detach())  # without its graph (see Tape)
+        tape.grads.append(None)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Optional[Tensor]):
+        if g is None:
+            return None, None, None, None
+        (m,) = ctx.saved_tensors
+        ctx.tape.grads[ctx.index] = g
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(g, m if ctx.transposed else m.transpose(1, 2)).to(ctx.dtype)
+        return grad_x, None, None, None

@@ -58,6 +58,7 @@ def test_deferred_weight_gradients_equal_the_per_step_ones(name, precision, gen,
                         else torch.float32, cpu_bf16=precision == "cpu-bf16", **overrides)
     inputs = batch(model, gen)
     results = {}
+    monkeypatch.setattr(stepgrad, "DEFER_SOURCES", False)  # the weights' alone (next test)
     for defer in (True, False):
         monkeypatch.setattr(stepgrad, "DEFER", defer)
         results[defer] = train_step(model, *inputs)
@@ -75,6 +76,145 @@ def test_deferred_weight_gradients_equal_the_per_step_ones(name, precision, gen,
             assert float((grads[n] - grads0[n]).abs().max()) <= tol * scale, n
     if precision == "cpu-bf16":  # one rounding instead of bf16 sums over the steps
         assert "decoder.rnn.weight_hh_l0" in changed
+
+
+SOURCE_VARIANTS = dict(VARIANTS, **{
+    "luong-dot-feed": ("rnn_luong_tiny", dict(attention="dot", input_feeding=True)),
+    "luong-general-feed-gru-2-layers": ("rnn_luong_tiny", dict(
+        attention="general", input_feeding=True, rnn_type="gru", decoder_layers=2)),
+})
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp32", "cpu-bf16"])
+@pytest.mark.parametrize("name", SOURCE_VARIANTS)
+def test_deferred_source_gradients_equal_the_per_step_ones(name, precision, gen, monkeypatch):
+    """The attention's keys and values with their gradients made once per batch (``bmm``):
+    logits bit for bit, every gradient to the rounding of the sums (fp64 1e-12, fp32 1e-5,
+    bf16 2^-6 of the largest); the ones that change are those upstream of the source side
+    (the encoder's, the embeddings', the key projection's); the decoder's step weights do not."""
+    arch, overrides = SOURCE_VARIANTS[name]
+    model = build_model(arch, seed=3, init_range=0.3, dtype=torch.float64 if precision == "fp64"
+                        else torch.float32, cpu_bf16=precision == "cpu-bf16", **overrides)
+    inputs = batch(model, gen)
+    results = {}
+    for defer in (True, False):
+        monkeypatch.setattr(stepgrad, "DEFER_SOURCES", defer)
+        results[defer] = train_step(model, *inputs)
+    (logits, grads), (logits0, grads0) = results[True], results[False]
+    assert torch.equal(logits, logits0)
+    assert sorted(grads) == sorted(grads0)
+    # bf16: autograd sums bf16 keys' gradient in bf16, a rounding per step (2^-5.4 of the
+    # largest seen here); the loop sums in fp32 (``test_bf16_source_gradient_...`` below)
+    tol = {"fp64": 1e-12, "fp32": 1e-5, "cpu-bf16": 2 ** -4}[precision]
+    changed = set()
+    for n in grads:
+        if not torch.equal(grads[n], grads0[n]):
+            changed.add(n)
+            assert n.startswith("encoder.") or "key_proj" in n, n
+            scale = float(grads0[n].abs().max())
+            assert float((grads[n] - grads0[n]).abs().max()) <= tol * scale, n
+    if precision == "fp32":  # (bf16-rounded terms can sum exactly in either order)
+        assert any(n.startswith("encoder.") for n in changed), changed
+
+
+class SourceShapedProducts(TorchDispatchMode):
+    """Counts the batched products whose output has the given shape (B x S x D)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ == "bmm" and tuple(out.shape) == self.shape:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("defer", [True, False], ids=["deferred", "plain"])
+@pytest.mark.parametrize("cpu_bf16", [False, True], ids=["fp32", "cpu-bf16"])
+@pytest.mark.parametrize("score", ["dot", "additive"])
+def test_source_gradient_products_do_not_grow_with_the_target_length(score, defer, cpu_bf16,
+                                                                     gen, monkeypatch):
+    """The source side's gradient products (B x S x C outputs): two per batch (dot: the keys'
+    and the values'), one for the additive score (the values'; its keys' gradient comes from
+    the score's own backward), as many for 9 target steps as for 5. Autograd's path makes them
+    at every step."""
+    monkeypatch.setattr(stepgrad, "DEFER_SOURCES", defer)
+    model = build_model("rnn_luong_tiny", seed=3, cpu_bf16=cpu_bf16, attention=score,
+                        input_feeding=True)
+    counts = []
+    for t in (5, 9):
+        inputs = batch(model, gen, tgt_lengths=(t, 3, t - 1, 2))
+        src = inputs[0]
+        with SourceShapedProducts((src.size(0), src.size(1), model.encoder.output_dim)) as mode:
+            train_step(model, *inputs)
+        counts.append(mode.count)
+    if defer:
+        assert counts[0] == counts[1] == (2 if score == "dot" else 1)
+    else:
+        assert counts[1] >= counts[0] + 4  # 4 more steps
+
+
+def test_loop_source_products_and_gradients_against_autograd():
+    """``bmm`` directly: x M^T and x M over one source each, a step whose output gets no
+    gradient, one source in both orientations, a source outside the loop, a source needing no
+    gradient: every gradient equals autograd's (fp64)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=grad)
+
+    keys, values, other, frozen = rand(2, 5, 3), rand(2, 5, 4), rand(2, 5, 3), rand(2, 5, 3, grad=False)
+    qs = [rand(2, 1, 3) for _ in range(3)]
+    ws = [rand(2, 2, 5) for _ in range(3)]
+    leaves = [keys, values, other] + qs + ws
+
+    def run(defer):
+        for t in leaves:
+            t.grad = None
+        bmm = stepgrad.bmm if defer else (lambda x, m, transposed=False: torch.bmm(
+            x, m.transpose(1, 2) if transposed else m))
+        with stepgrad.step_loop([], keys, [keys, values, frozen]) if defer else contextlib.nullcontext():
+            ys = [bmm(q, keys, transposed=True) for q in qs]
+            ys += [bmm(w, values) for w in ws[:2]]
+            bmm(ws[2], values)  # a step whose output gets no gradient
+            ys.append(bmm(ws[0], keys))  # the keys in the other orientation too
+            ys.append(bmm(qs[0], other, transposed=True))  # not a source of the loop
+            ys.append(bmm(qs[1], frozen, transposed=True))
+        loss = sum((y * y).sum() for y in ys)
+        loss.backward()
+        return [None if t.grad is None else t.grad.clone() for t in leaves]
+
+    with stepgrad.step_loop([], keys, [keys]):  # sources registered only within the loop
+        pass
+    assert not stepgrad._SOURCES
+    got, want = run(True), run(False)
+    for g, g0 in zip(got, want):
+        if g0 is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_source_gradient_is_summed_in_fp32():
+    """bf16 keys (autocast's output) over 24 steps: the loop's gradient is the fp64 sum of the
+    steps' bf16 terms rounded once (2^-8); autograd's, summed in bf16 step by step, is further."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 7, 16, generator=gen).bfloat16().requires_grad_()
+    qs = [torch.randn(3, 1, 16, generator=gen).bfloat16() for _ in range(24)]
+    gs = [torch.randn(3, 1, 7, generator=gen).bfloat16() for _ in range(24)]
+    exact = sum(torch.bmm(g.double().transpose(1, 2), q.double()) for q, g in zip(qs, gs))
+    errors = []
+    for defer in (True, False):
+        keys.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                (stepgrad.step_loop([], keys, [keys]) if defer else contextlib.nullcontext()):
+            ys = [stepgrad.bmm(q, keys, transposed=True) for q in qs]
+        torch.autograd.backward(ys, gs)
+        assert keys.grad.dtype == torch.bfloat16
+        errors.append(float((keys.grad.double() - exact).abs().max() / exact.abs().max()))
+    assert errors[0] <= 2 ** -8 and errors[0] < errors[1], errors
 
 
 class WeightShapedProducts(TorchDispatchMode):
