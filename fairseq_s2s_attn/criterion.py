@@ -72,6 +72,10 @@ GPU_CHUNK_ELEMENTS = 1 << 24
 # log_softmax (forward) and softmax (backward) row kernels, the path it replaced
 FORWARD_GRADIENT = True
 
+# fp32 logits: each chunk worked on in place (_loss_and_gradient); tests and
+# scripts/train_ab.py set it to False for the copy into an fp32 buffer and back, as bf16 does
+IN_PLACE_CHUNKS = True
+
 # --report-accuracy on a CPU: whether each row's argmax is its target from the count of the row's
 # maxima (_argmax_hits); tests and scripts/train_ab.py set it to False for torch's argmax of
 # every row, the path it replaced
@@ -179,7 +183,10 @@ def _loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, c_nll: 
 
     A chunk of rows at a time in one ``acc`` buffer that stays in the cache: copy in
     (converting), row maxima m, row sums, e = exp(z - m) in place and its row sums s (lse =
-    m + log s), then scale p = e (scale / s), the constant and the target's term, copy out."""
+    m + log s), then scale p = e (scale / s), the constant and the target's term, copy out.
+    Logits already in ``acc`` (fp32 training) are their own buffer: each chunk is worked on in
+    place, without the two copies (unless --report-accuracy's count on a CPU needs the logits
+    next to the shifted values)."""
     n, vocab = logits.shape
     smooth = c_smooth != 0
     scale = c_nll + vocab * c_smooth
@@ -188,14 +195,15 @@ def _loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, c_nll: 
     total = logits.new_empty(n, dtype=acc) if smooth else None  # N: sum_j z_j
     hits = logits.new_empty(n, dtype=torch.bool) if accuracy else None
     rows = _rows_per_chunk(logits)
-    buf = logits.new_empty(min(rows, n), vocab, dtype=acc)
     fast_hits = accuracy and ARGMAX_BY_COUNT and logits.device.type == "cpu"
+    in_place = IN_PLACE_CHUNKS and logits.dtype == acc and not fast_hits
+    buf = None if in_place else logits.new_empty(min(rows, n), vocab, dtype=acc)
     scratch = torch.empty_like(buf) if fast_hits else None
-    onehot = buf.new_full((buf.size(0), 1), -c_nll)
+    onehot = logits.new_full((min(rows, n), 1), -c_nll, dtype=acc)
     for r in range(0, n, rows):
         chunk = logits[r:r + rows]  # k x V, overwritten by dL/dz
         k = chunk.size(0)
-        z = buf[:k].copy_(chunk)
+        z = chunk if in_place else buf[:k].copy_(chunk)
         m = z.amax(1)  # k
         if smooth:
             torch.sum(z, 1, out=total[r:r + k])
@@ -211,7 +219,8 @@ def _loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, c_nll: 
         if smooth:
             z.sub_(c_smooth)
         z.scatter_add_(1, target[r:r + k].unsqueeze(1), onehot[:k])
-        chunk.copy_(z)
+        if not in_place:
+            chunk.copy_(z)
     return lse - z_target, (lse * vocab - total) if smooth else None, hits
 
 

@@ -428,6 +428,30 @@ def test_forward_writes_the_gradient_backward_only_multiplies(dtype, coefficient
         assert all(g.abs().max() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_logits_in_the_loss_dtype_are_worked_on_in_place(dtype, gen, monkeypatch):
+    """fp32 logits (fp32 training; fp64 for fp64 models) are their own work space: no copy into
+    a buffer and back, the same bits as the copying path (IN_PLACE_CHUNKS off). bf16 logits
+    are converted into an fp32 chunk either way."""
+    monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * 50)
+    x = torch.randn(37, 16, generator=gen, dtype=torch.float64)
+    w = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    b = torch.randn(50, generator=gen, dtype=torch.float64)
+    target = torch.randint(2, 50, (37,), generator=gen)
+    target[[3, 20]] = 1
+    if dtype != torch.float64:
+        x, w, b = x.float(), w.float(), b.float()
+    results = {}
+    for in_place in (True, False):
+        monkeypatch.setattr(fused_loss, "IN_PLACE_CHUNKS", in_place)
+        results[in_place] = output_layer_loss(x, w, b, target, dtype, (0.9, 0.1 / 49), 2.0)
+    (loss, grads, fwd, _), (loss0, grads0, fwd0, _) = results[True], results[False]
+    assert torch.equal(loss, loss0)
+    assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0))
+    assert "copy_" in fwd0
+    assert ("copy_" in fwd) == (dtype == torch.bfloat16), fwd
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_accuracy_hits_equal_argmax_ties_and_non_finite_rows_included(dtype, gen, monkeypatch):
     """--report-accuracy on a CPU: whether each row's argmax is its target, counted from the
