@@ -25,8 +25,13 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
   loss      the fused criterion's gradient written by its forward while each chunk of rows
             is in the cache (fairseq_s2s_attn/criterion.py) against torch's log_softmax row
             kernel forward and softmax backward
+  inplace   fp32 logits worked on in place by the fused loss, a chunk of rows at a time
+            (fairseq_s2s_attn/criterion.py) against a copy into an fp32 buffer and back
   stepgrad  the step loop's weight gradients in one product per weight and batch
             (fairseq_s2s_attn/stepgrad.py) against autograd's per-step products and sums
+  sources   the attention's source side (the dot and general scores' keys, the context's
+            values) with its gradient in one batched product per batch (stepgrad.bmm) against
+            autograd's per-step outer products and sums
   score     the additive score's backward from sigmoid(2 (q + k)) (attention.AdditiveScore)
             against the tanh remade in full
   fused     the additive score's forward and backward each in one loop compiled by inductor
@@ -71,7 +76,11 @@ def levers():
         "rows": (setter(precision, "PAD_ROWS", True), setter(precision, "PAD_ROWS", False)),
         "loss": (setter(criterion, "FORWARD_GRADIENT", True),
                  setter(criterion, "FORWARD_GRADIENT", False)),
+        "inplace": (setter(criterion, "IN_PLACE_CHUNKS", True),
+                    setter(criterion, "IN_PLACE_CHUNKS", False)),
         "stepgrad": (setter(stepgrad, "DEFER", True), setter(stepgrad, "DEFER", False)),
+        "sources": (setter(stepgrad, "DEFER_SOURCES", True),
+                    setter(stepgrad, "DEFER_SOURCES", False)),
         "score": (setter(attention, "SIGMOID_BACKWARD", True),
                   setter(attention, "SIGMOID_BACKWARD", False)),
         "fused": (setter(fused, "ENABLED", True), setter(fused, "ENABLED", False)),
@@ -80,7 +89,8 @@ def levers():
     }
 
 
-LEVERS = ("dropout", "adam", "context", "rows", "loss", "stepgrad", "score", "fused", "accuracy")
+LEVERS = ("dropout", "adam", "context", "rows", "loss", "inplace", "stepgrad", "sources", "score",
+          "fused", "accuracy")
 SIDE_BY_SIDE = ("rows",)
 OLD_TRAINING_PRIMITIVE_CACHE = 16  # fairseq-train's cap before the rows lever
 
