@@ -21,9 +21,12 @@ The loop's attention does the same with the source side: every step multiplies a
 tensor made once per batch (the dot and general scores' keys, the context's values) with the
 step's B x 1 x K rows (the query; the weights), m_i = x_i M^T or x_i M. Autograd makes M's
 gradient at every step as an outer product per sentence (g_i^T x_i or x_i^T g_i, B x S x D,
-inner dimension 1) and adds it to the sum so far: 2 T passes over B x S x D per source tensor.
+inner dimension 1) and adds it to the sum so far: two operations over B x S x D per step.
 Here (``bmm``, ``LoopSourceNode``) the steps keep x_i and g_i and M's gradient is one batched
-product over the stacked steps, G^T X or X^T G (inner dimension T), in fp32 at least.
+product over the stacked steps, G^T X or X^T G (inner dimension T), summed in fp32 and rounded
+once (autograd sums a bf16 M's gradient in bf16, a rounding per step). Measured by
+``scripts/train_ab.py --levers sources``: rnn_luong 1.09x per fp32 update, 1.06x with
+``--cpu-bf16``; rnn_bahdanau (values only: its keys enter the additive score) 1.01x.
 
 ``step_loop(weights, like, sources)`` opens a loop: within it ``linear`` (``packed.linear``,
 every ``packed.Linear``) and ``addmm`` below route the 2-D products of those weights here, and
@@ -124,6 +127,19 @@ class Tape:
         self.inputs: List[Tensor] = []
         self.grads: List[Optional[Tensor]] = []
 
+    def record(self, ctx, x: Tensor) -> None:
+        """A step's forward: keeps its input x (without its graph) and tells its node where."""
+        ctx.tape, ctx.index = self, len(self.inputs)
+        self.inputs.append(x.detach())
+        self.grads.append(None)
+
+    def steps(self) -> List[Tuple[Tensor, Tensor]]:
+        """The loop node's backward: the (x_i, g_i) of the steps that got a gradient, whose
+        gradients it then frees (a retained graph's next backward records them again)."""
+        steps = [(x, g) for x, g in zip(self.inputs, self.grads) if g is not None]
+        self.grads = [None] * len(self.grads)
+        return steps
+
 
 class LoopWeight:
     """One weight (and the bias used with it) of an open step loop: ``__call__`` runs a step's
@@ -169,9 +185,7 @@ class LoopWeightNode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_w: Optional[Tensor], g_b: Optional[Tensor]):
-        tape: Tape = ctx.tape
-        steps = [(x, g) for x, g in zip(tape.inputs, tape.grads) if g is not None]
-        tape.grads = [None] * len(tape.grads)  # free them; a retained graph's next backward refills
+        steps = ctx.tape.steps()
         grad_w = grad_b = None
         if steps:
             x = _stacked([x for x, _ in steps])  # T B x K
@@ -217,10 +231,8 @@ class StepProduct(torch.autograd.Function):
         else:
             out = torch.mm(x_c, w.t())
         ctx.save_for_backward(w)
-        ctx.tape, ctx.index = tape, len(tape.inputs)
         ctx.dtypes = (x.dtype, None if add_to is None else add_to.dtype)
-        tape.inputs.append(x_c.detach())  # without its graph (see Tape)
-        tape.grads.append(None)
+        tape.record(ctx, x_c)
         return out
 
     @staticmethod
@@ -258,7 +270,8 @@ class LoopSource:
 class LoopSourceNode(torch.autograd.Function):
     """The loop's copy of a source M in the products' dtype; its backward, after every step's,
     makes M's gradient from the steps' stacked rows (X: B x T R x K, G: B x T R x N):
-    G^T X for products x M^T, X^T G for products x M, in fp32 (fp64 for fp64)."""
+    G^T X for products x M^T, X^T G for products x M, in the products' dtype (a bf16 product
+    sums in fp32 inside and rounds once)."""
 
     @staticmethod
     def forward(ctx, source: Tensor, dtype: torch.dtype, transposed: bool, tape: Tape):
@@ -268,15 +281,12 @@ class LoopSourceNode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_copy: Optional[Tensor]):
-        tape: Tape = ctx.tape
-        steps = [(x, g) for x, g in zip(tape.inputs, tape.grads) if g is not None]
-        tape.grads = [None] * len(tape.grads)  # free them; a retained graph's next backward refills
+        steps = ctx.tape.steps()
         grad = None
         if steps:
-            acc = torch.promote_types(ctx.dtype, torch.float32)
             with torch.autocast(steps[0][0].device.type, enabled=False):
-                x = torch.cat([x for x, _ in steps], 1).to(acc)  # B x T R x K
-                g = torch.cat([g for _, g in steps], 1).to(acc)  # B x T R x N
+                x = torch.cat([x for x, _ in steps], 1)  # B x T R x K
+                g = torch.cat([g for _, g in steps], 1)  # B x T R x N
                 grad = (torch.bmm(g.transpose(1, 2), x) if ctx.transposed
                         else torch.bmm(x.transpose(1, 2), g)).to(ctx.dtype)  # B x S x D
         if g_copy is not None:  # the copy was used outside the steps' products as well
@@ -295,9 +305,8 @@ class StepBmm(torch.autograd.Function):
             x_c = x.to(m.dtype)  # autocast's cast of the rows (none in fp32)
             out = torch.bmm(x_c, m.transpose(1, 2) if transposed else m)
         ctx.save_for_backward(m)
-        ctx.tape, ctx.index, ctx.transposed, ctx.dtype = tape, len(tape.inputs), transposed, x.dtype
-        tape.inputs.append(x_c.detach())  # without its graph (see Tape)
-        tape.grads.append(None)
+        ctx.transposed, ctx.dtype = transposed, x.dtype
+        tape.record(ctx, x_c)
         return out
 
     @staticmethod

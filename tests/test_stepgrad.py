@@ -48,34 +48,62 @@ def deferred_names(model):
     return names | {n for n, _ in model.decoder.rnn.named_parameters(prefix="decoder.rnn")}
 
 
+def changed_gradients(arch, overrides, precision, gen, monkeypatch, switch, may_change, tol):
+    """One training step with ``stepgrad.<switch>`` on and off: the logits bit for bit, the same
+    gradients; returns the names of those that differ, each one ``may_change`` allows, within
+    ``tol`` (by precision) of the largest."""
+    model = build_model(arch, seed=3, init_range=0.3, dtype=torch.float64 if precision == "fp64"
+                        else torch.float32, cpu_bf16=precision == "cpu-bf16", **overrides)
+    inputs = batch(model, gen)
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(stepgrad, switch, on)
+        results[on] = train_step(model, *inputs)
+    (logits, grads), (logits0, grads0) = results[True], results[False]
+    assert torch.equal(logits, logits0)
+    assert sorted(grads) == sorted(grads0)
+    changed = {n for n in grads if not torch.equal(grads[n], grads0[n])}
+    for n in changed:
+        assert may_change(model, n), n
+        scale = float(grads0[n].abs().max())
+        assert float((grads[n] - grads0[n]).abs().max()) <= tol[precision] * scale, n
+    return changed
+
+
 @pytest.mark.parametrize("precision", ["fp64", "fp32", "cpu-bf16"])
 @pytest.mark.parametrize("name", VARIANTS)
 def test_deferred_weight_gradients_equal_the_per_step_ones(name, precision, gen, monkeypatch):
     """Logits and all other gradients bit for bit; the loop's weights' and biases' gradients to
     the rounding of their sums (fp64 1e-12, fp32 1e-5, bf16 products 2^-6 of the largest)."""
-    arch, overrides = VARIANTS[name]
-    model = build_model(arch, seed=3, init_range=0.3, dtype=torch.float64 if precision == "fp64"
-                        else torch.float32, cpu_bf16=precision == "cpu-bf16", **overrides)
-    inputs = batch(model, gen)
-    results = {}
     monkeypatch.setattr(stepgrad, "DEFER_SOURCES", False)  # the weights' alone (next test)
-    for defer in (True, False):
-        monkeypatch.setattr(stepgrad, "DEFER", defer)
-        results[defer] = train_step(model, *inputs)
-    (logits, grads), (logits0, grads0) = results[True], results[False]
-    assert torch.equal(logits, logits0)
-    assert sorted(grads) == sorted(grads0)
-    loop = deferred_names(model)
-    tol = {"fp64": 1e-12, "fp32": 1e-5, "cpu-bf16": 2 ** -6}[precision]
-    changed = set()
-    for n in grads:
-        if not torch.equal(grads[n], grads0[n]):
-            changed.add(n)
-            assert n in loop, n
-            scale = float(grads0[n].abs().max())
-            assert float((grads[n] - grads0[n]).abs().max()) <= tol * scale, n
+    changed = changed_gradients(*VARIANTS[name], precision, gen, monkeypatch, "DEFER",
+                                lambda model, n: n in deferred_names(model),
+                                {"fp64": 1e-12, "fp32": 1e-5, "cpu-bf16": 2 ** -6})
     if precision == "cpu-bf16":  # one rounding instead of bf16 sums over the steps
         assert "decoder.rnn.weight_hh_l0" in changed
+
+
+class ShapedProducts(TorchDispatchMode):
+    """Counts the products (ops named ``ops``) whose output has one of the given shapes."""
+
+    def __init__(self, ops, shapes):
+        super().__init__()
+        self.ops, self.shapes, self.count = ops, shapes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self.ops and tuple(out.shape) in self.shapes:
+            self.count += 1
+        return out
+
+
+def assert_same_gradients(got, want):
+    """Gradients (None where none) equal to fp64 rounding."""
+    for g, g0 in zip(got, want):
+        if g0 is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-12)
 
 
 SOURCE_VARIANTS = dict(VARIANTS, **{
@@ -89,46 +117,16 @@ SOURCE_VARIANTS = dict(VARIANTS, **{
 @pytest.mark.parametrize("name", SOURCE_VARIANTS)
 def test_deferred_source_gradients_equal_the_per_step_ones(name, precision, gen, monkeypatch):
     """The attention's keys and values with their gradients made once per batch (``bmm``):
-    logits bit for bit, every gradient to the rounding of the sums (fp64 1e-12, fp32 1e-5,
-    bf16 2^-6 of the largest); the ones that change are those upstream of the source side
-    (the encoder's, the embeddings', the key projection's); the decoder's step weights do not."""
-    arch, overrides = SOURCE_VARIANTS[name]
-    model = build_model(arch, seed=3, init_range=0.3, dtype=torch.float64 if precision == "fp64"
-                        else torch.float32, cpu_bf16=precision == "cpu-bf16", **overrides)
-    inputs = batch(model, gen)
-    results = {}
-    for defer in (True, False):
-        monkeypatch.setattr(stepgrad, "DEFER_SOURCES", defer)
-        results[defer] = train_step(model, *inputs)
-    (logits, grads), (logits0, grads0) = results[True], results[False]
-    assert torch.equal(logits, logits0)
-    assert sorted(grads) == sorted(grads0)
-    # bf16: autograd sums bf16 keys' gradient in bf16, a rounding per step (2^-5.4 of the
-    # largest seen here); the loop sums in fp32 (``test_bf16_source_gradient_...`` below)
-    tol = {"fp64": 1e-12, "fp32": 1e-5, "cpu-bf16": 2 ** -4}[precision]
-    changed = set()
-    for n in grads:
-        if not torch.equal(grads[n], grads0[n]):
-            changed.add(n)
-            assert n.startswith("encoder.") or "key_proj" in n, n
-            scale = float(grads0[n].abs().max())
-            assert float((grads[n] - grads0[n]).abs().max()) <= tol * scale, n
+    logits bit for bit, every gradient to the rounding of the sums (fp64 1e-12, fp32 1e-5, bf16
+    2^-4 of the largest: autograd sums bf16 keys' gradient in bf16, a rounding per step, 2^-5.4
+    seen here; the loop sums in fp32, ``test_bf16_source_gradient_is_summed_in_fp32``). Only
+    those upstream of the source side change (the encoder's, the key projection's)."""
+    changed = changed_gradients(*SOURCE_VARIANTS[name], precision, gen, monkeypatch,
+                                "DEFER_SOURCES",
+                                lambda model, n: n.startswith("encoder.") or "key_proj" in n,
+                                {"fp64": 1e-12, "fp32": 1e-5, "cpu-bf16": 2 ** -4})
     if precision == "fp32":  # (bf16-rounded terms can sum exactly in either order)
         assert any(n.startswith("encoder.") for n in changed), changed
-
-
-class SourceShapedProducts(TorchDispatchMode):
-    """Counts the batched products whose output has the given shape (B x S x D)."""
-
-    def __init__(self, shape):
-        super().__init__()
-        self.shape, self.count = shape, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__ == "bmm" and tuple(out.shape) == self.shape:
-            self.count += 1
-        return out
 
 
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "plain"])
@@ -147,7 +145,8 @@ def test_source_gradient_products_do_not_grow_with_the_target_length(score, defe
     for t in (5, 9):
         inputs = batch(model, gen, tgt_lengths=(t, 3, t - 1, 2))
         src = inputs[0]
-        with SourceShapedProducts((src.size(0), src.size(1), model.encoder.output_dim)) as mode:
+        shape = (src.size(0), src.size(1), model.encoder.output_dim)
+        with ShapedProducts(("bmm",), {shape}) as mode:
             train_step(model, *inputs)
         counts.append(mode.count)
     if defer:
@@ -189,12 +188,7 @@ def test_loop_source_products_and_gradients_against_autograd():
     with stepgrad.step_loop([], keys, [keys]):  # sources registered only within the loop
         pass
     assert not stepgrad._SOURCES
-    got, want = run(True), run(False)
-    for g, g0 in zip(got, want):
-        if g0 is None:
-            assert g is None
-        else:
-            torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-12)
+    assert_same_gradients(run(True), run(False))
 
 
 def test_bf16_source_gradient_is_summed_in_fp32():
@@ -217,20 +211,6 @@ def test_bf16_source_gradient_is_summed_in_fp32():
     assert errors[0] <= 2 ** -8 and errors[0] < errors[1], errors
 
 
-class WeightShapedProducts(TorchDispatchMode):
-    """Counts the matrix products whose output has one of the given shapes."""
-
-    def __init__(self, shapes):
-        super().__init__()
-        self.shapes, self.count = shapes, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__ in ("mm", "addmm") and tuple(out.shape) in self.shapes:
-            self.count += 1
-        return out
-
-
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "plain"])
 @pytest.mark.parametrize("cpu_bf16", [False, True], ids=["fp32", "cpu-bf16"])
 def test_weight_gradient_products_do_not_grow_with_the_target_length(defer, cpu_bf16, gen,
@@ -243,7 +223,7 @@ def test_weight_gradient_products_do_not_grow_with_the_target_length(defer, cpu_
     counts = []
     for t in (5, 9):
         inputs = batch(model, gen, tgt_lengths=(t, 3, t - 1, 2))
-        with WeightShapedProducts(shapes) as mode:
+        with ShapedProducts(("mm", "addmm"), shapes) as mode:
             train_step(model, *inputs)
         counts.append(mode.count)
     if defer:
@@ -300,12 +280,7 @@ def test_loop_products_and_gradients_against_autograd():
         loss.backward()
         return [t.grad.clone() if t.grad is not None else None for t in [w, b, add] + xs]
 
-    got, want = run(True), run(False)
-    for g, g0 in zip(got, want):
-        if g0 is None:
-            assert g is None
-        else:
-            torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-12)
+    assert_same_gradients(run(True), run(False))
 
 
 def test_a_retained_graph_gives_the_same_weight_gradients_again(gen):
