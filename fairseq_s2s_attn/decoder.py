@@ -42,6 +42,8 @@ from .precision import (cast_for_products, cpu_autocast, over_positions, padded_
                         runs_cpu_bf16)
 
 PLACEMENTS = ("none", "before", "after")
+# the scores that are a product of the query with the keys (attention._bdot)
+PRODUCT_SCORES = ("dot", "general")
 DECODER_INITS = ("zeros", "final", "bridge", "backward_first")
 READOUTS = ("tanh", "maxout")
 READOUT_STATES = ("current", "previous")
@@ -414,9 +416,14 @@ class RNNDecoder(FairseqIncrementalDecoder):
         # compiled in training only: a single incremental step gains nothing from it on CPU
         compiled = self.compile_step and self.training
         step_fn = self._compiled_step() if compiled else self._step
-        # CPU training: the per-step weights' and the source side's gradients once per batch
-        # (stepgrad.py)
-        loop = stepgrad.step_loop(self.step_weights(), emb, (keys, values)) \
+        # CPU training: the per-step weights' gradients once per batch (stepgrad.py), and the
+        # source side's (keys, values) where the score is a product with the keys (dot,
+        # general: rnn_luong 1.06-1.09x an update). Not for the additive and location scores:
+        # there only the values' would be, 1.01x for rnn_bahdanau (within the noise), and that
+        # sum in another order moved the demo's BLEU as another seed does (BENCHMARKS.md)
+        sources = (keys, values) if self.attention is not None and \
+            self.attention.score_name in PRODUCT_SCORES else ()
+        loop = stepgrad.step_loop(self.step_weights(), emb, sources) \
             if len(steps) > 1 and not compiled else contextlib.nullcontext()
         with loop:
             if len(steps) > 1:

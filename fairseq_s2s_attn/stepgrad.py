@@ -26,7 +26,9 @@ Here (``bmm``, ``LoopSourceNode``) the steps keep x_i and g_i and M's gradient i
 product over the stacked steps, G^T X or X^T G (inner dimension T), summed in fp32 and rounded
 once (autograd sums a bf16 M's gradient in bf16, a rounding per step). Measured by
 ``scripts/train_ab.py --levers sources``: rnn_luong 1.09x per fp32 update, 1.06x with
-``--cpu-bf16``; rnn_bahdanau (values only: its keys enter the additive score) 1.01x.
+``--cpu-bf16``. The decoder gives the loop its sources for the dot and general scores only: with
+the additive score only the values would be deferred (its keys enter the score's own
+backward), 1.01x for rnn_bahdanau, within the noise.
 
 ``step_loop(weights, like, sources)`` opens a loop: within it ``linear`` (``packed.linear``,
 every ``packed.Linear``) and ``addmm`` below route the 2-D products of those weights here, and

@@ -106,26 +106,36 @@ def assert_same_gradients(got, want):
             torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-12)
 
 
-SOURCE_VARIANTS = dict(VARIANTS, **{
+SOURCE_VARIANTS = {
+    "luong-feed-lstm": VARIANTS["luong-feed-lstm"],  # general, the architecture's score
+    "luong-local-p-feed-2-layers": VARIANTS["luong-local-p-feed-2-layers"],
     "luong-dot-feed": ("rnn_luong_tiny", dict(attention="dot", input_feeding=True)),
     "luong-general-feed-gru-2-layers": ("rnn_luong_tiny", dict(
         attention="general", input_feeding=True, rnn_type="gru", decoder_layers=2)),
-})
+    # additive scores: the step loop leaves the source side to autograd
+    "bahdanau-lstm": VARIANTS["bahdanau-lstm"],
+    "bahdanau-gru-coverage-2-layers": VARIANTS["bahdanau-gru-coverage-2-layers"],
+    "luong-concat-feed": ("rnn_luong_tiny", dict(attention="concat", input_feeding=True)),
+}
 
 
 @pytest.mark.parametrize("precision", ["fp64", "fp32", "cpu-bf16"])
 @pytest.mark.parametrize("name", SOURCE_VARIANTS)
 def test_deferred_source_gradients_equal_the_per_step_ones(name, precision, gen, monkeypatch):
-    """The attention's keys and values with their gradients made once per batch (``bmm``):
-    logits bit for bit, every gradient to the rounding of the sums (fp64 1e-12, fp32 1e-5, bf16
-    2^-4 of the largest: autograd sums bf16 keys' gradient in bf16, a rounding per step, 2^-5.4
-    seen here; the loop sums in fp32, ``test_bf16_source_gradient_is_summed_in_fp32``). Only
-    those upstream of the source side change (the encoder's, the key projection's)."""
-    changed = changed_gradients(*SOURCE_VARIANTS[name], precision, gen, monkeypatch,
-                                "DEFER_SOURCES",
-                                lambda model, n: n.startswith("encoder.") or "key_proj" in n,
+    """The attention's keys and values with their gradients made once per batch (``bmm``) for
+    the dot and general scores: logits bit for bit, every gradient to the rounding of the sums
+    (fp64 1e-12, fp32 1e-5, bf16 2^-4 of the largest: autograd sums bf16 keys' gradient in
+    bf16, a rounding per step, 2^-5.4 seen here; the loop sums in fp32,
+    ``test_bf16_source_gradient_is_summed_in_fp32``). Only those upstream of the source side
+    change (the encoder's, the key projection's). Additive scores: nothing changes at all."""
+    arch, overrides = SOURCE_VARIANTS[name]
+    products = overrides.get("attention", "general" if arch == "rnn_luong_tiny" else "additive") \
+        in ("dot", "general")
+    changed = changed_gradients(arch, overrides, precision, gen, monkeypatch, "DEFER_SOURCES",
+                                lambda model, n: products and (n.startswith("encoder.")
+                                                               or "key_proj" in n),
                                 {"fp64": 1e-12, "fp32": 1e-5, "cpu-bf16": 2 ** -4})
-    if precision == "fp32":  # (bf16-rounded terms can sum exactly in either order)
+    if precision == "fp32" and products:  # (bf16-rounded terms can sum exactly in either order)
         assert any(n.startswith("encoder.") for n in changed), changed
 
 
@@ -134,10 +144,10 @@ def test_deferred_source_gradients_equal_the_per_step_ones(name, precision, gen,
 @pytest.mark.parametrize("score", ["dot", "additive"])
 def test_source_gradient_products_do_not_grow_with_the_target_length(score, defer, cpu_bf16,
                                                                      gen, monkeypatch):
-    """The source side's gradient products (B x S x C outputs): two per batch (dot: the keys'
-    and the values'), one for the additive score (the values'; its keys' gradient comes from
-    the score's own backward), as many for 9 target steps as for 5. Autograd's path makes them
-    at every step."""
+    """The source side's gradient products (B x S x C outputs) of the dot score: two per batch
+    (the keys' and the values'), as many for 9 target steps as for 5. Autograd's path makes them
+    at every step, and so does the additive score's loop (its values' gradient, left to
+    autograd)."""
     monkeypatch.setattr(stepgrad, "DEFER_SOURCES", defer)
     model = build_model("rnn_luong_tiny", seed=3, cpu_bf16=cpu_bf16, attention=score,
                         input_feeding=True)
@@ -149,8 +159,8 @@ def test_source_gradient_products_do_not_grow_with_the_target_length(score, defe
         with ShapedProducts(("bmm",), {shape}) as mode:
             train_step(model, *inputs)
         counts.append(mode.count)
-    if defer:
-        assert counts[0] == counts[1] == (2 if score == "dot" else 1)
+    if defer and score == "dot":
+        assert counts[0] == counts[1] == 2
     else:
         assert counts[1] >= counts[0] + 4  # 4 more steps
 
