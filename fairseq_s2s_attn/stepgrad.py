@@ -119,9 +119,9 @@ def bmm(x: Tensor, source: Tensor, transposed: bool = False) -> Tensor:
 
 
 class Tape:
-    """A loop weight's record of its steps: per step the input x_i (B x K, in the products'
-    dtype, detached) and, once backward has reached that step, its output's gradient g_i
-    (B x N). The autograd nodes hold it; it holds no tensor with a graph: a reference back into
+    """A loop weight's (or source's) record of its steps: per step the input x_i (B x K, in the
+    products' dtype, detached) and, once backward has reached that step, its output's gradient
+    g_i (B x N). The autograd nodes hold it; it holds no tensor with a graph: a reference back into
     the graph (an input's grad_fn, the weight's copy) would make a cycle through autograd's
     nodes, which Python's garbage collector cannot see, and keep every batch's steps alive."""
 
