@@ -185,8 +185,8 @@ def _loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, c_nll: 
     (converting), row maxima m, row sums, e = exp(z - m) in place and its row sums s (lse =
     m + log s), then scale p = e (scale / s), the constant and the target's term, copy out.
     Logits already in ``acc`` (fp32 training) are their own buffer: each chunk is worked on in
-    place, without the two copies (unless --report-accuracy's count on a CPU needs the logits
-    next to the shifted values)."""
+    place, without the two copies (not with --report-accuracy, whose hits read the logits next
+    to the shifted values)."""
     n, vocab = logits.shape
     smooth = c_smooth != 0
     scale = c_nll + vocab * c_smooth
@@ -196,7 +196,8 @@ def _loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, c_nll: 
     hits = logits.new_empty(n, dtype=torch.bool) if accuracy else None
     rows = _rows_per_chunk(logits)
     fast_hits = accuracy and ARGMAX_BY_COUNT and logits.device.type == "cpu"
-    in_place = IN_PLACE_CHUNKS and logits.dtype == acc and not fast_hits
+    # (not with accuracy: its hits, counted or by argmax, read the logits next to the shifted z)
+    in_place = IN_PLACE_CHUNKS and logits.dtype == acc and not accuracy
     buf = None if in_place else logits.new_empty(min(rows, n), vocab, dtype=acc)
     scratch = torch.empty_like(buf) if fast_hits else None
     onehot = logits.new_full((min(rows, n), 1), -c_nll, dtype=acc)

@@ -452,14 +452,10 @@ def test_logits_in_the_loss_dtype_are_worked_on_in_place(dtype, gen, monkeypatch
     assert ("copy_" in fwd) == (dtype == torch.bfloat16), fwd
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_accuracy_hits_equal_argmax_ties_and_non_finite_rows_included(dtype, gen, monkeypatch):
-    """--report-accuracy on a CPU: whether each row's argmax is its target, counted from the
-    row's maxima (one sign pass) instead of torch's argmax (~20x slower than a max): the same
-    answers as torch.argmax, the first maximum, for rows with one maximum, ties before, at and
-    after the target, all-equal rows, NaN, +-inf; and argmax runs only for the rows with ties
-    or non-finite values."""
-    monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * 40)  # several chunks of 8 rows
+def accuracy_rows(dtype, gen):
+    """60 rows of 40 logits for the accuracy tests: rows with one maximum (the first ten at their
+    target), ties before, at and after the target, all-equal rows, NaN, +-inf; their targets
+    and whether torch.argmax hits each."""
     n, vocab = 60, 40
     logits = torch.randint(-3, 4, (n, vocab), generator=gen).to(dtype)  # small integers: ties
     logits[:20] = torch.randn(20, vocab, generator=gen, dtype=torch.float64).to(dtype)  # none
@@ -483,6 +479,19 @@ def test_accuracy_hits_equal_argmax_ties_and_non_finite_rows_included(dtype, gen
     target[46] = 11
     expected = logits.argmax(1).eq(target)
     assert expected[:10].all() and not expected[40] and expected[41] and expected[46]
+    return logits, target, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_accuracy_hits_equal_argmax_ties_and_non_finite_rows_included(dtype, gen, monkeypatch):
+    """--report-accuracy on a CPU: whether each row's argmax is its target, counted from the
+    row's maxima (one sign pass) instead of torch's argmax (~20x slower than a max): the same
+    answers as torch.argmax, the first maximum, for rows with one maximum, ties before, at and
+    after the target, all-equal rows, NaN, +-inf; and argmax runs only for the rows with ties
+    or non-finite values."""
+    monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * 40)  # several chunks of 8 rows
+    logits, target, expected = accuracy_rows(dtype, gen)
+    vocab = logits.size(1)
     with OpNames() as ops:
         _, _, hits = fused_loss._loss_and_gradient(logits.clone(), target, torch.promote_types(
             dtype, torch.float32), 0.9, 0.1 / vocab, True)
@@ -491,3 +500,16 @@ def test_accuracy_hits_equal_argmax_ties_and_non_finite_rows_included(dtype, gen
     ties = (logits == logits.amax(1, keepdim=True)).sum(1).ne(1) | ~logits.isfinite().all(1)
     assert not ties[:20].any()
     assert ops.names.count("argmax") == len({int(r) // 8 for r in ties.nonzero()})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_accuracy_by_torchs_argmax_reads_the_logits_as_they_were(dtype, gen, monkeypatch):
+    """--report-accuracy by torch's argmax of each chunk (a GPU's path; ARGMAX_BY_COUNT off): the
+    argmax reads the logits, not the chunk shifted by its row maxima, whatever the dtype (fp32
+    logits are otherwise worked on in place: a NaN row shifted is all NaN, argmax 0)."""
+    monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * 40)
+    monkeypatch.setattr(fused_loss, "ARGMAX_BY_COUNT", False)
+    logits, target, expected = accuracy_rows(dtype, gen)
+    _, _, hits = fused_loss._loss_and_gradient(logits.clone(), target, torch.promote_types(
+        dtype, torch.float32), 0.9, 0.1 / logits.size(1), True)
+    assert torch.equal(hits, expected)
