@@ -87,10 +87,15 @@ def packed_weight(weight: Tensor) -> Optional[PackedWeight]:
 
 
 def available() -> bool:
-    """oneDNN with bf16 kernels on this CPU (avx512_bf16 or AMX; older CPUs emulate bf16 more
-    slowly, and torch may then route a bf16 product elsewhere), unless S2S_PACK_WEIGHTS=0."""
+    """oneDNN with bf16 kernels on this CPU (``onednn_bf16``), unless S2S_PACK_WEIGHTS=0."""
     if os.environ.get("S2S_PACK_WEIGHTS", "1") == "0":
         return False
+    return onednn_bf16()
+
+
+def onednn_bf16() -> bool:
+    """oneDNN's two operators with bf16 kernels on this CPU (avx512_bf16 or AMX; older CPUs
+    emulate bf16 more slowly, and torch may then route a bf16 product elsewhere)."""
     if REORDER is None or PACKED_LINEAR is None or not torch.backends.mkldnn.is_available():
         return False
     try:

@@ -27,6 +27,9 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
             kernel forward and softmax backward
   inplace   fp32 logits worked on in place by the fused loss, a chunk of rows at a time
             (fairseq_s2s_attn/criterion.py) against a copy into an fp32 buffer and back
+  bias      --cpu-bf16's output layer with its bias added by oneDNN's product
+            (fairseq_s2s_attn/criterion.py) against torch's addmm, which writes the bias over
+            the N x V logits first
   stepgrad  the step loop's weight gradients in one product per weight and batch
             (fairseq_s2s_attn/stepgrad.py) against autograd's per-step products and sums
   sources   the attention's source side (the dot and general scores' keys, the context's
@@ -78,6 +81,8 @@ def levers():
                  setter(criterion, "FORWARD_GRADIENT", False)),
         "inplace": (setter(criterion, "IN_PLACE_CHUNKS", True),
                     setter(criterion, "IN_PLACE_CHUNKS", False)),
+        "bias": (setter(criterion, "BIAS_IN_PRODUCT", True),
+                 setter(criterion, "BIAS_IN_PRODUCT", False)),
         "stepgrad": (setter(stepgrad, "DEFER", True), setter(stepgrad, "DEFER", False)),
         "sources": (setter(stepgrad, "DEFER_SOURCES", True),
                     setter(stepgrad, "DEFER_SOURCES", False)),
@@ -89,8 +94,8 @@ def levers():
     }
 
 
-LEVERS = ("dropout", "adam", "context", "rows", "loss", "inplace", "stepgrad", "sources", "score",
-          "fused", "accuracy")
+LEVERS = ("dropout", "adam", "context", "rows", "loss", "inplace", "bias", "stepgrad", "sources",
+          "score", "fused", "accuracy")
 SIDE_BY_SIDE = ("rows",)
 OLD_TRAINING_PRIMITIVE_CACHE = 16  # fairseq-train's cap before the rows lever
 

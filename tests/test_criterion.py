@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten
 from clitools import REPO, run
 from conftest import FakeTask, build_model, make_dict, random_tokens
 from fairseq_s2s_attn import criterion as fused_loss
+from fairseq_s2s_attn import packed
 from fairseq_s2s_attn.criterion import (FusedCrossEntropyCriterion,
                                         FusedLabelSmoothedCrossEntropyCriterion)
 
@@ -377,6 +378,17 @@ class OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def layer_inputs(gen, dtype):
+    """An output layer's inputs in ``dtype``: 37 rows of 16 features, weight and bias for 50
+    words, targets with rows 3, 20 and 36 padding (index 1)."""
+    x = torch.randn(37, 16, generator=gen, dtype=torch.float64)
+    w = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    b = torch.randn(50, generator=gen, dtype=torch.float64)
+    target = torch.randint(2, 50, (37,), generator=gen)
+    target[[3, 20, 36]] = 1
+    return x.to(dtype), w.to(dtype), b.to(dtype), target
+
+
 def output_layer_loss(x, w, b, target, dtype, coefficients, upstream=1.0):
     """OutputLayerLoss's loss c_nll nll + c_smooth smooth, its gradients (x, W, b) for an
     upstream gradient ``upstream``, and the ops its forward and its backward ran."""
@@ -401,13 +413,7 @@ def test_forward_writes_the_gradient_backward_only_multiplies(dtype, coefficient
     torch's row kernels: fp64 to 1e-12, bf16 logits to the rounding of the gradient written over
     them; for an upstream gradient other than 1 too, and negated and zero losses."""
     monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * 50)  # several chunks of 8 rows
-    x = torch.randn(37, 16, generator=gen, dtype=torch.float64)
-    w = torch.randn(50, 16, generator=gen, dtype=torch.float64)
-    b = torch.randn(50, generator=gen, dtype=torch.float64)
-    target = torch.randint(2, 50, (37,), generator=gen)
-    target[[3, 20, 36]] = 1  # padding rows
-    if dtype == torch.bfloat16:
-        x, w, b = x.float(), w.float(), b.float()
+    x, w, b, target = layer_inputs(gen, torch.float32 if dtype == torch.bfloat16 else dtype)
     results = {}
     for written in (True, False):
         monkeypatch.setattr(fused_loss, "FORWARD_GRADIENT", written)
@@ -434,13 +440,7 @@ def test_logits_in_the_loss_dtype_are_worked_on_in_place(dtype, gen, monkeypatch
     a buffer and back, the same bits as the copying path (IN_PLACE_CHUNKS off). bf16 logits
     are converted into an fp32 chunk either way."""
     monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * 50)
-    x = torch.randn(37, 16, generator=gen, dtype=torch.float64)
-    w = torch.randn(50, 16, generator=gen, dtype=torch.float64)
-    b = torch.randn(50, generator=gen, dtype=torch.float64)
-    target = torch.randint(2, 50, (37,), generator=gen)
-    target[[3, 20]] = 1
-    if dtype != torch.float64:
-        x, w, b = x.float(), w.float(), b.float()
+    x, w, b, target = layer_inputs(gen, torch.float64 if dtype == torch.float64 else torch.float32)
     results = {}
     for in_place in (True, False):
         monkeypatch.setattr(fused_loss, "IN_PLACE_CHUNKS", in_place)
@@ -450,6 +450,30 @@ def test_logits_in_the_loss_dtype_are_worked_on_in_place(dtype, gen, monkeypatch
     assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0))
     assert "copy_" in fwd0
     assert ("copy_" in fwd) == (dtype == torch.bfloat16), fwd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16_logits_take_the_bias_in_onednns_product(dtype, gen, monkeypatch):
+    """bf16 logits on a CPU: the bias added by oneDNN's product (BIAS_IN_PRODUCT), not written
+    over the N x V output first by torch's addmm: the same loss and gradients, bit for bit.
+    fp32 logits keep F.linear (MKL), either way."""
+    if not packed.onednn_bf16():
+        pytest.skip("no oneDNN bf16 on this CPU")
+    x, w, b, target = layer_inputs(gen, torch.float32)
+    for rows in (37, 2048):  # and the demo's sizes: 2,048 x 256 x 5,992
+        if rows > 37:
+            x, w = torch.randn(rows, 256, generator=gen), torch.randn(5992, 256, generator=gen) / 16
+            b, target = torch.randn(5992, generator=gen), torch.randint(1, 5992, (rows,), generator=gen)
+        results = {}
+        for on in (True, False):
+            monkeypatch.setattr(fused_loss, "BIAS_IN_PRODUCT", on)
+            results[on] = output_layer_loss(x, w, b, target, dtype, (0.9, 0.1 / 49), 2.0)
+        (loss, grads, fwd, _), (loss0, grads0, fwd0, _) = results[True], results[False]
+        assert torch.equal(loss, loss0)
+        assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0))
+        assert "addmm" in fwd0 and "_linear_pointwise" not in fwd0
+        assert ("_linear_pointwise" in fwd) == (dtype == torch.bfloat16), fwd
+        assert ("addmm" in fwd) == (dtype != torch.bfloat16), fwd
 
 
 def accuracy_rows(dtype, gen):
