@@ -77,7 +77,9 @@ What is measured (each configuration in its own subprocess, one after the other,
                   decompose into such products and are counted. oneDNN's fused RNN kernel
                   (aten.mkldnn_rnn_layer and its backward, used by nn.LSTM on unpacked CPU input) is
                   NOT counted by FlopCounterMode; its FLOPs are added analytically:
-                  2 * T * B * (I + H) * G*H forward (G gates), twice that for backward. Element-wise
+                  2 * T * B * (I + H) * G*H forward (G gates), twice that for backward; nor is
+                  oneDNN's linear (the --cpu-bf16 output layer's forward in the fused loss):
+                  2 * rows * K * N. Element-wise
                   work (gate nonlinearities, softmax, dropout, the Adam update) is not counted.
                   Counted over each batch's own rows: the zero rows that --cpu-bf16 training adds
                   to its products over all positions (fairseq_s2s_attn/precision.py, ~3% more
@@ -374,8 +376,11 @@ def release_memory():
         pass
 
 
-def rnn_flop_formulas(tally):
-    """FlopCounterMode formulas for oneDNN's fused RNN layer, which it does not count itself."""
+def uncounted_flop_formulas(tally):
+    """FlopCounterMode formulas for the kernels it does not count itself: oneDNN's and cuDNN's
+    fused RNN layers (their FLOPs added up in ``tally`` by kernel, for the report) and oneDNN's
+    linear (``torch.ops.mkldnn._linear_pointwise``: the fused loss's bf16 output layer,
+    fairseq_s2s_attn/criterion.py; decoding's packed weights), a plain matrix product."""
     import torch
     aten = torch.ops.aten
 
@@ -419,7 +424,17 @@ def rnn_flop_formulas(tally):
         tally["cudnn_rnn_backward"] = tally.get("cudnn_rnn_backward", 0) + n
         return n
 
+    def onednn_linear(x, *args, out_shape=None, **kwargs):
+        # x: ... x K -> out: ... x N, whichever overload (with a bias, or a binary post-op)
+        n = 2 * x[-1]
+        for d in out_shape:
+            n *= d
+        return n
+
     formulas = {aten.mkldnn_rnn_layer: forward, aten.mkldnn_rnn_layer_backward: backward}
+    linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if linear is not None:
+        formulas[linear] = onednn_linear
     if hasattr(aten, "_cudnn_rnn"):  # cuDNN's fused RNN (nn.LSTM/GRU on CUDA): not counted either
         formulas[aten._cudnn_rnn] = cudnn_forward
         formulas[aten._cudnn_rnn_backward] = cudnn_backward
@@ -539,7 +554,7 @@ def count_flops(spec, model, optimizer, forward_backward, timed, result):
     from fairseq_s2s_attn import precision
     padded, precision.PAD_ROWS = precision.PAD_ROWS, False  # the work asked for, not the padding
     try:
-        with FlopCounterMode(display=False, custom_mapping=rnn_flop_formulas(tally)) as counter:
+        with FlopCounterMode(display=False, custom_mapping=uncounted_flop_formulas(tally)) as counter:
             for sample in counted:
                 forward_backward(sample)
                 optimizer.zero_grad(set_to_none=True)

@@ -124,7 +124,7 @@ def test_analytic_rnn_flops_match_the_decomposed_count(layers, bidirectional):
     for fused in (True, False):
         tally = {}
         with torch.backends.mkldnn.flags(enabled=fused):
-            with FlopCounterMode(display=False, custom_mapping=bench.rnn_flop_formulas(tally)) as fc:
+            with FlopCounterMode(display=False, custom_mapping=bench.uncounted_flop_formulas(tally)) as fc:
                 out, _ = rnn(x)
                 out.sum().backward()
         totals.append(fc.get_total_flops())
@@ -161,7 +161,8 @@ def test_flops_are_counted_over_each_batchs_own_rows(gen):
     def flops(padded_run):
         result = dict(train_tokens=22, train_updates=1, train_tok_s=1.0)
         bench.count_flops(dict(flop_batches=1), model, optimizer, forward_backward, [sample], result)
-        with FlopCounterMode(display=False) as fc:  # the padded work itself
+        with FlopCounterMode(display=False, custom_mapping=bench.uncounted_flop_formulas({})) as fc:
+            # the padded work itself
             precision.PAD_ROWS = padded_run
             try:
                 forward_backward(sample)
@@ -173,6 +174,28 @@ def test_flops_are_counted_over_each_batchs_own_rows(gen):
     counted_plain, run_plain = flops(False)
     assert precision.PAD_ROWS is True
     assert counted == counted_plain == run_plain < run_padded
+
+
+@pytest.mark.parametrize("bias_in_product", [True, False])
+def test_flops_of_the_bf16_output_layer_are_its_three_products(bias_in_product, gen, monkeypatch):
+    """Under --cpu-bf16 the fused loss's logits come from oneDNN's linear
+    (criterion.BIAS_IN_PRODUCT), which FlopCounterMode does not count itself: with the
+    benchmark's formulas the output layer counts 3 x 2 N C V (forward, both gradients) either
+    way (it undercounted the bf16 rows by a third of that layer's products)."""
+    from fairseq_s2s_attn import criterion
+
+    bench = load_benchmark()
+    monkeypatch.setattr(criterion, "BIAS_IN_PRODUCT", bias_in_product)
+    n, c, v = 37, 16, 50
+    x = torch.randn(n, c, generator=gen, requires_grad=True)
+    w = torch.randn(v, c, generator=gen, requires_grad=True)
+    b = torch.randn(v, generator=gen, requires_grad=True)
+    target = torch.randint(2, v, (n,), generator=gen)
+    with FlopCounterMode(display=False, custom_mapping=bench.uncounted_flop_formulas({})) as fc:
+        loss, _, _ = criterion.OutputLayerLoss.apply(x, w, b, target, 1, torch.bfloat16, 1.0, 0.0,
+                                                     False)
+        loss.backward()
+    assert fc.get_total_flops() == 3 * 2 * n * c * v
 
 
 def device_table(markdown: str):
@@ -293,7 +316,7 @@ def test_analytic_cudnn_rnn_flops(layers, bidirectional):
     if not hasattr(aten, "_cudnn_rnn"):
         pytest.skip("this torch build has no aten._cudnn_rnn")
     tally = {}
-    formulas = bench.rnn_flop_formulas(tally)
+    formulas = bench.uncounted_flop_formulas(tally)
     rnn = nn.LSTM(24, 16, num_layers=layers, bidirectional=bidirectional)
     shapes = [tuple(w.shape) for w in rnn._flat_weights]
     T, B = 7, 5
