@@ -434,20 +434,28 @@ def test_forward_writes_the_gradient_backward_only_multiplies(dtype, coefficient
         assert all(g.abs().max() > 0 for g in grads)
 
 
+def same_bits_on_and_off(monkeypatch, flag, inputs, dtype):
+    """OutputLayerLoss on ``inputs`` (x, W, b, targets) with ``criterion.<flag>`` on and off
+    (label-smoothed, upstream gradient 2): the same loss and gradients, bit for bit; returns the
+    ops each forward ran (on, off)."""
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(fused_loss, flag, on)
+        results[on] = output_layer_loss(*inputs, dtype, (0.9, 0.1 / 49), 2.0)
+    (loss, grads, fwd, _), (loss0, grads0, fwd0, _) = results[True], results[False]
+    assert torch.equal(loss, loss0)
+    assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0))
+    return fwd, fwd0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_logits_in_the_loss_dtype_are_worked_on_in_place(dtype, gen, monkeypatch):
     """fp32 logits (fp32 training; fp64 for fp64 models) are their own work space: no copy into
     a buffer and back, the same bits as the copying path (IN_PLACE_CHUNKS off). bf16 logits
     are converted into an fp32 chunk either way."""
     monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * 50)
-    x, w, b, target = layer_inputs(gen, torch.float64 if dtype == torch.float64 else torch.float32)
-    results = {}
-    for in_place in (True, False):
-        monkeypatch.setattr(fused_loss, "IN_PLACE_CHUNKS", in_place)
-        results[in_place] = output_layer_loss(x, w, b, target, dtype, (0.9, 0.1 / 49), 2.0)
-    (loss, grads, fwd, _), (loss0, grads0, fwd0, _) = results[True], results[False]
-    assert torch.equal(loss, loss0)
-    assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0))
+    inputs = layer_inputs(gen, torch.float64 if dtype == torch.float64 else torch.float32)
+    fwd, fwd0 = same_bits_on_and_off(monkeypatch, "IN_PLACE_CHUNKS", inputs, dtype)
     assert "copy_" in fwd0
     assert ("copy_" in fwd) == (dtype == torch.bfloat16), fwd
 
@@ -459,18 +467,10 @@ def test_bf16_logits_take_the_bias_in_onednns_product(dtype, gen, monkeypatch):
     fp32 logits keep F.linear (MKL), either way."""
     if not packed.onednn_bf16():
         pytest.skip("no oneDNN bf16 on this CPU")
-    x, w, b, target = layer_inputs(gen, torch.float32)
-    for rows in (37, 2048):  # and the demo's sizes: 2,048 x 256 x 5,992
-        if rows > 37:
-            x, w = torch.randn(rows, 256, generator=gen), torch.randn(5992, 256, generator=gen) / 16
-            b, target = torch.randn(5992, generator=gen), torch.randint(1, 5992, (rows,), generator=gen)
-        results = {}
-        for on in (True, False):
-            monkeypatch.setattr(fused_loss, "BIAS_IN_PRODUCT", on)
-            results[on] = output_layer_loss(x, w, b, target, dtype, (0.9, 0.1 / 49), 2.0)
-        (loss, grads, fwd, _), (loss0, grads0, fwd0, _) = results[True], results[False]
-        assert torch.equal(loss, loss0)
-        assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0))
+    demo_sizes = (torch.randn(2048, 256, generator=gen), torch.randn(5992, 256, generator=gen) / 16,
+                  torch.randn(5992, generator=gen), torch.randint(1, 5992, (2048,), generator=gen))
+    for inputs in (layer_inputs(gen, torch.float32), demo_sizes):  # 2,048 x 256 x 5,992
+        fwd, fwd0 = same_bits_on_and_off(monkeypatch, "BIAS_IN_PRODUCT", inputs, dtype)
         assert "addmm" in fwd0 and "_linear_pointwise" not in fwd0
         assert ("_linear_pointwise" in fwd) == (dtype == torch.bfloat16), fwd
         assert ("addmm" in fwd) == (dtype != torch.bfloat16), fwd
