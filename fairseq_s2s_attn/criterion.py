@@ -176,9 +176,10 @@ def _logits(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     adds it as it writes the output: torch's addmm first writes the bias over the whole N x V
     output and has the product add to it (measured on an Intel Xeon with AMX, one thread, 2,048 x
     256 x 5,992: 6.1 against 4.4 ms, the product alone 4.4; fp32 products go to MKL, where the
-    bias costs nothing). Elsewhere F.linear."""
+    bias costs nothing). Elsewhere F.linear (and for a strided x, for which oneDNN's plain path
+    may run another kernel than F.linear's)."""
     if (BIAS_IN_PRODUCT and b is not None and x.dtype == torch.bfloat16
-            and x.device.type == "cpu" and packed.onednn_bf16()):
+            and x.device.type == "cpu" and x.is_contiguous() and packed.onednn_bf16()):
         return packed.PACKED_LINEAR(x, w, b, "none", [], "")
     return F.linear(x, w, b)
 
