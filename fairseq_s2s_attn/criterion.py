@@ -13,7 +13,8 @@ and every pass over them runs at memory speed. Here (``OutputLayerLoss``, Bahdan
 and Luong et al. 2015 both train with this loss):
 
 - forward: logits z = x W^T + b in the products' dtype (bf16 under ``--cpu-bf16``, as autocast
-  makes them); then, a few rows at a time (cache-sized chunks) in fp32, each row's log-sum-exp
+  makes them; there oneDNN's product adds b as it writes z, ``_logits``); then, a few rows at a
+  time (cache-sized chunks) in fp32, each row's log-sum-exp
   lse and sum_j z_j give -log p(target) = lse - z_t and (with label smoothing)
   -sum_j log p_j = V lse - sum_j z_j;
 - and the gradient: dL/dz = c_nll (p - onehot) + c_smooth (V p - 1) (the loss's two
