@@ -546,9 +546,11 @@ class Attention(nn.Module):
                 weights = masked_softmax(scores, padding_mask)
             else:
                 weights = self._local_weights(query, scores, padding_mask, step)
-        weights = weights.to(values.dtype)
-        # B x ([groups x] [T x]) S by B x S x C: one product per source row
-        ctx = context(weights.reshape(values.size(0), -1, weights.size(-1)), values)
+        # B x ([groups x] [T x]) S by B x S x C: one product per source row, the weights in the
+        # values' dtype (bf16 values cast once for decoding: as autocast casts them inside the
+        # product); the weights returned stay in the softmax's dtype, as autocast leaves them:
+        # coverage sums them, alignments print them
+        ctx = context(weights.to(values.dtype).reshape(values.size(0), -1, weights.size(-1)), values)
         return ctx.view(*weights.shape[:-1], -1), weights
 
     def _scores(self, query: Tensor, keys: Tensor, coverage: Optional[Tensor]) -> Tensor:
