@@ -36,7 +36,7 @@ from fairseq.models import FairseqIncrementalDecoder
 from .attention import AdditiveScorer, Attention, fp32_context
 from .dropout import Dropout
 from .encoder import RNN_TYPES
-from . import stepgrad
+from . import native, stepgrad
 from .packed import Linear, linear
 from .precision import (cast_for_products, cpu_autocast, over_positions, padded_rows_linear,
                         runs_cpu_bf16)
@@ -108,6 +108,8 @@ def lstm_from_gates(igates: Tensor, hgates: Tensor, c: Tensor) -> Tuple[Tensor, 
     if use_fused_cells(igates):
         h, c, _workspace = FUSED_LSTM_CELL(igates, hgates, c)
         return h, c
+    if native.usable(igates, hgates, c):  # CPU: one C loop each way
+        return native.lstm_cell(igates, hgates, c)
     i, f, g, o = (igates + hgates).chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
@@ -133,6 +135,8 @@ def gru_from_gates(igates: Tensor, hgates: Tensor, h: Tensor) -> Tensor:
     h = h.to(igates.dtype)
     if use_fused_cells(igates):
         return FUSED_GRU_CELL(igates, hgates, h)[0]
+    if native.usable(igates, hgates, h):  # CPU: one C loop each way
+        return native.gru_cell(igates, hgates, h)
     i_r, i_z, i_n = igates.chunk(3, dim=1)
     h_r, h_z, h_n = hgates.chunk(3, dim=1)
     r = torch.sigmoid(i_r + h_r)

@@ -39,6 +39,8 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
             against the tanh remade in full
   fused     the additive score's forward and backward each in one loop compiled by inductor
             (fairseq_s2s_attn/fused.py) against torch's eager element-wise operations
+  cells     the LSTM/GRU cell's element-wise half in one C loop each way
+            (fairseq_s2s_attn/native.py) against torch's eager element-wise operations
   accuracy  --report-accuracy's hits from the count of each row's maxima
             (criterion._argmax_hits) against torch's argmax of every row; needs
             --report-accuracy
@@ -64,7 +66,8 @@ def levers():
     """name -> (switch on, switch off): module state the fast path reads at every call."""
     from fairseq.modules import FairseqDropout
 
-    from fairseq_s2s_attn import attention, criterion, dropout, fused, optim, precision, stepgrad
+    from fairseq_s2s_attn import (attention, criterion, dropout, fused, native, optim, precision,
+                                  stepgrad)
 
     fast_dropout, fused_adam = dropout.Dropout.forward, optim.FUSED_ADAMW
 
@@ -89,13 +92,14 @@ def levers():
         "score": (setter(attention, "SIGMOID_BACKWARD", True),
                   setter(attention, "SIGMOID_BACKWARD", False)),
         "fused": (setter(fused, "ENABLED", True), setter(fused, "ENABLED", False)),
+        "cells": (setter(native, "ENABLED", True), setter(native, "ENABLED", False)),
         "accuracy": (setter(criterion, "ARGMAX_BY_COUNT", True),
                      setter(criterion, "ARGMAX_BY_COUNT", False)),
     }
 
 
 LEVERS = ("dropout", "adam", "context", "rows", "loss", "inplace", "bias", "stepgrad", "sources",
-          "score", "fused", "accuracy")
+          "score", "fused", "cells", "accuracy")
 SIDE_BY_SIDE = ("rows",)
 OLD_TRAINING_PRIMITIVE_CACHE = 16  # fairseq-train's cap before the rows lever
 

@@ -6,6 +6,8 @@ functions registered in ``fairseq_s2s_attn.model``, then ``RNNS2SModel.build_mod
 
 import argparse
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -170,3 +172,14 @@ def padding_mask(lengths, width: int, left: bool) -> torch.Tensor:
         else:
             mask[b, n:] = True
     return mask
+
+
+def enabled_in_a_fresh_process(module: str, variable: str, value) -> str:
+    """``fairseq_s2s_attn.<module>.ENABLED`` as a fresh interpreter sees it, with the environment
+    variable set to value (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    if value is not None:
+        env[variable] = value
+    code = f"import fairseq_s2s_attn.{module} as m; print(m.ENABLED)"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()

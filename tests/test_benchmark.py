@@ -468,13 +468,14 @@ def test_train_ab_levers_switch_the_fast_paths():
     spec.loader.exec_module(train_ab)
     from fairseq.modules import FairseqDropout
 
-    from fairseq_s2s_attn import attention, criterion, dropout, fused, optim, precision, stepgrad
+    from fairseq_s2s_attn import (attention, criterion, dropout, fused, native, optim, precision,
+                                  stepgrad)
 
     names = [(dropout.Dropout, "forward"), (optim, "FUSED_ADAMW"), (attention, "FP32_CONTEXT"),
              (precision, "PAD_ROWS"), (criterion, "FORWARD_GRADIENT"), (stepgrad, "DEFER"),
              (attention, "SIGMOID_BACKWARD"), (criterion, "ARGMAX_BY_COUNT"), (fused, "ENABLED"),
              (stepgrad, "DEFER_SOURCES"), (criterion, "IN_PLACE_CHUNKS"),
-             (criterion, "BIAS_IN_PRODUCT")]
+             (criterion, "BIAS_IN_PRODUCT"), (native, "ENABLED")]
     state = [getattr(obj, name) for obj, name in names]
     switches = train_ab.levers()
     assert set(switches) == set(train_ab.LEVERS)
@@ -483,7 +484,7 @@ def test_train_ab_levers_switch_the_fast_paths():
             off()
         assert dropout.Dropout.forward is FairseqDropout.forward
         assert optim.FUSED_ADAMW is None
-        assert [getattr(obj, name) for obj, name in names[2:]] == [False] * 10
+        assert [getattr(obj, name) for obj, name in names[2:]] == [False] * 11
         for on, _ in switches.values():
             on()
         assert [getattr(obj, name) for obj, name in names] == state

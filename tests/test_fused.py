@@ -3,14 +3,11 @@ against fp64 autograd and the eager path (fused.ENABLED off); where it is not us
 compilation."""
 
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import build_model, random_tokens
+from conftest import build_model, enabled_in_a_fresh_process, random_tokens
 from fairseq_s2s_attn import attention, fused
 from fairseq_s2s_attn.attention import AdditiveScore, additive_scores
 
@@ -182,9 +179,4 @@ def test_a_bahdanau_training_step_equals_the_eager_one(coverage, precision, gen,
 
 @pytest.mark.parametrize("value, enabled", [(None, True), ("1", True), ("0", False)])
 def test_s2s_fused_0_in_the_environment_keeps_the_eager_path(value, enabled):
-    env = {k: v for k, v in os.environ.items() if k != "S2S_FUSED"}
-    if value is not None:
-        env["S2S_FUSED"] = value
-    out = subprocess.run([sys.executable, "-c", "import fairseq_s2s_attn.fused as f; print(f.ENABLED)"],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(enabled)
+    assert enabled_in_a_fresh_process("fused", "S2S_FUSED", value) == str(enabled)

@@ -1,0 +1,245 @@
+"""native.py: the LSTM and GRU cells' element-wise halves as C loops (CPU, fp32 and bf16),
+against fp64 autograd of the formulas and the eager path (native.ENABLED off); where they are
+not used; the library's build (cache, flags, a failed compilation, S2S_NATIVE=0)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import build_model, enabled_in_a_fresh_process, random_tokens
+from fairseq_s2s_attn import decoder, native
+
+B, H = 5, 19  # H not a multiple of the vector width: the loops' remainders run too
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """[(cell, whether autograd records it)] of every call into the C loops."""
+    seen = []
+    for name in ("lstm_cell", "gru_cell"):
+        original = getattr(native, name)
+
+        def spy(igates, hgates, state, _original=original, _name=name):
+            seen.append((_name, native._recording(igates, hgates, state)))
+            return _original(igates, hgates, state)
+
+        monkeypatch.setattr(native, name, spy)
+    return seen
+
+
+def cell_inputs(lstm: bool, dtype, seed: int = 0, row_stride: int = 0):
+    """igates, hgates (B x 4H or 3H, saturating values included; given ``row_stride``, wider
+    tensors whose first 4H or 3H columns are the gates), the state, and the outputs' upstream
+    gradients."""
+    g = torch.Generator().manual_seed(seed)
+    width = (4 if lstm else 3) * H
+
+    def gates():
+        x = torch.randn(B, max(width, row_stride), generator=g, dtype=torch.float64) * 3
+        x[0, :6] = torch.tensor([30.0, -30.0, 0.0, 1e-3, -60.0, 60.0])
+        return x.to(dtype)
+
+    state = torch.randn(B, H, generator=g, dtype=torch.float64).to(dtype)
+    grads = [torch.randn(B, H, generator=g, dtype=torch.float64).to(dtype) for _ in range(2)]
+    return gates(), gates(), state, grads if lstm else grads[:1]
+
+
+def run_cell(lstm: bool, inputs, upstream, keep=(True, True)):
+    """The cell through decoder.lstm_from_gates/gru_from_gates on the gates' first 4H or 3H
+    columns (views with the inputs' row stride): outputs and input gradients (the upstream
+    gradient of an LSTM output left out where ``keep`` says so)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    width = (4 if lstm else 3) * leaves[2].size(1)
+    igates, hgates = (x[:, :width] for x in leaves[:2])
+    assert igates.stride(0) == inputs[0].size(1)
+    outs = (decoder.lstm_from_gates(igates, hgates, leaves[2]) if lstm
+            else (decoder.gru_from_gates(igates, hgates, leaves[2]),))
+    used = [(o, g) for o, g, k in zip(outs, upstream, keep) if k]
+    grads = torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used])
+    return [o.detach() for o in outs], [grads[0][:, :width], grads[1][:, :width], grads[2]]
+
+
+@pytest.mark.parametrize("row_stride", [0, 100], ids=["contiguous", "strided_rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lstm, keep", [(True, (True, True)), (True, (True, False)),
+                                        (True, (False, True)), (False, (True,))],
+                         ids=["lstm_h_and_c", "lstm_h_only", "lstm_c_only", "gru"])
+def test_the_loops_equal_the_cell_formulas(lstm, keep, dtype, row_stride, calls, monkeypatch):
+    """Outputs and the gradients of both gate pre-activations and of the state, against fp64
+    autograd of decoder's formulas. fp32: a few ulp (the C library's vector expf/tanhf); bf16:
+    within one rounding of the exact value (fp32 inside, one rounding per output), closer than
+    the eager path, which rounds after every operation."""
+    igates, hgates, state, upstream = cell_inputs(lstm, dtype, row_stride=row_stride)
+    got = run_cell(lstm, (igates, hgates, state), upstream, keep)
+    assert calls == [("lstm_cell" if lstm else "gru_cell", True)]
+    monkeypatch.setattr(native, "ENABLED", False)
+    eager = run_cell(lstm, (igates, hgates, state), upstream, keep)
+    exact = run_cell(lstm, [t.double() for t in (igates, hgates, state)],
+                     [g.double() for g in upstream], keep)
+    assert len(calls) == 1
+    for mine, plain, want in zip(got[0] + got[1], eager[0] + eager[1], exact[0] + exact[1]):
+        assert mine.dtype == dtype and mine.shape == want.shape
+        scale = float(want.abs().max()) or 1.0
+        if dtype == torch.float32:
+            torch.testing.assert_close(mine.double(), want, rtol=1e-6, atol=2e-6 * scale)
+        else:
+            bound = 2.0 ** -8 * want.abs() + 2 ** -9 * 2 ** -6 * scale
+            assert ((mine.double() - want).abs() <= bound).all()
+            assert (mine.double() - want).abs().sum() <= (plain.double() - want).abs().sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lstm", [True, False], ids=["lstm", "gru"])
+def test_decoding_runs_the_loop_without_keeping_activations(lstm, dtype, calls):
+    """Under no_grad (beam search) the loop writes the outputs only: the same bits as training's
+    forward."""
+    igates, hgates, state, upstream = cell_inputs(lstm, dtype, seed=1)
+    trained = run_cell(lstm, (igates, hgates, state), upstream)[0]
+    with torch.no_grad():
+        decoded = decoder.lstm_from_gates(igates, hgates, state) if lstm else \
+            (decoder.gru_from_gates(igates, hgates, state),)
+    name = "lstm_cell" if lstm else "gru_cell"
+    assert calls == [(name, True), (name, False)]
+    for a, b in zip(trained, decoded):
+        assert torch.equal(a, b)
+
+
+def test_other_dtypes_devices_and_compilation_take_the_eager_formulas(monkeypatch):
+    x, s = torch.randn(2, 4 * H), torch.randn(2, H)
+    assert native.usable(x, x, s)
+    assert not native.usable(x.double(), x.double(), s.double())
+    assert not native.usable(x.half(), x.half(), s.half())
+    assert not native.usable(x, x, s.double())  # mixed dtypes: the formulas decide the promotion
+    assert not native.usable(x, x.bfloat16(), s)
+    assert not native.usable(x.to("meta"), x, s)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not native.usable(x, x, s)
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "ENABLED", False)
+    assert not native.usable(x, x, s)
+
+
+def test_the_backward_is_not_differentiable_again():
+    igates, hgates, state, upstream = cell_inputs(True, torch.float32)
+    inputs = [t.requires_grad_() for t in (igates, hgates, state)]
+    h, _ = decoder.lstm_from_gates(*inputs)
+    (g,) = torch.autograd.grad(h, inputs[0], upstream[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
+
+
+def run_python(code: str, **env):
+    """Runs code in a fresh interpreter (the library loaded anew), environment updated by env."""
+    full = dict(os.environ)
+    full.update(env)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+LOAD = """
+    import logging, torch
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from fairseq_s2s_attn import native
+    print(native.library() is not None, native.ENABLED)
+    print(float(torch.tensor([1e-40]) * 1.0) != 0.0)  # denormals kept
+"""
+
+
+def test_the_library_keeps_the_processs_denormals(tmp_path):
+    """The library must not bring GCC's crtfastmath.o (linked with -ffast-math), whose start-up
+    code sets flush-to-zero for the whole process: torch's own kernels would then round every
+    denormal to zero after the first decoder step."""
+    done = run_python(LOAD, XDG_CACHE_HOME=str(tmp_path))
+    assert done.stdout.split() == ["True", "True", "True"]
+
+
+def test_the_library_is_built_once_per_cache(tmp_path):
+    """The first process compiles (one compiler call besides --version), later ones load the
+    cached library."""
+    log = tmp_path / "calls"
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\necho "$1" >> {log}\nexec cc "$@"\n')
+    cc.chmod(0o755)
+    for _ in range(2):
+        done = run_python(LOAD, XDG_CACHE_HOME=str(tmp_path / "cache"), CC=str(cc))
+        assert done.stdout.split()[0] == "True" and done.stderr == ""
+    calls = log.read_text().split()
+    assert calls.count("--version") == 2 and len(calls) == 3
+    assert len(list((tmp_path / "cache" / "fairseq_s2s_attn").glob("cells-*.so"))) == 1
+    assert not [p for p in (tmp_path / "cache" / "fairseq_s2s_attn").iterdir() if p.is_dir()]
+
+
+@pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"], ids=["missing", "failing"])
+def test_a_failed_build_warns_once_and_the_eager_path_runs(tmp_path, compiler):
+    """No compiler, or one that fails: one warning line naming the cause, then torch's
+    element-wise operations, with the same results as the formulas."""
+    done = run_python(LOAD + """
+    from fairseq_s2s_attn import decoder
+    x, s = torch.randn(3, 40, requires_grad=True), torch.randn(3, 10)
+    h, c = decoder.lstm_from_gates(x, x * 2, s)
+    i, f, g, o = (x * 3).chunk(4, 1)
+    c2 = torch.sigmoid(f) * s + torch.sigmoid(i) * torch.tanh(g)
+    print(torch.equal(c, c2) and torch.equal(h, torch.sigmoid(o) * torch.tanh(c2)))
+    h.sum().backward()
+    print(native.library() is None)
+    """, XDG_CACHE_HOME=str(tmp_path), CC=compiler)
+    assert done.stdout.split() == ["False", "True", "True", "True", "True"]
+    warning = done.stderr.strip()
+    assert "\n" not in warning and warning.startswith("the C loops of the LSTM/GRU cells are off (")
+    assert compiler.split("/")[-1] in warning or "cc" in warning
+
+
+@pytest.mark.parametrize("value, enabled", [(None, True), ("1", True), ("0", False)])
+def test_s2s_native_0_in_the_environment_keeps_the_eager_path(value, enabled):
+    assert enabled_in_a_fresh_process("native", "S2S_NATIVE", value) == str(enabled)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "cpu-bf16"])
+@pytest.mark.parametrize("arch, options", [
+    ("rnn_luong_tiny", dict(rnn_type="lstm", decoder_layers=2, input_feeding=True)),
+    ("rnn_bahdanau_tiny", dict(rnn_type="gru", coverage=True)),
+], ids=["luong_lstm_2_layers", "bahdanau_gru_coverage"])
+def test_a_training_step_equals_the_eager_one(arch, options, precision, gen, calls, monkeypatch):
+    """A training step through the step loop: every layer's cell at every step runs the C loop
+    (recorded by autograd), and the logits and every parameter's gradient equal the eager
+    path's to rounding. With --cpu-bf16 the two paths round differently (the loop once per
+    output, eager after every operation) and the difference grows through the steps: both are
+    compared with the fp32 model's step (the same weights), the loop about as far from it as
+    eager (the single cell's test shows it closer: here rounding noise of the whole model)."""
+    bf16 = precision == "cpu-bf16"
+    d = None
+    results = []
+    for cpu_bf16, enabled in [(bf16, True), (bf16, False)] + [(False, False)] * bf16:
+        model = build_model(arch, seed=3, init_range=0.3, cpu_bf16=cpu_bf16, **options)
+        if d is None:
+            d = model.decoder.dictionary
+            src = random_tokens(d, [7, 4, 6, 2], left_pad=True, generator=gen)
+            prev = torch.roll(random_tokens(d, [6, 3, 5, 2], left_pad=False, generator=gen), 1, 1)
+            prev[:, 0] = d.eos()
+            lengths = src.ne(d.pad()).sum(1)
+        monkeypatch.setattr(native, "ENABLED", enabled)
+        model.train()
+        logits, _ = model(src, lengths, prev)
+        logits.float().log_softmax(-1)[..., 4:9].sum().backward()
+        results.append([logits.detach().float()] + [p.grad.clone() for p in model.parameters()])
+    cell = "lstm_cell" if options["rnn_type"] == "lstm" else "gru_cell"
+    assert calls == [(cell, True)] * (prev.size(1) * model.decoder.num_layers)
+    names = ["logits"] + [n for n, _ in model.named_parameters()]
+    errors = []  # bf16: (the loop's, eager's) relative distance from the fp32 step, per tensor
+    for name, mine, plain, *fp32 in zip(names, *results):
+        if not bf16:
+            torch.testing.assert_close(mine, plain, rtol=1e-5,
+                                       atol=1e-5 * max(1e-3, float(plain.abs().max())), msg=name)
+            continue
+        want = fp32[0]
+        errors.append([float((x - want).norm() / want.norm()) for x in (mine, plain)])
+        assert errors[-1][0] < 0.05, name  # 0.2-2.7% seen, for both paths
+    if bf16:  # on average over the tensors as close as eager: 0.94x (Luong), 1.06x (Bahdanau)
+        mine, plain = (sum(e) / len(errors) for e in zip(*errors))
+        assert mine <= 1.25 * plain
