@@ -546,12 +546,15 @@ class Attention(nn.Module):
                 weights = masked_softmax(scores, padding_mask)
             else:
                 weights = self._local_weights(query, scores, padding_mask, step)
-        # B x ([groups x] [T x]) S by B x S x C: one product per source row, the weights in the
-        # values' dtype (bf16 values cast once for decoding: as autocast casts them inside the
-        # product); the weights returned stay in the softmax's dtype, as autocast leaves them:
-        # coverage sums them, alignments print them
-        ctx = context(weights.to(values.dtype).reshape(values.size(0), -1, weights.size(-1)), values)
-        return ctx.view(*weights.shape[:-1], -1), weights
+        # B x ([groups x] [T x]) S by B x S x C: one product per source row, in the values' dtype
+        cast = weights.to(values.dtype)
+        ctx = context(cast.reshape(values.size(0), -1, weights.size(-1)), values)
+        if torch.is_autocast_enabled(values.device.type):
+            # values cast to bf16 once for decoding (precision.cast_for_products) stand for fp32
+            # values that autocast would cast inside the product: the weights returned (coverage
+            # sums them) are what that path returns, not rounded to the values' dtype
+            cast = weights.to(torch.promote_types(weights.dtype, values.dtype))
+        return ctx.view(*weights.shape[:-1], -1), cast
 
     def _scores(self, query: Tensor, keys: Tensor, coverage: Optional[Tensor]) -> Tensor:
         return self.scorer(query, keys) if coverage is None else self.scorer(query, keys, coverage)
