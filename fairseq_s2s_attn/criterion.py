@@ -61,7 +61,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 
-from . import packed
+from . import native, packed
 from .precision import pad_rows, pads_rows
 
 # elements per chunk of rows: about 1 MB of fp32 on a CPU (stays in its L2 cache across the
@@ -211,6 +211,9 @@ def _loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, c_nll: 
     smooth = c_smooth != 0
     scale = c_nll + vocab * c_smooth
     z_target = logits.gather(1, target.unsqueeze(1)).squeeze(1).to(acc)  # N
+    if not accuracy and native.loss_rows_usable(logits, target, acc):  # CPU: one C loop
+        lse, total = native.loss_rows(logits, target, c_nll, c_smooth, smooth)
+        return lse - z_target, (lse * vocab - total) if smooth else None, None
     lse = logits.new_empty(n, dtype=acc)  # N
     total = logits.new_empty(n, dtype=acc) if smooth else None  # N: sum_j z_j
     hits = logits.new_empty(n, dtype=torch.bool) if accuracy else None

@@ -41,6 +41,8 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
             (fairseq_s2s_attn/fused.py) against torch's eager element-wise operations
   cells     the LSTM/GRU cell's element-wise half in one C loop each way
             (fairseq_s2s_attn/native.py) against torch's eager element-wise operations
+  lossrows  the fused loss's rows (lse, row sums, gradient) in one C loop
+            (native.loss_rows) against the eager passes over a chunk of rows
   accuracy  --report-accuracy's hits from the count of each row's maxima
             (criterion._argmax_hits) against torch's argmax of every row; needs
             --report-accuracy
@@ -93,13 +95,15 @@ def levers():
                   setter(attention, "SIGMOID_BACKWARD", False)),
         "fused": (setter(fused, "ENABLED", True), setter(fused, "ENABLED", False)),
         "cells": (setter(native, "ENABLED", True), setter(native, "ENABLED", False)),
+        "lossrows": (setter(native, "LOSS_ROWS", True), setter(native, "LOSS_ROWS", False)),
         "accuracy": (setter(criterion, "ARGMAX_BY_COUNT", True),
                      setter(criterion, "ARGMAX_BY_COUNT", False)),
     }
 
 
 LEVERS = ("dropout", "adam", "context", "rows", "loss", "inplace", "bias", "stepgrad", "sources",
-          "score", "fused", "cells", "accuracy")
+          "score", "fused", "cells", "lossrows",
+          "accuracy")
 SIDE_BY_SIDE = ("rows",)
 OLD_TRAINING_PRIMITIVE_CACHE = 16  # fairseq-train's cap before the rows lever
 

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 from clitools import REPO, run
 from conftest import FakeTask, build_model, make_dict, random_tokens
 from fairseq_s2s_attn import criterion as fused_loss
-from fairseq_s2s_attn import packed
+from fairseq_s2s_attn import native, packed
 from fairseq_s2s_attn.criterion import (FusedCrossEntropyCriterion,
                                         FusedLabelSmoothedCrossEntropyCriterion)
 
@@ -452,7 +452,9 @@ def same_bits_on_and_off(monkeypatch, flag, inputs, dtype):
 def test_logits_in_the_loss_dtype_are_worked_on_in_place(dtype, gen, monkeypatch):
     """fp32 logits (fp32 training; fp64 for fp64 models) are their own work space: no copy into
     a buffer and back, the same bits as the copying path (IN_PLACE_CHUNKS off). bf16 logits
-    are converted into an fp32 chunk either way."""
+    are converted into an fp32 chunk either way. (The eager chunks: native's loop, which has
+    none, off.)"""
+    monkeypatch.setattr(native, "ENABLED", False)
     monkeypatch.setitem(fused_loss.CHUNK_ELEMENTS, "cpu", 8 * 50)
     inputs = layer_inputs(gen, torch.float64 if dtype == torch.float64 else torch.float32)
     fwd, fwd0 = same_bits_on_and_off(monkeypatch, "IN_PLACE_CHUNKS", inputs, dtype)

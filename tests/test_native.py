@@ -243,3 +243,62 @@ def test_a_training_step_equals_the_eager_one(arch, options, precision, gen, cal
     if bf16:  # on average over the tensors as close as eager: 0.94x (Luong), 1.06x (Bahdanau)
         mine, plain = (sum(e) / len(errors) for e in zip(*errors))
         assert mine <= 1.25 * plain
+
+
+def loss_inputs(dtype, rows: int, vocab: int, seed: int = 0):
+    """Logits (saturating rows included: one large, one very negative, one flat) and targets at
+    the first, last and other positions."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 4
+    z[0, 3], z[1] = 80.0, z[1] - 90.0
+    z[2] = 0.5
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    target[:3] = torch.tensor([0, vocab - 1, 3])
+    return z.to(dtype), target
+
+
+@pytest.mark.parametrize("smooth", [False, True], ids=["nll", "label_smoothed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_loss_rows_equal_the_chunked_loss(dtype, smooth, monkeypatch):
+    """criterion._loss_and_gradient through the C loop: -log p(target), -sum_j log p_j and the
+    gradient written over the logits, against the same function on the fp64 logits (eager
+    chunks). fp32: a few ulp; bf16: the gradient within one rounding of the exact value (one
+    rounding per value, as the eager path)."""
+    from fairseq_s2s_attn import criterion
+
+    rows, vocab = 9, 37
+    z, target = loss_inputs(dtype, rows, vocab)
+    c_nll, c_smooth = (0.9, 0.1 / (vocab - 1)) if smooth else (1.0, 0.0)
+    seen = []
+    monkeypatch.setattr(native, "loss_rows", lambda *a, _f=native.loss_rows: seen.append(1) or _f(*a))
+    got_z = z.clone()
+    nll, smooth_rows, hits = criterion._loss_and_gradient(got_z, target, torch.float32, c_nll,
+                                                          c_smooth, False)
+    assert seen == [1] and hits is None and nll.dtype == torch.float32
+    want_z = z.double()
+    want_nll, want_smooth, _ = criterion._loss_and_gradient(want_z, target, torch.float64, c_nll,
+                                                            c_smooth, False)
+    assert seen == [1]  # fp64: the eager chunks
+    torch.testing.assert_close(nll.double(), want_nll, rtol=2e-6, atol=2e-6)
+    assert (smooth_rows is None) == (not smooth)
+    if smooth:
+        torch.testing.assert_close(smooth_rows.double(), want_smooth, rtol=2e-6, atol=1e-4)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_z.double(), want_z, rtol=1e-5, atol=1e-6)
+    else:
+        assert ((got_z.double() - want_z).abs() <= 2.0 ** -8 * want_z.abs() + 1e-30).all()
+
+
+def test_the_loss_rows_are_not_used_for_accuracy_or_other_dtypes(monkeypatch):
+    from fairseq_s2s_attn import criterion
+
+    z, target = loss_inputs(torch.float32, 4, 11)
+    monkeypatch.setattr(native, "loss_rows", lambda *a: pytest.fail("loss_rows called"))
+    criterion._loss_and_gradient(z.clone(), target, torch.float32, 1.0, 0.0, True)  # accuracy
+    criterion._loss_and_gradient(z.double(), target, torch.float64, 1.0, 0.0, False)
+    criterion._loss_and_gradient(z.t().contiguous().t(), target, torch.float32, 1.0, 0.0, False)
+    monkeypatch.setattr(native, "LOSS_ROWS", False)
+    criterion._loss_and_gradient(z.clone(), target, torch.float32, 1.0, 0.0, False)
+    monkeypatch.undo()
+    assert native.loss_rows_usable(z, target, torch.float32)
+    assert not native.loss_rows_usable(z, target.int(), torch.float32)
