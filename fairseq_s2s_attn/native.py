@@ -29,9 +29,10 @@ version and the CPU's flags) and loaded with ctypes; later processes load it fro
 and tanhf run as glibc's vector functions (libmvec, declared as <math.h> declares them under
 -ffast-math); the loops keep IEEE semantics otherwise. Not -ffast-math itself: besides
 finite-only arithmetic (sigmoid(-120) came out NaN), linking with it adds GCC's crtfastmath.o,
-which switches the whole process to flush denormals to zero at load time. If compilation or loading fails (no compiler, no libmvec, another platform), one
-warning line says so and the eager operations run from then on; ``S2S_NATIVE=0`` in the
-environment keeps them from the start.
+which switches the whole process to flush denormals to zero at load time. If compilation or
+loading fails (no compiler, no libmvec, another platform), one warning line says so and the
+eager operations run from then on; ``S2S_NATIVE=0`` in the environment keeps them from the
+start.
 
 Used for CPU tensors of fp32 or bf16 whose rows are contiguous, in training (autograd) and in
 decoding (no activations kept); not under torch.compile's tracing (``--compile-step`` traces the
@@ -202,7 +203,8 @@ LOSS(bf16, from_bf16, to_bf16)
 # tanhf run as glibc's vector functions; -fopenmp-simd for the loops' "omp simd" without
 # OpenMP's run time
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared"]
-LIBS = (["-lmvec"] if platform.machine() == "x86_64" and platform.system() == "Linux" else []) + ["-lm"]
+_LIBMVEC = platform.machine() == "x86_64" and platform.system() == "Linux"
+LIBS = (["-lmvec"] if _LIBMVEC else []) + ["-lm"]
 
 _DTYPES = {torch.float32: "float", torch.bfloat16: "bf16"}
 
@@ -279,8 +281,8 @@ def library() -> Optional[ctypes.CDLL]:
         _Library.lib = lib
     except OSError as exc:  # compiler missing or failing, cache not writable, library not loadable
         _Library.failure = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        logger.warning(f"the C loops of the LSTM/GRU cells are off ({_Library.failure}); "
-                       f"running torch's element-wise operations instead")
+        logger.warning(f"the C loops of the LSTM/GRU cells and the fused loss are off "
+                       f"({_Library.failure}); running torch's operations instead")
     return _Library.lib
 
 
