@@ -14,7 +14,8 @@ and Luong et al. 2015 both train with this loss):
 
 - forward: logits z = x W^T + b in the products' dtype (bf16 under ``--cpu-bf16``, as autocast
   makes them; there oneDNN's product adds b as it writes z, ``_logits``); then, a few rows at a
-  time (cache-sized chunks) in fp32, each row's log-sum-exp
+  time (cache-sized chunks; on a CPU one row at a time in a C loop, ``native.loss_rows``) in
+  fp32, each row's log-sum-exp
   lse and sum_j z_j give -log p(target) = lse - z_t and (with label smoothing)
   -sum_j log p_j = V lse - sum_j z_j;
 - and the gradient: dL/dz = c_nll (p - onehot) + c_smooth (V p - 1) (the loss's two
@@ -206,7 +207,8 @@ def _loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype, c_nll: 
     m + log s), then scale p = e (scale / s), the constant and the target's term, copy out.
     Logits already in ``acc`` (fp32 training) are their own buffer: each chunk is worked on in
     place, without the two copies (not with --report-accuracy, whose hits read the logits next
-    to the shifted values)."""
+    to the shifted values). On a CPU (fp32 or bf16 logits, without accuracy) the same in one C
+    loop over the rows instead (``native.loss_rows``)."""
     n, vocab = logits.shape
     smooth = c_smooth != 0
     scale = c_nll + vocab * c_smooth

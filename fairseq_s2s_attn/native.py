@@ -59,7 +59,9 @@ logger = logging.getLogger(__name__)
 
 # tests and scripts/train_ab.py set it to False for the eager path
 ENABLED = os.environ.get("S2S_NATIVE", "1") != "0"
-# the fused loss's rows alone (``loss_rows``): scripts/train_ab.py's lever "lossrows"
+# the cells alone (``usable``) and the fused loss's rows alone (``loss_rows_usable``):
+# scripts/train_ab.py's levers "cells" and "lossrows" (ENABLED switches both)
+CELLS = True
 LOSS_ROWS = True
 
 SOURCE = r"""
@@ -289,7 +291,7 @@ def library() -> Optional[ctypes.CDLL]:
 def usable(igates: Tensor, hgates: Tensor, state: Tensor) -> bool:
     """Whether the C loops run this step: on, CPU tensors of one dtype, fp32 or bf16, rows with
     unit column stride, not traced by torch.compile, and the library built."""
-    return (ENABLED and igates.device.type == "cpu" and igates.dtype in _DTYPES
+    return (ENABLED and CELLS and igates.device.type == "cpu" and igates.dtype in _DTYPES
             and hgates.dtype == igates.dtype and state.dtype == igates.dtype
             and hgates.device.type == "cpu" and state.device.type == "cpu"
             and not torch.compiler.is_compiling() and library() is not None)

@@ -94,7 +94,7 @@ def levers():
         "score": (setter(attention, "SIGMOID_BACKWARD", True),
                   setter(attention, "SIGMOID_BACKWARD", False)),
         "fused": (setter(fused, "ENABLED", True), setter(fused, "ENABLED", False)),
-        "cells": (setter(native, "ENABLED", True), setter(native, "ENABLED", False)),
+        "cells": (setter(native, "CELLS", True), setter(native, "CELLS", False)),
         "lossrows": (setter(native, "LOSS_ROWS", True), setter(native, "LOSS_ROWS", False)),
         "accuracy": (setter(criterion, "ARGMAX_BY_COUNT", True),
                      setter(criterion, "ARGMAX_BY_COUNT", False)),

@@ -475,7 +475,7 @@ def test_train_ab_levers_switch_the_fast_paths():
              (precision, "PAD_ROWS"), (criterion, "FORWARD_GRADIENT"), (stepgrad, "DEFER"),
              (attention, "SIGMOID_BACKWARD"), (criterion, "ARGMAX_BY_COUNT"), (fused, "ENABLED"),
              (stepgrad, "DEFER_SOURCES"), (criterion, "IN_PLACE_CHUNKS"),
-             (criterion, "BIAS_IN_PRODUCT"), (native, "ENABLED"), (native, "LOSS_ROWS")]
+             (criterion, "BIAS_IN_PRODUCT"), (native, "CELLS"), (native, "LOSS_ROWS")]
     state = [getattr(obj, name) for obj, name in names]
     switches = train_ab.levers()
     assert set(switches) == set(train_ab.LEVERS)

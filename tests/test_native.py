@@ -94,7 +94,7 @@ def test_the_loops_equal_the_cell_formulas(lstm, keep, dtype, row_stride, calls,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("lstm", [True, False], ids=["lstm", "gru"])
-def test_decoding_runs_the_loop_without_keeping_activations(lstm, dtype, calls):
+def test_decoding_runs_the_loop_without_keeping_activations(lstm, dtype, calls, monkeypatch):
     """Under no_grad (beam search) the loop writes the outputs only: the same bits as training's
     forward."""
     igates, hgates, state, upstream = cell_inputs(lstm, dtype, seed=1)
@@ -104,6 +104,11 @@ def test_decoding_runs_the_loop_without_keeping_activations(lstm, dtype, calls):
             (decoder.gru_from_gates(igates, hgates, state),)
     name = "lstm_cell" if lstm else "gru_cell"
     assert calls == [(name, True), (name, False)]
+    with torch.no_grad():  # the C call's last argument, the activations, is NULL
+        seen = []
+        monkeypatch.setattr(native, "_call", lambda *a, _f=native._call: seen.append(a) or _f(*a))
+        (decoder.lstm_from_gates if lstm else decoder.gru_from_gates)(igates, hgates, state)
+        assert [(a[0], a[-1]) for a in seen] == [(name.replace("cell", "forward"), None)]
     for a, b in zip(trained, decoded):
         assert torch.equal(a, b)
 
@@ -119,16 +124,22 @@ def test_other_dtypes_devices_and_compilation_take_the_eager_formulas(monkeypatc
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not native.usable(x, x, s)
     monkeypatch.undo()
+    monkeypatch.setattr(native, "CELLS", False)  # train_ab's lever: the cells alone
+    assert not native.usable(x, x, s) and native.loss_rows_usable(x, torch.zeros(2).long(), x.dtype)
+    monkeypatch.undo()
     monkeypatch.setattr(native, "ENABLED", False)
     assert not native.usable(x, x, s)
 
 
 def test_the_backward_is_not_differentiable_again():
+    """A second derivative through the loop raises (the C backward records no graph), rather than
+    leaving the cell's second-order terms out silently."""
     igates, hgates, state, upstream = cell_inputs(True, torch.float32)
     inputs = [t.requires_grad_() for t in (igates, hgates, state)]
     h, _ = decoder.lstm_from_gates(*inputs)
-    (g,) = torch.autograd.grad(h, inputs[0], upstream[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    upstream = upstream[0].requires_grad_()  # a gradient that is itself differentiated
+    (g,) = torch.autograd.grad(h, inputs[0], upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
 
 
