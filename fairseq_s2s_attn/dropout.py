@@ -20,6 +20,13 @@ elements and one comparison instead of a transform per element: 2.2 ms instead o
 tensor. The draws come from torch's default generator, so ``torch.manual_seed`` (fairseq seeds it
 at every update) makes the masks reproducible as before; they are other masks than torch's for the
 same seed. On other devices (CUDA: one fused kernel already) and for p >= 1, ``F.dropout``.
+
+For fp32 and bf16 tensors the same masks' rule (16 bits per element against the same threshold)
+runs in one C loop each way (``native.dropout``), whose bits come from a counter-based generator
+seeded by one draw of torch's generator per call, and backward makes the mask again instead of
+keeping it: forward and backward of 104 x 256 fp32 on one core 92 against 208 us. The eager path
+above remains for other dtypes, under torch.compile, and where the C loops are off
+(``S2S_NATIVE=0``, no compiler).
 """
 
 import math
@@ -29,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq.modules import FairseqDropout
+
+from . import native
 
 BITS = 16  # random bits per element
 
@@ -67,9 +76,13 @@ class _MaskedScale(torch.autograd.Function):
 
 
 def cpu_dropout(x: Tensor, p: float) -> Tensor:
-    """Dropout of x (0 < p < 1) with ``keep_mask``'s masks, in x's dtype."""
+    """Dropout of x (0 < p < 1) with 16-bit masks, in x's dtype: for fp32 and bf16 one C loop
+    each way (``native.dropout``), else ``keep_mask``'s masks and two products."""
+    scale = 1.0 / (1.0 - effective_p(p))
+    if native.dropout_usable(x):
+        return native.dropout(x, drop_threshold(p), scale)
     keep = keep_mask(x.shape, p, x.device)
-    return _MaskedScale.apply(x, keep, 1.0 / (1.0 - effective_p(p)))
+    return _MaskedScale.apply(x, keep, scale)
 
 
 class Dropout(FairseqDropout):

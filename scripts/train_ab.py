@@ -43,6 +43,9 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
             (fairseq_s2s_attn/native.py) against torch's eager element-wise operations
   lossrows  the fused loss's rows (lse, row sums, gradient) in one C loop
             (native.loss_rows) against the eager passes over a chunk of rows
+  dropmask  dropout's masks made and applied in one C loop each way, from a counter-based
+            generator seeded once per call (native.dropout) against torch's random_ draws, a
+            comparison and two products each way (the 16-bit masks of the dropout lever)
   accuracy  --report-accuracy's hits from the count of each row's maxima
             (criterion._argmax_hits) against torch's argmax of every row; needs
             --report-accuracy
@@ -96,13 +99,14 @@ def levers():
         "fused": (setter(fused, "ENABLED", True), setter(fused, "ENABLED", False)),
         "cells": (setter(native, "CELLS", True), setter(native, "CELLS", False)),
         "lossrows": (setter(native, "LOSS_ROWS", True), setter(native, "LOSS_ROWS", False)),
+        "dropmask": (setter(native, "DROPOUT", True), setter(native, "DROPOUT", False)),
         "accuracy": (setter(criterion, "ARGMAX_BY_COUNT", True),
                      setter(criterion, "ARGMAX_BY_COUNT", False)),
     }
 
 
 LEVERS = ("dropout", "adam", "context", "rows", "loss", "inplace", "bias", "stepgrad", "sources",
-          "score", "fused", "cells", "lossrows",
+          "score", "fused", "cells", "lossrows", "dropmask",
           "accuracy")
 SIDE_BY_SIDE = ("rows",)
 OLD_TRAINING_PRIMITIVE_CACHE = 16  # fairseq-train's cap before the rows lever

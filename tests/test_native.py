@@ -189,7 +189,8 @@ def test_the_library_is_built_once_per_cache(tmp_path):
 @pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"], ids=["missing", "failing"])
 def test_a_failed_build_warns_once_and_the_eager_path_runs(tmp_path, compiler):
     """No compiler, or one that fails: one warning line naming the cause, then torch's
-    element-wise operations, with the same results as the formulas."""
+    element-wise operations, with the same results as the formulas (and dropout's eager
+    masks)."""
     done = run_python(LOAD + """
     from fairseq_s2s_attn import decoder
     x, s = torch.randn(3, 40, requires_grad=True), torch.randn(3, 10)
@@ -199,11 +200,14 @@ def test_a_failed_build_warns_once_and_the_eager_path_runs(tmp_path, compiler):
     print(torch.equal(c, c2) and torch.equal(h, torch.sigmoid(o) * torch.tanh(c2)))
     h.sum().backward()
     print(native.library() is None)
+    from fairseq_s2s_attn import dropout
+    y = dropout.cpu_dropout(torch.ones(100), 0.5)
+    print(bool(((y == 0) | (y == 2)).all() and (y == 0).any()))
     """, XDG_CACHE_HOME=str(tmp_path), CC=compiler)
-    assert done.stdout.split() == ["False", "True", "True", "True", "True"]
+    assert done.stdout.split() == ["False", "True", "True", "True", "True", "True"]
     warning = done.stderr.strip()
     assert "\n" not in warning
-    assert warning.startswith("the C loops of the LSTM/GRU cells and the fused loss are off (")
+    assert warning.startswith("the C loops of the LSTM/GRU cells, the fused loss and dropout are off (")
     assert compiler.split("/")[-1] in warning or "cc" in warning
 
 
@@ -315,3 +319,100 @@ def test_the_loss_rows_are_not_used_for_accuracy_or_other_dtypes(monkeypatch):
     monkeypatch.undo()
     assert native.loss_rows_usable(z, target, torch.float32)
     assert not native.loss_rows_usable(z, target.int(), torch.float32)
+
+
+# dropout (native.dropout, dropout.cpu_dropout's C loop)
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix_keep(seed: int, n: int, threshold: int) -> torch.Tensor:
+    """The mask the C loop must make, from SplitMix64 written out in Python: element i keeps when
+    lane i % 4 (16 bits) of word i // 4, read as an int16, is >= threshold."""
+    keep = []
+    for w in range((n + 3) // 4):
+        z = (seed + (w + 1) * 0x9E3779B97F4A7C15) & MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        z ^= z >> 31
+        for k in range(4):
+            bits = (z >> (16 * k)) & 0xFFFF
+            keep.append((bits - (1 << 16) if bits >= 1 << 15 else bits) >= threshold)
+    return torch.tensor(keep[:n])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(7, 9), (4, 16)], ids=["tail", "whole_words"])
+def test_the_dropout_loop_applies_its_generators_mask(shape, dtype):
+    """Output and gradient are x keep scale and g keep scale with SplitMix64's mask for the
+    seed, bit for bit (one rounding in both), the same mask both ways (backward makes it
+    again); n not a multiple of 4 runs the tail. Fails with another lane order, another
+    counter, a mask not made again from the same seed."""
+    from fairseq_s2s_attn import dropout as D
+
+    p = 0.3
+    seed, threshold, scale = -0x2152411021524111, D.drop_threshold(p), 1 / (1 - D.effective_p(p))
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype).requires_grad_()
+    up = torch.randn(*shape, generator=g).to(dtype)
+    keep = splitmix_keep(seed & MASK64, x.numel(), threshold).view(shape)
+    assert 0 < keep.float().mean() < 1
+    assert native.library() is not None
+    y = native.Dropout.apply(x, seed, threshold, scale)
+    assert y.dtype == dtype and torch.equal(y, torch.mul(x.detach(), keep).mul_(scale))
+    (grad,) = torch.autograd.grad(y, x, up, create_graph=True)
+    assert torch.equal(grad, torch.mul(up, keep).mul_(scale))
+    # double backward: the gradient is linear in up with the same mask
+    u = up.detach().clone().requires_grad_()
+    (grad,) = torch.autograd.grad(native.Dropout.apply(x, seed, threshold, scale), x, u,
+                                  create_graph=True)
+    (again,) = torch.autograd.grad(grad, u, torch.ones_like(grad))
+    assert torch.equal(again, torch.mul(torch.ones_like(up), keep).mul_(scale))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_the_dropout_loops_masks_drop_with_probability_p_in_every_lane(p):
+    """Every 16-bit lane of a word drops at p' and neighbours independently (as the eager
+    masks' test); the seed comes from torch's default generator, so manual_seed repeats it."""
+    from fairseq_s2s_attn import dropout as D
+
+    n = 1 << 22
+    torch.manual_seed(0)
+    y = D.cpu_dropout(torch.ones(n), p)
+    keep = y != 0
+    sd = (p * (1 - p) / (n / 4)) ** 0.5
+    for lane in range(4):
+        rate = 1 - keep[lane::4].float().mean().item()
+        assert abs(rate - D.effective_p(p)) < 6 * sd, (lane, rate)
+    both = (~keep[:-1] & ~keep[1:]).float().mean().item()
+    assert abs(both - D.effective_p(p) ** 2) < 6 * (p * p / n) ** 0.5 + 1e-4
+    torch.manual_seed(0)
+    assert torch.equal(D.cpu_dropout(torch.ones(n), p), y)
+    assert not torch.equal(D.cpu_dropout(torch.ones(n), p), y)
+
+
+def test_dropout_takes_the_loop_for_fp32_and_bf16_cpu_tensors_only(monkeypatch):
+    from fairseq_s2s_attn import dropout as D
+
+    seen = []
+    monkeypatch.setattr(native, "dropout", lambda x, *a, _f=native.dropout: seen.append(x.dtype)
+                        or _f(x, *a))
+    x = torch.rand(6, 5) + 1
+    for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+        y = D.cpu_dropout(x.to(dtype), 0.5)
+        assert y.dtype == dtype and ((y == 0) | (y == x.to(dtype) * 2)).all()
+    assert seen == [torch.float32, torch.bfloat16]
+    monkeypatch.setattr(native, "DROPOUT", False)
+    D.cpu_dropout(x, 0.5)
+    monkeypatch.setattr(native, "DROPOUT", True)
+    monkeypatch.setattr(native, "ENABLED", False)
+    D.cpu_dropout(x, 0.5)
+    assert seen == [torch.float32, torch.bfloat16]
+    # a strided input: the loop reads a contiguous copy, the gradient keeps the input's strides
+    monkeypatch.setattr(native, "ENABLED", True)
+    x = (torch.rand(8, 16, 4) + 1).transpose(0, 1).requires_grad_()
+    y = D.cpu_dropout(x, 0.5)
+    kept = y != 0
+    assert torch.equal(y[kept], x.detach()[kept] * 2)
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() * 2)
