@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import stepgrad
+from . import native, stepgrad
 from .fused import Fused
 from .packed import Linear
 from .precision import over_positions
@@ -152,7 +152,10 @@ def additive_scores(q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor] 
     of one number of dimensions, in their dtype: in training (the forward of ``AdditiveScore``)
     in one compiled loop where that is faster (``FUSED_SCORES``), else eagerly, coverage
     (... x S x 1) times w_c (A) added to the keys one block of rows at a time
-    (``SCORE_BLOCK_ELEMENTS``)."""
+    (``SCORE_BLOCK_ELEMENTS``). On a CPU in fp32 (training and decoding) one C loop instead
+    (``native.additive_score``), which never writes the B x [G x] S x A values."""
+    if native.score_usable(q, k, coverage):
+        return native.additive_score(q, k, v, coverage, w_c)
     if (training and q.dim() == k.dim() and q.dtype == k.dtype
             and FUSED_SCORES.usable(k, _elements(q, k))):
         scores = FUSED_SCORES(q, k, v.to(k.dtype), coverage, w_c)
@@ -251,7 +254,8 @@ class AdditiveScore(torch.autograd.Function):
     B 70, S 30, A 256 on one core of an Intel Xeon with AMX). Nor are the keys with the
     coverage term added, a new B x S x A tensor at every step: the demo model's training tensor
     peak is 187.6 MB, against 199.8 MB when they were kept (in bf16). Computed in the dtype of q
-    and k.
+    and k; on a CPU in fp32 each direction is one C loop (``native.additive_score``), else
+    inductor's loops (``fused.py``) or eager passes.
     """
 
     @staticmethod
@@ -263,6 +267,12 @@ class AdditiveScore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, v, coverage, w_c = ctx.saved_tensors
+        if native.score_usable(q, k, coverage):  # CPU, fp32: one C loop, as the forward
+            grad_q, grad_k, grad_v, grad_cov, grad_w = native.additive_score_grads(
+                q, k, v, grad, coverage, w_c)
+            needs = tuple(ctx.needs_input_grad[3:]) + (False, False)  # coverage, w_c
+            return (grad_q, grad_k, grad_v.to(v.dtype), grad_cov if needs[0] else None,
+                    grad_w.to(w_c.dtype) if needs[1] else None)
         if (q.dim() == k.dim() and q.dtype == k.dtype
                 and FUSED_SCORE_GRADS.usable(k, _elements(q, k))):
             needs = tuple(ctx.needs_input_grad[3:]) + (False, False)  # coverage, w_c

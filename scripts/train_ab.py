@@ -46,6 +46,8 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
   dropmask  dropout's masks made and applied in one C loop each way, from a counter-based
             generator seeded once per call (native.dropout) against torch's random_ draws, a
             comparison and two products each way (the 16-bit masks of the dropout lever)
+  scoreloop the additive score's forward and backward each in one C loop with an inline exp
+            (native.additive_score) against inductor's compiled loops (the fused lever)
   accuracy  --report-accuracy's hits from the count of each row's maxima
             (criterion._argmax_hits) against torch's argmax of every row; needs
             --report-accuracy
@@ -100,6 +102,7 @@ def levers():
         "cells": (setter(native, "CELLS", True), setter(native, "CELLS", False)),
         "lossrows": (setter(native, "LOSS_ROWS", True), setter(native, "LOSS_ROWS", False)),
         "dropmask": (setter(native, "DROPOUT", True), setter(native, "DROPOUT", False)),
+        "scoreloop": (setter(native, "SCORE", True), setter(native, "SCORE", False)),
         "accuracy": (setter(criterion, "ARGMAX_BY_COUNT", True),
                      setter(criterion, "ARGMAX_BY_COUNT", False)),
     }
@@ -107,7 +110,7 @@ def levers():
 
 LEVERS = ("dropout", "adam", "context", "rows", "loss", "inplace", "bias", "stepgrad", "sources",
           "score", "fused", "cells", "lossrows", "dropmask",
-          "accuracy")
+          "scoreloop", "accuracy")
 SIDE_BY_SIDE = ("rows",)
 OLD_TRAINING_PRIMITIVE_CACHE = 16  # fairseq-train's cap before the rows lever
 

@@ -343,9 +343,11 @@ def test_additive_score_fp32_backward_from_the_sigmoid(batched, coverage, sigmoi
     """fp32 on CPU: backward from s = sigmoid(2 (q + k)) as the forward makes it (tanh = 2 s - 1,
     tanh' = 4 s (1 - s)), no tanh and no tanh_backward; every gradient equals fp64 autograd's
     through v^T tanh(q + k [+ cov w_c]) to fp32 rounding, saturated values included, as the
-    tanh path (SIGMOID_BACKWARD off) does."""
-    from fairseq_s2s_attn import attention
+    tanh path (SIGMOID_BACKWARD off) does. (The eager path: where the C loops are built, they
+    run instead, tests/test_native.py.)"""
+    from fairseq_s2s_attn import attention, native
 
+    monkeypatch.setattr(native, "SCORE", False)
     monkeypatch.setattr(attention, "SIGMOID_BACKWARD", sigmoid)
     g = torch.Generator().manual_seed(5)
     shape_q, shape_k = ((B, T, 1, A), (B, 1, S, A)) if batched else ((B, 1, A), (B, S, A))
@@ -412,10 +414,14 @@ def test_additive_hidden_is_tanh_of_the_sum(dtype, atol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("batched", [False, True], ids=["one_step", "all_steps"])
-def test_additive_scores_equal_v_times_the_hidden_bit_for_bit(dtype, batched):
+def test_additive_scores_equal_v_times_the_hidden_bit_for_bit(dtype, batched, monkeypatch):
     """The score's forward, three passes over the B x S x A values, gives exactly the values of
-    v^T additive_hidden(q, k) (five passes), also for mixed and saturated inputs."""
+    v^T additive_hidden(q, k) (five passes), also for mixed and saturated inputs (the eager
+    path, without the C loop of fp32 scores)."""
+    from fairseq_s2s_attn import native
     from fairseq_s2s_attn.attention import additive_hidden, additive_scores
+
+    monkeypatch.setattr(native, "SCORE", False)
 
     g = torch.Generator().manual_seed(7)
     shape_q, shape_k = ((B, T, 1, A), (B, 1, S, A)) if batched else ((B, 1, A), (B, S, A))
@@ -480,13 +486,17 @@ class OpLog(TorchDispatchMode):
 
 @pytest.mark.parametrize("coverage", [False, True], ids=["plain", "coverage"])
 @pytest.mark.parametrize("grad", [False, True], ids=["decoding", "training"])
-def test_cpu_bf16_additive_score_works_element_wise_in_fp32(coverage, grad):
+def test_cpu_bf16_additive_score_works_element_wise_in_fp32(coverage, grad, monkeypatch):
     """Under --cpu-bf16's autocast the products run in bf16, but the additive score's element-wise
     chain over the B x T x S x A values (add, sigmoid, subtract, coverage's multiply-add) runs
     in fp32: torch's CPU kernels compute bf16 element-wise work in fp32 anyway, converting on
     every load and store (804 against 1,317 us per beam step at batch 32). The keys are kept in
     fp32 once per sentence, and the v product does not make autocast cast the fp32 block to bf16.
-    The scores equal the fp32 computation from the same bf16 products."""
+    The scores equal the fp32 computation from the same bf16 products. (The eager path: the C
+    loop of fp32 scores, where built, runs in fp32 by construction.)"""
+    from fairseq_s2s_attn import native
+
+    monkeypatch.setattr(native, "SCORE", False)
     attn = make_attention("additive", dtype=torch.float32)
     if coverage:
         attn = Attention("additive", Q, C, A, coverage=True)
@@ -524,9 +534,11 @@ def test_additive_scores_go_in_blocks_of_rows_on_cpu(monkeypatch, coverage, batc
     rows (one 659-word sentence at batch 32 and beam 5 made a 108 MB fp32 block, its passes
     running from memory at 41 against 23 ms a step in blocks): no larger element-wise block is
     made, and the scores equal those of one block (to fp32 rounding: the v product's blocking
-    depends on its number of rows)."""
-    from fairseq_s2s_attn import attention
+    depends on its number of rows). The eager path: the C loop of fp32 scores, where built,
+    makes no block at all."""
+    from fairseq_s2s_attn import attention, native
 
+    monkeypatch.setattr(native, "SCORE", False)
     g = torch.Generator().manual_seed(3)
     rows = 7
     shape_q, shape_k = ((rows, T, 1, A), (rows, 1, S, A)) if batched else ((rows, 1, A), (rows, S, A))

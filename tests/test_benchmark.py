@@ -476,7 +476,7 @@ def test_train_ab_levers_switch_the_fast_paths():
              (attention, "SIGMOID_BACKWARD"), (criterion, "ARGMAX_BY_COUNT"), (fused, "ENABLED"),
              (stepgrad, "DEFER_SOURCES"), (criterion, "IN_PLACE_CHUNKS"),
              (criterion, "BIAS_IN_PRODUCT"), (native, "CELLS"), (native, "LOSS_ROWS"),
-             (native, "DROPOUT")]
+             (native, "DROPOUT"), (native, "SCORE")]
     state = [getattr(obj, name) for obj, name in names]
     switches = train_ab.levers()
     assert set(switches) == set(train_ab.LEVERS)
@@ -485,7 +485,7 @@ def test_train_ab_levers_switch_the_fast_paths():
             off()
         assert dropout.Dropout.forward is FairseqDropout.forward
         assert optim.FUSED_ADAMW is None
-        assert [getattr(obj, name) for obj, name in names[2:]] == [False] * 13
+        assert [getattr(obj, name) for obj, name in names[2:]] == [False] * 14
         for on, _ in switches.values():
             on()
         assert [getattr(obj, name) for obj, name in names] == state

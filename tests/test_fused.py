@@ -1,6 +1,7 @@
 """fused.py: the additive score's forward and backward as loops compiled by inductor (CPU fp32),
 against fp64 autograd and the eager path (fused.ENABLED off); where it is not used; a failed
-compilation."""
+compilation. Where the plugin's C loops are built they run first (native.additive_score,
+tests/test_native.py): here they are off, for the path they fall back to."""
 
 import logging
 
@@ -8,10 +9,15 @@ import pytest
 import torch
 
 from conftest import build_model, enabled_in_a_fresh_process, random_tokens
-from fairseq_s2s_attn import attention, fused
+from fairseq_s2s_attn import attention, fused, native
 from fairseq_s2s_attn.attention import AdditiveScore, additive_scores
 
 B, S, T, A = 3, 5, 4, 7
+
+
+@pytest.fixture(autouse=True)
+def without_the_c_loops(monkeypatch):
+    monkeypatch.setattr(native, "SCORE", False)
 
 
 @pytest.fixture

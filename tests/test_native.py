@@ -189,8 +189,8 @@ def test_the_library_is_built_once_per_cache(tmp_path):
 @pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"], ids=["missing", "failing"])
 def test_a_failed_build_warns_once_and_the_eager_path_runs(tmp_path, compiler):
     """No compiler, or one that fails: one warning line naming the cause, then torch's
-    element-wise operations, with the same results as the formulas (and dropout's eager
-    masks)."""
+    element-wise operations, with the same results as the formulas (dropout's eager masks, the
+    additive score's eager passes)."""
     done = run_python(LOAD + """
     from fairseq_s2s_attn import decoder
     x, s = torch.randn(3, 40, requires_grad=True), torch.randn(3, 10)
@@ -203,11 +203,15 @@ def test_a_failed_build_warns_once_and_the_eager_path_runs(tmp_path, compiler):
     from fairseq_s2s_attn import dropout
     y = dropout.cpu_dropout(torch.ones(100), 0.5)
     print(bool(((y == 0) | (y == 2)).all() and (y == 0).any()))
+    from fairseq_s2s_attn import attention
+    q, k, v = torch.randn(2, 1, 8), torch.randn(2, 5, 8), torch.randn(8)
+    print(torch.allclose(attention.additive_scores(q, k, v), torch.tanh(q + k) @ v, atol=1e-5))
     """, XDG_CACHE_HOME=str(tmp_path), CC=compiler)
-    assert done.stdout.split() == ["False", "True", "True", "True", "True", "True"]
+    assert done.stdout.split() == ["False", "True", "True", "True", "True", "True", "True"]
     warning = done.stderr.strip()
     assert "\n" not in warning
-    assert warning.startswith("the C loops of the LSTM/GRU cells, the fused loss and dropout are off (")
+    assert warning.startswith("the C loops of the LSTM/GRU cells, the fused loss, dropout and the "
+                              "additive score are off (")
     assert compiler.split("/")[-1] in warning or "cc" in warning
 
 
@@ -221,10 +225,11 @@ def test_s2s_native_0_in_the_environment_keeps_the_eager_path(value, enabled):
     ("rnn_luong_tiny", dict(rnn_type="lstm", decoder_layers=2, input_feeding=True)),
     ("rnn_bahdanau_tiny", dict(rnn_type="gru", coverage=True)),
 ], ids=["luong_lstm_2_layers", "bahdanau_gru_coverage"])
-def test_a_training_step_equals_the_eager_one(arch, options, precision, gen, calls, monkeypatch):
+def test_a_training_step_equals_the_eager_one(arch, options, precision, gen, calls, score_calls,
+                                              monkeypatch):
     """A training step through the step loop: every layer's cell at every step runs the C loop
-    (recorded by autograd), and the logits and every parameter's gradient equal the eager
-    path's to rounding. With --cpu-bf16 the two paths round differently (the loop once per
+    (recorded by autograd), so does the additive score's (Bahdanau), and the logits and every
+    parameter's gradient equal the eager path's to rounding. With --cpu-bf16 the two paths round differently (the loop once per
     output, eager after every operation) and the difference grows through the steps: both are
     compared with the fp32 model's step (the same weights), the loop about as far from it as
     eager (the single cell's test shows it closer: here rounding noise of the whole model)."""
@@ -246,6 +251,9 @@ def test_a_training_step_equals_the_eager_one(arch, options, precision, gen, cal
         results.append([logits.detach().float()] + [p.grad.clone() for p in model.parameters()])
     cell = "lstm_cell" if options["rnn_type"] == "lstm" else "gru_cell"
     assert calls == [(cell, True)] * (prev.size(1) * model.decoder.num_layers)
+    # Bahdanau's additive score: the C loops at every step, both ways (fp32 keys with --cpu-bf16)
+    steps = prev.size(1) if arch.startswith("rnn_bahdanau") else 0
+    assert score_calls == ["additive_score"] * steps + ["additive_score_grads"] * steps
     names = ["logits"] + [n for n, _ in model.named_parameters()]
     errors = []  # bf16: (the loop's, eager's) relative distance from the fp32 step, per tensor
     for name, mine, plain, *fp32 in zip(names, *results):
@@ -416,3 +424,113 @@ def test_dropout_takes_the_loop_for_fp32_and_bf16_cpu_tensors_only(monkeypatch):
     assert torch.equal(y[kept], x.detach()[kept] * 2)
     y.sum().backward()
     assert torch.equal(x.grad, kept.float() * 2)
+
+
+# the additive score (native.additive_score, attention.AdditiveScore on a CPU in fp32)
+
+def score_inputs(groups: int, coverage: bool, seed: int = 0, spread: float = 1.0):
+    """q, k, v (, coverage, w_c) in fp64 for B 3, S 7, A 19 (not a multiple of the vector
+    width): q B x 1 x A with k B x S x A (groups 0: a training step), or q B x G x 1 x A with
+    k B x 1 x S x A (G hypotheses per sentence)."""
+    g = torch.Generator().manual_seed(seed)
+    B, S, A = 3, 7, 19
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * spread).requires_grad_()
+
+    q = rand(B, 1, A) if not groups else rand(B, groups, 1, A)
+    k = rand(B, S, A) if not groups else rand(B, 1, S, A)
+    out = [q, k, rand(A)]
+    if coverage:
+        rows = (B,) if not groups else (B, groups)
+        out += [(torch.rand(*rows, S, 1, generator=g, dtype=torch.float64) * 3).requires_grad_(),
+                rand(A)]
+    return out
+
+
+def score_formula(q, k, v, coverage=None, w_c=None):
+    """v^T tanh(q + k [+ coverage w_c]) by torch's operations."""
+    keys = k if coverage is None else k + coverage * w_c
+    return torch.tanh(q + keys) @ v
+
+
+@pytest.fixture
+def score_calls(monkeypatch):
+    seen = []
+    for name in ("additive_score", "additive_score_grads"):
+        original = getattr(native, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(native, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("spread", [1.0, 40.0], ids=["moderate", "saturating"])
+@pytest.mark.parametrize("coverage", [False, True], ids=["plain", "coverage"])
+@pytest.mark.parametrize("groups", [0, 3], ids=["step", "hypotheses"])
+def test_the_score_loops_equal_the_formula(groups, coverage, spread, score_calls, monkeypatch):
+    """The scores and every operand's gradient through AdditiveScore (training) and the scores
+    without autograd (decoding), against fp64 autograd of v^T tanh(q + k + cov w_c): fp32
+    rounding (the loops' exp within 1 ulp of the correctly rounded one), at most twice as far
+    from the exact values as the eager fp32 path. Saturating: |q + k| up to ~200, where
+    sigmoid(2x) is 0 or 1 and its exp is clamped. Fails with a key block other than r / G, a
+    coverage term left out of either direction, a gradient summed over the wrong rows."""
+    from fairseq_s2s_attn import attention, fused
+
+    exact = score_inputs(groups, coverage, spread=spread)
+    want = score_formula(*exact)
+    upstream = torch.randn(want.shape, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64)
+    want_grads = torch.autograd.grad(want, exact, upstream)
+
+    def run():
+        leaves = [t.detach().float().requires_grad_() for t in exact]
+        out = attention.AdditiveScore.apply(*leaves)
+        return leaves, out, torch.autograd.grad(out, leaves, upstream.float())
+
+    leaves, got, grads = run()
+    assert score_calls == ["additive_score", "additive_score_grads"]
+    fused_enabled = fused.ENABLED
+    monkeypatch.setattr(native, "SCORE", False)
+    monkeypatch.setattr(fused, "ENABLED", False)
+    _, eager, eager_grads = run()
+    monkeypatch.setattr(native, "SCORE", True)
+    monkeypatch.setattr(fused, "ENABLED", fused_enabled)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+
+    def error(x, w):
+        return float((x.double() - w).abs().max())
+
+    floor = 1e-6 * max(1.0, float(want.abs().max()))
+    assert error(got, want) <= 2 * error(eager, want) + floor
+    names = ["q", "k", "v", "coverage", "w_c"]
+    for name, g, e, w in zip(names, grads, eager_grads, want_grads):
+        assert g.shape == w.shape and g.dtype == torch.float32, name
+        assert error(g, w) <= 2 * error(e, w) + 1e-6 * max(1.0, float(w.abs().max())), name
+    with torch.no_grad():
+        decoded = attention.additive_scores(*leaves)
+    assert score_calls[-1] == "additive_score" and torch.equal(decoded, got)
+
+
+def test_the_score_loops_are_not_used_elsewhere(score_calls, monkeypatch):
+    """bf16 and fp64 operands, a layout the loops do not take (q B x T x 1 x A with k B x S x A),
+    the switch off: the eager path (or inductor's loop), with the formula's values."""
+    from fairseq_s2s_attn import attention
+
+    q, k, v = (t.detach() for t in score_inputs(0, False))
+    want = score_formula(q, k, v)
+    torch.testing.assert_close(attention.additive_scores(q, k, v), want)  # fp64
+    got = attention.additive_scores(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got.dtype == torch.bfloat16
+    q4 = q.float().unsqueeze(1).expand(3, 2, 1, 19)  # B x T x 1 x A against k B x S x A
+    assert not native.score_usable(q4, k.float(), None)
+    monkeypatch.setattr(native, "SCORE", False)
+    torch.testing.assert_close(attention.additive_scores(q.float(), k.float(), v.float()),
+                               want.float(), rtol=1e-5, atol=1e-5)
+    assert score_calls == []
+    monkeypatch.setattr(native, "SCORE", True)
+    assert native.score_usable(q.float(), k.float(), None)
+    assert not native.score_usable(q.float(), k.float(), torch.zeros(3, 7, 1, dtype=torch.float64))
