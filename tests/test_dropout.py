@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_s2s_attn import dropout as D
+from fairseq_s2s_attn import native
 
 from conftest import build_model
 
@@ -16,15 +17,23 @@ def test_effective_p_is_within_2_to_the_minus_17():
     assert D.effective_p(0.1) == 6554 / 65536
 
 
+@pytest.mark.parametrize("source", ["eager", "c_loop"])
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
-def test_masks_drop_with_probability_p_in_every_lane(p):
+def test_masks_drop_with_probability_p_in_every_lane(p, source):
     """Four elements share a 64-bit draw: each of the four 16-bit lanes must be random. With the
     sign bit of the draw left at 0 (``random_()``), one lane in four is never below the
-    threshold's negative values and drops at a very different rate."""
+    threshold's negative values and drops at a very different rate. The same for the C loop's
+    masks (native.dropout: the lanes of a SplitMix64 word per four elements), read from the
+    kept elements of dropout applied to ones."""
     torch.manual_seed(0)
     n = 1 << 22
-    keep = D.keep_mask(torch.Size([n]), p, torch.device("cpu"))
-    assert keep.dtype == torch.bool and keep.shape == (n,)
+    if source == "eager":
+        keep = D.keep_mask(torch.Size([n]), p, torch.device("cpu"))
+        assert keep.dtype == torch.bool and keep.shape == (n,)
+    else:
+        if native.library() is None:
+            pytest.skip("the C loops are not built here")
+        keep = D.cpu_dropout(torch.ones(n), p) != 0
     sd = (p * (1 - p) / (n / 4)) ** 0.5
     for lane in range(4):
         rate = 1 - keep[lane::4].float().mean().item()

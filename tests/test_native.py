@@ -378,27 +378,6 @@ def test_the_dropout_loop_applies_its_generators_mask(shape, dtype):
     assert torch.equal(again, torch.mul(torch.ones_like(up), keep).mul_(scale))
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_the_dropout_loops_masks_drop_with_probability_p_in_every_lane(p):
-    """Every 16-bit lane of a word drops at p' and neighbours independently (as the eager
-    masks' test); the seed comes from torch's default generator, so manual_seed repeats it."""
-    from fairseq_s2s_attn import dropout as D
-
-    n = 1 << 22
-    torch.manual_seed(0)
-    y = D.cpu_dropout(torch.ones(n), p)
-    keep = y != 0
-    sd = (p * (1 - p) / (n / 4)) ** 0.5
-    for lane in range(4):
-        rate = 1 - keep[lane::4].float().mean().item()
-        assert abs(rate - D.effective_p(p)) < 6 * sd, (lane, rate)
-    both = (~keep[:-1] & ~keep[1:]).float().mean().item()
-    assert abs(both - D.effective_p(p) ** 2) < 6 * (p * p / n) ** 0.5 + 1e-4
-    torch.manual_seed(0)
-    assert torch.equal(D.cpu_dropout(torch.ones(n), p), y)
-    assert not torch.equal(D.cpu_dropout(torch.ones(n), p), y)
-
-
 def test_dropout_takes_the_loop_for_fp32_and_bf16_cpu_tensors_only(monkeypatch):
     from fairseq_s2s_attn import dropout as D
 
