@@ -38,7 +38,9 @@ Levers (the plugin's CPU fast paths; each one's "off" is the plain path it repla
   score     the additive score's backward from sigmoid(2 (q + k)) (attention.AdditiveScore)
             against the tanh remade in full
   fused     the additive score's forward and backward each in one loop compiled by inductor
-            (fairseq_s2s_attn/fused.py) against torch's eager element-wise operations
+            (fairseq_s2s_attn/fused.py) against torch's eager element-wise operations (where
+            the C loops are built the scoreloop lever's loops run first: measure it with
+            S2S_NATIVE=0)
   cells     the LSTM/GRU cell's element-wise half in one C loop each way
             (fairseq_s2s_attn/native.py) against torch's eager element-wise operations
   lossrows  the fused loss's rows (lse, row sums, gradient) in one C loop
