@@ -636,15 +636,23 @@ def _score_layout(q: Tensor, k: Tensor, coverage: Optional[Tensor]
     return B * groups, groups, S, A
 
 
+def _score_operands(q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor],
+                    w_c: Optional[Tensor]):
+    """The layout (R, G, S, A) and the operands as the C loops read them: contiguous fp32."""
+    layout = _score_layout(q, k, coverage)
+    q, k = q.contiguous(), k.contiguous()
+    v = v.detach().to(torch.float32).contiguous()
+    cov = None if coverage is None else coverage.contiguous()
+    wc = None if coverage is None else w_c.detach().to(torch.float32).contiguous()
+    return layout, q, k, v, cov, wc
+
+
 def additive_score(q: Tensor, k: Tensor, v: Tensor, coverage: Optional[Tensor] = None,
                    w_c: Optional[Tensor] = None) -> Tensor:
     """attention.additive_scores in one C loop (see ``score_usable``): e = v^T tanh(q + k
     [+ coverage w_c]) -> q.shape[:-2] x S, in fp32, without the B x [G x] S x A values."""
-    R, G, S, A = _score_layout(q, k, coverage)
-    q, k = q.contiguous(), k.contiguous()  # named: they must outlive the call
-    v = v.detach().to(torch.float32).contiguous()
-    cov = None if coverage is None else coverage.contiguous()
-    wc = None if coverage is None else w_c.detach().to(torch.float32).contiguous()
+    # named: the operands must outlive the call
+    (R, G, S, A), q, k, v, cov, wc = _score_operands(q, k, v, coverage, w_c)
     e = q.new_empty(*q.shape[:-2], S)
     _call("score_forward", torch.float32, R, G, S, A, _ptr(q), _ptr(k), _ptr(v), _ptr(cov),
           _ptr(wc), _ptr(e))
@@ -655,12 +663,8 @@ def additive_score_grads(q: Tensor, k: Tensor, v: Tensor, grad: Tensor,
                          coverage: Optional[Tensor] = None, w_c: Optional[Tensor] = None):
     """The gradients of ``additive_score`` for the upstream gradient ``grad`` (q.shape[:-2] x
     S): (q's, k's, v's, coverage's or None, w_c's or None), in the operands' shapes, fp32."""
-    R, G, S, A = _score_layout(q, k, coverage)
-    q, k = q.contiguous(), k.contiguous()
-    v32 = v.detach().to(torch.float32).contiguous()
+    (R, G, S, A), q, k, v32, cov, wc = _score_operands(q, k, v, coverage, w_c)
     grad = grad.to(torch.float32).contiguous()
-    cov = None if coverage is None else coverage.contiguous()
-    wc = None if coverage is None else w_c.detach().to(torch.float32).contiguous()
     g_q, g_k, g_v = torch.empty_like(q), torch.empty_like(k), q.new_empty(A)
     g_cov = None if coverage is None else torch.empty_like(cov)
     g_w = None if coverage is None else q.new_empty(A)
