@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
-# test processes (pytest-xdist); each test file runs in one of them, so its fixtures are built once
+# test processes (pytest-xdist); each test file runs in one of them, so its fixtures are built once;
+# files start in collection order, the longest first (tests/conftest.py, LONGEST_FIRST)
 TEST_JOBS ?= 2
 
 .PHONY: setup test test-fast demo gpu-check clean
@@ -12,7 +13,7 @@ setup:
 	@VENV=$(VENV) bash scripts/setup_env.sh
 
 test: setup
-	$(PY) -m pytest -q tests -n $(TEST_JOBS) --dist loadfile
+	$(PY) -m pytest -q tests -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 # unit tests only (skips the command-line and learning tests)
 test-fast: setup
