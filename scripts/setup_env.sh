@@ -16,7 +16,7 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 FAIRSEQ_SPEC="fairseq-fixed==0.12.3.1"
 # fairseq's real runtime needs (its metadata also asks for torchaudio, which would pull another torch).
 FAIRSEQ_RUNTIME="hydra-core==1.3.2 omegaconf==2.3.0 bitarray regex sacrebleu>=2.0 tqdm cffi scikit-learn packaging"
-EXTRAS="sentencepiece matplotlib tensorboardX pytest pytest-timeout pytest-xdist"
+EXTRAS="sentencepiece matplotlib tensorboardX pytest pytest-timeout pytest-xdist>=3.8"
 STAMP_KEY="v3 torch=$TORCH_VERSION $FAIRSEQ_SPEC | $FAIRSEQ_RUNTIME | $EXTRAS | $(sha1sum "$ROOT/setup.py" | cut -c1-12)"
 STAMP="$VENV/.fairseq_s2s_attn_stamp"
 
