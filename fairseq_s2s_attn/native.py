@@ -1,5 +1,6 @@
-"""The element-wise halves of the LSTM and GRU cells, the fused loss's rows, dropout and the
-additive attention score, as single C loops on CPU.
+"""The element-wise halves of the LSTM and GRU cells, the fused loss's rows, dropout, the
+additive attention score, and decoding's log-softmax and beam candidates, as single C loops on
+CPU.
 
 A decoder that loops over the target steps (``decoder.StackedCell``) runs its cell's
 element-wise half at every step: from the two gate pre-activations (B x 4H for an LSTM), eager
@@ -39,6 +40,17 @@ rounded exp over [-87, 87], where the argument is clamped) that vectorises with 
 libmvec's expf is a call per vector. One thread of an AMD EPYC (Zen 4), B 100, S 20, A 256,
 forward and backward 711 against 1,061 us (inductor; eager 1,483), the forward alone 257
 against 345 (eager 424); with coverage 844 against 1,146.
+
+Two loops serve decoding. ``log_softmax`` makes the fp32 log-probabilities of each row of the
+logits (``decoder.RNNDecoder.get_normalized_probs`` outside autograd: every step of beam search)
+in three passes over the row, reading bf16 logits as they are, where fairseq casts them to fp32
+and runs torch's row kernel: 80 x 5,992 bf16 logits (batch 16, beam 5) 195 against 330 us, one
+thread of an AMD EPYC (Zen 4). ``beam_topk`` takes beam search's candidates (``search.py``, for
+fairseq's ``BeamSearch.step``): the k best of log-probabilities plus each hypothesis's score per
+sentence, in one pass, 16 values at a time against the k-th best so far, instead of an addition
+over all of them, ``torch.topk`` and two index operations: fairseq's step 119-126 against 640 us
+at batch 16, beam 5 and 5,992 words (37 against 144 us at beam 1; 23 against 80 at batch 1, beam
+5). Ties go to the lower index, whose order torch.topk leaves open; a NaN leaves the step to it.
 
 The loop computes in fp32 whatever its inputs (fp32 or bf16) and rounds each output once; the
 eager path rounds bf16 after every operation. In fp32 both agree to a few ulp (the C library's
@@ -89,6 +101,10 @@ CELLS = True
 LOSS_ROWS = True
 DROPOUT = True
 SCORE = True
+# decoding: the log-softmax of the logits (``log_softmax_usable``) and beam search's candidates
+# (``topk_usable``): scripts/beam_ab.py's levers "logsoftmax" and "topk"
+LOG_SOFTMAX = True
+TOPK = True
 
 SOURCE = r"""
 #include <math.h>
@@ -330,6 +346,68 @@ void score_backward_float(long R, long G, long S, long A, const float* q, const 
     }
 }
 
+/* Log-softmax of each row of the N x V logits (decoder.RNNDecoder.get_normalized_probs outside
+   autograd: every step of beam search), into fp32: y = z - (m + log sum_j exp(z_j - m)),
+   m = max_j z_j, the sum in fp32 with exp_inline (z_j - m clamped to [-87, 0]: a term below
+   2e-38 of a sum of at least 1). Three passes over a row while it is in the cache (max, sum,
+   output), the bf16 input read as it is, where fairseq casts the logits to fp32 and torch's row
+   kernel reads them three times more. A row with a NaN or without a finite maximum comes out
+   NaN, as torch's log_softmax makes it. */
+#define LOG_SOFTMAX(T, LOAD)                                                                   \
+void log_softmax_##T(long N, long V, const T* x, float* y) {                                   \
+    for (long r = 0; r < N; r++) {                                                             \
+        const T* z = x + r * V; float* o = y + r * V;                                          \
+        float m = -INFINITY, s = 0.f; int nan = 0;                                             \
+        _Pragma("omp simd reduction(max:m) reduction(|:nan)")                                  \
+        for (long j = 0; j < V; j++) { float v = LOAD(z[j]); m = v > m ? v : m; nan |= v != v; } \
+        if (nan || !(m > -INFINITY && m < INFINITY)) {                                         \
+            for (long j = 0; j < V; j++) o[j] = NAN;                                           \
+            continue;                                                                          \
+        }                                                                                      \
+        _Pragma("omp simd reduction(+:s)")                                                     \
+        for (long j = 0; j < V; j++) {                                                         \
+            float d = LOAD(z[j]) - m; s += exp_inline(d < -87.f ? -87.f : d);                  \
+        }                                                                                      \
+        float c = m + logf(s);                                                                 \
+        _Pragma("omp simd")                                                                    \
+        for (long j = 0; j < V; j++) o[j] = LOAD(z[j]) - c;                                    \
+    }                                                                                          \
+}
+
+/* Beam search's candidates (search.py, fairseq's BeamSearch.step): for each of the B sentences,
+   the K largest of lp[b][g][w] + score[b][g] over its G hypotheses g and V words w (sentences
+   `sent` floats apart, hypotheses `row` floats apart; score B x G, or NULL for lp alone), in
+   descending order, ties to the lower flat index g V + w (torch.topk leaves their order open):
+   values, flat indices, hypotheses and words, K each per sentence. One pass over the values,
+   16 at a time against the K-th largest so far; only those above it are inserted. Returns 1 at
+   the first NaN (the caller leaves that step to torch.topk, which ranks NaN above all), else 0. */
+long beam_topk_float(long B, long G, long V, long K, const float* lp, long sent, long row,
+                     const float* score, float* vals, int64_t* idx, int64_t* hyp, int64_t* word) {
+    for (long b = 0; b < B; b++) {
+        float* bv = vals + b * K; int64_t* bi = idx + b * K; long n = 0; float thr = -INFINITY;
+        for (long g = 0; g < G; g++) {
+            const float* z = lp + b * sent + g * row; float sc = score ? score[b * G + g] : 0.f;
+            for (long j0 = 0; j0 < V; j0 += 16) {
+                long end = j0 + 16 < V ? j0 + 16 : V; int above = 0;
+                _Pragma("omp simd reduction(|:above)")
+                for (long j = j0; j < end; j++) above |= !(z[j] + sc <= thr);
+                if (!above && n == K) continue;
+                for (long j = j0; j < end; j++) {
+                    float v = z[j] + sc;
+                    if (v != v) return 1;
+                    if (n == K && !(v > thr)) continue;
+                    long p = n < K ? n++ : K - 1;
+                    while (p > 0 && bv[p - 1] < v) { bv[p] = bv[p - 1]; bi[p] = bi[p - 1]; p--; }
+                    bv[p] = v; bi[p] = g * V + j;
+                    if (n == K) thr = bv[K - 1];
+                }
+            }
+        }
+        for (long i = 0; i < K; i++) { hyp[b * K + i] = bi[i] / V; word[b * K + i] = bi[i] % V; }
+    }
+    return 0;
+}
+
 LSTM(float, from_f32, to_f32)
 LSTM(bf16, from_bf16, to_bf16)
 GRU(float, from_f32, to_f32)
@@ -338,6 +416,8 @@ LOSS(float, from_f32, to_f32)
 LOSS(bf16, from_bf16, to_bf16)
 DROPOUT(float, from_f32, to_f32)
 DROPOUT(bf16, from_bf16, to_bf16)
+LOG_SOFTMAX(float, from_f32)
+LOG_SOFTMAX(bf16, from_bf16)
 """
 
 # IEEE semantics (no -ffast-math: see the module docstring) but no errno, which lets expf and
@@ -355,10 +435,13 @@ _DTYPES = {torch.float32: "float", torch.bfloat16: "bf16"}
 _SIGNATURES = {"lstm_forward": "LLPLPLPPPP", "lstm_backward": "LLPPPPPP",
                "gru_forward": "LLPLPLPPP", "gru_backward": "LLPPPPPP",
                "loss_rows": "LLPPFFFPPP", "dropout": "LPPULF",
-               "score_forward": "LLLLPPPPPP", "score_backward": "LLLLPPPPPPPPPPP"}
+               "score_forward": "LLLLPPPPPP", "score_backward": "LLLLPPPPPPPPPPP",
+               "log_softmax": "LLPP", "beam_topk": "LLLLPLLPPPPP"}
 # the additive score's loops take fp32 only (its element-wise work runs in fp32 on a CPU,
-# attention.for_elementwise)
-_FP32_ONLY = ("score_forward", "score_backward")
+# attention.for_elementwise), as do beam search's candidates (fairseq's log-probabilities)
+_FP32_ONLY = ("score_forward", "score_backward", "beam_topk")
+# functions that return a C long (the others return nothing)
+_RETURNS = ("beam_topk",)
 _C_TYPES = {"L": ctypes.c_long, "P": ctypes.c_void_p, "F": ctypes.c_float, "U": ctypes.c_uint64}
 
 
@@ -423,7 +506,7 @@ def library() -> Optional[ctypes.CDLL]:
                     continue
                 fn = getattr(lib, f"{name}_{suffix}")
                 fn.argtypes = [_C_TYPES[t] for t in signature]
-                fn.restype = None
+                fn.restype = ctypes.c_long if name in _RETURNS else None
                 _Library.functions[(name, dtype)] = fn
         _Library.lib = lib
     except OSError as exc:  # compiler missing or failing, cache not writable, library not loadable
@@ -452,8 +535,8 @@ def _ptr(x: Optional[Tensor]) -> Optional[int]:
     return None if x is None else x.data_ptr()
 
 
-def _call(name: str, dtype: torch.dtype, *args) -> None:
-    _Library.functions[(name, dtype)](*args)
+def _call(name: str, dtype: torch.dtype, *args) -> Optional[int]:
+    return _Library.functions[(name, dtype)](*args)
 
 
 def _lstm_forward(igates: Tensor, hgates: Tensor, c: Tensor, keep: bool):
@@ -671,3 +754,49 @@ def additive_score_grads(q: Tensor, k: Tensor, v: Tensor, grad: Tensor,
     _call("score_backward", torch.float32, R, G, S, A, _ptr(q), _ptr(k), _ptr(v32), _ptr(cov),
           _ptr(wc), _ptr(grad), _ptr(g_q), _ptr(g_k), _ptr(g_v), _ptr(g_cov), _ptr(g_w))
     return g_q, g_k, g_v, g_cov, g_w
+
+
+def log_softmax_usable(logits: Tensor) -> bool:
+    """Whether ``log_softmax`` runs: on, CPU logits of fp32 or bf16 with at least one value,
+    outside autograd (decoding, validation; training's loss has its own loop), not traced, the
+    library built."""
+    return (ENABLED and LOG_SOFTMAX and logits.device.type == "cpu" and logits.dtype in _DTYPES
+            and logits.dim() > 0 and logits.numel() > 0 and not _recording(logits)
+            and not torch.compiler.is_compiling() and library() is not None)
+
+
+def log_softmax(logits: Tensor) -> Tensor:
+    """``torch.log_softmax(logits.float(), -1)`` in one C loop over the rows (see
+    ``log_softmax_usable``): fp32 log-probabilities in the logits' shape, a new tensor. Within a
+    few ulp of torch's (another exp, another order of the sum)."""
+    x = logits.contiguous()  # named: it must outlive the call
+    out = torch.empty(x.shape, dtype=torch.float32)
+    vocab = x.size(-1)
+    _call("log_softmax", x.dtype, x.numel() // vocab, vocab, _ptr(x), _ptr(out))
+    return out
+
+
+def topk_usable(lprobs: Tensor, scores: Optional[Tensor]) -> bool:
+    """Whether ``beam_topk`` can take beam search's candidates: on, fp32 CPU log-probabilities
+    B x G x V with unit word stride (scores, if any, fp32 CPU B x G), not traced, the library
+    built."""
+    return (ENABLED and TOPK and lprobs.device.type == "cpu" and lprobs.dtype == torch.float32
+            and lprobs.dim() == 3 and lprobs.numel() > 0 and lprobs.stride(2) == 1
+            and (scores is None or (scores.device.type == "cpu" and scores.dtype == torch.float32
+                                    and tuple(scores.shape) == tuple(lprobs.shape[:2])))
+            and not torch.compiler.is_compiling() and library() is not None)
+
+
+def beam_topk(lprobs: Tensor, scores: Optional[Tensor], k: int
+              ) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """The k best of ``lprobs + scores.unsqueeze(-1)`` per sentence over its hypotheses and
+    words, in one C loop (see ``topk_usable``): lprobs B x G x V, scores B x G or None ->
+    (values B x k in descending order, hypotheses B x k, words B x k), ties to the lower flat
+    index g V + w; None where a value is NaN."""
+    B, G, V = lprobs.shape
+    score = None if scores is None else scores.contiguous()  # named: it must outlive the call
+    values = lprobs.new_empty(B, k)
+    flat, hyps, words = (torch.empty(B, k, dtype=torch.int64) for _ in range(3))
+    nan = _call("beam_topk", torch.float32, B, G, V, k, _ptr(lprobs), lprobs.stride(0),
+                lprobs.stride(1), _ptr(score), _ptr(values), _ptr(flat), _ptr(hyps), _ptr(words))
+    return None if nan else (values, hyps, words)

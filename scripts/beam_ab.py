@@ -15,6 +15,10 @@ fairseq's SequenceGenerator. Each round runs every (configuration, precision, be
 order rotated from round to round; a slow spell of the machine then slows every configuration
 of that round, and the median over rounds of each one's time, and its ratio to fairseq's lstm
 within each round, are what the report gives. Untrained (random) weights, one thread.
+
+With ``--levers``, every (configuration, beam) also runs once per round with each named lever
+off (one of fairseq_s2s_attn/native.py's C loops of decoding: ``LEVERS``), in the same rotation,
+and a second table gives each lever's speed-up: the median over rounds of time off / time on.
 """
 import argparse
 import contextlib
@@ -42,6 +46,10 @@ def load(name, precision, args):
     return task, model, autocast
 
 
+# lever -> the switch in fairseq_s2s_attn/native.py that turns it off (its flag set to False)
+LEVERS = {"logsoftmax": "LOG_SOFTMAX", "topk": "TOPK", "scoreloop": "SCORE", "cells": "CELLS"}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="fairseq data-bin (e.g. work/demo/data-bin)")
@@ -57,6 +65,11 @@ def main(argv=None):
     p.add_argument("--rounds", type=at_least(1), default=5)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=at_least(1), default=1)
+    p.add_argument("--levers", nargs="+", default=[], choices=sorted(LEVERS),
+                   help="also run each configuration with each of these C loops off, in turns, "
+                        "and report the speed-up of each (logsoftmax: the decoder's log-softmax, "
+                        "topk: beam search's candidates, scoreloop: the additive score, cells: "
+                        "the LSTM/GRU cells)")
     args = p.parse_args(argv)
     if benchmark.BASELINE not in args.archs:
         p.error(f"--archs needs {benchmark.BASELINE} (the ratios are against it)")
@@ -76,22 +89,34 @@ def main(argv=None):
                                                gen_batch_size=args.gen_batch_size))
     sentences = sum(int(s["nsentences"]) for s, _ in batches)
 
-    def passes(config, beam):
+    from fairseq_s2s_attn import native
+
+    def passes(config, beam, lever=None):
         _, model, autocast = models[config]
         gen = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0,
                                 max_len_b=1, min_len=1)
 
         def run():
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                for sample, length in batches:
-                    gen.max_len_b, gen.min_len = length, length
-                    with autocast():
-                        gen.generate([model], sample)
-            return time.perf_counter() - t0
+            if lever is not None:
+                setattr(native, LEVERS[lever], False)
+            try:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    for sample, length in batches:
+                        gen.max_len_b, gen.min_len = length, length
+                        with autocast():
+                            gen.generate([model], sample)
+                return time.perf_counter() - t0
+            finally:
+                if lever is not None:
+                    setattr(native, LEVERS[lever], True)
         return run
 
-    runs = {(c, b): passes(c, b) for c in configs for b in args.beams}
+    runs = {}
+    for c in configs:
+        for b in args.beams:  # a configuration's lever runs right after its own (the same spell)
+            runs[(c, b)] = passes(c, b)
+            runs.update({(c, b, lever): passes(c, b, lever) for lever in args.levers})
     for run in runs.values():  # warm-up: one pass each
         run()
     times = {key: [] for key in runs}
@@ -122,6 +147,19 @@ def main(argv=None):
             cells.append("" if fp32 is None else f"{statistics.median([f / m for f, m in zip(fp32, mine)]):.2f}")
             cells.append(f"{statistics.median([f / m for f, m in zip(best, mine)]):.2f}")
         print(f"| {name} | {benchmark.precision_label(name, prec)} | " + " | ".join(cells) + " |")
+    if args.levers:
+        print("\nEach lever off and on in the same rounds (speed-up: the median over rounds of "
+              "time off / time on):\n")
+        print("| config | precision | beam | lever | sent/s off | sent/s on | speed-up |")
+        print("|---|---|---:|---|---:|---:|---:|")
+        for config in configs:
+            for b in args.beams:
+                for lever in args.levers:
+                    on, off = times[(config, b)], times[(config, b, lever)]
+                    print(f"| {config[0]} | {benchmark.precision_label(*config)} | {b} | {lever} | "
+                          f"{sentences / statistics.median(off):.1f} | "
+                          f"{sentences / statistics.median(on):.1f} | "
+                          f"{statistics.median([f / n for f, n in zip(off, on)]):.3f} |")
 
 
 if __name__ == "__main__":

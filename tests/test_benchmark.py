@@ -358,12 +358,20 @@ def test_configs_parse_to_the_cell_and_feeding_they_name(name, rnn_type, feeding
 @pytest.mark.slow
 def test_beam_ab_takes_turns_and_reports_medians(small_data_bin):
     """scripts/beam_ab.py: every configuration in one process, beam 2 and 1, two rounds; a row per
-    configuration and precision, speeds and ratios positive, lstm fp32 against itself 1.00."""
+    configuration and precision, speeds and ratios positive, lstm fp32 against itself 1.00; with
+    --levers, a second table with each lever's speed-up per configuration, precision and beam."""
     proc = run("beam_ab.py", "--data", small_data_bin, "--archs", "lstm", "rnn_luong_nofeed",
                "--size", 16, "--beams", 2, 1, "--rounds", 2, "--gen-sentences", 8,
-               "--gen-batch-size", 4, timeout=300)
+               "--gen-batch-size", 4, "--levers", "topk", "logsoftmax", timeout=300)
     assert "round 2/2 done" in proc.stderr
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
+    main, levers = proc.stdout.split("Each lever off and on")
+    lever_rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in levers.splitlines()
+                  if ln.startswith("| ")][1:]  # after the header
+    assert sorted((r[0], r[2], r[3]) for r in lever_rows if r[1] == "fp32") == sorted(
+        (a, b, lever) for a in ("lstm", "rnn_luong_nofeed") for b in ("1", "2")
+        for lever in ("logsoftmax", "topk"))
+    assert len(lever_rows) == 16 and all(float(c) > 0 for r in lever_rows for c in r[4:])
+    lines = [ln for ln in main.splitlines() if ln.startswith("| ")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     assert head[:3] == ["config", "precision", "beam 2 sent/s"] and len(head) == 8
     rows = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): [c.strip() for c in ln.strip("|").split("|")[2:]]

@@ -513,3 +513,113 @@ def test_the_score_loops_are_not_used_elsewhere(score_calls, monkeypatch):
     monkeypatch.setattr(native, "SCORE", True)
     assert native.score_usable(q.float(), k.float(), None)
     assert not native.score_usable(q.float(), k.float(), torch.zeros(3, 7, 1, dtype=torch.float64))
+
+
+# the log-softmax of decoding (native.log_softmax, RNNDecoder.get_normalized_probs)
+
+def lsm_logits(dtype, rows: int = 7, vocab: int = 53, seed: int = 3):
+    """rows x 2 x vocab logits (vocab not a multiple of the vector width), a -inf and a large
+    spread included."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, 2, vocab, generator=g, dtype=torch.float64) * 4
+    z[0, 0, :3] = torch.tensor([-float("inf"), 80.0, -80.0])
+    return z.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_log_softmax_loop_equals_the_formula(dtype):
+    """fp32 log-probabilities of fp32 or bf16 logits against log_softmax in fp64 of the same
+    values: a few ulp of the values' magnitude (torch's fp32 row kernel is as far), -inf kept."""
+    z = lsm_logits(dtype)
+    assert native.log_softmax_usable(z)
+    got = native.log_softmax(z)
+    assert got.dtype == torch.float32 and got.shape == z.shape
+    want = torch.log_softmax(z.double(), -1)
+    assert got[0, 0, 0] == -float("inf")
+    finite = want.isfinite()
+    assert torch.equal(finite, got.isfinite())
+    err = (got.double() - want)[finite].abs()
+    assert (err <= 4e-7 * want[finite].abs() + 2e-6).all(), err.max()
+    eager = torch.log_softmax(z.float(), -1).double()
+    assert (err.max() <= 4 * (eager - want)[finite].abs().max() + 1e-6)
+
+
+def test_the_log_softmax_loop_makes_torchs_nan_rows():
+    """Rows with a NaN, a +inf or only -inf come out all NaN, as from torch's log_softmax; the
+    other rows are unaffected."""
+    z = lsm_logits(torch.float32, rows=4)
+    z[1, 0, 5], z[2, 1, 7], z[3, 0] = float("nan"), float("inf"), -float("inf")
+    got, want = native.log_softmax(z), torch.log_softmax(z, -1)
+    assert torch.equal(got.isnan(), want.isnan()) and want[1, 0].isnan().all()
+    ok = ~want.isnan()
+    torch.testing.assert_close(got[ok], want[ok], rtol=1e-5, atol=1e-5)
+
+
+def test_get_normalized_probs_takes_the_loop_outside_autograd(monkeypatch):
+    """Beam search's and validation's log-probabilities come from the loop; with autograd
+    recording (training's criterions), with native.LOG_SOFTMAX off and for probabilities,
+    fairseq's own (utils.log_softmax / softmax). Both give the same values."""
+    model = build_model("rnn_luong_tiny")
+    logits = lsm_logits(torch.float32, rows=3, vocab=len(model.decoder.dictionary))
+    seen = []
+    monkeypatch.setattr(native, "log_softmax",
+                        lambda x, _f=native.log_softmax: seen.append(1) or _f(x))
+    with torch.no_grad():
+        fast = model.get_normalized_probs((logits, None), log_probs=True)
+    assert seen == [1]
+    leaf = logits.clone().requires_grad_()
+    slow = model.get_normalized_probs((leaf, None), log_probs=True)
+    assert seen == [1] and slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        probs = model.get_normalized_probs((logits, None), log_probs=False)
+        monkeypatch.setattr(native, "LOG_SOFTMAX", False)
+        model.get_normalized_probs((logits, None), log_probs=True)
+    assert seen == [1]
+    torch.testing.assert_close(probs, torch.softmax(logits, -1))
+
+
+# beam search's candidates (native.beam_topk, search.py's BeamSearch.step)
+
+def topk_inputs(B: int, G: int, V: int, seed: int = 5):
+    """Log-probabilities B x G x V without ties and scores B x G."""
+    g = torch.Generator().manual_seed(seed)
+    lprobs = torch.log_softmax(torch.randn(B, G, V, generator=g) * 3, -1)
+    return lprobs, torch.randn(B, G, generator=g) - 4
+
+
+@pytest.mark.parametrize("B,G,V,k", [(3, 5, 53, 10), (2, 1, 40, 2), (1, 4, 17, 67), (4, 2, 9, 1)])
+def test_the_topk_loop_equals_torch_topk(B, G, V, k):
+    """Values and flat indices as torch.topk of lprobs + scores over each sentence's G x V
+    values (no ties: the same order), split into hypotheses and words; k up to G V - 1."""
+    assert native.library() is not None
+    lprobs, scores = topk_inputs(B, G, V)
+    for score in (scores, None):
+        total = lprobs + (score.unsqueeze(-1) if score is not None else 0)
+        want = torch.topk(total.view(B, -1), k)
+        assert native.topk_usable(lprobs, score)
+        values, hyps, words = native.beam_topk(lprobs, score, k)
+        assert torch.equal(values, want.values)
+        assert torch.equal(hyps * V + words, want.indices) and (words < V).all()
+
+
+def test_the_topk_loop_reads_strided_hypotheses_and_orders_ties():
+    """The first hypothesis of each sentence as a view (beam search's first step): the rows
+    `beam V` apart; equal values: the lower flat index first; -inf values only where nothing
+    else is left; a NaN: None (torch.topk ranks NaN first)."""
+    lprobs, _ = topk_inputs(3, 4, 30)
+    first = lprobs[:, :1, :]
+    values, hyps, words = native.beam_topk(first, None, 6)
+    want = torch.topk(lprobs[:, 0, :], 6)
+    assert torch.equal(values, want.values) and torch.equal(words, want.indices)
+    assert (hyps == 0).all()
+    tied = torch.full((1, 2, 8), -float("inf"))
+    tied[0, 1, [6, 2]] = -1.0
+    tied[0, 0, [7, 3]] = -1.0
+    tied[0, 0, 5] = -0.5
+    values, hyps, words = native.beam_topk(tied, None, 6)
+    assert values[0, :5].tolist() == [-0.5, -1.0, -1.0, -1.0, -1.0]
+    assert (hyps * 8 + words)[0, :5].tolist() == [5, 3, 7, 10, 14]
+    assert values[0, 5] == -float("inf")
+    tied[0, 1, 0] = float("nan")
+    assert native.beam_topk(tied, None, 6) is None

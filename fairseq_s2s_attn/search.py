@@ -1,0 +1,54 @@
+"""fairseq's beam search step on a CPU: the candidates of each sentence from one C loop.
+
+Which fairseq behaviour: ``BeamSearch.step`` (fairseq/search.py), at every step of beam search,
+adds each hypothesis's score to its log-probabilities (a new B x beam x V tensor), runs
+``torch.topk`` for the 2 beam best of the beam x V values of each sentence, and divides and takes
+the remainder of their flat indices (hypothesis, word). On a CPU at batch 16, beam 5 and 5,992
+words that step took 640 us of a ~6 ms step of rnn_bahdanau with --cpu-bf16 (torch.topk alone
+~600 us; one thread of an AMD EPYC, BENCHMARKS.md 2026-12-07), for fairseq's own models as for
+ours. ``native.beam_topk`` does the three in one pass over the values, 16 at a time against the
+k-th best so far (the step: 119-126 us): the same values and indices in the same order, except
+among exactly equal values, whose order torch.topk leaves open (it depends on its selection
+algorithm) and the loop fixes: the lower flat index first, so of two words equally likely the
+more frequent one (fairseq's dictionaries are sorted by count). Equal values are not rare with
+--cpu-bf16, whose logits are bf16; either order is the same beam search, and a translation can
+differ where a tie decides between candidates. Everything else is fairseq's: other devices and
+dtypes, a step with a NaN among the values (torch.topk ranks NaN above all), and the other
+searches' own steps (sampling, constraints; diverse beam search's groups call this step).
+``S2S_NATIVE=0`` or ``native.TOPK = False`` keeps torch.topk.
+"""
+
+from typing import Optional
+
+from torch import Tensor
+
+from . import native
+from .patching import replaces
+
+
+def beam_candidates_in_one_loop() -> None:
+    from fairseq.search import BeamSearch
+
+    @replaces(BeamSearch, "step")
+    def step(original, self, step: int, lprobs: Tensor, scores: Optional[Tensor],
+             prev_output_tokens: Optional[Tensor] = None,
+             original_batch_idxs: Optional[Tensor] = None, candidate_multiple: int = 2):
+        bsz, beam_size, vocab_size = lprobs.size()
+        # as fairseq: at the first step all hypotheses are equal, the first one stands for them
+        lprobs_used = lprobs[:, :1, :] if step == 0 else lprobs  # B x G x V
+        score = None if step == 0 else scores[:, :, step - 1]  # B x G
+        if not native.topk_usable(lprobs_used, score):
+            return original(self, step, lprobs, scores, prev_output_tokens, original_batch_idxs,
+                            candidate_multiple)
+        # -1 as fairseq: so that pad is never selected
+        k = min(candidate_multiple * beam_size, lprobs_used.size(1) * vocab_size - 1)
+        found = native.beam_topk(lprobs_used, score, k)
+        if found is None:  # a NaN: torch.topk's ranking
+            return original(self, step, lprobs, scores, prev_output_tokens, original_batch_idxs,
+                            candidate_multiple)
+        values, beams, words = found
+        return values, words, beams  # fairseq's order: scores, indices (words), beams
+
+
+def install() -> None:
+    beam_candidates_in_one_loop()

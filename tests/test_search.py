@@ -1,0 +1,107 @@
+"""search.py: fairseq's BeamSearch.step with its candidates from native.beam_topk on a CPU,
+against fairseq's own step (torch.topk) and in fairseq's SequenceGenerator."""
+
+import argparse
+
+import pytest
+import torch
+from fairseq.models.lstm import LSTMModel, base_architecture
+from fairseq.search import BeamSearch
+from fairseq.sequence_generator import SequenceGenerator
+
+from conftest import FakeTask, build_model, make_dict, random_tokens
+from fairseq_s2s_attn import native, search
+
+
+@pytest.fixture
+def topk_calls(monkeypatch):
+    seen = []
+    """k of every call of native.beam_topk."""
+    monkeypatch.setattr(native, "beam_topk",
+                        lambda *a, _f=native.beam_topk: seen.append(a[2]) or _f(*a))
+    return seen
+
+
+def fairseq_step(monkeypatch, *args):
+    """What fairseq's own BeamSearch.step returns (the loop off)."""
+    with monkeypatch.context() as m:
+        m.setattr(native, "TOPK", False)
+        return BeamSearch(make_dict()).step(*args)
+
+
+def test_the_step_is_installed_once():
+    """The plugin's import installed the step over fairseq's; installing again changes nothing."""
+    step = BeamSearch.step
+    assert getattr(step, "_s2s_replacement", "").startswith("fairseq_s2s_attn.search.")
+    assert getattr(step.__wrapped__, "_s2s_replacement", None) is None  # fairseq's own below
+    search.install()
+    assert BeamSearch.step is step
+
+
+@pytest.mark.parametrize("step", [0, 3])
+@pytest.mark.parametrize("beam", [1, 5])
+def test_the_step_returns_fairseqs_candidates(step, beam, topk_calls, monkeypatch):
+    """scores, words and hypotheses of 2 beam candidates per sentence, as fairseq's step with
+    torch.topk (values without ties: the same order); the first step reads the first
+    hypothesis of each sentence only."""
+    g = torch.Generator().manual_seed(beam + step)
+    B, V = 3, 41
+    lprobs = torch.log_softmax(torch.randn(B * beam, V, generator=g) * 3, -1).view(B, beam, V)
+    scores = (torch.randn(B * beam, 6, generator=g) - 3).view(B, beam, -1)[:, :, :step]
+    got = BeamSearch(make_dict()).step(step, lprobs, scores)
+    assert topk_calls == [2 * beam]
+    want = fairseq_step(monkeypatch, step, lprobs, scores)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_the_step_leaves_nan_other_dtypes_and_the_loop_off_to_torch(topk_calls, monkeypatch):
+    B, beam, V = 2, 3, 17
+    lprobs = torch.log_softmax(torch.randn(B, beam, V), -1)
+    scores = torch.randn(B, beam, 2)
+    nan = lprobs.clone()
+    nan[1, 2, 4] = float("nan")
+    got = BeamSearch(make_dict()).step(1, nan, scores)
+    assert topk_calls == [6]  # tried, found the NaN, handed over
+    want = fairseq_step(monkeypatch, 1, nan, scores)
+    assert got[0][1, 0].isnan()  # torch.topk's NaN first
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    BeamSearch(make_dict()).step(1, lprobs.double(), scores.double())
+    monkeypatch.setattr(native, "TOPK", False)
+    BeamSearch(make_dict()).step(1, lprobs, scores)
+    assert topk_calls == [6]
+
+
+@pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "lstm"])
+def test_beam_search_translates_the_same_with_the_loop(arch, topk_calls, monkeypatch):
+    """fairseq's SequenceGenerator at beam 4 over a batch of padded sources gives the same
+    hypotheses and scores with the loop as with torch.topk, for our model and fairseq's lstm."""
+    d = make_dict(20)
+    if arch == "lstm":
+        torch.manual_seed(0)
+        args = argparse.Namespace(encoder_embed_dim=16, decoder_embed_dim=16,
+                                  encoder_hidden_size=16, decoder_hidden_size=16,
+                                  decoder_out_embed_dim=16, encoder_layers=1, decoder_layers=1,
+                                  dropout=0.0, criterion="cross_entropy")
+        base_architecture(args)
+        model = LSTMModel.build_model(args, FakeTask(d, d))
+    else:
+        model = build_model(arch, task=FakeTask(d, d))
+    model.eval()
+    g = torch.Generator().manual_seed(7)
+    lengths = [7, 6, 5, 3]  # decreasing: fairseq's lstm packs the sources
+    src = random_tokens(d, lengths, left_pad=True, generator=g)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor(lengths)}}
+    gen = SequenceGenerator([model], d, beam_size=4, max_len_b=9)
+    with torch.no_grad():
+        got = gen.generate([model], sample)
+        assert topk_calls and set(topk_calls) == {8}
+        n = len(topk_calls)
+        monkeypatch.setattr(native, "TOPK", False)
+        want = gen.generate([model], sample)
+    assert len(topk_calls) == n
+    for hyps_a, hyps_b in zip(got, want):
+        for a, b in zip(hyps_a, hyps_b):
+            assert torch.equal(a["tokens"], b["tokens"])
+            torch.testing.assert_close(a["score"], b["score"], rtol=0, atol=0)
