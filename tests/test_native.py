@@ -604,15 +604,20 @@ def test_the_topk_loop_equals_torch_topk(B, G, V, k):
 
 
 def test_the_topk_loop_reads_strided_hypotheses_and_orders_ties():
-    """The first hypothesis of each sentence as a view (beam search's first step): the rows
-    `beam V` apart; equal values: the lower flat index first; -inf values only where nothing
-    else is left; a NaN: None (torch.topk ranks NaN first)."""
-    lprobs, _ = topk_inputs(3, 4, 30)
+    """The first hypothesis of each sentence as a view (beam search's first step: sentences
+    `beam V` apart) and every other hypothesis (rows 2 V apart); equal values: the lower flat
+    index first; -inf values only where nothing else is left; a NaN: None (torch.topk ranks NaN
+    first)."""
+    lprobs, scores = topk_inputs(3, 4, 30)
     first = lprobs[:, :1, :]
     values, hyps, words = native.beam_topk(first, None, 6)
     want = torch.topk(lprobs[:, 0, :], 6)
     assert torch.equal(values, want.values) and torch.equal(words, want.indices)
     assert (hyps == 0).all()
+    every_other = lprobs[:, ::2, :]  # hypotheses 2 V apart
+    values, hyps, words = native.beam_topk(every_other, scores[:, ::2], 5)
+    want = torch.topk((every_other + scores[:, ::2].unsqueeze(-1)).reshape(3, -1), 5)
+    assert torch.equal(values, want.values) and torch.equal(hyps * 30 + words, want.indices)
     tied = torch.full((1, 2, 8), -float("inf"))
     tied[0, 1, [6, 2]] = -1.0
     tied[0, 0, [7, 3]] = -1.0

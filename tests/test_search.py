@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 from fairseq.models.lstm import LSTMModel, base_architecture
-from fairseq.search import BeamSearch
+from fairseq.search import BeamSearch, DiverseBeamSearch
 from fairseq.sequence_generator import SequenceGenerator
 
 from conftest import FakeTask, build_model, make_dict, random_tokens
@@ -73,10 +73,13 @@ def test_the_step_leaves_nan_other_dtypes_and_the_loop_off_to_torch(topk_calls, 
     assert topk_calls == [6]
 
 
-@pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "lstm"])
-def test_beam_search_translates_the_same_with_the_loop(arch, topk_calls, monkeypatch):
+@pytest.mark.parametrize("arch,diverse", [("rnn_bahdanau_tiny", False), ("lstm", False),
+                                          ("rnn_luong_tiny", True)])
+def test_beam_search_translates_the_same_with_the_loop(arch, diverse, topk_calls, monkeypatch):
     """fairseq's SequenceGenerator at beam 4 over a batch of padded sources gives the same
-    hypotheses and scores with the loop as with torch.topk, for our model and fairseq's lstm."""
+    hypotheses and scores with the loop as with torch.topk, for our models and fairseq's lstm,
+    and with diverse beam search (2 groups, each through this step, the second with its
+    diversity penalty)."""
     d = make_dict(20)
     if arch == "lstm":
         torch.manual_seed(0)
@@ -93,10 +96,11 @@ def test_beam_search_translates_the_same_with_the_loop(arch, topk_calls, monkeyp
     lengths = [7, 6, 5, 3]  # decreasing: fairseq's lstm packs the sources
     src = random_tokens(d, lengths, left_pad=True, generator=g)
     sample = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor(lengths)}}
-    gen = SequenceGenerator([model], d, beam_size=4, max_len_b=9)
+    strategy = DiverseBeamSearch(d, num_groups=2, diversity_strength=0.5) if diverse else None
+    gen = SequenceGenerator([model], d, beam_size=4, max_len_b=9, search_strategy=strategy)
     with torch.no_grad():
         got = gen.generate([model], sample)
-        assert topk_calls and set(topk_calls) == {8}
+        assert topk_calls and set(topk_calls) == {2 if diverse else 8}
         n = len(topk_calls)
         monkeypatch.setattr(native, "TOPK", False)
         want = gen.generate([model], sample)
