@@ -8,7 +8,7 @@ makes fairseq's data-parallel training work on CPU processes (``distributed``, s
 docs/distributed.md), defines what happens to empty and too-long sources (``inputs``), runs
 fairseq's Adam on the CPU in torch's fused kernel (``optim``), runs beam search of ``--cpu-bf16``
 models in one autocast region (``precision``), takes beam search's candidates in one C
-loop on a CPU (``search``), and applies the run-time defaults in ``runtime``.
+loop on a CPU and lets diverse beam search run on every batch (``search``), and applies the run-time defaults in ``runtime``.
 Each change to a fairseq function is installed by ``patching.replaces``.
 """
 

@@ -1,4 +1,5 @@
-"""fairseq's beam search step on a CPU: the candidates of each sentence from one C loop.
+"""fairseq's beam search steps: the candidates of each sentence from one C loop on a CPU, and
+diverse beam search on every batch.
 
 Which fairseq behaviour: ``BeamSearch.step`` (fairseq/search.py), at every step of beam search,
 adds each hypothesis's score to its log-probabilities (a new B x beam x V tensor), runs
@@ -16,6 +17,14 @@ differ where a tie decides between candidates. Everything else is fairseq's: oth
 dtypes, a step with a NaN among the values (torch.topk ranks NaN above all), and the other
 searches' own steps (sampling, constraints; diverse beam search's groups call this step).
 ``S2S_NATIVE=0`` or ``native.TOPK = False`` keeps torch.topk.
+
+Also a fairseq bug: ``DiverseBeamSearch.step`` (cumulative diversity, fairseq PR #5069) keeps its
+groups' overlap counts with one row per sentence of the batch's first step and indexes them with
+``original_batch_idxs``, which fairseq's SequenceGenerator fills with the sentences' dataset ids
+(``sample["id"]``): ``fairseq-generate --diverse-beam-groups N`` died with an IndexError (``index
+189 is out of bounds for dimension 0 with size 32``) at the first batch holding an id beyond its
+size, for fairseq's own models as for ours. ``diverse_beam_search_on_every_batch`` hands it each
+sentence's row in the first step's batch instead, which is what its counts are indexed by.
 """
 
 from typing import Optional
@@ -50,5 +59,25 @@ def beam_candidates_in_one_loop() -> None:
         return values, words, beams  # fairseq's order: scores, indices (words), beams
 
 
+def diverse_beam_search_on_every_batch() -> None:
+    from fairseq.search import DiverseBeamSearch
+
+    @replaces(DiverseBeamSearch, "step")
+    def step(original, self, step: int, lprobs: Tensor, scores: Optional[Tensor],
+             prev_output_tokens: Optional[Tensor] = None,
+             original_batch_idxs: Optional[Tensor] = None):
+        if original_batch_idxs is not None:
+            if step == 0:  # the rows of its overlap counts, made at this step
+                self.s2s_first_ids = original_batch_idxs
+            first = getattr(self, "s2s_first_ids", None)
+            if first is not None:
+                # each remaining sentence's row at the first step (ids are unique in a batch),
+                # found on the device: nothing read on the host
+                original_batch_idxs = original_batch_idxs.unsqueeze(1).eq(
+                    first.unsqueeze(0)).int().argmax(dim=1)
+        return original(self, step, lprobs, scores, prev_output_tokens, original_batch_idxs)
+
+
 def install() -> None:
     beam_candidates_in_one_loop()
+    diverse_beam_search_on_every_batch()

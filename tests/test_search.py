@@ -109,3 +109,32 @@ def test_beam_search_translates_the_same_with_the_loop(arch, diverse, topk_calls
         for a, b in zip(hyps_a, hyps_b):
             assert torch.equal(a["tokens"], b["tokens"])
             torch.testing.assert_close(a["score"], b["score"], rtol=0, atol=0)
+
+
+def test_diverse_beam_search_takes_sentences_with_dataset_ids():
+    """fairseq-generate's batches carry the sentences' dataset ids (sample["id"]); fairseq's
+    DiverseBeamSearch indexed its per-sentence overlap counts with them and died with an
+    IndexError for any id beyond the batch size. Now a batch with ids translates as the same
+    batch without (fairseq then numbers the sentences 0..B-1), also after a sentence finished
+    and left the batch."""
+    d = make_dict(20)
+    model = build_model("rnn_bahdanau_tiny", task=FakeTask(d, d)).eval()
+    with torch.no_grad():  # EOS likelier: sentences finish at different steps
+        model.decoder.fc_out.bias[d.eos()] += 3.0
+    g = torch.Generator().manual_seed(11)
+    lengths = [7, 6, 5, 3]
+    src = random_tokens(d, lengths, left_pad=True, generator=g)
+    plain = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor(lengths)}}
+    with_ids = dict(plain, id=torch.tensor([10, 3, 57, 25]))
+    strategy = DiverseBeamSearch(d, num_groups=2, diversity_strength=0.5)
+    rows = []  # sentences in the batch at each step
+    strategy.step = lambda *a, _f=strategy.step: rows.append(a[1].size(0)) or _f(*a)
+    gen = SequenceGenerator([model], d, beam_size=4, max_len_b=12, min_len=2,
+                            search_strategy=strategy)
+    with torch.no_grad():
+        want = gen.generate([model], plain)
+        got = gen.generate([model], with_ids)
+    assert rows[0] == 4 and min(rows) < 4  # the batch shrank
+    for hyps_a, hyps_b in zip(got, want):
+        for a, b in zip(hyps_a, hyps_b):
+            assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["score"], b["score"])
