@@ -1,5 +1,6 @@
 """search.py: fairseq's BeamSearch.step with its candidates from native.beam_topk on a CPU,
-against fairseq's own step (torch.topk) and in fairseq's SequenceGenerator."""
+against fairseq's own step (torch.topk) and in fairseq's SequenceGenerator; fairseq's
+DiverseBeamSearch on batches that carry dataset ids."""
 
 import argparse
 
@@ -15,8 +16,8 @@ from fairseq_s2s_attn import native, search
 
 @pytest.fixture
 def topk_calls(monkeypatch):
-    seen = []
     """k of every call of native.beam_topk."""
+    seen = []
     monkeypatch.setattr(native, "beam_topk",
                         lambda *a, _f=native.beam_topk: seen.append(a[2]) or _f(*a))
     return seen
@@ -56,6 +57,8 @@ def test_the_step_returns_fairseqs_candidates(step, beam, topk_calls, monkeypatc
 
 
 def test_the_step_leaves_nan_other_dtypes_and_the_loop_off_to_torch(topk_calls, monkeypatch):
+    """A NaN among the values: the loop stops and fairseq's step (torch.topk, NaN first) gives
+    the result; fp64 values and native.TOPK off never reach the loop."""
     B, beam, V = 2, 3, 17
     lprobs = torch.log_softmax(torch.randn(B, beam, V), -1)
     scores = torch.randn(B, beam, 2)
