@@ -35,7 +35,7 @@ from fairseq.models import FairseqIncrementalDecoder
 
 from .attention import AdditiveScorer, Attention, fp32_context
 from .dropout import Dropout
-from .encoder import RNN_TYPES
+from .encoder import RNN_TYPES, rows_holding
 from . import native, stepgrad
 from .packed import Linear, linear
 from .precision import (cast_for_products, cpu_autocast, over_positions, padded_rows_linear,
@@ -644,9 +644,8 @@ class RNNDecoder(FairseqIncrementalDecoder):
         if src_ids is cached_ids:
             return keys, values
         # the cached row of each sentence (rows holding the same sentence are equal: any will
-        # do; the first is taken), found on the device: no value is read on the host, which on a
-        # GPU would wait for it
-        rows = src_ids.unsqueeze(1).eq(cached_ids.unsqueeze(0)).int().argmax(dim=1)  # B'
+        # do; the first is taken)
+        rows = rows_holding(src_ids, cached_ids)  # B'
         return tuple(None if v is None else v.index_select(0, rows) for v in (keys, values))
 
     def _get_cache(self, incremental_state) -> Optional[State]:

@@ -230,6 +230,13 @@ def same_sources(src_ids: Optional[Tensor], order: Tensor) -> bool:
     return torch.equal(src_ids.index_select(0, order), src_ids)
 
 
+def rows_holding(ids: Tensor, held: Tensor) -> Tensor:
+    """For each id in ``ids`` (B'), the first row of ``held`` (B: the id each row holds) that
+    holds it, found on the device: no value is read on the host, which on a GPU would wait for
+    it. B' x B comparisons (a batch's sentences)."""
+    return ids.unsqueeze(1).eq(held.unsqueeze(0)).int().argmax(dim=1)  # B'
+
+
 def source_order(new_order: Tensor, groups: int, rows: int) -> Tuple[Tensor, int]:
     """Source rows for hypotheses reordered by ``new_order``: (order, hypotheses per row).
 

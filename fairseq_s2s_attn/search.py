@@ -32,6 +32,7 @@ from typing import Optional
 from torch import Tensor
 
 from . import native
+from .encoder import rows_holding
 from .patching import replaces
 
 
@@ -70,11 +71,8 @@ def diverse_beam_search_on_every_batch() -> None:
             if step == 0:  # the rows of its overlap counts, made at this step
                 self.s2s_first_ids = original_batch_idxs
             first = getattr(self, "s2s_first_ids", None)
-            if first is not None:
-                # each remaining sentence's row at the first step (ids are unique in a batch),
-                # found on the device: nothing read on the host
-                original_batch_idxs = original_batch_idxs.unsqueeze(1).eq(
-                    first.unsqueeze(0)).int().argmax(dim=1)
+            if first is not None:  # each remaining sentence's row at the first step
+                original_batch_idxs = rows_holding(original_batch_idxs, first)
         return original(self, step, lprobs, scores, prev_output_tokens, original_batch_idxs)
 
 
