@@ -1,10 +1,15 @@
 """Helpers for tests that run fairseq's command-line tools as a user would."""
 
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -21,17 +26,106 @@ def env(show_warnings: bool = False) -> Dict[str, str]:
     return e
 
 
+class ForkServer:
+    """tests/forkserver.py, started on first use by this test process: runs fairseq's commands
+    with torch and fairseq already imported (see there). One command at a time."""
+
+    SCRIPT = Path(__file__).with_name("forkserver.py")
+    # variables that `import torch, fairseq` does not read: they may differ from the server's
+    # (the child runs under the command's own environment): pytest's per-test variable, those
+    # inductor sets when it first compiles in a test process, and the plugin's own (imported in
+    # the child)
+    LATE_READ = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_", "_TORCHINDUCTOR_", "S2S_")
+
+    def __init__(self):
+        self.env = env()
+        self.lock = threading.Lock()
+        self.commands = 0  # run by this server
+        req_r, self.req_w = os.pipe()
+        self.rep_r, rep_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(self.SCRIPT), str(req_r), str(rep_w)], env=self.env,
+            pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        os.close(req_r)
+        os.close(rep_w)
+        self.requests = os.fdopen(self.req_w, "w")
+        self.replies = os.fdopen(self.rep_r, "r")
+        if self._reply(600) != {"ready": True}:
+            raise RuntimeError("tests/forkserver.py did not start")
+
+    def serves(self, environ: Dict[str, str]) -> bool:
+        strip = lambda e: {k: v for k, v in e.items() if not k.startswith(self.LATE_READ)}  # noqa: E731
+        return self.proc.poll() is None and strip(environ) == strip(self.env)
+
+    def close(self) -> None:
+        """Ends the server (it exits when its request pipe closes)."""
+        self.requests.close()
+        self.replies.close()
+        self.proc.wait()
+
+    def _reply(self, timeout: float):
+        if not select.select([self.replies], [], [], timeout)[0]:
+            return None
+        line = self.replies.readline()
+        return json.loads(line) if line else None
+
+    def run(self, cmd: List[str], cwd, environ: Dict[str, str], input: Optional[str],
+            timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory(prefix="forked-") as tmp:
+            files = {name: os.path.join(tmp, name) for name in ("stdin", "stdout", "stderr")}
+            Path(files["stdin"]).write_text(input or "")
+            self.requests.write(json.dumps(dict(files, argv=cmd, cwd=str(cwd), env=environ)) + "\n")
+            self.requests.flush()
+            self.commands += 1
+            pid = self._reply(60)["pid"]
+            done = self._reply(timeout)
+            if done is None:
+                os.kill(pid, signal.SIGKILL)
+                self._reply(60)
+            out, err = (Path(files[name]).read_text(errors="replace") for name in ("stdout", "stderr"))
+            if done is None:
+                raise subprocess.TimeoutExpired(cmd, timeout, out, err)
+            return subprocess.CompletedProcess(cmd, done["returncode"], out, err)
+
+
+_FORK_SERVER: List[ForkServer] = []
+
+
+def _fork_server(environ: Dict[str, str]) -> Optional[ForkServer]:
+    """This process's fork server if it can run a command under environ now, else None. A server
+    started under another default environment (a test changed os.environ) is replaced."""
+    if os.environ.get("S2S_TEST_FORKSERVER", "1") == "0":
+        return None
+    if (not _FORK_SERVER or _FORK_SERVER[0].proc.poll() is not None
+            or environ == env() and not _FORK_SERVER[0].serves(environ)):
+        if _FORK_SERVER:
+            _FORK_SERVER[0].close()
+        _FORK_SERVER[:] = [ForkServer()]
+    server = _FORK_SERVER[0]
+    return server if server.serves(environ) else None
+
+
 def run(tool: str, *args, check: bool = True, cwd=None, input: str = None, timeout: int = 600,
         show_warnings: bool = False):
     """Runs a fairseq CLI tool (fairseq-train, ...) or a script from scripts/; returns the process.
-    Warnings are silenced unless show_warnings (for tests of what a user sees on stderr)."""
+    Warnings are silenced unless show_warnings (for tests of what a user sees on stderr).
+    fairseq's tools run in a child of this process's fork server when the environment allows
+    (tests/forkserver.py), else, like scripts, as a plain subprocess."""
     if tool.endswith(".py"):
         cmd = [sys.executable, str(SCRIPTS / tool)]
     else:
         cmd = [str(BIN / tool)]
     cmd += [str(a) for a in args]
-    proc = subprocess.run(cmd, cwd=cwd or REPO, env=env(show_warnings), capture_output=True,
-                          text=True, input=input, timeout=timeout)
+    environ = env(show_warnings)
+    server = _fork_server(environ) if tool.startswith("fairseq-") else None
+    if server is not None and server.lock.acquire(blocking=False):
+        try:
+            proc = server.run(cmd, cwd or REPO, environ, input, timeout)
+        finally:
+            server.lock.release()
+    else:
+        proc = subprocess.run(cmd, cwd=cwd or REPO, env=environ, capture_output=True, text=True,
+                              input=input, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
