@@ -69,7 +69,8 @@ def test_primitive_cache_is_capped_in_training_unless_the_user_chose(monkeypatch
     from fairseq_s2s_attn import runtime
 
     var = runtime.ONEDNN_CACHE_VAR
-    monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(var, "1")  # recorded: the variable is removed again after the test
+    monkeypatch.delenv(var)
     assert not runtime.limit_primitive_cache_in_training(training=False)  # generate, interactive
     assert var not in os.environ
     assert runtime.limit_primitive_cache_in_training(training=True)
