@@ -32,7 +32,7 @@ def server():
 
 
 def same_output(forked, fresh):
-    clock = re.compile(r"\d\d:\d\d:\d\d(,\d+)?")
+    clock = re.compile(r"\d\d:\d\d:\d\d(,\d+)?|\d+\.\d+(\s+seconds|s\b)|time: \d+\.\d+")  # times
     assert forked.returncode == fresh.returncode
     assert clock.sub("", forked.stdout) == clock.sub("", fresh.stdout)
     assert clock.sub("", forked.stderr) == clock.sub("", fresh.stderr)
@@ -72,6 +72,24 @@ def test_forked_preprocess_writes_the_same_files_and_log(tmp_path):
     for name in forked_files:
         if name != "preprocess.log":
             assert (tmp_path / "forked" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+
+
+def test_forked_interactive_reads_its_input_and_translates_as_a_fresh_process(small_data_bin,
+                                                                              tmp_path):
+    """Standard input, a checkpoint trained by a forked fairseq-train, fairseq-interactive's
+    logging (configured by fairseq's import) and its translations."""
+    run("fairseq-train", small_data_bin, "--user-dir", PLUGIN, "--arch", "rnn_bahdanau_tiny",
+        "--optimizer", "adam", "--lr", "0.005", "--max-tokens", 400, "--max-update", 4,
+        "--save-dir", tmp_path, "--num-workers", 0, "--cpu", "--seed", 3)
+    args = [small_data_bin, "--user-dir", PLUGIN, "--path", tmp_path / "checkpoint_last.pt",
+            "--source-lang", "src", "--target-lang", "tgt", "--beam", 3, "--cpu",
+            "--print-alignment"]
+    text = "w1 w2 w3\nw4 w5\nw6\n"
+    before = server().commands
+    forked = run("fairseq-interactive", *args, input=text)
+    assert server().commands == before + 1
+    assert len([ln for ln in forked.stdout.splitlines() if ln.startswith("H-")]) == 3
+    same_output(forked, plain("fairseq-interactive", *args, input=text))
 
 
 def test_forked_command_times_out_and_the_server_goes_on(small_data_bin, tmp_path):
