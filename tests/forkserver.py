@@ -11,9 +11,10 @@ logging set-up is replayed where the command imports fairseq (``replay_at_first_
 server reports the child's pid and then its exit status.
 
 Only what ``import torch, fairseq`` sets up is shared, under the same environment: clitools.run
-sends a command here only when its environment equals the one this server started with (warnings
-shown, S2S_* variables, thread counts: a plain subprocess). ``S2S_TEST_FORKSERVER=0`` runs every
-command as a plain subprocess.
+sends a command here only when its environment equals the one this server started with, apart
+from variables read after the fork (``ForkServer.LATE_READ``: the plugin's S2S_* ones, pytest's,
+inductor's); warnings shown or other thread counts run as a plain subprocess.
+``S2S_TEST_FORKSERVER=0`` runs every command as a plain subprocess.
 
 Protocol (one JSON object a line): request {argv, cwd, env, stdin, stdout, stderr} on the request
 pipe; replies {"pid": n} when the child starts, then {"returncode": n} (-signal if killed).
@@ -32,8 +33,8 @@ def import_fairseq() -> list:
 
     fairseq's modules configure the root logger as they are imported (wav2vec2_classification:
     level DEBUG; text_to_speech: fairseq's format), so a command's logging depends on whether it
-    configures logging before importing fairseq (fairseq-train, fairseq-preprocess) or after
-    (fairseq-generate, -interactive, -validate: fairseq's import wins). ``replay_at_first_import``
+    configures logging before importing fairseq (fairseq-train: its format, on stdout) or after
+    (fairseq-preprocess, -generate, -interactive, -validate: fairseq's import wins). ``replay_at_first_import``
     makes these calls in the child where the command's own import of fairseq would have."""
     calls = []
     original = logging.basicConfig
