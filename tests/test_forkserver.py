@@ -10,7 +10,9 @@ import pytest
 import clitools
 from clitools import REPO, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.environ.get("S2S_TEST_FORKSERVER", "1") == "0",
+                                 reason="S2S_TEST_FORKSERVER=0: every command a plain subprocess")]
 
 PLUGIN = str(REPO / "fairseq_s2s_attn")
 
