@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -49,7 +50,7 @@ class ForkServer:
         os.close(req_r)
         os.close(rep_w)
         self.requests = os.fdopen(self.req_w, "w")
-        self.replies = os.fdopen(self.rep_r, "r")
+        self.pending = b""  # read from the reply pipe, not yet taken
         if self._reply(600) != {"ready": True}:
             raise RuntimeError("tests/forkserver.py did not start")
 
@@ -60,14 +61,24 @@ class ForkServer:
     def close(self) -> None:
         """Ends the server (it exits when its request pipe closes)."""
         self.requests.close()
-        self.replies.close()
+        os.close(self.rep_r)
         self.proc.wait()
 
-    def _reply(self, timeout: float):
-        if not select.select([self.replies], [], [], timeout)[0]:
-            return None
-        line = self.replies.readline()
-        return json.loads(line) if line else None
+    def _reply(self, timeout: float) -> Optional[dict]:
+        """The server's next reply, None after timeout seconds or at its end. Read from the pipe's
+        file descriptor into ``pending``: both replies of a quick command can arrive in one read,
+        and a buffered file object would keep the second where select() cannot see it."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.rep_r], [], [], left)[0]:
+                return None
+            chunk = os.read(self.rep_r, 65536)
+            if not chunk:
+                return None
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
 
     def run(self, cmd: List[str], cwd, environ: Dict[str, str], input: Optional[str],
             timeout: float) -> subprocess.CompletedProcess:
@@ -77,7 +88,10 @@ class ForkServer:
             self.requests.write(json.dumps(dict(files, argv=cmd, cwd=str(cwd), env=environ)) + "\n")
             self.requests.flush()
             self.commands += 1
-            pid = self._reply(60)["pid"]
+            started = self._reply(60)
+            if started is None:
+                raise RuntimeError(f"tests/forkserver.py ended (exit code {self.proc.poll()})")
+            pid = started["pid"]
             done = self._reply(timeout)
             if done is None:
                 os.kill(pid, signal.SIGKILL)

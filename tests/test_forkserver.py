@@ -94,6 +94,23 @@ def test_forked_interactive_reads_its_input_and_translates_as_a_fresh_process(sm
     same_output(forked, plain("fairseq-interactive", *args, input=text))
 
 
+def test_replies_that_arrive_together_are_each_taken():
+    """A quick command's two replies (its pid, its exit code) can reach the pipe before the first
+    is read: the second must not wait for a timeout (a buffered reader hid it from select)."""
+    reader = clitools.ForkServer.__new__(clitools.ForkServer)  # only the reply pipe
+    reader.rep_r, write_end = os.pipe()
+    reader.pending = b""
+    try:
+        os.write(write_end, b'{"pid": 7}\n{"returncode": 2}\n')
+        assert reader._reply(5) == {"pid": 7}
+        assert reader._reply(0.01) == {"returncode": 2}
+        assert reader._reply(0.01) is None  # nothing more yet
+        os.close(write_end)
+        assert reader._reply(5) is None  # the server's end
+    finally:
+        os.close(reader.rep_r)
+
+
 def test_forked_command_times_out_and_the_server_goes_on(small_data_bin, tmp_path):
     args = [small_data_bin, "--user-dir", PLUGIN, "--arch", "rnn_bahdanau", "--cpu",
             "--max-tokens", 400, "--optimizer", "adam", "--save-dir", tmp_path, "--max-update", 100000, "--no-save", "--num-workers", 0]
