@@ -71,7 +71,17 @@
 - Importing fairseq set the root logger to DEBUG (``logging.basicConfig`` in one of its model
   modules), so programs that import the plugin before configuring logging (the hub, the
   scripts) printed every library's DEBUG lines; the plugin's first import of fairseq now keeps
-  fairseq's modules from configuring logging.
+  fairseq's modules from configuring logging. fairseq-generate, -interactive and -validate import
+  fairseq before they configure logging, so that call won there: their logs came on stderr in
+  Python's default format (no time), with hydra's DEBUG lines, where fairseq sends them to
+  stdout (generate: its output file) in its own format at LOGLEVEL (default INFO). When the
+  plugin is loaded there and finds the root logger as that call left it, it sets it up as the
+  command would have (``commands_log_as_fairseq_meant``).
+- hydra 1.3 (the hydra that runs on Python 3.11, scripts/setup_env.sh) warned about fairseq's use
+  of its old API in every command (about twenty lines of UserWarnings before the first log line
+  of fairseq-train); torch warned that fairseq's data loader asks to pin memory on a machine
+  without a GPU. None of it is about what the user did: those warnings are not shown, unless the
+  user chose how warnings are shown (-W, PYTHONWARNINGS).
 - fairseq's ``BufferedIterator`` makes the next batches in a daemon thread. A run that ends
   before its epoch does (``--max-update``, ``--max-epoch`` reached mid-iteration, a generate
   over part of a set) exits while that thread is still inside torch. Python (< 3.14) ends such a
@@ -94,6 +104,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 import weakref
 from typing import Optional
 
@@ -113,8 +124,10 @@ def fairseq_leaves_logging_alone():
     ``fairseq.models.wav2vec.wav2vec2_classification`` calls ``logging.basicConfig(level=DEBUG)``.
     A program that imports fairseq (or this plugin) before configuring logging, such as a Python
     session using the hub or scripts/compare.py, then printed every library's DEBUG lines (226 of
-    the 269 lines of a compare.py run were matplotlib's font manager). fairseq's commands configure
-    logging before they import fairseq and are unaffected; a program's own basicConfig still works.
+    the 269 lines of a compare.py run were matplotlib's font manager). A program's own basicConfig
+    still works. In fairseq's commands fairseq is imported before the plugin: fairseq-train
+    configures logging before it imports fairseq; for the others see
+    ``commands_log_as_fairseq_meant``.
     """
     if "fairseq" in sys.modules:  # imported already: too late to keep its settings out
         yield
@@ -132,6 +145,89 @@ def fairseq_leaves_logging_alone():
         yield
     finally:
         logging.basicConfig = original
+
+
+FAIRSEQ_LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"  # fairseq_cli's
+FAIRSEQ_LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
+# the commands that configure logging after importing fairseq (fairseq-train configures it first)
+LATE_LOGGING_COMMANDS = ("generate", "interactive", "validate")
+
+
+def _command_module(name: str):
+    """The module of fairseq's command ``name`` in this process (fairseq_cli.NAME, or __main__
+    under ``python -m fairseq_cli.NAME``), or None."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) == f"fairseq_cli.{name}":
+        return main
+    return sys.modules.get(f"fairseq_cli.{name}")
+
+
+def _import_time_handler(root: logging.Logger) -> Optional[logging.Handler]:
+    """The handler of fairseq's import-time ``logging.basicConfig(level=DEBUG)``
+    (fairseq.models.wav2vec.wav2vec2_classification) if the root logger holds that and nothing
+    else: level DEBUG, one StreamHandler on stderr in Python's default format. None otherwise
+    (configured by the user, the command, or a test harness)."""
+    if root.level != logging.DEBUG or len(root.handlers) != 1:
+        return None
+    handler = root.handlers[0]
+    if (type(handler) is not logging.StreamHandler or handler.stream is not sys.stderr
+            or handler.formatter is None or handler.formatter._fmt != logging.BASIC_FORMAT):
+        return None
+    return handler
+
+
+def commands_log_as_fairseq_meant() -> bool:
+    """In fairseq-generate, -interactive and -validate: logging as the command sets it up, where
+    fairseq's import had set it up first (see the module's docstring). The root logger gets the
+    command's own configuration: fairseq's format, LOGLEVEL (default INFO), stdout. fairseq-generate
+    configures logging when its ``_main`` starts, with its output file (stdout, or the file of
+    --results-path): there the configuration made here is removed first, so the command's own
+    takes effect. Nothing changes where the root logger is configured otherwise. Returns whether
+    it changed it."""
+    names = [n for n in LATE_LOGGING_COMMANDS if _command_module(n) is not None]
+    root = logging.getLogger()
+    handler = _import_time_handler(root)
+    if not names or handler is None:
+        return False
+    root.removeHandler(handler)
+    root.setLevel(logging.WARNING)  # the level of an unconfigured root logger
+    logging.basicConfig(format=FAIRSEQ_LOG_FORMAT, datefmt=FAIRSEQ_LOG_DATEFMT,
+                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout)
+    generate = _command_module("generate")
+    if generate is not None and hasattr(generate, "_main"):
+        provisional = root.handlers[-1]
+
+        @replaces(generate, "_main")
+        def _main(original, cfg, output_file):
+            if provisional in root.handlers:  # let the command's basicConfig take effect
+                root.removeHandler(provisional)
+                root.setLevel(logging.WARNING)
+            return original(cfg, output_file)
+    return True
+
+
+# warnings that say nothing about what the user did (see the module's docstring)
+QUIET_WARNINGS = (
+    # hydra 1.3 on fairseq 0.12's use of hydra 1.0's API
+    r"hydra\.experimental\.(initialize|compose)\(\) is no longer experimental",
+    r"\s*The version_base parameter is not specified",
+    r"In '[^']*': Usage of deprecated keyword in package header",
+    r"\s*'[^']*' is validated against ConfigStore schema with the same name",
+    r"\s*The strict flag in the compose API is deprecated",
+    # torch, on fairseq's data loader's pin_memory=True on a machine without a GPU
+    r"'pin_memory' argument is set as true but no accelerator is found",
+)
+
+
+def quiet_fairseq_warnings() -> bool:
+    """Hides the warnings of ``QUIET_WARNINGS`` (UserWarnings, by the start of their message),
+    unless the user chose how warnings are shown (-W or PYTHONWARNINGS: ``sys.warnoptions``).
+    Returns whether it did."""
+    if sys.warnoptions:
+        return False
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+    return True
 
 
 def set_thread_defaults() -> None:
@@ -538,6 +634,8 @@ def stop_batch_threads_at_exit(grace_s: float = 30.0) -> None:
 
 def install(model_cls) -> None:
     clean_error_exit()
+    commands_log_as_fairseq_meant()
+    quiet_fairseq_warnings()
     model_options_in_help(model_cls)
     set_thread_defaults()
     limit_primitive_cache_in_training()

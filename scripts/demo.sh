@@ -75,7 +75,8 @@ if [ ! -s "$OUT/hyp.txt" ] || [ "$OUT/hyp.txt" -ot "$CKPT/checkpoint_best.pt" ];
     # D- lines hold the detokenised hypotheses; order them by sentence id
     grep '^D-' "$OUT/generate.out" | sed 's/^D-//' | sort -n -k1,1 | cut -f3 > "$OUT/hyp.txt"
 fi
-tail -n 2 "$OUT/generate.log" | sed 's/^/  /'
+# fairseq-generate logs on stdout, with the translations: its warnings and its summary
+grep -E '\| (WARNING|ERROR) \||\| Translated [0-9,]+ sentences' "$OUT/generate.out" | sed 's/^/  /' || true
 
 step "4/5 score with sacrebleu against the untokenised references"
 REF="$WORK/data/test.$LANG_T"

@@ -77,7 +77,7 @@ def test_print_alignment_with_a_model_without_attention(data_bin, checkpoints):
             assert sorted(res["H"]) == list(range(37)), (paths, mode)
             assert set(res["A"].values()) == {""}, (paths, mode)
             assert re.search(r"WARNING.*a model without attention \(rnn_vanilla\) has no alignment",
-                             gen.stderr)
+                             gen.stdout)  # fairseq-generate's log, with its output
             if mode == ["--score-reference"] and len(paths) == 2:
                 # the scores are fairseq's: the same as without --print-alignment
                 plain = run("fairseq-generate", data_bin, *USER_DIR, "--path", os.pathsep.join(paths),
@@ -367,6 +367,39 @@ def test_pretrained_frozen_embeddings_train_and_translate_without_the_file(data_
     assert len(parse_generate(gen.stdout)["H"]) == 37
 
 
+LOG_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| INFO \| fairseq_cli\.%s \| "
+
+
+def test_commands_log_as_fairseq_configures_them(data_bin, checkpoints, tmp_path, monkeypatch):
+    """fairseq-generate and -interactive import fairseq before they configure logging, and
+    fairseq's import configured it first (basicConfig(level=DEBUG) in one of its model modules):
+    their logs came on stderr in Python's default format, with hydra's DEBUG lines, after twenty
+    lines of hydra's warnings about fairseq's use of its API. With the plugin, as the commands
+    configure it: fairseq's format on stdout (generate: in its --results-path file), LOGLEVEL
+    honoured; on stderr nothing, under Python's default warning filters."""
+    ck = checkpoints["rnn_luong_tiny"]
+    gen = run("fairseq-generate", data_bin, *USER_DIR, "--path", ck, "--beam", 2, "--cpu",
+              "--batch-size", 16, show_warnings=True)
+    assert gen.stderr == ""
+    assert re.search(LOG_LINE % "generate" + r"Translated 37 sentences", gen.stdout, re.M)
+    assert "DEBUG" not in gen.stdout and len(parse_generate(gen.stdout)["H"]) == 37
+    # --results-path: fairseq-generate logs into that file, with the hypotheses
+    res = run("fairseq-generate", data_bin, *USER_DIR, "--path", ck, "--beam", 2, "--cpu",
+              "--batch-size", 16, "--results-path", tmp_path / "res", show_warnings=True)
+    text = (tmp_path / "res" / "generate-test.txt").read_text()
+    assert re.search(LOG_LINE % "generate" + r"Translated 37 sentences", text, re.M)
+    assert "Translated" not in res.stdout and res.stderr == ""
+    inter = run("fairseq-interactive", data_bin, *USER_DIR, "--path", ck, "--beam", 2, "--cpu",
+                input="w1 w2 w3\nw4 w5\n", show_warnings=True)
+    assert inter.stderr == "" and re.search(LOG_LINE % "interactive" + "Total time", inter.stdout, re.M)
+    assert len(parse_generate(inter.stdout)["H"]) == 2
+    monkeypatch.setenv("LOGLEVEL", "WARNING")
+    quiet = run("fairseq-generate", data_bin, *USER_DIR, "--path", ck, "--beam", 2, "--cpu",
+                "--batch-size", 16)
+    assert "| INFO |" not in quiet.stdout + quiet.stderr
+    assert len(parse_generate(quiet.stdout)["H"]) == 37
+
+
 def test_model_overrides_that_change_the_computation_are_named(data_bin, checkpoints):
     """--model-overrides "{'reverse_source': True}" (or attention_mode, ...) changes nothing in
     the parameters, so fairseq took it silently and translated with a model never trained so."""
@@ -374,19 +407,19 @@ def test_model_overrides_that_change_the_computation_are_named(data_bin, checkpo
               "--beam", 2, "--cpu", "--batch-size", 16, "--model-overrides",
               "{'reverse_source': True, 'attention_mode': 'local-m', 'cpu_bf16': True}",
               show_warnings=True)
-    warned = [line for line in gen.stderr.splitlines() if "--model-overrides sets" in line]
-    assert len(warned) == 2, gen.stderr[-3000:]
+    warned = [line for line in gen.stdout.splitlines() if "--model-overrides sets" in line]
+    assert len(warned) == 2, gen.stdout[-3000:]
     assert "reverse_source to True; the model was trained with False" in warned[0]
     assert "attention_mode to 'local-m'; the model was trained with 'global'" in warned[1]
     same = run("fairseq-generate", data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
                "--beam", 2, "--cpu", "--batch-size", 16, "--model-overrides",
                "{'attention_mode': 'global', 'reverse_source': False}", show_warnings=True)
-    assert "--model-overrides sets" not in same.stderr
+    assert "--model-overrides sets" not in same.stdout + same.stderr
     # a string is not the bool it spells: the model takes 'False' for true
     typed = run("fairseq-generate", data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
                 "--beam", 2, "--cpu", "--batch-size", 16, "--model-overrides",
                 "{'reverse_source': 'False'}", show_warnings=True, check=False)
-    assert "sets reverse_source to 'False'; the model was trained with False" in typed.stderr
+    assert "sets reverse_source to 'False'; the model was trained with False" in typed.stdout
 
 
 def test_checkpoint_trained_with_left_padded_targets_still_loads(data_bin, checkpoints, tmp_path):

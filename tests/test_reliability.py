@@ -492,8 +492,8 @@ def test_interactive_empty_and_too_long_lines(small_data_bin, luong_runs):
     assert sorted(res["H"]) == [0, 1, 2, 4]  # line 3 (9 tokens with </s>) skipped
     assert res["H"][1] == res["H"][2] == "" and res["A"][1] == ""
     assert res["H"][0] and res["H"][4]
-    assert "empty source sentence(s): translated to empty output" in proc.stderr
-    assert "1 samples have invalid sizes and will be skipped" in proc.stderr
+    assert "empty source sentence(s): translated to empty output" in proc.stdout
+    assert "1 samples have invalid sizes and will be skipped" in proc.stdout
 
     proc = run("fairseq-interactive", *args, input=text, check=False)
     line = one_error_line(proc, "longer than the limit", "9 source", "6 source",

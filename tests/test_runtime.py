@@ -326,6 +326,44 @@ def test_importing_the_plugin_leaves_logging_alone():
         assert proc.stdout.split("\n")[0] == expected and "a debug line" not in proc.stderr
 
 
+# fairseq-generate as its console script starts it: fairseq_cli.generate (and fairseq) imported,
+# then the plugin (--user-dir); prints the root logger's set-up, then warns twice
+COMMAND_LOGGING = textwrap.dedent("""
+    import logging, sys, warnings
+    if sys.argv[1] == "configured":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import fairseq_cli.generate
+    import fairseq_s2s_attn
+    root = logging.getLogger()
+    handler = root.handlers[0]
+    print(logging.getLevelName(root.level), len(root.handlers), handler.stream is sys.stdout,
+          handler.formatter._fmt, sep="|")
+    warnings.warn("hydra.experimental.compose() is no longer experimental. Use hydra.compose()")
+    warnings.warn("a warning of the program's own")
+""")
+
+
+@pytest.mark.parametrize("how", ["plain", "configured", "warnings chosen"])
+def test_fairseq_commands_log_as_they_configure_it(how):
+    """In fairseq's commands that configure logging after importing fairseq, fairseq's import had
+    configured it first (DEBUG, Python's format, stderr): the plugin sets up what the command
+    meant (fairseq's format, INFO, stdout); a configuration made before is left alone. hydra's
+    warnings about fairseq's use of its API are not shown unless the user chose the warning
+    filters (-W); other warnings are."""
+    flags = ["-W", "default"] if how == "warnings chosen" else []
+    proc = subprocess.run([sys.executable, *flags, "-c", COMMAND_LOGGING, how.split()[0]],
+                          capture_output=True, text=True, env=env(show_warnings=True))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    level, handlers, on_stdout, fmt = proc.stdout.splitlines()[-1].split("|", 3)
+    assert (level, handlers) == ("INFO", "1")
+    if how == "configured":
+        assert on_stdout == "False" and fmt == "%(message)s"
+    else:
+        assert on_stdout == "True" and fmt == "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
+    assert ("no longer experimental" in proc.stderr) == (how == "warnings chosen")
+    assert "a warning of the program's own" in proc.stderr
+
+
 def test_one_cpu_thread_unless_the_user_chose(monkeypatch):
     """torch's default is one intra-op thread per core, which slows the many small matrix
     products of a recurrent model (fairseq's lstm on 2 cores: 26k words/s with 1 thread, 3.7k with
