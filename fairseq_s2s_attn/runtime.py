@@ -540,6 +540,20 @@ def fairseq_check_message(exc, tb) -> Optional[str]:
     return message
 
 
+def missing_task_message(exc, tb) -> Optional[str]:
+    """fairseq-validate has no default --task (fairseq-train and -generate default to
+    translation): without one, fairseq's ``parse_args_and_arch`` looked up ``TASK_REGISTRY[None]``
+    and the command died with ``KeyError: None`` under a traceback. The message for that error,
+    raised in fairseq/options.py; None for anything else."""
+    if not isinstance(exc, KeyError) or exc.args != (None,) or tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if not tb.tb_frame.f_code.co_filename.endswith(os.path.join("fairseq", "options.py")):
+        return None
+    return "no --task given, and this command has no default task (for these models: --task translation)"
+
+
 def _statement_at(filename: str, lineno: int):
     """The innermost statement of the file that spans line lineno (an assert over several lines
     reports the line of its failing condition), or None."""
@@ -565,8 +579,12 @@ def one_line_error(exc, tb) -> Optional[str]:
     if ours is None:
         # fairseq refuses options with assert statements and plain exceptions: the message
         # came at the end of a traceback of 10-30 lines through fairseq
-        check = (None if os.environ.get("S2S_TRACEBACK") or not running_fairseq_command(*COMMANDS)
-                 else fairseq_check_message(exc, tb))
+        if os.environ.get("S2S_TRACEBACK") or not running_fairseq_command(*COMMANDS):
+            return None
+        missing = missing_task_message(exc, tb)
+        if missing is not None:
+            return missing
+        check = fairseq_check_message(exc, tb)
         return None if check is None else f"{check} (fairseq's check; S2S_TRACEBACK=1 shows where)"
     message = str(ours)
     if ours is not exc:  # keep the part of fairseq's message that names the file

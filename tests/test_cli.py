@@ -183,8 +183,8 @@ def test_bad_options_clear_error(data_bin, tmp_path, args, message):
 
 def test_data_bin_and_batch_size_errors(data_bin, checkpoints, tmp_path):
     """A missing data folder (fairseq: FileNotFoundError), one without dictionaries ("Could not
-    infer language pair") and training or validating without a batch size (an AssertionError)
-    each end with one error line."""
+    infer language pair"), training or validating without a batch size (an AssertionError) and
+    validating without --task each end with one error line."""
     (tmp_path / "raw").mkdir()
     train = [*USER_DIR, "--arch", "rnn_luong_tiny", "--optimizer", "adam", "--max-update", 1,
              "--save-dir", tmp_path / "ck", "--cpu"]
@@ -196,6 +196,9 @@ def test_data_bin_and_batch_size_errors(data_bin, checkpoints, tmp_path):
                               "--cpu"], "missing not found"),
         ("fairseq-validate", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"], "--task",
                               "translation", "--cpu"], "give the batch size: --max-tokens N"),
+        # fairseq-validate has no default task (fairseq: KeyError: None under a traceback)
+        ("fairseq-validate", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
+                              "--max-tokens", 1000, "--cpu"], "no --task given"),
     ]:
         proc = run(tool, *args, check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
