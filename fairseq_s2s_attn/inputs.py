@@ -222,17 +222,35 @@ def check_data_bin(path: str, dictionaries: bool = True) -> None:
 def batch_size_required() -> None:
     """fairseq-train and fairseq-validate without --max-tokens or --batch-size stopped with a
     traceback ending in "AssertionError: Must specify batch size either with --max-tokens or
-    --batch-size"; now that is one error line, before any work."""
+    --batch-size"; with --max-tokens 0 or less fairseq-train stopped with an IndexError in
+    fairseq's batching, with --update-freq 0 with a ZeroDivisionError. Now each is one error
+    line, before any work."""
     from fairseq.distributed import utils as distributed_utils
 
     @replaces(distributed_utils, "call_main")
     def call_main(original, cfg, main, **kwargs):
-        dataset = getattr(cfg, "dataset", None)
-        if (getattr(main, "__module__", None) in ("fairseq_cli.train", "fairseq_cli.validate")
-                and dataset is not None and dataset.max_tokens is None and dataset.batch_size is None):
-            raise ConfigError("give the batch size: --max-tokens N (tokens per batch, e.g. 4000) "
-                              "or --batch-size N (sentences)")
+        if getattr(main, "__module__", None) in ("fairseq_cli.train", "fairseq_cli.validate"):
+            check_batch_options(cfg)
         return original(cfg, main, **kwargs)
+
+
+def check_batch_options(cfg) -> None:
+    """A batch size (--max-tokens or --batch-size), positive sizes and a positive --update-freq,
+    or ConfigError."""
+    dataset, optimization = getattr(cfg, "dataset", None), getattr(cfg, "optimization", None)
+    if dataset is None:
+        return
+    if dataset.max_tokens is None and dataset.batch_size is None:
+        raise ConfigError("give the batch size: --max-tokens N (tokens per batch, e.g. 4000) "
+                          "or --batch-size N (sentences)")
+    for option in ("max_tokens", "batch_size", "max_tokens_valid", "batch_size_valid"):
+        value = getattr(dataset, option, None)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{option.replace('_', '-')} must be a positive number (got {value})")
+    update_freq = list(getattr(optimization, "update_freq", None) or [])
+    if any(n <= 0 for n in update_freq):
+        raise ConfigError("--update-freq must be positive: batches per update (got "
+                          f"{','.join(map(str, update_freq))})")
 
 
 def sentencepiece_model_of_the_source() -> None:

@@ -183,8 +183,9 @@ def test_bad_options_clear_error(data_bin, tmp_path, args, message):
 
 def test_data_bin_and_batch_size_errors(data_bin, checkpoints, tmp_path):
     """A missing data folder (fairseq: FileNotFoundError), one without dictionaries ("Could not
-    infer language pair"), training or validating without a batch size (an AssertionError) and
-    validating without --task each end with one error line."""
+    infer language pair"), training or validating without a batch size (an AssertionError),
+    with a batch size or --update-freq of 0 or less, and validating without --task each end with
+    one error line."""
     (tmp_path / "raw").mkdir()
     train = [*USER_DIR, "--arch", "rnn_luong_tiny", "--optimizer", "adam", "--max-update", 1,
              "--save-dir", tmp_path / "ck", "--cpu"]
@@ -192,6 +193,10 @@ def test_data_bin_and_batch_size_errors(data_bin, checkpoints, tmp_path):
         ("fairseq-train", [tmp_path / "missing", *train, "--max-tokens", 1000], "missing not found"),
         ("fairseq-train", [tmp_path / "raw", *train, "--max-tokens", 1000], "raw is not a data-bin"),
         ("fairseq-train", [data_bin, *train], "give the batch size: --max-tokens N"),
+        # fairseq: an IndexError in its batching, a ZeroDivisionError in its iterator
+        ("fairseq-train", [data_bin, *train, "--max-tokens", -5], "--max-tokens must be a positive"),
+        ("fairseq-train", [data_bin, *train, "--max-tokens", 1000, "--update-freq", "2,0"],
+         "--update-freq must be positive"),
         ("fairseq-generate", [tmp_path / "missing", *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
                               "--cpu"], "missing not found"),
         ("fairseq-validate", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"], "--task",
