@@ -184,10 +184,10 @@ def commands_log_as_fairseq_meant() -> bool:
     --results-path): there the configuration made here is removed first, so the command's own
     takes effect. Nothing changes where the root logger is configured otherwise. Returns whether
     it changed it."""
-    names = [n for n in LATE_LOGGING_COMMANDS if _command_module(n) is not None]
+    command = any(_command_module(n) is not None for n in LATE_LOGGING_COMMANDS)
     root = logging.getLogger()
     handler = _import_time_handler(root)
-    if not names or handler is None:
+    if not command or handler is None:
         return False
     root.removeHandler(handler)
     root.setLevel(logging.WARNING)  # the level of an unconfigured root logger
