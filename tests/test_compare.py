@@ -82,7 +82,8 @@ def test_compare_end_to_end(tmp_path):
     assert "lenpen 3" in (out / "results.md").read_text(encoding="utf-8").splitlines()[0]
     for arch in ("rnn_vanilla_tiny", "rnn_bahdanau_tiny"):
         assert len((out / arch / "hyp-lenpen3.txt").read_text(encoding="utf-8").split("\n")[:-1]) == 20
-        assert "'lenpen': 3.0" in (out / arch / "generate-lenpen3.log").read_text(encoding="utf-8")
+        # fairseq-generate logs into its --results-path file, with the translations
+        assert "'lenpen': 3.0" in (out / arch / "generate-lenpen3.out").read_text(encoding="utf-8")
         assert (out / arch / "hyp.txt").read_text(encoding="utf-8") == first[arch]
 
     # several length penalties: each model takes the one with its best validation-set BLEU
@@ -106,7 +107,7 @@ def test_compare_end_to_end(tmp_path):
         assert abs(float(row.group(1)) - sacrebleu.corpus_bleu(test_hyps, [ref]).score) < 0.01
         sweep = re.search(rf"^\| {arch} \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
         assert [float(sweep.group(1)), float(sweep.group(2))] == [round(bleu[1.0], 2), round(bleu[3.0], 2)]
-        assert "'gen_subset': 'valid'" in (out / arch / "generate-valid-lenpen3.log").read_text(encoding="utf-8")
+        assert "'gen_subset': 'valid'" in (out / arch / "generate-valid-lenpen3.out").read_text(encoding="utf-8")
 
 
 def test_compare_precisions_and_epoch_budget(tmp_path):
