@@ -42,6 +42,8 @@
 - fairseq's ``batch_by_size`` drops the last batch when its size is not a multiple of
   --required-batch-size-multiple (default 8), so fairseq-generate silently skips up to 7
   sentences of a test set and BLEU is computed on fewer sentences. We keep that batch.
+- A training run resumed in epoch 2 or later made its batches with another seed than the run
+  it continued and trained on other batches from then on (``resumed_epochs_keep_their_batches``).
 - ``--print-alignment`` with a model that has no attention (rnn_vanilla) crashed deep in fairseq
   (it transposes an empty attention tensor). There is no alignment to print, so the command now
   translates as usual, warns once and prints empty ``A-`` lines rather than made-up ones; also
@@ -328,6 +330,43 @@ def keep_remainder_batches() -> None:
         if kept < len(indices):  # batches are consecutive runs of indices: the tail was dropped
             batches = list(batches) + [list(indices[kept:])]
         return batches
+
+
+def resumed_epochs_keep_their_batches() -> None:
+    """fairseq makes the training batches once and reuses them in every epoch (shuffled by epoch),
+    from the sentences sorted by length with ties in a random order drawn with the seed plus the
+    epoch the batches are made in (``FairseqTask.get_batch_iterator``). An uninterrupted run makes
+    them in epoch 1; a run resumed from a checkpoint of epoch k made them in epoch k, so from
+    epoch 2 on a resumed run trained on other batches than the run it continued (losses 0.03-0.1
+    apart ten updates after a resume in epoch 2, fairseq's lstm as ours). Where the batches are
+    reused across epochs (not ``--rebuild-batches``, a dataset that allows it, the iterator
+    cache on), they are now made as in epoch 1, and the iterator and the dataset are then set to
+    the epoch asked for; a resumed run trains on the same batches as the run it continues."""
+    import inspect
+
+    from fairseq.tasks.fairseq_task import FairseqTask
+
+    signature = inspect.signature(FairseqTask.get_batch_iterator)
+
+    @replaces(FairseqTask, "get_batch_iterator")
+    def get_batch_iterator(original, self, *args, **kwargs):
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:  # not a call of this signature: fairseq's own answer
+            return original(self, *args, **kwargs)
+        bound.apply_defaults()
+        given = bound.arguments
+        epoch, dataset = given.get("epoch", 1), given["dataset"]
+        reused = (not given.get("disable_iterator_cache") and not given.get("update_epoch_batch_itr")
+                  and self.can_reuse_epoch_itr(dataset)
+                  and not getattr(self.cfg, "rebuild_batches", False))
+        if not reused or epoch <= 1 or dataset in getattr(self, "dataset_to_epoch_iter", {}):
+            return original(self, *args, **kwargs)
+        given["epoch"] = 1
+        iterator = original(*bound.args, **bound.kwargs)
+        dataset.set_epoch(epoch)
+        iterator.epoch = epoch
+        return iterator
 
 
 def has_attention(model) -> bool:
@@ -659,6 +698,7 @@ def install(model_cls) -> None:
     limit_primitive_cache_in_training()
     keep_freed_memory()
     keep_remainder_batches()
+    resumed_epochs_keep_their_batches()
     empty_alignments_without_attention()
     alignment_loss_needs_attention()
     bleu_of_empty_hypotheses()

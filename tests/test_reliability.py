@@ -95,6 +95,27 @@ def test_resume_mid_epoch_matches_uninterrupted_run(luong_runs):
             assert torch.equal(sa[k][key], sb[k][key]), (k, key)
 
 
+RESUME_IN_EPOCH_2 = 17  # epoch 2 @ 1 update
+
+
+@slow
+def test_resume_in_a_later_epoch_matches_uninterrupted_run(small_data_bin, luong_runs, tmp_path):
+    """fairseq makes the batches it reuses in every epoch with the seed plus the epoch they are
+    made in: epoch 1 in an uninterrupted run, the checkpoint's epoch in a resumed one, so a run
+    resumed in epoch 2 trained on other batches than the run it continued
+    (runtime.resumed_epochs_keep_their_batches)."""
+    *_, straight = luong_runs
+    run("fairseq-train", *luong_cmd(small_data_bin, tmp_path, RESUME_IN_EPOCH_2))
+    itr = load_state(tmp_path / "checkpoint_last.pt")["extra_state"]["train_iterator"]
+    assert (itr["epoch"], itr["iterations_in_epoch"]) == (2, RESUME_IN_EPOCH_2 - 16)
+    run("fairseq-train", *luong_cmd(small_data_bin, tmp_path, TOTAL))
+    a, b = load_state(tmp_path / "checkpoint_last.pt"), load_state(straight / "checkpoint_last.pt")
+    assert a["optimizer_history"][-1]["num_updates"] == TOTAL
+    assert a["extra_state"]["train_iterator"] == b["extra_state"]["train_iterator"]
+    for name in b["model"]:  # bitwise: the same batches as the uninterrupted run
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
 # =========================================================================== 5c. gradient clipping
 
 
