@@ -186,10 +186,9 @@ def commands_log_as_fairseq_meant() -> bool:
     --results-path): there the configuration made here is removed first, so the command's own
     takes effect. Nothing changes where the root logger is configured otherwise. Returns whether
     it changed it."""
-    command = any(_command_module(n) is not None for n in LATE_LOGGING_COMMANDS)
     root = logging.getLogger()
     handler = _import_time_handler(root)
-    if not command or handler is None:
+    if not running_fairseq_command(*LATE_LOGGING_COMMANDS) or handler is None:
         return False
     root.removeHandler(handler)
     root.setLevel(logging.WARNING)  # the level of an unconfigured root logger
@@ -247,9 +246,7 @@ def running_fairseq_command(*names: str) -> bool:
     """Whether this process runs one of fairseq's commands (``train`` for fairseq-train), started
     as the console script (which imports fairseq_cli.train) or as ``python -m fairseq_cli.train``
     (where the module is ``__main__``)."""
-    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    running = {getattr(main_spec, "name", None)}
-    return any(f"fairseq_cli.{n}" in sys.modules or f"fairseq_cli.{n}" in running for n in names)
+    return any(_command_module(n) is not None for n in names)
 
 
 ONEDNN_CACHE_VAR = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"

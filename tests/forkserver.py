@@ -34,8 +34,10 @@ def import_fairseq() -> list:
     fairseq's modules configure the root logger as they are imported (wav2vec2_classification:
     level DEBUG; text_to_speech: fairseq's format), so a command's logging depends on whether it
     configures logging before importing fairseq (fairseq-train: its format, on stdout) or after
-    (fairseq-preprocess, -generate, -interactive, -validate: fairseq's import wins). ``replay_at_first_import``
-    makes these calls in the child where the command's own import of fairseq would have."""
+    (fairseq-preprocess, -generate, -interactive, -validate: fairseq's import wins; where the
+    plugin is loaded, ``runtime.commands_log_as_fairseq_meant`` then replaces what that import set
+    up, which it recognises). ``replay_at_first_import`` makes these calls in the child where the
+    command's own import of fairseq would have."""
     calls = []
     original = logging.basicConfig
     logging.basicConfig = lambda *args, **kwargs: calls.append((args, kwargs))

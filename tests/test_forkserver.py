@@ -43,7 +43,8 @@ def same_output(forked, fresh):
 @pytest.mark.parametrize("tool,args", [
     # logging configured by fairseq-train before it imports fairseq: fairseq's format, stdout
     ("fairseq-train", ["/nonexistent", "--user-dir", PLUGIN, "--arch", "rnn_bahdanau"]),
-    # configured by fairseq's own import (DEBUG, stderr), then an error from the plugin
+    # configured by fairseq's own import (DEBUG, stderr), replaced by the plugin's set-up of the
+    # command's own (runtime.commands_log_as_fairseq_meant), then an error from the plugin
     ("fairseq-generate", ["/nonexistent", "--user-dir", PLUGIN, "--path", "/nonexistent.pt"]),
 ])
 def test_forked_command_prints_what_a_fresh_process_prints(tool, args):
