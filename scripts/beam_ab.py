@@ -17,8 +17,9 @@ of that round, and the median over rounds of each one's time, and its ratio to f
 within each round, are what the report gives. Untrained (random) weights, one thread.
 
 With ``--levers``, every (configuration, beam) also runs once per round with each named lever
-off (one of fairseq_s2s_attn/native.py's C loops of decoding: ``LEVERS``), in the same rotation,
-and a second table gives each lever's speed-up: the median over rounds of time off / time on.
+off (one of fairseq_s2s_attn/native.py's C loops of decoding, or search.py's lines of fairseq's
+search: ``LEVERS``), in the same rotation, and a second table gives each lever's speed-up: the
+median over rounds of time off / time on.
 """
 import argparse
 import contextlib
@@ -46,8 +47,21 @@ def load(name, precision, args):
     return task, model, autocast
 
 
-# lever -> the switch in fairseq_s2s_attn/native.py that turns it off (its flag set to False)
-LEVERS = {"logsoftmax": "LOG_SOFTMAX", "topk": "TOPK", "scoreloop": "SCORE", "cells": "CELLS"}
+# lever -> the switch in fairseq_s2s_attn/native.py that turns it off (its flag set to False),
+# or a function of fairseq_s2s_attn/search.py that turns it on (True) and off (False)
+LEVERS = {"logsoftmax": "LOG_SOFTMAX", "topk": "TOPK", "scoreloop": "SCORE", "cells": "CELLS",
+          "searchlines": "use_search_lines"}
+
+
+def switch(lever, on):
+    """Turns a lever on or off."""
+    from fairseq_s2s_attn import native, search
+
+    name = LEVERS[lever]
+    if name.isupper():
+        setattr(native, name, on)
+    else:
+        getattr(search, name)(on)
 
 
 def main(argv=None):
@@ -69,7 +83,8 @@ def main(argv=None):
                    help="also run each configuration with each of these C loops off, in turns, "
                         "and report the speed-up of each (logsoftmax: the decoder's log-softmax, "
                         "topk: beam search's candidates, scoreloop: the additive score, cells: "
-                        "the LSTM/GRU cells)")
+                        "the LSTM/GRU cells, searchlines: fairseq's NaN scrub as one pass and "
+                        "no division by a temperature of 1)")
     args = p.parse_args(argv)
     if benchmark.BASELINE not in args.archs:
         p.error(f"--archs needs {benchmark.BASELINE} (the ratios are against it)")
@@ -89,8 +104,6 @@ def main(argv=None):
                                                gen_batch_size=args.gen_batch_size))
     sentences = sum(int(s["nsentences"]) for s, _ in batches)
 
-    from fairseq_s2s_attn import native
-
     def passes(config, beam, lever=None):
         _, model, autocast = models[config]
         gen = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0,
@@ -98,7 +111,7 @@ def main(argv=None):
 
         def run():
             if lever is not None:
-                setattr(native, LEVERS[lever], False)
+                switch(lever, False)
             try:
                 t0 = time.perf_counter()
                 with torch.no_grad():
@@ -109,7 +122,7 @@ def main(argv=None):
                 return time.perf_counter() - t0
             finally:
                 if lever is not None:
-                    setattr(native, LEVERS[lever], True)
+                    switch(lever, True)
         return run
 
     runs = {}

@@ -1,9 +1,12 @@
-"""fairseq_s2s_attn.patching: how the plugin replaces fairseq's functions."""
+"""fairseq_s2s_attn.patching: how the plugin replaces fairseq's functions, or a line of one."""
 
+import inspect
 import types
 
+import pytest
+
 import fairseq_s2s_attn  # noqa: F401  (installs the plugin's replacements)
-from fairseq_s2s_attn.patching import replaces
+from fairseq_s2s_attn.patching import innermost, replaces, rewrite_lines, use_rewritten_lines
 
 
 def _chain(fn):
@@ -81,3 +84,109 @@ def test_the_plugins_replacements_are_each_installed_once():
     ours = [name for name in after if name]
     assert len(ours) == len(set(ours)) == 3
     assert after[-1] is None  # fairseq's own, at the end of the chain
+
+
+def _count(words):
+    """Counts."""
+    total = 0
+    for word in words:
+        total += len(word)
+    return total
+
+
+def _lengths(words):
+    total = 0
+    for word in words:
+        total += len(word)
+    return total
+
+
+def _count_twice(words):
+    total = 0
+    for word in words:
+        total += len(word)
+    for word in words:
+        total += len(word)
+    return total
+
+
+class _Base:
+    def size(self):
+        return 1
+
+
+class _Sized(_Base):
+    def size(self):
+        total = 0
+        total += super().size()
+        return total
+
+
+class _Private:
+    def __init__(self):
+        self.__n = 2
+
+    def n(self):
+        value = self.__n
+        return value
+
+
+def _raises(word):
+    value = len(word)
+    raise ValueError(value)
+
+
+def test_rewrite_lines_changes_a_line_of_the_function_in_place():
+    owner = types.SimpleNamespace(count=_count)
+    outer = _install_count_words(owner)  # a replacement holds the original
+    assert owner.count(["ab", "c"]) == 3
+    assert rewrite_lines(_count, {"total += len(word)": "total += 1"})
+    assert owner.count is outer and innermost(owner, "count") is _count  # the same objects
+    assert owner.count(["ab", "c"]) == 2 and _count(["ab", "c"]) == 2
+    assert _count.__name__ == "_count" and _count.__doc__ == "Counts."
+    assert rewrite_lines(_count, {"total += len(word)": "total += 1"})  # again: nothing more
+    assert not rewrite_lines(_count, {"total = 0": "total = 1"})  # other lines: refused
+    assert _count(["ab", "c"]) == 2
+    use_rewritten_lines(_count, False)
+    assert _count(["ab", "c"]) == 3
+    use_rewritten_lines(_count, True)
+    assert _count(["ab", "c"]) == 2
+    use_rewritten_lines(_count, False)
+
+
+def _install_count_words(owner):
+    @replaces(owner, "count")
+    def count(original, words):
+        return original(list(words))
+
+    return count
+
+
+def test_rewritten_lines_keep_their_numbers_in_tracebacks():
+    line = inspect.getsourcelines(_raises)[1] + 2  # the raise
+    assert rewrite_lines(_raises, {"value = len(word)": "value = word.upper()"})
+    try:
+        with pytest.raises(ValueError, match="AB") as info:
+            _raises("ab")
+        assert info.traceback[-1].lineno + 1 == line  # pytest counts from 0
+        assert info.traceback[-1].path.samefile(__file__)
+    finally:
+        use_rewritten_lines(_raises, False)
+
+
+@pytest.mark.parametrize("fn,lines", [
+    (_lengths, {"total = len(words)": "total = 0"}),  # not in the function
+    (_count_twice, {"total += len(word)": "total += 1"}),  # twice
+    (_Sized.size, {"total = 0": "total = 1"}),  # super() needs the class's cell
+    (_Private.n, {"return value": "return value + 1"}),  # self.__n is mangled in the class
+    (_lengths, {"total = 0": "total = len(words"}),  # not Python
+    (len, {"a": "b"}),  # no source
+])
+def test_rewrite_lines_leaves_what_it_cannot_change_as_it_is(fn, lines):
+    code = getattr(fn, "__code__", None)
+    assert not rewrite_lines(fn, lines)
+    assert getattr(fn, "__code__", None) is code
+    use_rewritten_lines(fn, True)  # nothing to switch to
+    assert getattr(fn, "__code__", None) is code
+    assert _lengths(["ab"]) == 2 and _count_twice(["ab"]) == 4 and _Sized().size() == 1
+    assert _Private().n() == 2

@@ -1,6 +1,7 @@
 """search.py: fairseq's BeamSearch.step with its candidates from native.beam_topk on a CPU,
 against fairseq's own step (torch.topk) and in fairseq's SequenceGenerator; fairseq's
-DiverseBeamSearch on batches that carry dataset ids."""
+DiverseBeamSearch on batches that carry dataset ids; the lines of fairseq's search rewritten
+(the NaN scrub, the temperature) against fairseq's own."""
 
 import argparse
 
@@ -9,9 +10,11 @@ import torch
 from fairseq.models.lstm import LSTMModel, base_architecture
 from fairseq.search import BeamSearch, DiverseBeamSearch
 from fairseq.sequence_generator import SequenceGenerator
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import FakeTask, build_model, make_dict, random_tokens
 from fairseq_s2s_attn import native, search
+from fairseq_s2s_attn.patching import innermost
 
 
 @pytest.fixture
@@ -21,6 +24,32 @@ def topk_calls(monkeypatch):
     monkeypatch.setattr(native, "beam_topk",
                         lambda *a, _f=native.beam_topk: seen.append(a[2]) or _f(*a))
     return seen
+
+
+def model_and_batch(arch, d):
+    """An untrained model (ours or fairseq's lstm, 16 wide) and a batch of 4 padded sources."""
+    if arch == "lstm":
+        torch.manual_seed(0)
+        args = argparse.Namespace(encoder_embed_dim=16, decoder_embed_dim=16,
+                                  encoder_hidden_size=16, decoder_hidden_size=16,
+                                  decoder_out_embed_dim=16, encoder_layers=1, decoder_layers=1,
+                                  dropout=0.0, criterion="cross_entropy")
+        base_architecture(args)
+        model = LSTMModel.build_model(args, FakeTask(d, d))
+    else:
+        model = build_model(arch, task=FakeTask(d, d))
+    model.eval()
+    g = torch.Generator().manual_seed(7)
+    lengths = [7, 6, 5, 3]  # decreasing: fairseq's lstm packs the sources
+    src = random_tokens(d, lengths, left_pad=True, generator=g)
+    return model, {"net_input": {"src_tokens": src, "src_lengths": torch.tensor(lengths)}}
+
+
+def same_hypotheses(got, want):
+    for hyps_a, hyps_b in zip(got, want):
+        for a, b in zip(hyps_a, hyps_b):
+            assert torch.equal(a["tokens"], b["tokens"])
+            torch.testing.assert_close(a["score"], b["score"], rtol=0, atol=0)
 
 
 def fairseq_step(monkeypatch, *args):
@@ -84,21 +113,7 @@ def test_beam_search_translates_the_same_with_the_loop(arch, diverse, topk_calls
     and with diverse beam search (2 groups, each through this step, the second with its
     diversity penalty)."""
     d = make_dict(20)
-    if arch == "lstm":
-        torch.manual_seed(0)
-        args = argparse.Namespace(encoder_embed_dim=16, decoder_embed_dim=16,
-                                  encoder_hidden_size=16, decoder_hidden_size=16,
-                                  decoder_out_embed_dim=16, encoder_layers=1, decoder_layers=1,
-                                  dropout=0.0, criterion="cross_entropy")
-        base_architecture(args)
-        model = LSTMModel.build_model(args, FakeTask(d, d))
-    else:
-        model = build_model(arch, task=FakeTask(d, d))
-    model.eval()
-    g = torch.Generator().manual_seed(7)
-    lengths = [7, 6, 5, 3]  # decreasing: fairseq's lstm packs the sources
-    src = random_tokens(d, lengths, left_pad=True, generator=g)
-    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor(lengths)}}
+    model, sample = model_and_batch(arch, d)
     strategy = DiverseBeamSearch(d, num_groups=2, diversity_strength=0.5) if diverse else None
     gen = SequenceGenerator([model], d, beam_size=4, max_len_b=9, search_strategy=strategy)
     with torch.no_grad():
@@ -108,10 +123,7 @@ def test_beam_search_translates_the_same_with_the_loop(arch, diverse, topk_calls
         monkeypatch.setattr(native, "TOPK", False)
         want = gen.generate([model], sample)
     assert len(topk_calls) == n
-    for hyps_a, hyps_b in zip(got, want):
-        for a, b in zip(hyps_a, hyps_b):
-            assert torch.equal(a["tokens"], b["tokens"])
-            torch.testing.assert_close(a["score"], b["score"], rtol=0, atol=0)
+    same_hypotheses(got, want)
 
 
 def test_diverse_beam_search_takes_sentences_with_dataset_ids():
@@ -141,3 +153,86 @@ def test_diverse_beam_search_takes_sentences_with_dataset_ids():
     for hyps_a, hyps_b in zip(got, want):
         for a, b in zip(hyps_a, hyps_b):
             assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["score"], b["score"])
+
+
+@pytest.fixture
+def fairseq_lines():
+    """fairseq's own lines of search while the test asks (search.use_search_lines(False))."""
+    yield lambda: search.use_search_lines(False)
+    search.use_search_lines(True)
+
+
+class FullStepOps(TorchDispatchMode):
+    """The element-wise ops of a beam search over whole B*beam x V log-probabilities or
+    logits: fairseq's NaN scrub (ne, then masked_fill_ or index_put_) and its division by the
+    temperature (div_); nan_to_num_ is the plugin's scrub."""
+
+    def __init__(self, rows, vocab):
+        super().__init__()
+        self.shape, self.seen = (rows, vocab), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if (name in ("ne", "masked_fill_", "index_put_", "div_", "nan_to_num_")
+                and args[0].shape[0] == self.shape[0] and args[0].shape[-1] == self.shape[1]):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fairseqs_nan_scrub_and_temperature_one_pass_no_more(fairseq_lines):
+    """The plugin's import rewrote two lines of fairseq's search (the functions are fairseq's,
+    in fairseq's file): at each step of a beam search the NaN scrub of all log-probabilities is
+    one nan_to_num_, where fairseq's line compares them with themselves and fills through the
+    mask, and a temperature of 1 divides nothing (fairseq's line: every logit by 1.0)."""
+    from fairseq import sequence_generator
+
+    for owner, name in search.SEARCH_LINES:
+        fn = innermost(getattr(sequence_generator, owner), name)
+        assert fn.__code__.co_filename == sequence_generator.__file__
+    assert "nan_to_num_" in innermost(SequenceGenerator, "_generate").__code__.co_names
+    search.install()  # again: nothing changes
+    d = make_dict(20)
+    model, sample = model_and_batch("rnn_luong_tiny", d)
+    gen = SequenceGenerator([model], d, beam_size=4, max_len_b=9, min_len=9)
+    steps = 10  # 9 words and EOS, every hypothesis as long
+    with torch.no_grad():
+        with FullStepOps(4 * 4, len(d)) as ops:
+            gen.generate([model], sample)
+        assert ops.seen == ["nan_to_num_"] * steps
+        fairseq_lines()
+        with FullStepOps(4 * 4, len(d)) as ops:
+            gen.generate([model], sample)
+        assert ops.seen.count("div_") == steps and ops.seen.count("ne") == steps
+        assert "nan_to_num_" not in ops.seen
+
+
+@pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "lstm"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_beam_search_translates_the_same_with_the_plugins_lines(arch, temperature,
+                                                                fairseq_lines):
+    """The same hypotheses and scores with the plugin's lines as with fairseq's, for our models
+    and fairseq's lstm, at a temperature of 1 and another, where a word's log-probabilities are
+    NaN at every step (both scrubs make them -inf: the word is never chosen) and where one
+    hypothesis's whole row is NaN at one step."""
+    d = make_dict(20)
+    model, sample = model_and_batch(arch, d)
+    word = d.nspecial + 3
+    calls = []
+
+    def with_nans(net_output, log_probs, sample=None, _f=model.get_normalized_probs):
+        lprobs = _f(net_output, log_probs, sample)
+        lprobs[..., word] = float("nan")
+        calls.append(None)
+        if len(calls) == 3:
+            lprobs[1] = float("nan")
+        return lprobs
+
+    model.get_normalized_probs = with_nans
+    gen = SequenceGenerator([model], d, beam_size=4, max_len_b=9, temperature=temperature)
+    with torch.no_grad():
+        got = gen.generate([model], sample)
+        assert not any((h["tokens"] == word).any() for hyps in got for h in hyps)
+        calls.clear()
+        fairseq_lines()
+        want = gen.generate([model], sample)
+    same_hypotheses(got, want)
