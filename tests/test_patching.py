@@ -180,6 +180,7 @@ def test_rewritten_lines_keep_their_numbers_in_tracebacks():
     (_Sized.size, {"total = 0": "total = 1"}),  # super() needs the class's cell
     (_Private.n, {"return value": "return value + 1"}),  # self.__n is mangled in the class
     (_lengths, {"total = 0": "total = len(words"}),  # not Python
+    (_lengths, {"total = 0": "total = 0\n    total += 1"}),  # two lines for one
     (len, {"a": "b"}),  # no source
 ])
 def test_rewrite_lines_leaves_what_it_cannot_change_as_it_is(fn, lines):
