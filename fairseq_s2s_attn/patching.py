@@ -1,4 +1,5 @@
-"""How the plugin replaces a function of fairseq (or of torch, argparse, sys): ``replaces``.
+"""How the plugin replaces a function of fairseq (or of torch, argparse, sys): ``replaces``, or
+a line of one: ``rewrite_lines``.
 
 Every change to fairseq's behaviour (see ``runtime``, ``inputs``, ``precision``,
 ``distributed``) is a function that receives what it replaces as its first argument and calls it
@@ -12,6 +13,10 @@ where fairseq's behaviour stays::
 Installing the same replacement again (the plugin imported twice, a test calling an install
 function) does nothing, also when other replacements of the same attribute were installed on top
 of it since: the chain of replacements (``__wrapped__``) is searched, not only the outermost.
+
+Where the change is one line inside a long fairseq function, ``rewrite_lines`` changes that line
+in fairseq's own function (its source recompiled, one line for one) instead of a copy of the
+whole function (``search.search_lines_in_one_pass``).
 """
 
 import ast
