@@ -23,6 +23,7 @@ median over rounds of time off / time on.
 """
 import argparse
 import contextlib
+import importlib
 import os
 import statistics
 import sys
@@ -47,21 +48,21 @@ def load(name, precision, args):
     return task, model, autocast
 
 
-# lever -> the switch in fairseq_s2s_attn/native.py that turns it off (its flag set to False),
-# or a function of fairseq_s2s_attn/search.py that turns it on (True) and off (False)
-LEVERS = {"logsoftmax": "LOG_SOFTMAX", "topk": "TOPK", "scoreloop": "SCORE", "cells": "CELLS",
-          "searchlines": "use_search_lines"}
+# lever -> (module of fairseq_s2s_attn, name): a flag of native.py that turns a C loop off when
+# False, or a function of search.py that takes False (fairseq's own lines) and True
+LEVERS = {"logsoftmax": ("native", "LOG_SOFTMAX"), "topk": ("native", "TOPK"),
+          "scoreloop": ("native", "SCORE"), "cells": ("native", "CELLS"),
+          "searchlines": ("search", "use_search_lines")}
 
 
 def switch(lever, on):
-    """Turns a lever on or off."""
-    from fairseq_s2s_attn import native, search
-
-    name = LEVERS[lever]
-    if name.isupper():
-        setattr(native, name, on)
+    """Turns a lever on (True: the plugin's fast path) or off."""
+    module, name = LEVERS[lever]
+    module = importlib.import_module(f"fairseq_s2s_attn.{module}")
+    if callable(getattr(module, name)):
+        getattr(module, name)(on)
     else:
-        getattr(search, name)(on)
+        setattr(module, name, on)
 
 
 def main(argv=None):

@@ -362,15 +362,15 @@ def test_beam_ab_takes_turns_and_reports_medians(small_data_bin):
     --levers, a second table with each lever's speed-up per configuration, precision and beam."""
     proc = run("beam_ab.py", "--data", small_data_bin, "--archs", "lstm", "rnn_luong_nofeed",
                "--size", 16, "--beams", 2, 1, "--rounds", 2, "--gen-sentences", 8,
-               "--gen-batch-size", 4, "--levers", "topk", "logsoftmax", timeout=300)
+               "--gen-batch-size", 4, "--levers", "topk", "logsoftmax", "searchlines", timeout=300)
     assert "round 2/2 done" in proc.stderr
     main, levers = proc.stdout.split("Each lever off and on")
     lever_rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in levers.splitlines()
                   if ln.startswith("| ")][1:]  # after the header
     assert sorted((r[0], r[2], r[3]) for r in lever_rows if r[1] == "fp32") == sorted(
         (a, b, lever) for a in ("lstm", "rnn_luong_nofeed") for b in ("1", "2")
-        for lever in ("logsoftmax", "topk"))
-    assert len(lever_rows) == 16 and all(float(c) > 0 for r in lever_rows for c in r[4:])
+        for lever in ("logsoftmax", "searchlines", "topk"))
+    assert len(lever_rows) == 24 and all(float(c) > 0 for r in lever_rows for c in r[4:])
     lines = [ln for ln in main.splitlines() if ln.startswith("| ")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     assert head[:3] == ["config", "precision", "beam 2 sent/s"] and len(head) == 8
@@ -500,6 +500,37 @@ def test_train_ab_levers_switch_the_fast_paths():
     finally:
         for (obj, name), value in zip(names, state):
             setattr(obj, name, value)
+
+
+def test_beam_ab_levers_switch_the_fast_paths():
+    """Each lever of scripts/beam_ab.py turns its fast path off (the C loop's flag False,
+    fairseq's own search lines) and on again."""
+    spec = importlib.util.spec_from_file_location("beam_ab_script", SCRIPTS / "beam_ab.py")
+    beam_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(beam_ab)
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from fairseq_s2s_attn import native
+    from fairseq_s2s_attn.patching import innermost
+
+    flags = ["LOG_SOFTMAX", "TOPK", "SCORE", "CELLS"]
+    state = [getattr(native, name) for name in flags]
+
+    def plugins_scrub():
+        return "nan_to_num_" in innermost(SequenceGenerator, "_generate").__code__.co_names
+
+    assert plugins_scrub()
+    try:
+        for lever in beam_ab.LEVERS:
+            beam_ab.switch(lever, False)
+        assert [getattr(native, name) for name in flags] == [False] * 4 and not plugins_scrub()
+        for lever in beam_ab.LEVERS:
+            beam_ab.switch(lever, True)
+        assert [getattr(native, name) for name in flags] == [True] * 4 and plugins_scrub()
+    finally:
+        for name, value in zip(flags, state):
+            setattr(native, name, value)
+        beam_ab.switch("searchlines", True)
 
 
 def test_beam_ab_needs_the_lstm_baseline(small_data_bin):
