@@ -12,11 +12,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from clitools import SCRIPTS, run
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPTS / "benchmark.py")
+def load_script(name):
+    """scripts/NAME.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark():
+    return load_script("benchmark")
 
 
 def table_rows(markdown: str):
@@ -471,9 +476,7 @@ def test_training_scripts_name_the_fix_for_missing_data_but_no_synthetic_option(
 
 def test_train_ab_levers_switch_the_fast_paths():
     """Each lever's switches set what its fast path reads; "on" restores the plugin's state."""
-    spec = importlib.util.spec_from_file_location("train_ab_script", SCRIPTS / "train_ab.py")
-    train_ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_ab)
+    train_ab = load_script("train_ab")
     from fairseq.modules import FairseqDropout
 
     from fairseq_s2s_attn import (attention, criterion, dropout, fused, native, optim, precision,
@@ -505,9 +508,7 @@ def test_train_ab_levers_switch_the_fast_paths():
 def test_beam_ab_levers_switch_the_fast_paths():
     """Each lever of scripts/beam_ab.py turns its fast path off (the C loop's flag False,
     fairseq's own search lines) and on again."""
-    spec = importlib.util.spec_from_file_location("beam_ab_script", SCRIPTS / "beam_ab.py")
-    beam_ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(beam_ab)
+    beam_ab = load_script("beam_ab")
     from fairseq.sequence_generator import SequenceGenerator
 
     from fairseq_s2s_attn import native
