@@ -2,7 +2,9 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export OMP_NUM_THREADS ?= 1
+# the tests run TEST_JOBS processes side by side: one intra-op thread each (the demo's commands
+# take the plugin's defaults, see README)
+test test-fast: export OMP_NUM_THREADS ?= 1
 # test processes (pytest-xdist); each test file runs in one of them, so its fixtures are built once;
 # files start in collection order, the longest first (tests/conftest.py, LONGEST_FIRST)
 TEST_JOBS ?= 2

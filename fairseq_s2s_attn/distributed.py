@@ -152,14 +152,18 @@ def worker_error(text: str) -> Optional[WorkerError]:
 def _cpu_worker(index, main, cfg, kwargs):
     """One spawned training process. Spawned processes inherit the 'spawn' start method, so each
     data-loader worker would start a fresh interpreter and import fairseq again (seconds on a
-    small machine, before the first update); fork them instead, as a torchrun process does."""
+    small machine, before the first update); fork them instead, as a torchrun process does.
+    The --distributed-world-size processes share this machine's cores (``set_thread_defaults``:
+    an equal share of intra-op threads each, unless the user set them)."""
     import multiprocessing
 
     from fairseq.distributed import utils as distributed_utils
 
     if "fork" in multiprocessing.get_all_start_methods():
         multiprocessing.set_start_method("fork", force=True)
-    from .runtime import one_line_error
+    from .runtime import one_line_error, set_thread_defaults
+
+    set_thread_defaults(processes=cfg.distributed_training.distributed_world_size, batches=True)
 
     try:
         distributed_utils.distributed_main(index, main, cfg, kwargs)

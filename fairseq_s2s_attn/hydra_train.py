@@ -65,6 +65,9 @@ def cli_main() -> None:
     import fairseq_s2s_attn  # noqa: F401  (installs the plugin's changes to fairseq first)
     from fairseq_cli import hydra_train
 
+    from .runtime import set_thread_defaults
+
+    set_thread_defaults(batches=True)  # a training command (the plugin was loaded before it)
     hydra_train.cli_main()
 
 

@@ -1,9 +1,18 @@
 """Run-time defaults and fixes applied when fairseq loads the plugin.
 
-- CPU threads: recurrent models run many small matrix products per step, which intra-op threads
-  slow down (fairseq's lstm on 2 cores: 26k words/s with 1 thread, 3.7k with 2). Unless the user
-  set OMP_NUM_THREADS (or S2S_NUM_THREADS), torch gets one intra-op thread; data-parallel
-  processes (see README) use the other cores.
+- CPU threads: torch's default is one intra-op thread per core. Commands that run batches of
+  many sentences (fairseq-train, -generate, -validate, -hydra-train) get one per core this
+  process may use (its CPU affinity), shared among the processes of a data-parallel run on this
+  machine, at most 4 (``default_threads``); everything else (fairseq-interactive, the hub, a
+  script importing the plugin) gets one: one sentence at a time runs small products, where a
+  second thread costs more than it gives. Measured on a 2-core AMD EPYC (Zen 4), fairseq-train,
+  the demo recipe (rnn_bahdanau, --cpu-bf16), 200 updates: 6,306 / 6,726 words/s with 2 threads
+  against 4,998 / 5,148 with 1 (1.28x; fairseq's lstm at its own sizes 1.6x, tiny models with
+  64-wide layers 1.3-1.4x); fairseq-generate of the demo checkpoint at beam 5: batch 32 1.23x,
+  batch 1 0.83-0.95x (the same translations). Above 2 threads not measured; the cap of 4 is
+  CTranslate2's default for its intra-op threads. (Until 2026-12-07 the plugin set one thread
+  everywhere, after "fairseq's lstm on 2 cores: 26k words/s with 1 thread, 3.7k with 2", which
+  no run on these machines showed again.) OMP_NUM_THREADS or S2S_NUM_THREADS set by the user wins.
 - oneDNN's primitive cache in training: torch compiles one oneDNN primitive per matrix-product
   shape (bf16 products, LSTM layers) and keeps up to 1,024 of them. Every batch of a new size
   adds primitives, so fairseq-train's resident memory grew with every update: rnn_bahdanau with
@@ -231,15 +240,57 @@ def quiet_fairseq_warnings() -> bool:
     return True
 
 
-def set_thread_defaults() -> None:
-    """One intra-op thread for torch unless the user set OMP_NUM_THREADS (kept as torch read it)
-    or S2S_NUM_THREADS (that many, at least one): torch's default of one thread per core slows
-    the many small matrix products of a recurrent model (see the module's docstring)."""
+# fairseq's commands that run batches of many sentences (fairseq-hydra-train imports
+# fairseq_cli.train); fairseq_cli.interactive imports fairseq_cli.generate, so it is told apart
+BATCH_COMMANDS = ("train", "generate", "validate")
+MAX_DEFAULT_THREADS = 4
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, cpusets), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_threads(cores: int, processes: int = 1) -> int:
+    """Intra-op threads for one of ``processes`` processes sharing ``cores`` cores: an equal
+    share, at least 1, at most MAX_DEFAULT_THREADS."""
+    return max(1, min(cores // max(1, processes), MAX_DEFAULT_THREADS))
+
+
+def _local_processes() -> int:
+    """The processes of this run on this machine as torchrun says (LOCAL_WORLD_SIZE), else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def set_thread_defaults(processes: Optional[int] = None, batches: Optional[bool] = None) -> int:
+    """Sets torch's intra-op threads (see the module's docstring) and returns them: S2S_NUM_THREADS
+    if the user set it (at least one), torch's reading of OMP_NUM_THREADS if that is set;
+    otherwise ``default_threads`` over this process's cores for a command that runs batches of
+    many sentences (``batches``; None: fairseq-train, -generate or -validate runs in this
+    process, not fairseq-interactive) shared by ``processes`` processes (None: torchrun's
+    LOCAL_WORLD_SIZE, else 1), and one thread for anything else."""
     threads = os.environ.get("S2S_NUM_THREADS")
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
     elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
+        if batches is None:
+            batches = running_fairseq_command(*BATCH_COMMANDS) and \
+                not running_fairseq_command("interactive")
+        if processes is None:
+            processes = _local_processes()
+        cores = available_cores()
+        torch.set_num_threads(default_threads(cores, processes) if batches else 1)
+        if batches:
+            share = f", {processes} processes" if processes > 1 else ""
+            logger.info(f"{torch.get_num_threads()} intra-op thread(s) per process ({cores} cores"
+                        f"{share}; set OMP_NUM_THREADS or S2S_NUM_THREADS to choose)")
+    return torch.get_num_threads()
 
 
 def running_fairseq_command(*names: str) -> bool:

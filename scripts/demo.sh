@@ -20,7 +20,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${VENV:-$ROOT/.venv}"
 export PATH="$VENV/bin:$PATH"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# threads: the plugin's defaults (fairseq-train and fairseq-generate use this machine's cores,
+# up to 4; see README "Speed and precision on CPU"), or OMP_NUM_THREADS if set
 export PYTHONUNBUFFERED=1  # show fairseq's progress as it comes
 PY="$VENV/bin/python"
 

@@ -327,7 +327,44 @@ def test_cpu_workers_fork_their_data_loader_workers(monkeypatch):
     previous = multiprocessing.get_start_method(allow_none=True)
     try:
         multiprocessing.set_start_method("spawn", force=True)  # as in a spawned process
-        distributed._cpu_worker(0, print, None, {})
+        distributed._cpu_worker(0, print, _world(2), {})
     finally:
         multiprocessing.set_start_method(previous, force=True)
     assert seen == ["fork"]
+
+
+def _world(size):
+    """A config with what ``_cpu_worker`` reads: the world size."""
+    return types.SimpleNamespace(
+        distributed_training=types.SimpleNamespace(distributed_world_size=size))
+
+
+@pytest.mark.parametrize("cores, world, user, expected", [
+    (4, 2, None, 2), (2, 2, None, 1), (16, 2, None, 4), (4, 2, "3", 3)])
+def test_cpu_workers_share_the_cores(monkeypatch, cores, world, user, expected):
+    """The --distributed-world-size processes spawned on this machine share its cores: each gets
+    an equal share of intra-op threads (at most runtime.MAX_DEFAULT_THREADS), where each would
+    otherwise take the parent command's count (all cores, up to the cap) and oversubscribe them;
+    the user's S2S_NUM_THREADS wins."""
+    from fairseq.distributed import utils as distributed_utils
+
+    from fairseq_s2s_attn import distributed, runtime
+
+    seen = []
+    monkeypatch.setattr(distributed_utils, "distributed_main",
+                        lambda i, main, cfg, kwargs: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(runtime, "available_cores", lambda: cores)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("S2S_NUM_THREADS", raising=False)
+    if user is not None:
+        monkeypatch.setenv("S2S_NUM_THREADS", user)
+    import multiprocessing
+
+    previous, method = torch.get_num_threads(), multiprocessing.get_start_method(allow_none=True)
+    try:
+        torch.set_num_threads(cores)
+        distributed._cpu_worker(0, print, _world(world), {})
+    finally:
+        torch.set_num_threads(previous)
+        multiprocessing.set_start_method(method, force=True)
+    assert seen == [expected]

@@ -364,43 +364,106 @@ def test_fairseq_commands_log_as_they_configure_it(how):
     assert "a warning of the program's own" in proc.stderr
 
 
-def test_one_cpu_thread_unless_the_user_chose(monkeypatch):
-    """torch's default is one intra-op thread per core, which slows the many small matrix
-    products of a recurrent model (fairseq's lstm on 2 cores: 26k words/s with 1 thread, 3.7k with
-    2): loading the plugin sets one thread, unless the user set OMP_NUM_THREADS or
-    S2S_NUM_THREADS. The tests' own environment sets OMP_NUM_THREADS=1, so the default is checked
-    in a process started without either variable."""
-    import torch
+THREADS_CODE = """
+import logging, os, sys, torch
+logging.basicConfig(level=logging.INFO)
+for name in sys.argv[1:]:
+    __import__(name)
+import fairseq_s2s_attn
+from fairseq_s2s_attn import runtime
+print(runtime.available_cores(), torch.get_num_threads())
+"""
 
+
+@pytest.mark.parametrize("commands, local, batches", [
+    ((), None, False),  # the hub, a script: one sentence at a time
+    (("fairseq_cli.interactive",), None, False),  # imports fairseq_cli.generate as well
+    (("fairseq_cli.train",), None, True),
+    (("fairseq_cli.generate",), None, True),
+    (("fairseq_cli.validate",), None, True),
+    (("fairseq_cli.hydra_train",), None, True),  # fairseq-hydra-train loads the plugin late
+    (("fairseq_cli.train",), "2", True),  # one of torchrun's 2 processes on this machine
+])
+def test_thread_defaults_of_each_command(commands, local, batches):
+    """torch's default is one intra-op thread per core. Commands that run batches of many
+    sentences get an equal share of this process's cores, at most 4 (fairseq-train at 2 threads
+    on 2 cores: the demo recipe 1.28x, fairseq-generate at batch 32 1.23x); the others one
+    thread (fairseq-generate at batch 1 ran 0.83-0.95x as fast with 2). The tests' own
+    environment sets OMP_NUM_THREADS=1, so each case runs in a process started without it, with
+    fairseq's command modules imported first as the console scripts do."""
     from fairseq_s2s_attn import runtime
 
-    code = ("import torch; before = torch.get_num_threads(); import fairseq_s2s_attn; "
-            "print(before, torch.get_num_threads())")
-    clean = {k: v for k, v in env().items() if k not in ("OMP_NUM_THREADS", "S2S_NUM_THREADS")}
+    clean = {k: v for k, v in env().items()
+             if k not in ("OMP_NUM_THREADS", "S2S_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+    if local is not None:
+        clean["LOCAL_WORLD_SIZE"] = local
+    proc = subprocess.run([sys.executable, "-c", THREADS_CODE, *commands], env=clean,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cores, threads = map(int, proc.stdout.split()[-2:])
+    expected = runtime.default_threads(cores, int(local or 1)) if batches else 1
+    assert threads == expected, (commands, local, cores, threads)
+    assert ("intra-op thread(s) per process" in proc.stderr) == batches
+
+
+def test_hydra_train_command_gets_the_training_threads():
+    """``python -m fairseq_s2s_attn.hydra_train`` loads the plugin before fairseq's training
+    modules, so the command sets the training default itself (fairseq's hydra main replaced by
+    one that prints the threads it would run with)."""
+    from fairseq_s2s_attn import runtime
+
+    code = ("import torch, fairseq_s2s_attn\n"
+            "from fairseq_s2s_attn import runtime\n"
+            "before = torch.get_num_threads()\n"
+            "import fairseq_cli.hydra_train as h\n"
+            "h.cli_main = lambda: print(runtime.available_cores(), before, torch.get_num_threads())\n"
+            "from fairseq_s2s_attn.hydra_train import cli_main\n"
+            "cli_main()\n")
+    clean = {k: v for k, v in env().items()
+             if k not in ("OMP_NUM_THREADS", "S2S_NUM_THREADS", "LOCAL_WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    before, after = map(int, proc.stdout.split())
-    assert after == 1, (before, after)  # torch's own default here: `before` (the core count)
+    cores, before, threads = map(int, proc.stdout.split()[-3:])
+    assert before == 1 and threads == runtime.default_threads(cores), (cores, before, threads)
+
+
+def test_default_threads_share_the_cores_up_to_four():
+    from fairseq_s2s_attn.runtime import default_threads
+
+    assert [default_threads(c) for c in (1, 2, 3, 4, 8, 64)] == [1, 2, 3, 4, 4, 4]
+    assert [default_threads(c, 2) for c in (1, 2, 3, 4, 8, 64)] == [1, 1, 1, 2, 4, 4]
+    assert default_threads(8, 0) == 4 and default_threads(0) == 1
+
+
+def test_thread_choice_of_the_user_wins(monkeypatch):
+    """OMP_NUM_THREADS (as torch read it) and the plugin's S2S_NUM_THREADS (that many, at least
+    one, over OMP_NUM_THREADS) win over the defaults; without either, a command's default."""
+    import torch
+
+    from fairseq_s2s_attn import runtime
 
     previous = torch.get_num_threads()
     try:
         monkeypatch.delenv("S2S_NUM_THREADS", raising=False)
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stays
         torch.set_num_threads(2)
-        runtime.set_thread_defaults()
-        assert torch.get_num_threads() == 2
+        assert runtime.set_thread_defaults(batches=False) == 2
         monkeypatch.setenv("S2S_NUM_THREADS", "3")  # the plugin's own variable, over OMP_NUM_THREADS
-        runtime.set_thread_defaults()
-        assert torch.get_num_threads() == 3
+        assert runtime.set_thread_defaults(batches=True) == 3
         monkeypatch.setenv("S2S_NUM_THREADS", "0")  # at least one
-        runtime.set_thread_defaults()
-        assert torch.get_num_threads() == 1
+        assert runtime.set_thread_defaults() == 1
         monkeypatch.delenv("S2S_NUM_THREADS")
         monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(runtime, "available_cores", lambda: 6)
         torch.set_num_threads(2)
-        runtime.set_thread_defaults()
-        assert torch.get_num_threads() == 1
+        assert runtime.set_thread_defaults(batches=False) == 1
+        assert runtime.set_thread_defaults(batches=True) == 4
+        assert runtime.set_thread_defaults(processes=2, batches=True) == 3
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun's processes on this machine
+        assert runtime.set_thread_defaults(batches=True) == 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "x")  # not a number: as if alone
+        assert runtime.set_thread_defaults(batches=True) == 4
     finally:
         torch.set_num_threads(previous)
 
