@@ -6,14 +6,15 @@
   machine, at most 4 (``default_threads``); everything else (fairseq-interactive, the hub, a
   script importing the plugin) gets one: one sentence at a time runs small products, where a
   second thread costs more than it gives (fairseq-interactive given batches, --buffer-size and
-  --batch-size above 1, gets the batch commands' threads). Measured on a 2-core AMD EPYC (Zen 4), fairseq-train,
-  the demo recipe (rnn_bahdanau, --cpu-bf16), 200 updates: 6,306 / 6,726 words/s with 2 threads
-  against 4,998 / 5,148 with 1 (1.28x; fairseq's lstm at its own sizes 1.6x, tiny models with
-  64-wide layers 1.3-1.4x); fairseq-generate of the demo checkpoint at beam 5: batch 32 1.23x,
-  batch 1 0.83-0.95x (the same translations). Above 2 threads not measured; the cap of 4 is
-  CTranslate2's default for its intra-op threads. (Until 2026-12-07 the plugin set one thread
-  everywhere, after "fairseq's lstm on 2 cores: 26k words/s with 1 thread, 3.7k with 2", which
-  no run on these machines showed again.) OMP_NUM_THREADS or S2S_NUM_THREADS set by the user wins.
+  --batch-size above 1, gets the batch commands' threads). Measured on a 2-core AMD EPYC (Zen
+  4), fairseq-train, the demo recipe (rnn_bahdanau, --cpu-bf16), 200 updates: 6,306 / 6,726
+  words/s with 2 threads against 4,998 / 5,148 with 1 (1.28x; fairseq's lstm at its own sizes
+  1.6x, tiny models with 64-wide layers 1.3-1.4x); fairseq-generate of the demo checkpoint at
+  beam 5: batch 32 1.23x, batch 1 0.83-0.95x (the same translations). Above 2 threads not
+  measured; the cap of 4 is CTranslate2's default for its intra-op threads. (Until 2026-12-07
+  the plugin set one thread everywhere, after "fairseq's lstm on 2 cores: 26k words/s with 1
+  thread, 3.7k with 2", which no run on these machines showed again.) OMP_NUM_THREADS or
+  S2S_NUM_THREADS set by the user wins.
 - oneDNN's primitive cache in training: torch compiles one oneDNN primitive per matrix-product
   shape (bf16 products, LSTM layers) and keeps up to 1,024 of them. Every batch of a new size
   adds primitives, so fairseq-train's resident memory grew with every update: rnn_bahdanau with
