@@ -364,6 +364,13 @@ def test_fairseq_commands_log_as_they_configure_it(how):
     assert "a warning of the program's own" in proc.stderr
 
 
+def env_without_thread_settings():
+    """The tests' environment less what chooses threads (the tests set OMP_NUM_THREADS=1), so
+    that a process started with it takes the plugin's defaults."""
+    return {k: v for k, v in env().items()
+            if k not in ("OMP_NUM_THREADS", "S2S_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+
+
 THREADS_CODE = """
 import logging, os, sys, torch
 logging.basicConfig(level=logging.INFO)
@@ -393,8 +400,7 @@ def test_thread_defaults_of_each_command(commands, local, batches):
     fairseq's command modules imported first as the console scripts do."""
     from fairseq_s2s_attn import runtime
 
-    clean = {k: v for k, v in env().items()
-             if k not in ("OMP_NUM_THREADS", "S2S_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+    clean = env_without_thread_settings()
     if local is not None:
         clean["LOCAL_WORLD_SIZE"] = local
     proc = subprocess.run([sys.executable, "-c", THREADS_CODE, *commands], env=clean,
@@ -416,11 +422,11 @@ def test_hydra_train_command_gets_the_training_threads():
             "from fairseq_s2s_attn import runtime\n"
             "before = torch.get_num_threads()\n"
             "import fairseq_cli.hydra_train as h\n"
-            "h.cli_main = lambda: print(runtime.available_cores(), before, torch.get_num_threads())\n"
+            "h.cli_main = lambda: print(runtime.available_cores(), before,\n"
+            "                           torch.get_num_threads())\n"
             "from fairseq_s2s_attn.hydra_train import cli_main\n"
             "cli_main()\n")
-    clean = {k: v for k, v in env().items()
-             if k not in ("OMP_NUM_THREADS", "S2S_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+    clean = env_without_thread_settings()
     proc = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -450,8 +456,7 @@ def test_interactive_given_batches_gets_the_batch_threads():
     the plugin loads, in a process started without the thread variables)."""
     from fairseq_s2s_attn import runtime
 
-    clean = {k: v for k, v in env().items()
-             if k not in ("OMP_NUM_THREADS", "S2S_NUM_THREADS", "LOCAL_WORLD_SIZE")}
+    clean = env_without_thread_settings()
     proc = subprocess.run([sys.executable, "-c", INTERACTIVE_CODE], env=clean,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
