@@ -116,6 +116,43 @@ def test_interactive(data_bin, checkpoints):
     assert len([line for line in proc.stdout.splitlines() if line.startswith("A-")]) == 2
 
 
+@pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "rnn_luong_tiny"])
+def test_interactive_with_lexical_constraints(arch, data_bin, checkpoints):
+    """``fairseq-interactive --constraints`` (fairseq's LexicallyConstrainedBeamSearch, Post and
+    Vilar 2018; constraints after a tab on each input line) drives our decoders like any beam
+    search: every translation holds its constraints, words of none of the sources (the model
+    reverses its input), whole and, with ``ordered``, in the order given; unconstrained, no
+    translation holds them."""
+    constraints = {0: [["w9"]], 1: [["w11", "w10"], ["w0"]]}
+    sources = ["w1 w2 w3", "w4 w5 w6 w7"]
+
+    def translate(*options, lines):
+        proc = run("fairseq-interactive", data_bin, *USER_DIR, "--path", checkpoints[arch],
+                   "--beam", 5, "--source-lang", "src", "--target-lang", "tgt", "--cpu",
+                   *options, input="".join(line + "\n" for line in lines))
+        hyps = parse_generate(proc.stdout)["H"]
+        assert sorted(hyps) == [0, 1], proc.stdout[-2000:]
+        return {i: hyp.split() for i, hyp in hyps.items()}
+
+    def holds(words, phrase):
+        return any(words[i:i + len(phrase)] == phrase for i in range(len(words)))
+
+    def at(words, phrase):
+        return next(i for i in range(len(words)) if words[i:i + len(phrase)] == phrase)
+
+    lines = ["\t".join([src] + [" ".join(c) for c in constraints[i]])
+             for i, src in enumerate(sources)]
+    for kind in ("ordered", "unordered"):
+        hyps = translate("--constraints", kind, lines=lines)
+        for i, phrases in constraints.items():
+            assert all(holds(hyps[i], p) for p in phrases), (kind, i, hyps[i])
+        if kind == "ordered":
+            assert at(hyps[1], ["w11", "w10"]) < at(hyps[1], ["w0"]), hyps[1]
+    plain = translate(lines=sources)
+    for i, phrases in constraints.items():
+        assert not any(holds(plain[i], p) for p in phrases), (i, plain[i])
+
+
 def test_help_documents_every_option():
     proc = run("fairseq-train", "--user-dir", REPO / "fairseq_s2s_attn", "--arch", "rnn_bahdanau",
                "--task", "translation", "--help")
