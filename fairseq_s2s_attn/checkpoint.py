@@ -12,12 +12,14 @@ A checkpoint that needs anything else is refused with a message naming the file 
 import argparse
 import collections
 import contextlib
+import contextvars
 import inspect
 import logging
 import os
 import pickle
 import re
 import zipfile
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -337,6 +339,102 @@ def safe_broadcast_of_checkpoints() -> None:
         return obj if source else _from_plain(got)
 
 
+# where the plugin records the language pair a model was trained on (a checkpoint's extra state)
+PAIR_KEY = "language_pair"
+
+
+def _pair(source, target) -> Optional[Tuple[str, str]]:
+    return (source, target) if isinstance(source, str) and isinstance(target, str) else None
+
+
+def task_pair(task) -> Optional[Tuple[str, str]]:
+    """(source, target) language of a translation task as set up (given, or inferred from the
+    data-bin's file names), else None."""
+    cfg = getattr(task, "cfg", None) or getattr(task, "args", None)
+    return _pair(getattr(cfg, "source_lang", None), getattr(cfg, "target_lang", None))
+
+
+def trained_pair(state) -> Optional[Tuple[str, str]]:
+    """(source, target) of a loaded checkpoint: its task's --source-lang/--target-lang where both
+    were given, else the pair the plugin recorded (``checkpoints_record_their_language_pair``),
+    else None (other checkpoints of a pair inferred from file names)."""
+    if not isinstance(state, dict):
+        return None
+    cfg = state.get("cfg")
+    options = cfg.get("task") if hasattr(cfg, "get") else state.get("args")  # args: legacy
+    get = options.get if hasattr(options, "get") else lambda key: getattr(options, key, None)
+    extra = state.get("extra_state")
+    recorded = extra.get(PAIR_KEY) if isinstance(extra, dict) else None
+    if not (isinstance(recorded, (list, tuple)) and len(recorded) == 2):
+        recorded = (None, None)
+    return _pair(get("source_lang"), get("target_lang")) or _pair(*recorded)
+
+
+def checkpoints_record_their_language_pair() -> None:
+    """fairseq saves the task's options as given, so a language pair that fairseq-train inferred
+    from the data-bin's file names (neither --source-lang nor --target-lang, the usual case) is
+    not in the checkpoint. The trainer's state now records the task's pair in its extra state
+    (``extra_state["language_pair"]``, a list of two strings), which only the check below reads;
+    the task's options stay as given, so a checkpoint still loads with another data-bin's names."""
+    from fairseq.trainer import Trainer
+
+    @replaces(Trainer, "state_dict")
+    def state_dict(original, self):
+        state = original(self)
+        pair = task_pair(getattr(self, "task", None))
+        if pair is not None and isinstance(state.get("extra_state"), dict):
+            state["extra_state"][PAIR_KEY] = list(pair)
+        return state
+
+
+# the (path, trained pair) of each checkpoint read by a load_model_ensemble_and_task in progress
+_LOADED: contextvars.ContextVar = contextvars.ContextVar("s2s_loaded_pairs", default=None)
+
+
+def wrong_direction_is_an_error() -> None:
+    """A model trained de->en, run by fairseq-generate or -interactive on a data-bin holding
+    train.en-de.* without --source-lang de --target-lang en, translates the English side with
+    the German side's embeddings: fairseq infers the pair from the file names, and with a joined
+    dictionary (prepare_data's default) nothing fails, the output is nonsense and the BLEU low
+    without a word. Where a model of ours was trained on the command's pair reversed, one error
+    line names the pair to give."""
+    from fairseq import checkpoint_utils
+
+    @replaces(checkpoint_utils, "load_checkpoint_to_cpu")
+    def load_checkpoint_to_cpu(original, path, *args, **kwargs):
+        state = original(path, *args, **kwargs)
+        loaded = _LOADED.get()
+        if loaded is not None:
+            loaded.append((path, trained_pair(state)))
+        return state
+
+    @replaces(checkpoint_utils, "load_model_ensemble_and_task")
+    def load_model_ensemble_and_task(original, *args, **kwargs):
+        token = _LOADED.set([])
+        try:
+            result = original(*args, **kwargs)
+            check_direction(result[0], result[2], _LOADED.get())
+        finally:
+            _LOADED.reset(token)
+        return result
+
+
+def check_direction(models, task, loaded) -> None:
+    """CheckpointError where a model of ours was trained on the task's language pair reversed."""
+    from .model import RNNS2SModel
+
+    now = task_pair(task)
+    if now is None or now[0] == now[1] or not models or \
+            not all(isinstance(m, RNNS2SModel) for m in models):
+        return
+    for path, pair in loaded:
+        if pair == (now[1], now[0]):
+            raise CheckpointError(
+                f"{path} translates {pair[0]}->{pair[1]}, but this command reads {now[0]}->{now[1]} "
+                f"(its --source-lang/--target-lang, or the data-bin's file names when not given): "
+                f"give --source-lang {pair[0]} --target-lang {pair[1]}")
+
+
 def install() -> None:
     allow_fairseq_checkpoints()
     from fairseq import checkpoint_utils
@@ -347,3 +445,5 @@ def install() -> None:
     warn_changed_model_settings()
     missing_restore_file_is_an_error()
     safe_broadcast_of_checkpoints()
+    checkpoints_record_their_language_pair()
+    wrong_direction_is_an_error()

@@ -15,8 +15,9 @@
 - Input that is not UTF-8 text (fairseq-interactive): one error naming the line, not a traceback.
 - A sentencepiece model the source side was not encoded with (fairseq-interactive, the hub):
   one error line, not ``<unk>``s translated without a word.
-- A data folder that is missing or holds no dictionaries, and training or validating without
-  --max-tokens/--batch-size: one error line each (fairseq: tracebacks).
+- A data folder that is missing or holds no dictionaries, training or validating without
+  --max-tokens/--batch-size, and a --beam or --nbest below 1: one error line each (fairseq:
+  tracebacks).
 """
 
 import glob
@@ -253,6 +254,29 @@ def check_batch_options(cfg) -> None:
                           f"{','.join(map(str, update_freq))})")
 
 
+def beam_and_nbest_checked() -> None:
+    """fairseq-generate and -interactive with ``--beam 0`` died inside the model's first step (a
+    ZeroDivisionError in our attention, which groups the beam's rows per sentence), with a
+    negative beam in torch ("Trying to create tensor with negative dimension -2"), and with
+    ``--nbest 0`` after the first batch in fairseq's scoring (ZeroDivisionError): one error line
+    each, where fairseq's task builds the search (``FairseqTask.build_generator``: the commands,
+    --eval-bleu in training, the hub), before a sentence is translated. For every model."""
+    from fairseq.tasks.fairseq_task import FairseqTask
+
+    @replaces(FairseqTask, "build_generator")
+    def build_generator(original, self, models, args, *rest, **kwargs):
+        check_beam_and_nbest(args)
+        return original(self, models, args, *rest, **kwargs)
+
+
+def check_beam_and_nbest(generation) -> None:
+    """--beam and --nbest (fairseq's generation options) at least 1, or ConfigError."""
+    for option in ("beam", "nbest"):
+        value = getattr(generation, option, None)
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"--{option} must be at least 1 (got {value})")
+
+
 def sentencepiece_model_of_the_source() -> None:
     """fairseq-interactive with ``--bpe sentencepiece --sentencepiece-model`` of another corpus or
     language translated words read as ``<unk>`` without a word; now one error line
@@ -315,4 +339,5 @@ def install() -> None:
     utf8_input_lines()
     checked_data_bin()
     batch_size_required()
+    beam_and_nbest_checked()
     sentencepiece_model_of_the_source()

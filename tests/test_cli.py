@@ -221,8 +221,8 @@ def test_bad_options_clear_error(data_bin, tmp_path, args, message):
 def test_data_bin_and_batch_size_errors(data_bin, checkpoints, tmp_path):
     """A missing data folder (fairseq: FileNotFoundError), one without dictionaries ("Could not
     infer language pair"), training or validating without a batch size (an AssertionError),
-    with a batch size or --update-freq of 0 or less, and validating without --task each end with
-    one error line."""
+    with a batch size or --update-freq of 0 or less, validating without --task, and translating
+    with a --beam or --nbest below 1 each end with one error line."""
     (tmp_path / "raw").mkdir()
     train = [*USER_DIR, "--arch", "rnn_luong_tiny", "--optimizer", "adam", "--max-update", 1,
              "--save-dir", tmp_path / "ck", "--cpu"]
@@ -241,6 +241,13 @@ def test_data_bin_and_batch_size_errors(data_bin, checkpoints, tmp_path):
         # fairseq-validate has no default task (fairseq: KeyError: None under a traceback)
         ("fairseq-validate", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
                               "--max-tokens", 1000, "--cpu"], "no --task given"),
+        # fairseq: ZeroDivisionErrors in the model and in fairseq's scoring, a RuntimeError in torch
+        ("fairseq-generate", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
+                              "--beam", 0, "--cpu"], "--beam must be at least 1 (got 0)"),
+        ("fairseq-generate", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
+                              "--nbest", 0, "--cpu"], "--nbest must be at least 1 (got 0)"),
+        ("fairseq-interactive", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
+                                 "--beam", -2, "--cpu"], "--beam must be at least 1 (got -2)"),
     ]:
         proc = run(tool, *args, check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

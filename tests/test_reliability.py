@@ -492,6 +492,55 @@ def test_generate_with_other_data_bin(small_data_bin, luong_runs, tmp_path):
     assert "size mismatch" not in proc.stderr, line
 
 
+def test_a_model_run_in_the_reverse_direction_is_an_error(small_data_bin, luong_runs, tmp_path):
+    """fairseq-generate and -interactive infer the language pair from the data-bin's file names
+    where --source-lang/--target-lang are not given. A model trained tgt->src run that way, and
+    one trained src->tgt (pair inferred, now recorded in the checkpoint) run with the pair
+    reversed, translated the other side with the wrong embeddings (these dictionaries are the
+    same size, as a joined one is): nonsense, without a word. Now one error line naming the pair
+    to give; given it, the model translates as before."""
+    *_, straight = luong_runs
+    trained = straight / "checkpoint_last.pt"
+    assert load_state(trained)["extra_state"]["language_pair"] == ["src", "tgt"]
+    generate = ["fairseq-generate", small_data_bin, *USER_DIR, "--cpu", "--batch-size", 8]
+    one_error_line(run(*generate, "--path", trained, "--source-lang", "tgt", "--target-lang", "src",
+                       check=False),
+                   f"{trained} translates src->tgt", "this command reads tgt->src",
+                   "give --source-lang src --target-lang tgt")
+    reverse = tmp_path / "reverse"
+    run("fairseq-train", *luong_cmd(small_data_bin, reverse, 2), "--source-lang", "tgt",
+        "--target-lang", "src")
+    model = reverse / "checkpoint_last.pt"
+    one_error_line(run(*generate, "--path", model, check=False), "translates tgt->src",
+                   "reads src->tgt", "give --source-lang tgt --target-lang src")
+    one_error_line(run("fairseq-interactive", small_data_bin, *USER_DIR, "--path", model, "--cpu",
+                       input="w1 w2\n", check=False), "give --source-lang tgt --target-lang src")
+    right = parse_generate(run(*generate, "--path", model, "--source-lang", "tgt",
+                               "--target-lang", "src").stdout)
+    assert sorted(right["H"]) == list(range(20))
+
+
+def test_the_trained_language_pair_of_a_checkpoint():
+    from argparse import Namespace
+
+    from fairseq_s2s_attn.checkpoint import trained_pair
+
+    def state(task=None, recorded=None, args=None):
+        extra = {} if recorded is None else {"language_pair": recorded}
+        return {"cfg": None if task is None else {"task": task}, "args": args, "extra_state": extra}
+
+    assert trained_pair(state({"source_lang": "de", "target_lang": "en"})) == ("de", "en")
+    # the options as given win over the pair recorded (the same pair when both are there)
+    assert trained_pair(state({"source_lang": "de", "target_lang": "en"}, ["x", "y"])) == ("de", "en")
+    assert trained_pair(state({"source_lang": None, "target_lang": None}, ["en", "de"])) == ("en", "de")
+    assert trained_pair(state({"source_lang": None, "target_lang": None})) is None
+    assert trained_pair(state({"source_lang": "de", "target_lang": None})) is None
+    assert trained_pair(state(args=Namespace(source_lang="fr", target_lang="en"))) == ("fr", "en")
+    assert trained_pair(state({}, ["en"])) is None  # not a pair
+    assert trained_pair({"cfg": {"task": {}}, "extra_state": None}) is None
+    assert trained_pair(None) is None
+
+
 # ------------------------------------------------------------------ empty and too-long sources
 
 LINES = ["w1 w2 w3", "", "   ", "w4 w5 w6 w7 w8 w9 w1 w2", "w4"]
