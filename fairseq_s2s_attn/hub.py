@@ -22,7 +22,7 @@ from typing import List, Optional, Union
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .inputs import InputError, check_data_bin, check_pieces_cover
+from .inputs import InputError, check_data_bin, check_pieces_cover, holds_pieces, is_text_not_pieces
 from .model import RNNS2SModel
 
 
@@ -47,7 +47,8 @@ class Translator:
     def from_pretrained(cls, model_dir: str, checkpoint_file: str = "checkpoint_best.pt",
                         data: Optional[str] = None, spm_model: Optional[str] = None, **overrides):
         """model_dir holds the checkpoint; data is the data-bin with the dictionaries;
-        spm_model the sentencepiece model the data was encoded with (None: text is pre-tokenised)."""
+        spm_model the sentencepiece model the data was encoded with (None: sentences are given in
+        the dictionary's units, e.g. pieces as spm_encode writes them)."""
         for name in checkpoint_file.split(os.pathsep):
             path = os.path.join(model_dir, name)
             if not os.path.isfile(path):
@@ -75,6 +76,13 @@ class Translator:
             raise ConfigError(f"nbest must be between 1 and beam ({beam}), got {nbest}")
         single = isinstance(sentences, str)
         batch = [sentences] if single else list(sentences)
+        if self.hub.bpe is None and holds_pieces(self.hub.src_dict):  # no spm_model given
+            text = [i for i, s in enumerate(batch) if is_text_not_pieces(s)]
+            if text:  # its words would be read as <unk>s or other words' pieces
+                raise InputError(
+                    f"sentence {text[0]} is text, but the model reads sentencepiece pieces (its "
+                    "dictionary's): load it with Translator.from_pretrained(..., spm_model=SPM), "
+                    "the model the data-bin was made with, or give pieces")
         # sentencepiece takes a newline or tab for a character of the word, not a word boundary
         encoded = [self.hub.encode(" ".join(s.split())) for s in batch]
         limit = self.hub.max_positions  # (source, target) limits, or one number

@@ -13,6 +13,8 @@
   binarized data ``--truncate-source`` cuts sources to the limit (not offered in
   fairseq-interactive, where it does nothing). Nothing is truncated or skipped unless asked for.
 - Input that is not UTF-8 text (fairseq-interactive): one error naming the line, not a traceback.
+- Text given to a model of sentencepiece pieces without ``--bpe sentencepiece``
+  (fairseq-interactive) or ``spm_model`` (the hub): one error line, not ``<unk>``s translated.
 - A sentencepiece model the source side was not encoded with (fairseq-interactive, the hub):
   one error line, not ``<unk>``s translated without a word.
 - A data folder that is missing or holds no dictionaries, training or validating without
@@ -143,6 +145,15 @@ def _describe(size) -> str:
     return " / ".join(parts)
 
 
+def _interactive_module():
+    """fairseq_cli.interactive where this process runs fairseq-interactive, else None."""
+    interactive, main = sys.modules.get("fairseq_cli.interactive"), sys.modules.get("__main__")
+    if interactive is None and getattr(getattr(main, "__spec__", None), "name", None) == \
+            "fairseq_cli.interactive":
+        interactive = main  # python -m fairseq_cli.interactive
+    return interactive
+
+
 def utf8_input_lines() -> None:
     """fairseq-interactive reads its input as UTF-8: a file with other bytes stopped with a
     UnicodeDecodeError traceback, and standard input (decoded with surrogate escapes) with one
@@ -150,10 +161,7 @@ def utf8_input_lines() -> None:
     names the line; the lines before it are translated as usual. Installed only in a process
     running fairseq-interactive (importing fairseq_cli.interactive elsewhere would make every
     process look like one to ``runtime.running_fairseq_command``)."""
-    interactive, main = sys.modules.get("fairseq_cli.interactive"), sys.modules.get("__main__")
-    if interactive is None and getattr(getattr(main, "__spec__", None), "name", None) == \
-            "fairseq_cli.interactive":
-        interactive = main  # python -m fairseq_cli.interactive
+    interactive = _interactive_module()
     if interactive is None or not hasattr(interactive, "buffered_read"):
         return
 
@@ -177,6 +185,57 @@ def utf8_input_lines() -> None:
                     raise InputError(f"{name}: line {done + i + 1} is not UTF-8 text") from None
             done += len(buffer)
             yield buffer
+
+
+# sentencepiece's word-boundary mark, which begins every piece that begins a word
+WORD_START = "\u2581"
+
+
+def holds_pieces(dictionary) -> bool:
+    """Whether a fairseq dictionary holds sentencepiece pieces: at least a tenth of its types
+    begin a word (the demo's joined dictionary: 3,574 of its 5,988 types; a dictionary of words
+    or of subword-nmt units: none)."""
+    types = dictionary.symbols[dictionary.nspecial:]
+    return bool(types) and sum(t.startswith(WORD_START) for t in types) >= 0.1 * len(types)
+
+
+def is_text_not_pieces(line: str) -> bool:
+    """A line of words, not of sentencepiece pieces: sentencepiece begins every encoded sentence
+    with a word-start piece (\u2581...), which typed or copied text does not hold."""
+    words = line.split()
+    return bool(words) and not words[0].startswith(WORD_START)
+
+
+def text_for_a_pieces_model_is_an_error() -> None:
+    """fairseq-interactive without ``--bpe sentencepiece`` reads each input line as the pieces of
+    the data-bin's dictionary. Given text for a model of sentencepiece pieces (prepare_data's),
+    most words were ``<unk>`` or word-inner pieces ("Open the file" read as ``<unk> <unk> file``:
+    "Open" and "the" are types only as the word-start pieces ``\u2581Open``, ``\u2581the``) and it
+    translated that without a word (the demo's model: "Profiling-Datei"). Now a line of text (no word-start piece first) for such a dictionary
+    without --bpe is one error line naming the line and the options to give; lines already
+    encoded (spm_encode's output) translate as before. The lines before it are translated, as
+    with input that is not UTF-8."""
+    interactive = _interactive_module()
+    if interactive is None or not hasattr(interactive, "make_batches"):
+        return
+    read = {"lines": 0}  # the lines make_batches was given so far, in order
+
+    @replaces(interactive, "make_batches")
+    def make_batches(original, lines, cfg, task, *args, **kwargs):
+        first, read["lines"] = read["lines"], read["lines"] + len(lines)
+        if getattr(getattr(cfg, "bpe", None), "_name", None) is None and \
+                holds_pieces(task.source_dictionary):
+            constraints = getattr(getattr(cfg, "generation", None), "constraints", None)
+            for i, line in enumerate(lines):
+                if is_text_not_pieces(line.split("\t")[0] if constraints else line):
+                    source = getattr(getattr(cfg, "interactive", None), "input", "-")
+                    name = "standard input" if source == "-" else source
+                    raise InputError(
+                        f"{name}: line {first + i + 1} is text, but the model reads sentencepiece "
+                        "pieces (its dictionary's): give --bpe sentencepiece --sentencepiece-model "
+                        "SPM (the model the data-bin was made with, prepare_data: <work>/spm/"
+                        "spm.model), or input encoded with spm_encode")
+        return original(lines, cfg, task, *args, **kwargs)
 
 
 def _first_non_utf8_line(path: str):
@@ -337,6 +396,7 @@ def install() -> None:
     empty_sources_translate_to_empty()
     clear_error_for_long_sources()
     utf8_input_lines()
+    text_for_a_pieces_model_is_an_error()
     checked_data_bin()
     batch_size_required()
     beam_and_nbest_checked()

@@ -335,12 +335,15 @@ def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
 
 def test_sentencepiece_model_of_another_corpus(tmp_path):
     """The hub and fairseq-interactive with a sentencepiece model the source side was not encoded
-    with read words as <unk> and translated them without a word; now one error. The model the
-    data-bin was made with (prepare_data, joint and --separate) translates."""
+    with, or with none and text for input, read words as <unk> and translated them without a
+    word; now one error. The model the data-bin was made with (prepare_data, joint and
+    --separate) translates, and without one so does input in pieces."""
+    import sentencepiece
     from clitools import make_spm_model
 
     from fairseq_s2s_attn.errors import ConfigError
     from fairseq_s2s_attn.hub import Translator
+    from fairseq_s2s_attn.inputs import InputError
 
     corpus = [(f"open the file number {i} in folder {i % 7}", f"öffne die Datei Nummer {i} im Ordner {i % 7}")
               for i in range(150)]
@@ -373,6 +376,21 @@ def test_sentencepiece_model_of_another_corpus(tmp_path):
         with pytest.raises(ConfigError, match="other.model is not the one the source side was encoded"):
             Translator.from_pretrained(str(work / "ck"), "checkpoint_last.pt", data=str(work / "data-bin"),
                                        spm_model=str(other))
+        # without the model, text (read as <unk>s and word-inner pieces) is one error; pieces,
+        # as spm_encode writes them, translate
+        pieces = " ".join(sentencepiece.SentencePieceProcessor(model_file=str(model))
+                          .encode("open the file number 3", out_type=str))
+        proc = run("fairseq-interactive", *args[:-3], input=f"{pieces}\nopen the file number 3\n",
+                   check=False)
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+        assert "standard input: line 2 is text, but the model reads sentencepiece pieces" in errors[0]
+        assert "--bpe sentencepiece --sentencepiece-model" in errors[0]
+        assert sorted(parse_generate(proc.stdout)["H"]) == [0]  # line 1, before it
+        plain = Translator.from_pretrained(str(work / "ck"), "checkpoint_last.pt", data=str(work / "data-bin"))
+        with pytest.raises(InputError, match="sentence 1 is text, but the model reads sentencepiece"):
+            plain.translate([pieces, "open the file"])
+        assert plain.translate(pieces)
 
 
 def test_hub_over_length_advice_for_the_location_score(data_bin, tmp_path):
