@@ -675,6 +675,17 @@ def missing_task_message(exc, tb) -> Optional[str]:
     return "no --task given, and this command has no default task (for these models: --task translation)"
 
 
+def path_error_message(exc) -> Optional[str]:
+    """The system's refusal of a path (an ``--input`` that does not exist, a ``--save-dir`` or
+    ``--results-path`` under a file, a folder without write permission): "PATH: REASON", as
+    Python's own OSError says it after "[Errno N]", or None for any other exception. fairseq's
+    commands let these end in a traceback through fairseq or the standard library (os.makedirs,
+    fileinput)."""
+    if isinstance(exc, OSError) and exc.errno and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return None
+
+
 def _statement_at(filename: str, lineno: int):
     """The innermost statement of the file that spans line lineno (an assert over several lines
     reports the line of its failing condition), or None."""
@@ -692,8 +703,8 @@ def _statement_at(filename: str, lineno: int):
 
 def one_line_error(exc, tb) -> Optional[str]:
     """What an uncaught exception prints after "PROG: error: ", or None where it keeps its
-    traceback: our errors (S2SError), and fairseq's own checks in fairseq's commands unless
-    S2S_TRACEBACK is set."""
+    traceback: our errors (S2SError), and in fairseq's commands, unless S2S_TRACEBACK is set,
+    fairseq's own checks and the system's refusal of a path."""
     from .errors import S2SError
 
     ours = _our_error(exc, S2SError)
@@ -706,7 +717,9 @@ def one_line_error(exc, tb) -> Optional[str]:
         if missing is not None:
             return missing
         check = fairseq_check_message(exc, tb)
-        return None if check is None else f"{check} (fairseq's check; S2S_TRACEBACK=1 shows where)"
+        if check is None:
+            return path_error_message(exc)
+        return f"{check} (fairseq's check; S2S_TRACEBACK=1 shows where)"
     message = str(ours)
     if ours is not exc:  # keep the part of fairseq's message that names the file
         message = f"{message} ({str(exc).split(';')[0].strip()})"
@@ -716,8 +729,9 @@ def one_line_error(exc, tb) -> Optional[str]:
 def clean_error_exit() -> None:
     """An uncaught exception ended fairseq's commands with a traceback through fairseq, the
     message on its last line. ``sys.excepthook`` now prints "PROG: error: MESSAGE" for what
-    ``one_line_error`` accepts (our errors; fairseq's own checks in fairseq's commands, unless
-    S2S_TRACEBACK is set); anything else goes to the previous hook, with its traceback."""
+    ``one_line_error`` accepts (our errors; fairseq's own checks and the system's refusal of a
+    path in fairseq's commands, unless S2S_TRACEBACK is set); anything else goes to the previous
+    hook, with its traceback."""
     @replaces(sys, "excepthook")
     def hook(previous, exc_type, exc, tb):
         line = one_line_error(exc, tb)

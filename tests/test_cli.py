@@ -221,9 +221,10 @@ def test_bad_options_clear_error(data_bin, tmp_path, args, message):
 def test_data_bin_and_batch_size_errors(data_bin, checkpoints, tmp_path):
     """A missing data folder (fairseq: FileNotFoundError), one without dictionaries ("Could not
     infer language pair"), training or validating without a batch size (an AssertionError),
-    with a batch size or --update-freq of 0 or less, validating without --task, and translating
-    with a --beam or --nbest below 1 each end with one error line."""
+    with a batch size or --update-freq of 0 or less, validating without --task, translating
+    with a --beam or --nbest below 1, and paths the system refuses each end with one error line."""
     (tmp_path / "raw").mkdir()
+    (tmp_path / "afile").write_text("")
     train = [*USER_DIR, "--arch", "rnn_luong_tiny", "--optimizer", "adam", "--max-update", 1,
              "--save-dir", tmp_path / "ck", "--cpu"]
     for tool, args, message in [
@@ -248,6 +249,12 @@ def test_data_bin_and_batch_size_errors(data_bin, checkpoints, tmp_path):
                               "--nbest", 0, "--cpu"], "--nbest must be at least 1 (got 0)"),
         ("fairseq-interactive", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
                                  "--beam", -2, "--cpu"], "--beam must be at least 1 (got -2)"),
+        # paths the system refuses (fairseq: tracebacks through fileinput and os.makedirs)
+        ("fairseq-interactive", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
+                                 "--input", tmp_path / "none.txt", "--cpu"],
+         f"{tmp_path / 'none.txt'}: No such file or directory"),
+        ("fairseq-train", [data_bin, *train, "--max-tokens", 1000, "--save-dir", tmp_path / "afile" / "ck"],
+         f"{tmp_path / 'afile' / 'ck'}: Not a directory"),
     ]:
         proc = run(tool, *args, check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

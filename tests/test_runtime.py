@@ -274,6 +274,25 @@ def test_only_fairseqs_own_checks_become_one_line(tmp_path):
         assert fairseq_check_message(*raised(module(*other).value)) is None
 
 
+def test_a_refused_path_is_one_line(tmp_path):
+    """The system's refusal of a path becomes "PATH: REASON" (Python's OSError after its
+    "[Errno N]"); other OSErrors, without a path or number, keep their traceback."""
+    from fairseq_s2s_attn.runtime import path_error_message
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for act, path, reason in [
+        (lambda: open(tmp_path / "none.txt"), tmp_path / "none.txt", "No such file or directory"),
+        (lambda: os.makedirs(afile / "ck"), afile / "ck", "Not a directory"),
+    ]:
+        with pytest.raises(OSError) as caught:
+            act()
+        assert path_error_message(caught.value) == f"{path}: {reason}"
+    assert path_error_message(OSError("no file named")) is None
+    assert path_error_message(FileNotFoundError("Dataset not found: valid")) is None
+    assert path_error_message(ValueError("x")) is None
+
+
 def _validation_bleu(hypothesis_tokens, validation=True):
     """The values fairseq's translation task logs for one validation with --eval-bleu, the
     hypotheses holding ``hypothesis_tokens`` tokens in all (their 1-gram matches: all of them);
