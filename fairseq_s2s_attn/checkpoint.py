@@ -13,13 +13,14 @@ import argparse
 import collections
 import contextlib
 import contextvars
+import hashlib
 import inspect
 import logging
 import os
 import pickle
 import re
 import zipfile
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -339,8 +340,9 @@ def safe_broadcast_of_checkpoints() -> None:
         return obj if source else _from_plain(got)
 
 
-# where the plugin records the language pair a model was trained on (a checkpoint's extra state)
-PAIR_KEY = "language_pair"
+# what the plugin records of a model's training data in a checkpoint's extra state
+PAIR_KEY = "language_pair"  # [source, target]
+DICTIONARIES_KEY = "dictionaries"  # {"source": fingerprint, "target": fingerprint}
 
 
 def _pair(source, target) -> Optional[Tuple[str, str]]:
@@ -354,50 +356,100 @@ def task_pair(task) -> Optional[Tuple[str, str]]:
     return _pair(getattr(cfg, "source_lang", None), getattr(cfg, "target_lang", None))
 
 
+def fingerprint(dictionary) -> Optional[str]:
+    """A short hash of a fairseq dictionary's types in their order (what the embeddings' rows
+    stand for), or None for something else."""
+    symbols = getattr(dictionary, "symbols", None)
+    if not isinstance(symbols, list):
+        return None
+    return hashlib.sha256("\n".join(symbols).encode("utf-8")).hexdigest()[:16]
+
+
+def task_dictionaries(task) -> Dict[str, str]:
+    """{"source": fingerprint, "target": fingerprint} of a task's dictionaries (those it has)."""
+    found = {}
+    for side in ("source", "target"):
+        try:
+            value = fingerprint(getattr(task, f"{side}_dictionary", None))
+        except NotImplementedError:  # a task without that side
+            value = None
+        if value is not None:
+            found[side] = value
+    return found
+
+
+def _extra(state) -> dict:
+    extra = state.get("extra_state") if isinstance(state, dict) else None
+    return extra if isinstance(extra, dict) else {}
+
+
 def trained_pair(state) -> Optional[Tuple[str, str]]:
     """(source, target) of a loaded checkpoint: its task's --source-lang/--target-lang where both
-    were given, else the pair the plugin recorded (``checkpoints_record_their_language_pair``),
-    else None (other checkpoints of a pair inferred from file names)."""
+    were given, else the pair the plugin recorded (``checkpoints_record_their_data``), else None
+    (other checkpoints of a pair inferred from file names)."""
     if not isinstance(state, dict):
         return None
     cfg = state.get("cfg")
     options = cfg.get("task") if hasattr(cfg, "get") else state.get("args")  # args: legacy
     get = options.get if hasattr(options, "get") else lambda key: getattr(options, key, None)
-    extra = state.get("extra_state")
-    recorded = extra.get(PAIR_KEY) if isinstance(extra, dict) else None
+    recorded = _extra(state).get(PAIR_KEY)
     if not (isinstance(recorded, (list, tuple)) and len(recorded) == 2):
         recorded = (None, None)
     return _pair(get("source_lang"), get("target_lang")) or _pair(*recorded)
 
 
-def checkpoints_record_their_language_pair() -> None:
+def trained_dictionaries(state) -> Dict[str, str]:
+    """The fingerprints of the dictionaries a checkpoint was trained with, as the plugin
+    recorded them ({} for other checkpoints)."""
+    recorded = _extra(state).get(DICTIONARIES_KEY)
+    if not isinstance(recorded, dict):
+        return {}
+    return {side: value for side, value in recorded.items() if isinstance(value, str)}
+
+
+def checkpoints_record_their_data() -> None:
     """fairseq saves the task's options as given, so a language pair that fairseq-train inferred
     from the data-bin's file names (neither --source-lang nor --target-lang, the usual case) is
-    not in the checkpoint. The trainer's state now records the task's pair in its extra state
-    (``extra_state["language_pair"]``, a list of two strings), which only the check below reads;
-    the task's options stay as given, so a checkpoint still loads with another data-bin's names."""
+    not in the checkpoint, and nothing says which dictionaries the embeddings' rows stand for
+    beyond their number. The trainer's state now records the task's pair and a fingerprint of
+    each dictionary in its extra state (``extra_state["language_pair"]``, a list of two strings;
+    ``extra_state["dictionaries"]``, ``fingerprint`` of each side), which only the checks below
+    read; the task's options stay as given, so a checkpoint still loads with another data-bin's
+    names."""
     from fairseq.trainer import Trainer
 
     @replaces(Trainer, "state_dict")
     def state_dict(original, self):
         state = original(self)
-        pair = task_pair(getattr(self, "task", None))
-        if pair is not None and isinstance(state.get("extra_state"), dict):
-            state["extra_state"][PAIR_KEY] = list(pair)
+        task = getattr(self, "task", None)
+        if isinstance(state.get("extra_state"), dict):
+            pair, dictionaries = task_pair(task), task_dictionaries(task)
+            if pair is not None:
+                state["extra_state"][PAIR_KEY] = list(pair)
+            if dictionaries:
+                state["extra_state"][DICTIONARIES_KEY] = dictionaries
         return state
 
 
-# the (path, trained pair) of each checkpoint read by a load_model_ensemble_and_task in progress
-_LOADED: contextvars.ContextVar = contextvars.ContextVar("s2s_loaded_pairs", default=None)
+# what each checkpoint read by a load_model_ensemble_and_task in progress was trained with:
+# (path, language pair, dictionaries' fingerprints)
+_LOADED: contextvars.ContextVar = contextvars.ContextVar("s2s_loaded_data", default=None)
 
 
-def wrong_direction_is_an_error() -> None:
-    """A model trained de->en, run by fairseq-generate or -interactive on a data-bin holding
-    train.en-de.* without --source-lang de --target-lang en, translates the English side with
-    the German side's embeddings: fairseq infers the pair from the file names, and with a joined
-    dictionary (prepare_data's default) nothing fails, the output is nonsense and the BLEU low
-    without a word. Where a model of ours was trained on the command's pair reversed, one error
-    line names the pair to give."""
+def other_data_is_an_error() -> None:
+    """Two ways fairseq-generate and -interactive translated with the wrong data, silently:
+
+    - A model run in the reverse of its direction: one trained de->en, given a data-bin holding
+      train.en-de.* without --source-lang de --target-lang en (fairseq infers the pair from the
+      file names), read the English side with the German side's embeddings; with a joined
+      dictionary (prepare_data's default) nothing failed, the output was nonsense.
+    - Another data-bin whose dictionaries have the same number of types: prepare_data's
+      dictionaries of other corpora with the same --vocab-size often do (fairseq pads them to a
+      multiple of 8), and the embeddings' rows then stood for other words. A size that differs
+      was an error already (``model.check_state_dict_fits``).
+
+    Now one error line for either, for models of ours, where the checkpoint says what it was
+    trained with (the pair as given, or recorded by ``checkpoints_record_their_data``)."""
     from fairseq import checkpoint_utils
 
     @replaces(checkpoint_utils, "load_checkpoint_to_cpu")
@@ -405,7 +457,7 @@ def wrong_direction_is_an_error() -> None:
         state = original(path, *args, **kwargs)
         loaded = _LOADED.get()
         if loaded is not None:
-            loaded.append((path, trained_pair(state)))
+            loaded.append((path, trained_pair(state), trained_dictionaries(state)))
         return state
 
     @replaces(checkpoint_utils, "load_model_ensemble_and_task")
@@ -413,26 +465,33 @@ def wrong_direction_is_an_error() -> None:
         token = _LOADED.set([])
         try:
             result = original(*args, **kwargs)
-            check_direction(result[0], result[2], _LOADED.get())
+            check_trained_data(result[0], result[2], _LOADED.get())
         finally:
             _LOADED.reset(token)
         return result
 
 
-def check_direction(models, task, loaded) -> None:
-    """CheckpointError where a model of ours was trained on the task's language pair reversed."""
+def check_trained_data(models, task, loaded) -> None:
+    """CheckpointError where a model of ours was trained on the task's language pair reversed,
+    or with other dictionaries than the task's."""
     from .model import RNNS2SModel
 
-    now = task_pair(task)
-    if now is None or now[0] == now[1] or not models or \
-            not all(isinstance(m, RNNS2SModel) for m in models):
+    if not models or not all(isinstance(m, RNNS2SModel) for m in models):
         return
-    for path, pair in loaded:
-        if pair == (now[1], now[0]):
+    now, dictionaries = task_pair(task), task_dictionaries(task)
+    for path, pair, trained in loaded:
+        if now is not None and now[0] != now[1] and pair == (now[1], now[0]):
             raise CheckpointError(
                 f"{path} translates {pair[0]}->{pair[1]}, but this command reads {now[0]}->{now[1]} "
                 f"(its --source-lang/--target-lang, or the data-bin's file names when not given): "
                 f"give --source-lang {pair[0]} --target-lang {pair[1]}")
+        for side, value in trained.items():
+            if side in dictionaries and dictionaries[side] != value:
+                raise CheckpointError(
+                    f"{path} was trained with another {side} dictionary than the data-bin's "
+                    "(the same number of types, other words or another order), so its embeddings "
+                    "would stand for other words: use the data-bin (dict.*.txt) the model was "
+                    "trained with")
 
 
 def install() -> None:
@@ -445,5 +504,5 @@ def install() -> None:
     warn_changed_model_settings()
     missing_restore_file_is_an_error()
     safe_broadcast_of_checkpoints()
-    checkpoints_record_their_language_pair()
-    wrong_direction_is_an_error()
+    checkpoints_record_their_data()
+    other_data_is_an_error()

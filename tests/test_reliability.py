@@ -520,6 +520,28 @@ def test_a_model_run_in_the_reverse_direction_is_an_error(small_data_bin, luong_
     assert sorted(right["H"]) == list(range(20))
 
 
+def test_generate_with_another_dictionary_of_the_same_size(small_data_bin, luong_runs, tmp_path):
+    """A data-bin whose dictionary has as many types as the model's, but other words or another
+    order (another corpus's, prepare_data with the same --vocab-size), made the embeddings stand
+    for other words, silently. fairseq-train records a fingerprint of each dictionary; a data-bin
+    with other dictionaries is one error line, its own translates."""
+    *_, straight = luong_runs
+    model = straight / "checkpoint_last.pt"
+    recorded = load_state(model)["extra_state"]["dictionaries"]
+    assert sorted(recorded) == ["source", "target"]
+    for side, lang in (("source", "src"), ("target", "tgt")):
+        other = tmp_path / side
+        shutil.copytree(small_data_bin, other)
+        lines = (other / f"dict.{lang}.txt").read_text().splitlines(keepends=True)
+        lines[0], lines[1] = lines[1], lines[0]  # two words' rows swapped
+        (other / f"dict.{lang}.txt").write_text("".join(lines))
+        proc = run("fairseq-generate", other, *USER_DIR, "--path", model, "--cpu", check=False)
+        one_error_line(proc, f"{model} was trained with another {side} dictionary than the data-bin's",
+                       "use the data-bin (dict.*.txt) the model was trained with")
+    assert sorted(parse_generate(run("fairseq-generate", small_data_bin, *USER_DIR, "--path", model,
+                                     "--cpu").stdout)["H"]) == list(range(20))
+
+
 def test_the_trained_language_pair_of_a_checkpoint():
     from argparse import Namespace
 
@@ -539,6 +561,24 @@ def test_the_trained_language_pair_of_a_checkpoint():
     assert trained_pair(state({}, ["en"])) is None  # not a pair
     assert trained_pair({"cfg": {"task": {}}, "extra_state": None}) is None
     assert trained_pair(None) is None
+
+
+def test_dictionary_fingerprints():
+    from fairseq_s2s_attn.checkpoint import fingerprint, trained_dictionaries
+
+    def words(*types):
+        d = Dictionary()
+        for t in types:
+            d.add_symbol(t)
+        return d
+
+    assert fingerprint(words("x", "y")) == fingerprint(words("x", "y")) != fingerprint(words("y", "x"))
+    assert fingerprint(words("x", "yz")) != fingerprint(words("xy", "z"))
+    assert fingerprint(make_dict(12)) != fingerprint(make_dict(12, prefix="v"))
+    assert fingerprint(None) is None
+    assert trained_dictionaries({"extra_state": {"dictionaries": {"source": "ab", "target": 3}}}) \
+        == {"source": "ab"}
+    assert trained_dictionaries({"extra_state": None}) == {} == trained_dictionaries(None)
 
 
 # ------------------------------------------------------------------ empty and too-long sources
