@@ -57,7 +57,9 @@ def main(argv=None):
     p.add_argument("--model-dir", required=True, help="folder with the checkpoint")
     p.add_argument("--checkpoint", default="checkpoint_best.pt")
     p.add_argument("--data", required=True, help="data-bin with the dictionaries")
-    p.add_argument("--spm-model", default=None, help="sentencepiece model (omit for pre-tokenised text)")
+    p.add_argument("--spm-model", default=None,
+                   help="sentencepiece model (omit for input in the data-bin's units: pieces as "
+                   "spm_encode writes them, or words)")
     p.add_argument("--input", required=True, help="text file, one source sentence per line")
     p.add_argument("--num", type=at_least(1), default=4, help="how many sentences to plot")
     p.add_argument("--min-words", type=int, default=4)
@@ -113,8 +115,11 @@ def main(argv=None):
     except OSError as e:
         p.error(f"--out {args.out}: cannot make the folder ({e.strerror or e})")
     written = []
-    for i, (sent, res) in enumerate(zip(sentences, translator.translate(sentences, beam=args.beam,
-                                                                          return_attention=True))):
+    try:  # sentences the model cannot take (too long; text without --spm-model for pieces)
+        results = translator.translate(sentences, beam=args.beam, return_attention=True)
+    except S2SError as e:
+        p.error(str(e))
+    for i, (sent, res) in enumerate(zip(sentences, results)):
         if res.attention is None:
             print("the model has no attention (rnn_vanilla): nothing to plot", file=sys.stderr)
             return 1

@@ -525,3 +525,10 @@ def test_plot_attention_script(data_bin, checkpoints, tmp_path):
     # make demo prints this script's output: fairseq's loading chatter (its whole config on one
     # INFO line) and torch's pin_memory warning stay out of it
     assert "INFO" not in proc.stderr and "pin_memory" not in proc.stderr, proc.stderr[-2000:]
+    # a sentence the model cannot take is the translator's one error line (was a traceback)
+    (tmp_path / "long.txt").write_text("w1 " * 1100 + "\n")
+    proc = run("plot_attention.py", "--model-dir", checkpoints["rnn_luong_tiny"].parent, "--data",
+               data_bin, "--input", tmp_path / "long.txt", "--num", 1, "--max-words", 2000, "--out",
+               tmp_path / "long", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: 1 sentence(s) longer than the model's limit" in proc.stderr.splitlines()[-1]
