@@ -371,7 +371,7 @@ def task_dictionaries(task) -> Dict[str, str]:
     for side in ("source", "target"):
         try:
             value = fingerprint(getattr(task, f"{side}_dictionary", None))
-        except NotImplementedError:  # a task without that side
+        except Exception:  # a task without that side (NotImplementedError): saving goes on
             value = None
         if value is not None:
             found[side] = value
