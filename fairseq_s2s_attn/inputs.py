@@ -211,10 +211,10 @@ def text_for_a_pieces_model_is_an_error() -> None:
     the data-bin's dictionary. Given text for a model of sentencepiece pieces (prepare_data's),
     most words were ``<unk>`` or word-inner pieces ("Open the file" read as ``<unk> <unk> file``:
     "Open" and "the" are types only as the word-start pieces ``\u2581Open``, ``\u2581the``) and it
-    translated that without a word (the demo's model: "Profiling-Datei"). Now a line of text (no word-start piece first) for such a dictionary
-    without --bpe is one error line naming the line and the options to give; lines already
-    encoded (spm_encode's output) translate as before. The lines before it are translated, as
-    with input that is not UTF-8."""
+    translated that without a word (the demo's model: "Profiling-Datei"). Now a line of text (no
+    word-start piece first) for such a dictionary without --bpe is one error line naming the
+    line and the options to give; lines already encoded (spm_encode's output) translate as
+    before. The lines before it are translated, as with input that is not UTF-8."""
     interactive = _interactive_module()
     if interactive is None or not hasattr(interactive, "make_batches"):
         return
