@@ -31,7 +31,7 @@ import torch
 
 from .errors import ConfigError, S2SError
 from .patching import replaces
-from .runtime import running_fairseq_command
+from .runtime import command_module, running_fairseq_command
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +238,50 @@ def text_for_a_pieces_model_is_an_error() -> None:
         return original(lines, cfg, task, *args, **kwargs)
 
 
+def target_dictionary_holds_pieces(cfg) -> bool:
+    """Whether the target dictionary of fairseq-generate's data-bin (the first of --data's
+    paths; the pair as given or as fairseq infers it from the file names) holds sentencepiece
+    pieces; False where it cannot be read (fairseq then says why)."""
+    from fairseq import utils
+    from fairseq.data import Dictionary, data_utils
+
+    task = getattr(cfg, "task", None)
+    paths = utils.split_paths(getattr(task, "data", None) or "")
+    if not paths:
+        return False
+    target = getattr(task, "target_lang", None)
+    if target is None:
+        target = data_utils.infer_language_pair(paths[0])[1]
+    path = os.path.join(paths[0], f"dict.{target}.txt")
+    return target is not None and os.path.isfile(path) and holds_pieces(Dictionary.load(path))
+
+
+def pieces_output_warns() -> None:
+    """fairseq-generate without ``--post-process sentencepiece`` (or ``--bpe sentencepiece``)
+    on a data-bin of sentencepiece pieces writes its H- and D- lines in pieces ("▁Öffne n ▁Sie"),
+    and its final BLEU4 is then over pieces, higher than over words (fairseq warns about that only
+    where --bpe is given). A user scoring ``grep ^D-`` with sacrebleu against the text references
+    got a number that means nothing. Now a warning on stderr (visible when the output goes to a
+    file) says how to get text; the output stays as fairseq writes it."""
+    generate = command_module("generate")
+    if generate is None or command_module("interactive") is not None or \
+            not hasattr(generate, "_main"):
+        return
+
+    @replaces(generate, "_main")
+    def _main(original, cfg, output_file):
+        common_eval = getattr(cfg, "common_eval", None)
+        if getattr(common_eval, "post_process", None) is None and \
+                getattr(getattr(cfg, "bpe", None), "_name", None) is None and \
+                target_dictionary_holds_pieces(cfg):
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq-generate"
+            print(f"{prog}: warning: the data-bin's target dictionary holds sentencepiece pieces "
+                  "and neither --post-process nor --bpe is given: the H- and D- lines will be "
+                  "pieces, and BLEU4 is over pieces; --post-process sentencepiece writes text",
+                  file=sys.stderr)
+        return original(cfg, output_file)
+
+
 def _first_non_utf8_line(path: str):
     """The number of the first line of the file that is not UTF-8, or None."""
     try:
@@ -397,6 +441,7 @@ def install() -> None:
     clear_error_for_long_sources()
     utf8_input_lines()
     text_for_a_pieces_model_is_an_error()
+    pieces_output_warns()
     checked_data_bin()
     batch_size_required()
     beam_and_nbest_checked()

@@ -166,7 +166,7 @@ FAIRSEQ_LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
 LATE_LOGGING_COMMANDS = ("generate", "interactive", "validate")
 
 
-def _command_module(name: str):
+def command_module(name: str):
     """The module of fairseq's command ``name`` in this process (fairseq_cli.NAME, or __main__
     under ``python -m fairseq_cli.NAME``), or None."""
     main = sys.modules.get("__main__")
@@ -205,7 +205,7 @@ def commands_log_as_fairseq_meant() -> bool:
     root.setLevel(logging.WARNING)  # the level of an unconfigured root logger
     logging.basicConfig(format=FAIRSEQ_LOG_FORMAT, datefmt=FAIRSEQ_LOG_DATEFMT,
                         level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout)
-    generate = _command_module("generate")
+    generate = command_module("generate")
     if generate is not None and hasattr(generate, "_main"):
         provisional = root.handlers[-1]
 
@@ -315,7 +315,7 @@ def interactive_batches_get_batch_threads() -> bool:
     that command's threads: the demo checkpoint's 1,000 test sentences at beam 5 in batches of
     32, 6.21 / 6.33 s of translation with 1 thread, 4.61 / 4.57 s with 2 (2-core AMD EPYC), the
     same translations. Returns whether it installed this (only in fairseq-interactive)."""
-    interactive = _command_module("interactive")
+    interactive = command_module("interactive")
     if interactive is None or not hasattr(interactive, "main"):
         return False
 
@@ -331,7 +331,7 @@ def running_fairseq_command(*names: str) -> bool:
     """Whether this process runs one of fairseq's commands (``train`` for fairseq-train), started
     as the console script (which imports fairseq_cli.train) or as ``python -m fairseq_cli.train``
     (where the module is ``__main__``)."""
-    return any(_command_module(n) is not None for n in names)
+    return any(command_module(n) is not None for n in names)
 
 
 ONEDNN_CACHE_VAR = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"

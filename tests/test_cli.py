@@ -376,8 +376,15 @@ def test_sentencepiece_model_of_another_corpus(tmp_path):
         assert "H-0" not in proc.stdout
         if layout == "--joint":  # fairseq-generate reads binarized sources: the model only joins pieces
             gen = run("fairseq-generate", work / "data-bin", *USER_DIR, "--path", work / "ck" / "checkpoint_last.pt",
-                      "--beam", 2, "--cpu", "--bpe", "sentencepiece", "--sentencepiece-model", other)
-            assert len(parse_generate(gen.stdout)["H"]) == 5
+                      "--beam", 2, "--cpu", "--bpe", "sentencepiece", "--sentencepiece-model", other,
+                      show_warnings=True)
+            assert len(parse_generate(gen.stdout)["H"]) == 5 and "warning:" not in gen.stderr
+            # without --post-process or --bpe its output is pieces: a warning says so
+            gen = run("fairseq-generate", work / "data-bin", *USER_DIR, "--path",
+                      work / "ck" / "checkpoint_last.pt", "--beam", 2, "--cpu", show_warnings=True)
+            warned = [line for line in gen.stderr.splitlines() if "warning:" in line]
+            assert len(warned) == 1 and "--post-process sentencepiece writes text" in warned[0], gen.stderr
+            assert any("\u2581" in t for t in parse_generate(gen.stdout)["T"].values())
         assert Translator.from_pretrained(str(work / "ck"), "checkpoint_last.pt", data=str(work / "data-bin"),
                                           spm_model=str(model)).translate("open the file")
         with pytest.raises(ConfigError, match="other.model is not the one the source side was encoded"):
