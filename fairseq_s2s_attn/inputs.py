@@ -249,11 +249,14 @@ def target_dictionary_holds_pieces(cfg) -> bool:
     paths = utils.split_paths(getattr(task, "data", None) or "")
     if not paths:
         return False
-    target = getattr(task, "target_lang", None)
-    if target is None:
-        target = data_utils.infer_language_pair(paths[0])[1]
-    path = os.path.join(paths[0], f"dict.{target}.txt")
-    return target is not None and os.path.isfile(path) and holds_pieces(Dictionary.load(path))
+    try:
+        target = getattr(task, "target_lang", None)
+        if target is None:
+            target = data_utils.infer_language_pair(paths[0])[1]
+        path = os.path.join(paths[0], f"dict.{target}.txt")
+        return target is not None and os.path.isfile(path) and holds_pieces(Dictionary.load(path))
+    except Exception:  # no such folder, an unreadable dictionary: fairseq's task setup says why
+        return False
 
 
 def pieces_output_warns() -> None:

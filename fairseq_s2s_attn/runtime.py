@@ -675,6 +675,22 @@ def missing_task_message(exc, tb) -> Optional[str]:
     return "no --task given, and this command has no default task (for these models: --task translation)"
 
 
+def missing_value_message(exc) -> Optional[str]:
+    """An option that fairseq's configuration requires with the ones given and that has no value
+    (``--bpe sentencepiece`` without ``--sentencepiece-model``): omegaconf raised
+    MissingMandatoryValue under a traceback of ~20 lines through fairseq and omegaconf. The
+    option to give, or None for any other exception."""
+    try:
+        from omegaconf.errors import MissingMandatoryValue
+    except ImportError:
+        return None
+    key = getattr(exc, "key", None) if isinstance(exc, MissingMandatoryValue) else None
+    if not isinstance(key, str) or not key:
+        return None
+    full = getattr(exc, "full_key", None) or key
+    return f"--{key.replace('_', '-')} is required with these options and has no value ({full})"
+
+
 def path_error_message(exc) -> Optional[str]:
     """The system's refusal of a path (an ``--input`` that does not exist, a ``--save-dir`` or
     ``--results-path`` under a file, a folder without write permission): "PATH: REASON", as
@@ -704,7 +720,8 @@ def _statement_at(filename: str, lineno: int):
 def one_line_error(exc, tb) -> Optional[str]:
     """What an uncaught exception prints after "PROG: error: ", or None where it keeps its
     traceback: our errors (S2SError), and in fairseq's commands, unless S2S_TRACEBACK is set,
-    fairseq's own checks and the system's refusal of a path."""
+    fairseq's own checks, an option required without a value, and the system's refusal of a
+    path."""
     from .errors import S2SError
 
     ours = _our_error(exc, S2SError)
@@ -718,7 +735,7 @@ def one_line_error(exc, tb) -> Optional[str]:
             return missing
         check = fairseq_check_message(exc, tb)
         if check is None:
-            return path_error_message(exc)
+            return missing_value_message(exc) or path_error_message(exc)
         return f"{check} (fairseq's check; S2S_TRACEBACK=1 shows where)"
     message = str(ours)
     if ours is not exc:  # keep the part of fairseq's message that names the file
@@ -729,9 +746,9 @@ def one_line_error(exc, tb) -> Optional[str]:
 def clean_error_exit() -> None:
     """An uncaught exception ended fairseq's commands with a traceback through fairseq, the
     message on its last line. ``sys.excepthook`` now prints "PROG: error: MESSAGE" for what
-    ``one_line_error`` accepts (our errors; fairseq's own checks and the system's refusal of a
-    path in fairseq's commands, unless S2S_TRACEBACK is set); anything else goes to the previous
-    hook, with its traceback."""
+    ``one_line_error`` accepts (our errors; in fairseq's commands, unless S2S_TRACEBACK is set,
+    fairseq's own checks, a required option without a value and the system's refusal of a path);
+    anything else goes to the previous hook, with its traceback."""
     @replaces(sys, "excepthook")
     def hook(previous, exc_type, exc, tb):
         line = one_line_error(exc, tb)

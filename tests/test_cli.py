@@ -222,7 +222,8 @@ def test_data_bin_and_batch_size_errors(data_bin, checkpoints, tmp_path):
     """A missing data folder (fairseq: FileNotFoundError), one without dictionaries ("Could not
     infer language pair"), training or validating without a batch size (an AssertionError),
     with a batch size or --update-freq of 0 or less, validating without --task, translating
-    with a --beam or --nbest below 1, and paths the system refuses each end with one error line."""
+    with a --beam or --nbest below 1, --bpe sentencepiece without its model, and paths the
+    system refuses each end with one error line."""
     (tmp_path / "raw").mkdir()
     (tmp_path / "afile").write_text("")
     train = [*USER_DIR, "--arch", "rnn_luong_tiny", "--optimizer", "adam", "--max-update", 1,
@@ -249,6 +250,10 @@ def test_data_bin_and_batch_size_errors(data_bin, checkpoints, tmp_path):
                               "--nbest", 0, "--cpu"], "--nbest must be at least 1 (got 0)"),
         ("fairseq-interactive", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
                                  "--beam", -2, "--cpu"], "--beam must be at least 1 (got -2)"),
+        # an option required by the others and not given (omegaconf: MissingMandatoryValue)
+        ("fairseq-generate", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
+                              "--bpe", "sentencepiece", "--cpu"],
+         "--sentencepiece-model is required with these options and has no value"),
         # paths the system refuses (fairseq: tracebacks through fileinput and os.makedirs)
         ("fairseq-interactive", [data_bin, *USER_DIR, "--path", checkpoints["rnn_luong_tiny"],
                                  "--input", tmp_path / "none.txt", "--cpu"],

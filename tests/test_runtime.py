@@ -293,6 +293,20 @@ def test_a_refused_path_is_one_line(tmp_path):
     assert path_error_message(ValueError("x")) is None
 
 
+def test_a_required_option_without_a_value_is_one_line():
+    from omegaconf import OmegaConf
+
+    from fairseq_s2s_attn.runtime import missing_value_message
+
+    cfg = OmegaConf.create({"bpe": {"_name": "sentencepiece", "sentencepiece_model": "???"}})
+    with pytest.raises(Exception) as caught:
+        cfg.bpe.sentencepiece_model
+    assert missing_value_message(caught.value) == (
+        "--sentencepiece-model is required with these options and has no value "
+        "(bpe.sentencepiece_model)")
+    assert missing_value_message(ValueError("Missing mandatory value: x")) is None
+
+
 def _validation_bleu(hypothesis_tokens, validation=True):
     """The values fairseq's translation task logs for one validation with --eval-bleu, the
     hypotheses holding ``hypothesis_tokens`` tokens in all (their 1-gram matches: all of them);
