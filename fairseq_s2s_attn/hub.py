@@ -22,7 +22,8 @@ from typing import List, Optional, Union
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .inputs import InputError, check_data_bin, check_pieces_cover, holds_pieces, is_text_not_pieces
+from .inputs import (InputError, check_data_bin, check_pieces_cover, holds_pieces, is_pieces,
+                     is_text_not_pieces)
 from .model import RNNS2SModel
 
 
@@ -83,6 +84,12 @@ class Translator:
                     f"sentence {text[0]} is text, but the model reads sentencepiece pieces (its "
                     "dictionary's): load it with Translator.from_pretrained(..., spm_model=SPM), "
                     "the model the data-bin was made with, or give pieces")
+        elif type(self.hub.bpe).__name__ == "SentencepieceBPE":  # pieces would be encoded again
+            pieces = [i for i, s in enumerate(batch) if is_pieces(s)]
+            if pieces:
+                raise InputError(
+                    f"sentence {pieces[0]} is in sentencepiece pieces already (it begins with "
+                    "\u2581), and the translator's spm_model would encode them again: give text")
         # sentencepiece takes a newline or tab for a character of the word, not a word boundary
         encoded = [self.hub.encode(" ".join(s.split())) for s in batch]
         limit = self.hub.max_positions  # (source, target) limits, or one number

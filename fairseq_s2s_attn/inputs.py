@@ -206,6 +206,12 @@ def is_text_not_pieces(line: str) -> bool:
     return bool(words) and not words[0].startswith(WORD_START)
 
 
+def is_pieces(line: str) -> bool:
+    """A line already encoded by sentencepiece (its first word a word-start piece)."""
+    words = line.split()
+    return bool(words) and words[0].startswith(WORD_START)
+
+
 def text_for_a_pieces_model_is_an_error() -> None:
     """fairseq-interactive without ``--bpe sentencepiece`` reads each input line as the pieces of
     the data-bin's dictionary. Given text for a model of sentencepiece pieces (prepare_data's),
@@ -214,7 +220,9 @@ def text_for_a_pieces_model_is_an_error() -> None:
     translated that without a word (the demo's model: "Profiling-Datei"). Now a line of text (no
     word-start piece first) for such a dictionary without --bpe is one error line naming the
     line and the options to give; lines already encoded (spm_encode's output) translate as
-    before. The lines before it are translated, as with input that is not UTF-8."""
+    before. The other way round, pieces given with ``--bpe sentencepiece`` were encoded again
+    ("\u2581Open \u2581the \u2581file": "Die Profiling-Datei" instead of "Datei"): one error line too.
+    The lines before it are translated, as with input that is not UTF-8."""
     interactive = _interactive_module()
     if interactive is None or not hasattr(interactive, "make_batches"):
         return
@@ -223,18 +231,23 @@ def text_for_a_pieces_model_is_an_error() -> None:
     @replaces(interactive, "make_batches")
     def make_batches(original, lines, cfg, task, *args, **kwargs):
         first, read["lines"] = read["lines"], read["lines"] + len(lines)
-        if getattr(getattr(cfg, "bpe", None), "_name", None) is None and \
-                holds_pieces(task.source_dictionary):
-            constraints = getattr(getattr(cfg, "generation", None), "constraints", None)
-            for i, line in enumerate(lines):
-                if is_text_not_pieces(line.split("\t")[0] if constraints else line):
-                    source = getattr(getattr(cfg, "interactive", None), "input", "-")
-                    name = "standard input" if source == "-" else source
-                    raise InputError(
-                        f"{name}: line {first + i + 1} is text, but the model reads sentencepiece "
-                        "pieces (its dictionary's): give --bpe sentencepiece --sentencepiece-model "
-                        "SPM (the model the data-bin was made with, prepare_data: <work>/spm/"
-                        "spm.model), or input encoded with spm_encode")
+        bpe = getattr(getattr(cfg, "bpe", None), "_name", None)
+        wrong, advice = None, None
+        if bpe is None and holds_pieces(task.source_dictionary):
+            wrong, advice = is_text_not_pieces, (
+                "is text, but the model reads sentencepiece pieces (its dictionary's): give --bpe "
+                "sentencepiece --sentencepiece-model SPM (the model the data-bin was made with, "
+                "prepare_data: <work>/spm/spm.model), or input encoded with spm_encode")
+        elif bpe == "sentencepiece":
+            wrong, advice = is_pieces, (
+                "is in sentencepiece pieces already (it begins with \u2581), and --bpe "
+                "sentencepiece would encode them again: give text, or leave out --bpe")
+        constraints = getattr(getattr(cfg, "generation", None), "constraints", None)
+        for i, line in enumerate(lines if wrong is not None else ()):
+            if wrong(line.split("\t")[0] if constraints else line):
+                source = getattr(getattr(cfg, "interactive", None), "input", "-")
+                name = "standard input" if source == "-" else source
+                raise InputError(f"{name}: line {first + i + 1} {advice}")
         return original(lines, cfg, task, *args, **kwargs)
 
 

@@ -348,8 +348,9 @@ def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
 def test_sentencepiece_model_of_another_corpus(tmp_path):
     """The hub and fairseq-interactive with a sentencepiece model the source side was not encoded
     with, or with none and text for input, read words as <unk> and translated them without a
-    word; now one error. The model the data-bin was made with (prepare_data, joint and
-    --separate) translates, and without one so does input in pieces."""
+    word; now one error, as for pieces given with the model (encoded again). The model the
+    data-bin was made with (prepare_data, joint and --separate) translates text, and without one
+    so does input in pieces."""
     import sentencepiece
     from clitools import make_spm_model
 
@@ -410,6 +411,15 @@ def test_sentencepiece_model_of_another_corpus(tmp_path):
         with pytest.raises(InputError, match="sentence 1 is text, but the model reads sentencepiece"):
             plain.translate([pieces, "open the file"])
         assert plain.translate(pieces)
+        # and pieces given with the model would be encoded again: one error too
+        proc = run("fairseq-interactive", *args, model, input=f"open the file\n{pieces}\n", check=False)
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "line 2 is in sentencepiece pieces already" in errors[0]
+        assert sorted(parse_generate(proc.stdout)["H"]) == [0]
+        with pytest.raises(InputError, match="sentence 0 is in sentencepiece pieces already"):
+            Translator.from_pretrained(str(work / "ck"), "checkpoint_last.pt", data=str(work / "data-bin"),
+                                       spm_model=str(model)).translate(pieces)
 
 
 def test_hub_over_length_advice_for_the_location_score(data_bin, tmp_path):
