@@ -43,6 +43,8 @@ class Translator:
     def __init__(self, hub):
         self.hub = hub
         self.hub.eval()
+        # whether the source dictionary holds sentencepiece pieces (input checks), read once
+        self.reads_pieces = holds_pieces(hub.src_dict)
 
     @classmethod
     def from_pretrained(cls, model_dir: str, checkpoint_file: str = "checkpoint_best.pt",
@@ -77,7 +79,7 @@ class Translator:
             raise ConfigError(f"nbest must be between 1 and beam ({beam}), got {nbest}")
         single = isinstance(sentences, str)
         batch = [sentences] if single else list(sentences)
-        if self.hub.bpe is None and holds_pieces(self.hub.src_dict):  # no spm_model given
+        if self.hub.bpe is None and self.reads_pieces:  # no spm_model given
             text = [i for i, s in enumerate(batch) if is_text_not_pieces(s)]
             if text:  # its words would be read as <unk>s or other words' pieces
                 raise InputError(

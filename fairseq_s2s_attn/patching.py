@@ -90,8 +90,8 @@ def rewrite_lines(fn: Callable, lines: Dict[str, str]) -> bool:
     cannot be read, a line is not found exactly once (another fairseq), or the new code would
     not be the same function with the lines changed: other arguments, other closure variables
     (``super()`` without arguments) or global names it no longer reads (a private name mangled
-    in its class), and where ``fn`` was rewritten with other lines. True where ``fn`` runs the new code, also when it did
-    already. ``use_rewritten_lines`` switches between the two."""
+    in its class), and where ``fn`` was rewritten with other lines. True where ``fn`` runs the
+    new code, also when it did already. ``use_rewritten_lines`` switches between the two."""
     if hasattr(fn, _REWRITTEN):  # one rewrite per function, with all its lines
         return getattr(fn, _REWRITTEN)[2] == lines
     if any("\n" in new for new in lines.values()):
