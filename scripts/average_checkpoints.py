@@ -12,10 +12,10 @@ records of ``fairseq_s2s_attn.checkpoint``) is the newest input's. The optimizer
 out (averaged weights have none; fairseq-train --restore-file starts a fresh one), which makes
 the output a third of a training checkpoint's size.
 
-fairseq's own scripts/average_checkpoints.py is not part of the installed package and loads with
-torch's default (weights_only=True since torch 2.6), which refuses fairseq's checkpoints. This
-one loads them as the plugin does (safe mode kept, fairseq's plain types allowed, checksums
-checked) and refuses, with one error line, what would average to nonsense: checkpoints of other
+fairseq's own scripts/average_checkpoints.py is in its source tree, not in the installed
+package, and checks only that the inputs' parameter names agree. This one loads them as the
+plugin does (torch's safe mode kept, fairseq's plain types allowed, checksums checked) and
+refuses, with one error line, what would average to nonsense: checkpoints of other
 architectures, model settings, parameter shapes, language pairs or dictionaries. It cannot tell
 two trainings of the same model apart: average checkpoints of one training only.
 
