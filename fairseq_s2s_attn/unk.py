@@ -21,6 +21,9 @@ fairseq 0.12's option did not work (fairseq issue #3533), in four ways this modu
   output position i was no longer output token i. It now runs on the tokens, then the
   post-processing.
 
+That alignment (``utils.extract_hard_alignment``) is computed in tensor operations, the same
+pairs as fairseq's Python loop, which had made ``--print-alignment`` 1.8-1.9x slower.
+
 A model without attention (rnn_vanilla) has no alignment: its ``<unk>`` stay, with a warning.
 Other models (fairseq's lstm, transformer) are aligned by fairseq only with --print-alignment: a
 warning says so where it is not given.
@@ -213,7 +216,32 @@ def replacement_on_tokens() -> None:
         return tgt_dict.encode_line(hypo_str, add_if_not_exist=True), hypo_str, alignment
 
 
+def hard_alignment_in_tensor_ops() -> None:
+    """fairseq's ``extract_hard_alignment`` (``--print-alignment``, and ``--replace-unk`` here),
+    run once for each of the beam's hypotheses, numbered the tokens in a Python loop over tensor
+    elements (``get_token_to_word_mapping``: 0.4 ms a sentence side): a quarter of the
+    translation time of the demo's model at beam 5. The same alignment in a few tensor
+    operations: the valid tokens' running count numbers them, ties go to the same source token
+    (the same ``max``)."""
+    import torch
+    from fairseq import utils
+
+    @replaces(utils, "extract_hard_alignment")
+    def extract_hard_alignment(original, attn, src_sent, tgt_sent, pad, eos):
+        src_invalid = (src_sent == pad) | (src_sent == eos)
+        tgt_valid = ((tgt_sent != pad) & (tgt_sent != eos)).nonzero(as_tuple=False).squeeze(dim=-1)
+        if len(tgt_valid) == 0 or bool(src_invalid.all()):
+            return []
+        attn_valid = attn[tgt_valid]  # a copy (advanced indexing), as fairseq's
+        attn_valid[:, src_invalid] = float("-inf")
+        src_indices = attn_valid.max(dim=1)[1]
+        src_word = torch.cumsum(~src_invalid, 0) - 1  # fairseq's token_to_word - 1
+        tgt_word = torch.cumsum((tgt_sent != pad) & (tgt_sent != eos), 0) - 1
+        return list(zip(src_word[src_indices].tolist(), tgt_word[tgt_valid].tolist()))
+
+
 def install() -> None:
+    hard_alignment_in_tensor_ops()
     load_align_dict_reads_the_bare_option()
     generators_align_for_replace_unk()
     interactive_keeps_the_source_words()

@@ -80,13 +80,36 @@ def test_alignment_dictionary_file(tmp_path):
         utils.load_align_dict(str(tmp_path / "b.txt"))
 
 
+def test_hard_alignment_equals_fairseqs():
+    """The tensor-op extract_hard_alignment against fairseq's loop: padded and EOS positions on
+    both sides, ties, half-precision weights, nothing valid."""
+    from fairseq import utils
+
+    fairseqs = innermost(utils, "extract_hard_alignment")
+    assert utils.extract_hard_alignment is not fairseqs  # installed
+    g, rng = torch.Generator().manual_seed(0), random.Random(0)
+    pad, eos, found = 1, 2, 0
+    for trial in range(2000):
+        src = torch.randint(0, 8, (rng.randint(1, 9),), generator=g)
+        tgt = torch.randint(0, 8, (rng.randint(1, 9),), generator=g)
+        attn = torch.rand(len(tgt), len(src), generator=g)
+        if trial % 3 == 0:
+            attn = (attn * 3).round()  # ties: the same (first) source token
+        if trial % 7 == 0:
+            attn = attn.half()
+        expected = fairseqs(attn.clone(), src, tgt, pad, eos)
+        assert utils.extract_hard_alignment(attn.clone(), src, tgt, pad, eos) == expected
+        found += bool(expected)
+    assert 1500 < found < 2000  # both: alignments and empty ones
+
+
 def test_installed_once():
     from fairseq import utils
     from fairseq.tasks.fairseq_task import FairseqTask
 
     def installed():
         return (utils.load_align_dict, utils.post_process_prediction, FairseqTask.build_generator,
-                FairseqTask.inference_step)
+                FairseqTask.inference_step, utils.extract_hard_alignment)
 
     before = installed()
     unk.install()  # again (a second --user-dir import): nothing wrapped twice
