@@ -17,7 +17,7 @@ failure one error naming what to change. An ensemble: checkpoint files joined by
 import os
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -25,6 +25,8 @@ from .errors import CheckpointError, ConfigError
 from .inputs import (InputError, check_data_bin, check_pieces_cover, holds_pieces, is_pieces,
                      is_text_not_pieces)
 from .model import RNNS2SModel
+from .runtime import has_attention
+from .unk import replace_unks
 
 
 @dataclass
@@ -69,10 +71,13 @@ class Translator:
         return cls(hub)
 
     def translate(self, sentences: Union[str, List[str]], beam: int = 5, return_attention: bool = False,
-                  nbest: int = 1, **generate_args):
+                  nbest: int = 1, replace_unk: Union[bool, Dict[str, str]] = False, **generate_args):
         """One sentence per string (any whitespace in it, newlines too, separates words): its
         translation, or a ``Translation`` with the attention; a list gives a list. With nbest > 1
-        each sentence gives a list of its nbest best hypotheses, best first (nbest <= beam)."""
+        each sentence gives a list of its nbest best hypotheses, best first (nbest <= beam).
+        replace_unk (fairseq's --replace-unk): True replaces each <unk> of the output by the
+        source token (word or piece) most attended when it was written, a dict by that token's
+        entry where it has one (Luong et al., 2015b)."""
         if beam < 1:
             raise ConfigError(f"beam must be at least 1, got {beam}")
         if not 1 <= nbest <= beam:  # beam search keeps beam hypotheses; nbest was ignored before
@@ -110,23 +115,32 @@ class Translator:
             raise InputError(
                 f"{len(too_long)} sentence(s) longer than the model's limit: sentence {i} has "
                 f"{len(encoded[i])} tokens (counting </s>), the limit is {limit}; {advice}")
+        if replace_unk and not all(has_attention(m) for m in self.hub.models):
+            warnings.warn("replace_unk: a model without attention (rnn_vanilla) has no alignment; "
+                          "its <unk> stay")
         for model in self.hub.models:  # prepared for inference: attention only when asked for
             if hasattr(model.decoder, "need_attn"):
-                model.decoder.need_attn = return_attention
+                model.decoder.need_attn = return_attention or bool(replace_unk)
         with warnings.catch_warnings():  # fairseq's batch iterator asks to pin memory, even on CPU
             warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
             hypos = self.hub.generate(encoded, beam=beam, **generate_args)
+        lookup = replace_unk if isinstance(replace_unk, dict) else {}
         out = []
-        for src, hyps in zip(encoded, hypos):
-            results = [self._result(src, h, return_attention) for h in hyps[:nbest]]
+        for sentence, src, hyps in zip(batch, encoded, hypos):
+            source = self._source_tokens(sentence) if replace_unk else None
+            results = [self._result(src, h, return_attention, source, lookup) for h in hyps[:nbest]]
             out.append(results if nbest > 1 else results[0])
         return out[0] if single else out
 
-    def _result(self, src: torch.Tensor, hyp: dict, return_attention: bool):
-        """One hypothesis of fairseq's search as text, or as a Translation with its attention."""
-        text = self.hub.decode(hyp["tokens"])
-        if not return_attention:
-            return text
+    def _source_tokens(self, sentence: str) -> List[str]:
+        """The source tokens as ``hub.encode`` reads them (after tokenizer and bpe), as strings:
+        an unknown one is itself here, ``<unk>`` in the dictionary."""
+        return self.hub.apply_bpe(self.hub.tokenize(" ".join(sentence.split()))).split()
+
+    def _result(self, src: torch.Tensor, hyp: dict, return_attention: bool,
+                source: Optional[List[str]] = None, lookup: Optional[Dict[str, str]] = None):
+        """One hypothesis of fairseq's search as text, or as a Translation with its attention;
+        with ``source``, its <unk> replaced through the attention."""
         attn = hyp.get("attention")  # S_batch x T_out: columns of the padded batch
         if attn is not None and attn.numel() > 0:
             n = len(src)
@@ -135,6 +149,16 @@ class Translator:
             attn = attn.t().float().cpu()  # T_out x S_in
         else:
             attn = None
+        if source is not None:
+            pieces = self.hub.tgt_dict.string(hyp["tokens"]).split()
+            # the most attended source token of each output token, </s> aside
+            aligned = [] if attn is None else attn[: len(pieces), : len(src) - 1].argmax(dim=1).tolist()
+            pieces = replace_unks(pieces, source, aligned, lookup or {}, self.hub.tgt_dict.unk_string())
+            text = self.hub.detokenize(self.hub.remove_bpe(" ".join(pieces)))
+        else:
+            text = self.hub.decode(hyp["tokens"])
+        if not return_attention:
+            return text
         return Translation(
             translation=text,
             score=float(hyp["score"]),

@@ -242,3 +242,27 @@ def test_fairseqs_own_model_needs_print_alignment(corpus):
         assert len(pairs) == len(after.split()), (before, after)
         assert all(a == b or (b == "<unk>" and a in unknown) for b, a in pairs), (before, after)
         assert "<unk>" not in after, after
+
+
+@pytest.mark.slow
+def test_the_hub_replaces_unknown_words(corpus):
+    from fairseq_s2s_attn.hub import Translator
+
+    root, models = corpus
+    t = Translator.from_pretrained(str(models["rnn_bahdanau_tiny"].parent), data=str(root / "bin"),
+                                   source_lang="src", target_lang="tgt")
+    expected = [" ".join(reversed(line.split())) for line in LINES]
+    assert [t.translate(s).count("<unk>") for s in LINES] == [1, 1, 1, 0]
+    # in one batch (padded sources), one at a time, and with an alignment dictionary
+    assert t.translate(LINES, replace_unk=True) == expected
+    assert [t.translate(s, replace_unk=True) for s in LINES] == expected
+    assert t.translate(LINES[:2], replace_unk={"zzz": "Zug"}) == ["w3 Zug w2 w1", "w6 w5 foo"]
+    best = t.translate(LINES[0], replace_unk=True, beam=5, nbest=2)
+    assert best[0] == expected[0] and "<unk>" not in best[1]
+    r = t.translate(LINES[0], replace_unk=True, return_attention=True)
+    assert r.translation == expected[0] and r.target_pieces[1] == "<unk>"  # the model's own output
+
+    vanilla = Translator.from_pretrained(str(models["rnn_vanilla_tiny"].parent), data=str(root / "bin"),
+                                         source_lang="src", target_lang="tgt")
+    with pytest.warns(UserWarning, match="replace_unk: a model without attention"):
+        vanilla.translate(LINES[0], replace_unk=True)
