@@ -27,8 +27,8 @@ pairs as fairseq's Python loop, which had made ``--print-alignment`` 1.8-1.9x sl
 A model without attention (rnn_vanilla) has no alignment: its ``<unk>`` stay, with a warning.
 Other models (fairseq's lstm, transformer) are aligned by fairseq only with --print-alignment: a
 warning says so where it is not given.
-fairseq-generate needs the source text, which a binarised data-bin no longer holds: fairseq asks
-for ``fairseq-preprocess --dataset-impl raw``, as before.
+fairseq-generate reads the source tokens from the raw-text data-bin that fairseq requires for
+the option (``fairseq-preprocess --dataset-impl raw``; a binarised one no longer holds the words).
 """
 import contextvars
 import logging
