@@ -152,7 +152,8 @@ class Translator:
         if source is not None:
             pieces = self.hub.tgt_dict.string(hyp["tokens"]).split()
             # the most attended source token of each output token, </s> aside
-            aligned = [] if attn is None else attn[: len(pieces), : len(src) - 1].argmax(dim=1).tolist()
+            aligned = ([] if attn is None or len(src) < 2 else  # an empty source: nothing to copy
+                       attn[: len(pieces), : len(src) - 1].argmax(dim=1).tolist())
             pieces = replace_unks(pieces, source, aligned, lookup or {}, self.hub.tgt_dict.unk_string())
             text = self.hub.detokenize(self.hub.remove_bpe(" ".join(pieces)))
         else:

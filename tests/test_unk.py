@@ -259,6 +259,7 @@ def test_the_hub_replaces_unknown_words(corpus):
     assert t.translate(LINES[:2], replace_unk={"zzz": "Zug"}) == ["w3 Zug w2 w1", "w6 w5 foo"]
     best = t.translate(LINES[0], replace_unk=True, beam=5, nbest=2)
     assert best[0] == expected[0] and "<unk>" not in best[1]
+    assert t.translate(["", LINES[1]], replace_unk=True)[1] == expected[1]  # an empty source too
     r = t.translate(LINES[0], replace_unk=True, return_attention=True)
     assert r.translation == expected[0] and r.target_pieces[1] == "<unk>"  # the model's own output
 
