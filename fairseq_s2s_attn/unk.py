@@ -21,6 +21,9 @@ fairseq 0.12's option did not work (fairseq issue #3533), in four ways this modu
   output position i was no longer output token i. It now runs on the tokens, then the
   post-processing.
 
+fairseq-interactive's ``--print-alignment soft`` died at its first A- line (it unpacked every
+alignment as pairs); it now prints fairseq-generate's rows of weights.
+
 That alignment (``utils.extract_hard_alignment``) is computed in tensor operations, the same
 pairs as fairseq's Python loop, which had made ``--print-alignment`` 1.8-1.9x slower.
 
@@ -240,8 +243,29 @@ def hard_alignment_in_tensor_ops() -> None:
         return list(zip(src_word[src_indices].tolist(), tgt_word[tgt_valid].tolist()))
 
 
+# fairseq-interactive's A- line: soft rows (lists of weights) as fairseq-generate prints them
+SOFT_ALIGNMENT_LINES = {
+    '["{}-{}".format(src, tgt) for src, tgt in alignment]':
+        '[",".join(a) if isinstance(a, list) else "{}-{}".format(*a) for a in alignment]',
+}
+
+
+def interactive_prints_soft_alignments() -> None:
+    """``fairseq-interactive --print-alignment soft`` stopped at the first sentence with
+    ``ValueError: too many values to unpack``: it printed every alignment as (source, output)
+    pairs, and a soft one is a row of weights over the source tokens per output token. Its A-
+    line is now fairseq-generate's: the rows, weights joined by commas; hard ones as before."""
+    from .inputs import _interactive_module
+    from .patching import innermost, rewrite_lines
+
+    interactive = _interactive_module()
+    if interactive is not None and hasattr(interactive, "main"):
+        rewrite_lines(innermost(interactive, "main"), SOFT_ALIGNMENT_LINES)
+
+
 def install() -> None:
     hard_alignment_in_tensor_ops()
+    interactive_prints_soft_alignments()
     load_align_dict_reads_the_bare_option()
     generators_align_for_replace_unk()
     interactive_keeps_the_source_words()

@@ -267,3 +267,17 @@ def test_the_hub_replaces_unknown_words(corpus):
                                          source_lang="src", target_lang="tgt")
     with pytest.warns(UserWarning, match="replace_unk: a model without attention"):
         vanilla.translate(LINES[0], replace_unk=True)
+
+
+@pytest.mark.slow
+def test_interactive_prints_soft_alignments(corpus):
+    """fairseq-interactive --print-alignment soft died (ValueError: too many values to unpack);
+    its A- lines are now fairseq-generate's: per output token (and </s>) the weights over the
+    source tokens and </s>."""
+    proc = interactive(corpus, "--print-alignment", "soft", "--replace-unk")
+    res = parse_generate(proc.stdout)
+    assert [res["H"][i] for i in range(4)] == [" ".join(reversed(ln.split())) for ln in LINES]
+    for i, line in enumerate(LINES):
+        rows = [[float(w) for w in row.split(",")] for row in res["A"][i].split()]
+        assert len(rows) == len(res["H"][i].split()) + 1
+        assert all(len(r) == len(line.split()) + 1 and abs(sum(r) - 1) < 1e-3 for r in rows)
