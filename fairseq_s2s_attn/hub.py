@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
 import torch
+from fairseq import utils
 
 from .errors import CheckpointError, ConfigError
 from .inputs import (InputError, check_data_bin, check_pieces_cover, holds_pieces, is_pieces,
@@ -151,9 +152,11 @@ class Translator:
             attn = None
         if source is not None:
             pieces = self.hub.tgt_dict.string(hyp["tokens"]).split()
-            # the most attended source token of each output token, </s> aside
-            aligned = ([] if attn is None or len(src) < 2 else  # an empty source: nothing to copy
-                       attn[: len(pieces), : len(src) - 1].argmax(dim=1).tolist())
+            # fairseq's hard alignment (the most attended source token of each output token, </s>
+            # aside; none for an empty source), as fairseq-interactive's --replace-unk reads it
+            d = self.hub.tgt_dict
+            aligned = [] if attn is None else utils.extract_hard_alignment(
+                attn, src.cpu(), hyp["tokens"].cpu(), d.pad(), d.eos())
             pieces = replace_unks(pieces, source, aligned, lookup or {}, self.hub.tgt_dict.unk_string())
             text = self.hub.detokenize(self.hub.remove_bpe(" ".join(pieces)))
         else:

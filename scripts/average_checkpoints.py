@@ -33,11 +33,14 @@ from cli_args import at_least, folder_problem  # noqa: E402
 
 EPOCH_FILE = re.compile(r"^checkpoint(\d+)\.pt$")
 UPDATE_FILE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")
-# settings that may differ between checkpoints of one training without changing the parameters'
-# meaning (fairseq-train resumed with other limits, precision or data path)
-NEUTRAL_MODEL_SETTINGS = {"cpu_bf16", "compile_step", "max_source_positions", "max_target_positions",
-                          "encoder_dropout_in", "encoder_dropout_out", "decoder_dropout_in",
-                          "decoder_dropout_out", "dropout", "data", "_name"}
+
+def neutral_model_settings():
+    """Settings that may differ between checkpoints of one training without changing what the
+    parameters mean: those ``--model-overrides`` may change (``checkpoint.NEUTRAL_OVERRIDES``:
+    precision, limits, dropout, initialisation) and fairseq's own dropout, data path and name."""
+    from fairseq_s2s_attn.checkpoint import NEUTRAL_OVERRIDES
+
+    return NEUTRAL_OVERRIDES | {"dropout", "data", "_name"}
 
 
 class AverageError(Exception):
@@ -97,8 +100,8 @@ def check_same_model(first_path, first, path, state) -> None:
     def differ(what):
         raise AverageError(f"{path} and {first_path} cannot be averaged: {what}")
 
-    a, b = ({k: v for k, v in _model_options(s).items() if k not in NEUTRAL_MODEL_SETTINGS}
-            for s in (first, state))
+    neutral = neutral_model_settings()
+    a, b = ({k: v for k, v in _model_options(s).items() if k not in neutral} for s in (first, state))
     if _arch(first) != _arch(state):
         differ(f"other architectures ({_arch(state)} and {_arch(first)})")
     for key in sorted(set(a) | set(b)):
