@@ -401,6 +401,48 @@ def check_beam_and_nbest(generation) -> None:
             raise ConfigError(f"--{option} must be at least 1 (got {value})")
 
 
+def options_the_command_cannot_serve() -> None:
+    """Generation options given to a command that has nothing for them died with a traceback
+    once the models had loaded, for every model (fairseq's own too): fairseq-generate
+    ``--constraints`` at its first batch (``TypeError: 'NoneType' object is not iterable`` in
+    LexicallyConstrainedBeamSearch: its batches hold no constraints, only fairseq-interactive
+    reads them, after a tab on each input line), fairseq-generate ``--print-step`` and
+    ``--retain-iter-history`` after the first batch (``KeyError: 'steps'`` / ``'history'``: only
+    iterative refinement, the translation_lev task's generator, makes them), fairseq-interactive
+    ``--score-reference`` at its first line (``KeyError: 'target'``: its input has no reference).
+    Now one error line where the task builds the search (``FairseqTask.build_generator``; the
+    translation_lev task builds its own, which serves --print-step), before a sentence is read."""
+    from fairseq.tasks.fairseq_task import FairseqTask
+
+    @replaces(FairseqTask, "build_generator")
+    def build_generator(original, self, models, args, *rest, **kwargs):
+        command = "interactive" if command_module("interactive") is not None else \
+            "generate" if command_module("generate") is not None else None
+        check_generation_options(args, command)
+        return original(self, models, args, *rest, **kwargs)
+
+
+def check_generation_options(generation, command) -> None:
+    """ConfigError for an option of fairseq's generation options the command (``generate``,
+    ``interactive`` or None) cannot serve with a search of ``FairseqTask.build_generator``."""
+    def given(option):
+        return bool(getattr(generation, option.replace("-", "_"), None))
+
+    if command == "generate" and given("constraints"):
+        raise ConfigError("--constraints: fairseq-generate has no constraints to read (a data-bin "
+                          "holds none); fairseq-interactive reads them after a tab on each input "
+                          "line (source<TAB>constraint<TAB>...)")
+    if command == "generate":
+        for option in ("print-step", "retain-iter-history"):
+            if given(option):
+                raise ConfigError(f"--{option} prints the refinement steps of iterative refinement "
+                                  "(the translation_lev task's models); beam search and sampling "
+                                  "write one token per step and have none")
+    if command == "interactive" and given("score-reference"):
+        raise ConfigError("--score-reference scores the references of a data-bin: "
+                          "fairseq-generate; fairseq-interactive's input lines have none")
+
+
 def sentencepiece_model_of_the_source() -> None:
     """fairseq-interactive with ``--bpe sentencepiece --sentencepiece-model`` of another corpus or
     language translated words read as ``<unk>`` without a word; now one error line
@@ -466,4 +508,5 @@ def install() -> None:
     checked_data_bin()
     batch_size_required()
     beam_and_nbest_checked()
+    options_the_command_cannot_serve()
     sentencepiece_model_of_the_source()
