@@ -6,9 +6,12 @@
     t.translate("Open file")                          # 'Datei öffnen'
     r = t.translate("Open file", return_attention=True)
     r.translation, r.source_pieces, r.target_pieces, r.attention   # attention: T_out x S_in
+    t.score("Open file", "Datei öffnen")             # mean log-probability of its tokens
+    r = t.score("Open file", "Öffne die Datei", return_attention=True)  # where the model looked
 
 ``RNNS2SModel.from_pretrained`` (fairseq's own hub interface) works too; this wrapper adds the
-attention matrix with the source and output pieces it is indexed by, and checks its arguments
+attention matrix with the source and output pieces it is indexed by, the scores of given
+translations (forced decoding, as ``fairseq-generate --score-reference``), and checks its arguments
 first (missing or unreadable files, a beam below 1, sources over the model's length limit), each
 failure one error naming what to change. An ensemble: checkpoint files joined by ``os.pathsep``
 ("a.pt:b.pt"), as fairseq's ``--path`` takes them.
@@ -40,6 +43,8 @@ class Translation:
     source_pieces: List[str]  # the source as the model saw it (subwords), ending in </s>
     target_pieces: List[str]  # the output, ending in </s>
     attention: Optional[torch.Tensor]  # len(target_pieces) x len(source_pieces); None for vanilla
+    # the log-probability (natural log) of each of target_pieces when it was written
+    token_scores: Optional[List[float]] = None
 
 
 class Translator:
@@ -83,45 +88,16 @@ class Translator:
             raise ConfigError(f"beam must be at least 1, got {beam}")
         if not 1 <= nbest <= beam:  # beam search keeps beam hypotheses; nbest was ignored before
             raise ConfigError(f"nbest must be between 1 and beam ({beam}), got {nbest}")
+        if generate_args.get("score_reference"):  # fairseq's scorer needs the translations
+            raise ConfigError("score_reference: give the translations to Translator.score("
+                              "sources, translations)")
         single = isinstance(sentences, str)
         batch = [sentences] if single else list(sentences)
-        if self.hub.bpe is None and self.reads_pieces:  # no spm_model given
-            text = [i for i, s in enumerate(batch) if is_text_not_pieces(s)]
-            if text:  # its words would be read as <unk>s or other words' pieces
-                raise InputError(
-                    f"sentence {text[0]} is text, but the model reads sentencepiece pieces (its "
-                    "dictionary's): load it with Translator.from_pretrained(..., spm_model=SPM), "
-                    "the model the data-bin was made with, or give pieces")
-        elif type(self.hub.bpe).__name__ == "SentencepieceBPE":  # pieces would be encoded again
-            pieces = [i for i, s in enumerate(batch) if is_pieces(s)]
-            if pieces:
-                raise InputError(
-                    f"sentence {pieces[0]} is in sentencepiece pieces already (it begins with "
-                    "\u2581), and the translator's spm_model would encode them again: give text")
-        # sentencepiece takes a newline or tab for a character of the word, not a word boundary
-        encoded = [self.hub.encode(" ".join(s.split())) for s in batch]
-        limit = self.hub.max_positions  # (source, target) limits, or one number
-        limit = limit[0] if isinstance(limit, tuple) else limit
-        too_long = [i for i, src in enumerate(encoded) if limit is not None and len(src) > limit]
-        if too_long:
-            i = too_long[0]
-            # the location score (Luong sec. 3.1) has one weight row per source position: its
-            # limit is the trained model's size, and a larger max_source_positions cannot load
-            fixed = any(getattr(getattr(getattr(m, "decoder", None), "attention", None),
-                                "score_name", None) == "location" for m in self.hub.models)
-            advice = ("the model's location attention has one weight per source position, so "
-                      "split the sentence" if fixed else "load the model with "
-                      "Translator.from_pretrained(..., max_source_positions=N) to raise it, or "
-                      "split the sentence")
-            raise InputError(
-                f"{len(too_long)} sentence(s) longer than the model's limit: sentence {i} has "
-                f"{len(encoded[i])} tokens (counting </s>), the limit is {limit}; {advice}")
+        encoded = self._encode(batch, "source")
         if replace_unk and not all(has_attention(m) for m in self.hub.models):
             warnings.warn("replace_unk: a model without attention (rnn_vanilla) has no alignment; "
                           "its <unk> stay")
-        for model in self.hub.models:  # prepared for inference: attention only when asked for
-            if hasattr(model.decoder, "need_attn"):
-                model.decoder.need_attn = return_attention or bool(replace_unk)
+        self._ask_attention(return_attention or bool(replace_unk))
         with warnings.catch_warnings():  # fairseq's batch iterator asks to pin memory, even on CPU
             warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
             hypos = self.hub.generate(encoded, beam=beam, **generate_args)
@@ -132,6 +108,114 @@ class Translator:
             results = [self._result(src, h, return_attention, source, lookup) for h in hyps[:nbest]]
             out.append(results if nbest > 1 else results[0])
         return out[0] if single else out
+
+    def score(self, sources: Union[str, List[str]], translations: Union[str, List[str]],
+              return_attention: bool = False, batch_size: int = 32):
+        """Forced decoding: how the model scores a given translation of each source, as
+        ``fairseq-generate --score-reference`` does for a data-bin's references: the mean
+        log-probability (natural log) of the translation's tokens, </s> included (a translation's
+        ``score`` from ``translate``, whose hypotheses this reproduces; for an ensemble, of the
+        models' mean probabilities). A pair of strings gives a float, lists a list. With
+        return_attention, a ``Translation`` of the given translation with ``token_scores`` (where
+        the model disagrees with it) and ``attention``: where the model looked while writing each
+        given token, an alignment of the pair (None for rnn_vanilla). Texts are read as by
+        ``translate`` (the same checks), in batches of ``batch_size`` pairs."""
+        from fairseq.data import LanguagePairDataset
+        from fairseq.sequence_scorer import SequenceScorer
+
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        single = isinstance(sources, str)
+        if single != isinstance(translations, str):
+            raise ConfigError("sources and translations: two strings, or two lists")
+        src_batch = [sources] if single else list(sources)
+        tgt_batch = [translations] if single else list(translations)
+        if len(src_batch) != len(tgt_batch):
+            raise ConfigError(f"{len(src_batch)} sources and {len(tgt_batch)} translations: give "
+                              "one translation per source")
+        src, tgt = self._encode(src_batch, "source"), self._encode(tgt_batch, "translation")
+        task = self.hub.task.cfg
+        dataset = LanguagePairDataset(
+            src, [len(s) for s in src], self.hub.src_dict, tgt, [len(t) for t in tgt],
+            self.hub.tgt_dict, left_pad_source=task.left_pad_source, left_pad_target=False)
+        scorer = SequenceScorer(self.hub.tgt_dict)
+        self._ask_attention(return_attention)
+        scored: List[Optional[dict]] = [None] * len(src)
+        for start in range(0, len(src), batch_size):
+            sample = dataset.collater([dataset[i] for i in range(start, min(len(src), start + batch_size))])
+            sample = utils.apply_to_sample(lambda t: t.to(self.hub.device), sample)
+            with torch.no_grad():
+                hypos = scorer.generate(self.hub.models, sample)
+            for i, hypo in zip(sample["id"].tolist(), hypos):  # the batch is sorted by length
+                scored[i] = hypo[0]
+        out = []
+        for text, s, t, hyp in zip(tgt_batch, src, tgt, scored):
+            if not return_attention:
+                out.append(float(hyp["score"]))
+                continue
+            attn = hyp["attention"]  # T_batch x S_batch: the padded batch's rows and columns
+            if attn is not None:
+                attn = attn[:len(t)]
+                attn = attn[:, attn.size(1) - len(s):] if task.left_pad_source else attn[:, :len(s)]
+                attn = attn.float().cpu()
+            out.append(Translation(
+                translation=" ".join(text.split()), score=float(hyp["score"]),
+                source_pieces=self.hub.src_dict.string(s).split() + ["</s>"],
+                target_pieces=self.hub.tgt_dict.string(t).split() + ["</s>"],
+                attention=attn, token_scores=hyp["positional_scores"].float().tolist()))
+        return out[0] if single else out
+
+    def _ask_attention(self, need: bool) -> None:
+        """The models (prepared for inference) return attention only when asked for."""
+        for model in self.hub.models:
+            if hasattr(model.decoder, "need_attn"):
+                model.decoder.need_attn = need
+
+    def _encode(self, texts: List[str], side: str) -> List[torch.Tensor]:
+        """Token ids of each text on one side ("source", or "translation" for the target), read
+        as fairseq-interactive reads a line (tokenizer, bpe, the side's dictionary, </s>), or one
+        error for a text the model cannot read (text for a model of pieces without spm_model, or
+        pieces with it) or one over the model's length limit for that side."""
+        what = "sentence" if side == "source" else side
+        if self.hub.bpe is None and self.reads_pieces:  # no spm_model given
+            text = [i for i, s in enumerate(texts) if is_text_not_pieces(s)]
+            if text:  # its words would be read as <unk>s or other words' pieces
+                raise InputError(
+                    f"{what} {text[0]} is text, but the model reads sentencepiece pieces (its "
+                    "dictionary's): load it with Translator.from_pretrained(..., spm_model=SPM), "
+                    "the model the data-bin was made with, or give pieces")
+        elif type(self.hub.bpe).__name__ == "SentencepieceBPE":  # pieces would be encoded again
+            pieces = [i for i, s in enumerate(texts) if is_pieces(s)]
+            if pieces:
+                raise InputError(
+                    f"{what} {pieces[0]} is in sentencepiece pieces already (it begins with "
+                    "\u2581), and the translator's spm_model would encode them again: give text")
+        # sentencepiece takes a newline or tab for a character of the word, not a word boundary
+        if side == "source":
+            encoded = [self.hub.encode(" ".join(s.split())) for s in texts]
+        else:
+            encoded = [self.hub.tgt_dict.encode_line(
+                self.hub.apply_bpe(self.hub.tokenize(" ".join(s.split()))),
+                add_if_not_exist=False).long() for s in texts]
+        limit = self.hub.max_positions  # (source, target) limits, or one number
+        limit = limit[0 if side == "source" else 1] if isinstance(limit, tuple) else limit
+        too_long = [i for i, ids in enumerate(encoded) if limit is not None and len(ids) > limit]
+        if too_long:
+            i = too_long[0]
+            # the location score (Luong sec. 3.1) has one weight row per source position: its
+            # limit is the trained model's size, and a larger max_source_positions cannot load
+            fixed = side == "source" and any(
+                getattr(getattr(getattr(m, "decoder", None), "attention", None), "score_name",
+                        None) == "location" for m in self.hub.models)
+            option = "max_source_positions" if side == "source" else "max_target_positions"
+            advice = ("the model's location attention has one weight per source position, so "
+                      "split the sentence" if fixed else "load the model with "
+                      f"Translator.from_pretrained(..., {option}=N) to raise it, or split the "
+                      "sentence")
+            raise InputError(
+                f"{len(too_long)} {what}(s) longer than the model's limit: {what} {i} has "
+                f"{len(encoded[i])} tokens (counting </s>), the limit is {limit}; {advice}")
+        return encoded
 
     def _source_tokens(self, sentence: str) -> List[str]:
         """The source tokens as ``hub.encode`` reads them (after tokenizer and bpe), as strings:
@@ -169,6 +253,7 @@ class Translator:
             source_pieces=self.hub.src_dict.string(src).split() + ["</s>"],
             target_pieces=self.hub.tgt_dict.string(hyp["tokens"]).split() + ["</s>"],
             attention=attn,
+            token_scores=hyp["positional_scores"].float().tolist(),
         )
 
 

@@ -7,6 +7,11 @@
 One PNG per sentence: source pieces on the x axis, output pieces on the y axis, cell (i, j) =
 weight of source piece j when the model produced output piece i (each row sums to 1, below 1
 with local-p attention, whose Gaussian is not renormalised).
+
+With --reference (a file of translations, line by line with --input, e.g. work/demo/data/test.de)
+the model reads the reference instead of writing its own translation (forced decoding,
+Translator.score): the plot shows where it looked while writing each reference piece, an
+alignment of the sentence pair, with the reference's score in the title.
 """
 import argparse
 import os
@@ -16,12 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_args import at_least, folder_problem  # noqa: E402
 
 
-def pick_sentences(path: str, num: int, min_words: int, max_words: int):
-    """`num` lines spread evenly over the file, of min..max words, plain words only (no format
-    placeholders or markup, which say little about alignment)."""
+def read_lines(path: str):
     with open(path, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f]
-    ok = [ln for ln in lines if min_words <= len(ln.split()) <= max_words
+        return [ln.strip() for ln in f]
+
+
+def pick_sentences(lines, num: int, min_words: int, max_words: int):
+    """The indices of `num` lines spread evenly over `lines`, of min..max words, plain words only
+    (no format placeholders or markup, which say little about alignment)."""
+    ok = [i for i, ln in enumerate(lines) if min_words <= len(ln.split()) <= max_words
           and not any(ch in ln for ch in "%{}<>\"\\|_=")]
     if len(ok) <= num:
         return ok
@@ -61,6 +69,9 @@ def main(argv=None):
                    help="sentencepiece model (omit for input in the data-bin's units: pieces as "
                    "spm_encode writes them, or words)")
     p.add_argument("--input", required=True, help="text file, one source sentence per line")
+    p.add_argument("--reference", default=None,
+                   help="text file of translations, one per line of --input: plot the attention "
+                   "while the model reads each (forced decoding) instead of its own translation")
     p.add_argument("--num", type=at_least(1), default=4, help="how many sentences to plot")
     p.add_argument("--min-words", type=int, default=4)
     p.add_argument("--max-words", type=int, default=14)
@@ -69,6 +80,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not os.path.isfile(args.input):
         p.error(f"input file not found: {args.input}")
+    if args.reference is not None and not os.path.isfile(args.reference):
+        p.error(f"--reference {args.reference}: no such file")
     if not os.path.isdir(args.data):
         p.error(f"--data {args.data}: no such folder (the data-bin with the dictionaries)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -76,14 +89,22 @@ def main(argv=None):
     problem = folder_problem(args.out)  # checked before the model is loaded
     if problem:
         p.error(f"--out {args.out} {problem}")
-    try:
-        sentences = pick_sentences(args.input, args.num, args.min_words, args.max_words)
-    except UnicodeDecodeError as e:
-        p.error(f"--input {args.input}: not UTF-8 text (byte {e.start}); give UTF-8 text")
-    except OSError as e:
-        p.error(f"--input {args.input}: cannot read ({e.strerror or e})")
-    if not sentences:
+    texts = {}
+    for option, path in (("--input", args.input), ("--reference", args.reference)):
+        try:
+            texts[option] = None if path is None else read_lines(path)
+        except UnicodeDecodeError as e:
+            p.error(f"{option} {path}: not UTF-8 text (byte {e.start}); give UTF-8 text")
+        except OSError as e:
+            p.error(f"{option} {path}: cannot read ({e.strerror or e})")
+    lines, references = texts["--input"], texts["--reference"]
+    if references is not None and len(references) != len(lines):
+        p.error(f"--reference {args.reference} has {len(references)} lines and --input "
+                f"{args.input} {len(lines)}: give one translation per source line")
+    picked = pick_sentences(lines, args.num, args.min_words, args.max_words)
+    if not picked:
         p.error(f"no sentence of {args.min_words}-{args.max_words} words in {args.input}")
+    sentences = [lines[i] for i in picked]
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import logging
@@ -116,7 +137,11 @@ def main(argv=None):
         p.error(f"--out {args.out}: cannot make the folder ({e.strerror or e})")
     written = []
     try:  # sentences the model cannot take (too long; text without --spm-model for pieces)
-        results = translator.translate(sentences, beam=args.beam, return_attention=True)
+        if references is None:
+            results = translator.translate(sentences, beam=args.beam, return_attention=True)
+        else:
+            results = translator.score(sentences, [references[i] for i in picked],
+                                       return_attention=True)
     except S2SError as e:
         p.error(str(e))
     for i, (sent, res) in enumerate(zip(sentences, results)):
@@ -125,7 +150,9 @@ def main(argv=None):
             return 1
         path = os.path.join(args.out, f"attention_{i}.png")
         try:
-            plot(res, path, f"{sent}\n→ {res.translation}")
+            title = f"{sent}\n→ {res.translation}" if references is None else \
+                f"{sent}\n= {res.translation} (reference, score {res.score:.2f})"
+            plot(res, path, title)
         except OSError as e:
             p.error(f"cannot write {path} ({e.strerror or e})")
         written.append(path)

@@ -303,6 +303,64 @@ def test_hub_translate_with_attention(data_bin, checkpoints):
     assert t.translate("w1 w2 w3 w4", beam=3, nbest=2) == [text, best[0][1].translation]
 
 
+@pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "rnn_vanilla_tiny"])
+def test_hub_scores_given_translations(arch, data_bin, checkpoints):
+    """Translator.score: forced decoding of given translations (the hub's score_reference=True
+    was a TypeError; fairseq's hub scores the source as a language model would). Beam search's
+    own hypotheses, scored in batches of several lengths (sorted and padded) and one at a time,
+    score as the search scored them, token by token, with the same attention (an alignment of
+    the pair; None without attention); the test set's references score as fairseq-generate
+    --score-reference scores them (base 2 there); bad arguments are one error each."""
+    import math
+
+    from fairseq_s2s_attn.errors import ConfigError
+    from fairseq_s2s_attn.hub import Translator
+    from fairseq_s2s_attn.inputs import InputError
+
+    t = Translator.from_pretrained(str(checkpoints[arch].parent), data=str(data_bin))
+    sources = ["w1 w2 w3 w4", "w5", "w6 w7 w8 w9 w10 w11 w1 w2", "w3 w3"]
+    own = t.translate(sources, beam=3, return_attention=True)
+    translations = [r.translation for r in own]
+    for batch_size in (32, 1):
+        scored = t.score(sources, translations, return_attention=True, batch_size=batch_size)
+        for r, s in zip(own, scored):
+            assert (s.source_pieces, s.target_pieces) == (r.source_pieces, r.target_pieces)
+            assert s.translation == r.translation and len(s.token_scores) == len(s.target_pieces)
+            assert s.score == pytest.approx(r.score, abs=1e-5)
+            assert s.score == pytest.approx(sum(s.token_scores) / len(s.token_scores), abs=1e-6)
+            torch.testing.assert_close(torch.tensor(s.token_scores), torch.tensor(r.token_scores),
+                                       atol=1e-5, rtol=0)
+            if arch == "rnn_vanilla_tiny":
+                assert s.attention is None and r.attention is None
+            else:
+                assert s.attention.shape == (len(s.target_pieces), len(s.source_pieces))
+                torch.testing.assert_close(s.attention, r.attention, atol=1e-5, rtol=0)
+        assert t.score(sources, translations, batch_size=batch_size) == \
+            pytest.approx([s.score for s in scored], abs=1e-6)
+    assert t.score(sources[0], translations[0]) == pytest.approx(own[0].score, abs=1e-5)
+    assert t.score(sources[0], "w0 " * 8) < own[0].score  # a worse translation scores lower
+
+    gen = run("fairseq-generate", data_bin, *USER_DIR, "--path", checkpoints[arch],
+              "--score-reference", "--cpu", "--batch-size", 16).stdout
+    lines = parse_generate(gen)
+    expected = {int(ln.split("\t")[0][2:]): float(ln.split("\t")[1])
+                for ln in gen.splitlines() if ln.startswith("H-")}
+    ids = sorted(expected)[:20]
+    mine = t.score([lines["S"][i] for i in ids], [lines["T"][i] for i in ids])
+    assert [m / math.log(2) for m in mine] == pytest.approx([expected[i] for i in ids], abs=1e-4)
+
+    with pytest.raises(ConfigError, match="score_reference: give the translations to Translator.score"):
+        t.translate("w1 w2", score_reference=True)
+    with pytest.raises(ConfigError, match="2 sources and 1 translations"):
+        t.score(["w1", "w2"], ["w1"])
+    with pytest.raises(ConfigError, match="two strings, or two lists"):
+        t.score("w1", ["w1"])
+    with pytest.raises(ConfigError, match="batch_size must be at least 1"):
+        t.score("w1", "w1", batch_size=0)
+    with pytest.raises(InputError, match=r"translation 1 has 1101 tokens .* max_target_positions"):
+        t.score(["w1", "w2"], ["w1", "w1 " * 1100])
+
+
 def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
     """Each bad argument is one error naming what to change (were: TypeError, tarfile and
     sentencepiece errors, ZeroDivisionError, fairseq's command-line advice for long sources);
@@ -547,6 +605,15 @@ def test_plot_attention_script(data_bin, checkpoints, tmp_path):
     # make demo prints this script's output: fairseq's loading chatter (its whole config on one
     # INFO line) and torch's pin_memory warning stay out of it
     assert "INFO" not in proc.stderr and "pin_memory" not in proc.stderr, proc.stderr[-2000:]
+    # --reference: the attention while the model reads the given translations (forced decoding)
+    ref = tmp_path / "ref.txt"
+    ref.write_text("w5 w4 w3 w2 w1\nw2\nw8 w7 w6 w5 w4 w3\n")
+    proc = run("plot_attention.py", "--model-dir", checkpoints["rnn_luong_tiny"].parent, "--data", data_bin,
+               "--input", src, "--reference", ref, "--num", 2, "--min-words", 3, "--out",
+               tmp_path / "forced")
+    assert [ln.split("\t")[1:] for ln in proc.stdout.splitlines()] == [
+        ["w1 w2 w3 w4 w5", "w5 w4 w3 w2 w1"], ["w3 w4 w5 w6 w7 w8", "w8 w7 w6 w5 w4 w3"]]
+    assert sorted(p.name for p in (tmp_path / "forced").glob("*.png")) == ["attention_0.png", "attention_1.png"]
     # a sentence the model cannot take is the translator's one error line (was a traceback)
     (tmp_path / "long.txt").write_text("w1 " * 1100 + "\n")
     proc = run("plot_attention.py", "--model-dir", checkpoints["rnn_luong_tiny"].parent, "--data",

@@ -65,6 +65,19 @@ def test_latin1_input_is_refused(ok_args, tmp_path, capsys):
     assert not (tmp_path / "plots").exists()
 
 
+def test_reference_must_match_the_input_line_by_line(ok_args, tmp_path, capsys):
+    """--reference: one translation per source line, readable UTF-8, checked before loading."""
+    line = refused(capsys, ok_args + ["--reference", tmp_path / "none.de"])
+    assert f"--reference {tmp_path / 'none.de'}: no such file" in line
+    (tmp_path / "one.de").write_text("öffne die Datei im Ordner jetzt\n")
+    line = refused(capsys, ok_args + ["--reference", tmp_path / "one.de"])
+    assert f"--reference {tmp_path / 'one.de'} has 1 lines and --input" in line and "2" in line
+    (tmp_path / "latin1.de").write_bytes("öffne\nspeichern\n".encode("latin-1"))
+    line = refused(capsys, ok_args + ["--reference", tmp_path / "latin1.de"])
+    assert f"--reference {tmp_path / 'latin1.de'}: not UTF-8 text" in line
+    assert not (tmp_path / "plots").exists()
+
+
 def test_help_example_uses_the_demos_checkpoint_folder():
     """scripts/demo.sh saves to $WORK/checkpoints/$ARCH (rnn_bahdanau by default)."""
     demo = (SCRIPTS / "demo.sh").read_text()
