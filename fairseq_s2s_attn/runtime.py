@@ -229,16 +229,24 @@ QUIET_WARNINGS = (
     # torch, on fairseq's data loader's pin_memory=True on a machine without a GPU
     r"'pin_memory' argument is set as true but no accelerator is found",
 )
+# FutureWarnings of torch on fairseq's own calls: fairseq-train's train_step and valid_step
+# enter torch.cuda.amp.autocast(enabled=...) at every update, deprecated since torch 2.4 (two
+# warnings of four lines in every training log, on CPU and GPU alike)
+QUIET_FUTURE_WARNINGS = (
+    r"`torch\.cuda\.amp\.autocast\(args\.\.\.\)` is deprecated",
+)
 
 
 def quiet_fairseq_warnings() -> bool:
-    """Hides the warnings of ``QUIET_WARNINGS`` (UserWarnings, by the start of their message),
-    unless the user chose how warnings are shown (-W or PYTHONWARNINGS: ``sys.warnoptions``).
-    Returns whether it did."""
+    """Hides the warnings of ``QUIET_WARNINGS`` (UserWarnings, by the start of their message)
+    and ``QUIET_FUTURE_WARNINGS`` (FutureWarnings), unless the user chose how warnings are shown
+    (-W or PYTHONWARNINGS: ``sys.warnoptions``). Returns whether it did."""
     if sys.warnoptions:
         return False
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+    for pattern in QUIET_FUTURE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
     return True
 
 

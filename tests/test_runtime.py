@@ -360,7 +360,7 @@ def test_importing_the_plugin_leaves_logging_alone():
 
 
 # fairseq-generate as its console script starts it: fairseq_cli.generate (and fairseq) imported,
-# then the plugin (--user-dir); prints the root logger's set-up, then warns twice
+# then the plugin (--user-dir); prints the root logger's set-up, then warns four times
 COMMAND_LOGGING = textwrap.dedent("""
     import logging, sys, warnings
     if sys.argv[1] == "configured":
@@ -372,7 +372,10 @@ COMMAND_LOGGING = textwrap.dedent("""
     print(logging.getLevelName(root.level), len(root.handlers), handler.stream is sys.stdout,
           handler.formatter._fmt, sep="|")
     warnings.warn("hydra.experimental.compose() is no longer experimental. Use hydra.compose()")
+    warnings.warn("`torch.cuda.amp.autocast(args...)` is deprecated. Please use "
+                  "`torch.amp.autocast('cuda', args...)` instead.", FutureWarning)
     warnings.warn("a warning of the program's own")
+    warnings.warn("a FutureWarning of the program's own", FutureWarning)
 """)
 
 
@@ -381,8 +384,9 @@ def test_fairseq_commands_log_as_they_configure_it(how):
     """In fairseq's commands that configure logging after importing fairseq, fairseq's import had
     configured it first (DEBUG, Python's format, stderr): the plugin sets up what the command
     meant (fairseq's format, INFO, stdout); a configuration made before is left alone. hydra's
-    warnings about fairseq's use of its API are not shown unless the user chose the warning
-    filters (-W); other warnings are."""
+    warnings about fairseq's use of its API and torch's FutureWarning about fairseq's
+    torch.cuda.amp.autocast (every fairseq-train log) are not shown unless the user chose the
+    warning filters (-W); other warnings are."""
     flags = ["-W", "default"] if how == "warnings chosen" else []
     proc = subprocess.run([sys.executable, *flags, "-c", COMMAND_LOGGING, how.split()[0]],
                           capture_output=True, text=True, env=env(show_warnings=True))
@@ -394,7 +398,9 @@ def test_fairseq_commands_log_as_they_configure_it(how):
     else:
         assert on_stdout == "True" and fmt == "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
     assert ("no longer experimental" in proc.stderr) == (how == "warnings chosen")
+    assert ("torch.cuda.amp.autocast(args...)" in proc.stderr) == (how == "warnings chosen")
     assert "a warning of the program's own" in proc.stderr
+    assert "a FutureWarning of the program's own" in proc.stderr
 
 
 def env_without_thread_settings():
