@@ -110,7 +110,7 @@ class Translator:
         return out[0] if single else out
 
     def score(self, sources: Union[str, List[str]], translations: Union[str, List[str]],
-              return_attention: bool = False, batch_size: int = 32):
+              return_attention: bool = False, batch_size: int = 64, max_tokens: int = 6000):
         """Forced decoding: how the model scores a given translation of each source, as
         ``fairseq-generate --score-reference`` does for a data-bin's references: the mean
         log-probability (natural log) of the translation's tokens, </s> included (a translation's
@@ -119,12 +119,20 @@ class Translator:
         return_attention, a ``Translation`` of the given translation with ``token_scores`` (where
         the model disagrees with it) and ``attention``: where the model looked while writing each
         given token, an alignment of the pair (None for rnn_vanilla). Texts are read as by
-        ``translate`` (the same checks), in batches of ``batch_size`` pairs."""
+        ``translate`` (the same checks); a translation is scored in the pieces sentencepiece
+        makes of it, which can differ from the pieces a model wrote for the same text.
+
+        Pairs go through the model in batches of similar lengths, as fairseq-generate batches
+        them: at most ``batch_size`` pairs and ``max_tokens`` target positions (rows times the
+        longest translation), whose B x T x V log-probabilities are the largest tensor made;
+        one longer pair goes alone. In input order, a 659-piece source with 127 short ones (128
+        pairs) made 662 steps of a 128 x 659 attention."""
         from fairseq.data import LanguagePairDataset
         from fairseq.sequence_scorer import SequenceScorer
 
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
         single = isinstance(sources, str)
         if single != isinstance(translations, str):
             raise ConfigError("sources and translations: two strings, or two lists")
@@ -141,8 +149,8 @@ class Translator:
         scorer = SequenceScorer(self.hub.tgt_dict)
         self._ask_attention(return_attention)
         scored: List[Optional[dict]] = [None] * len(src)
-        for start in range(0, len(src), batch_size):
-            sample = dataset.collater([dataset[i] for i in range(start, min(len(src), start + batch_size))])
+        for ids in length_batches([len(t) for t in tgt], [len(s) for s in src], batch_size, max_tokens):
+            sample = dataset.collater([dataset[i] for i in ids])
             sample = utils.apply_to_sample(lambda t: t.to(self.hub.device), sample)
             with torch.no_grad():
                 hypos = scorer.generate(self.hub.models, sample)
@@ -255,6 +263,22 @@ class Translator:
             attention=attn,
             token_scores=hyp["positional_scores"].float().tolist(),
         )
+
+
+def length_batches(lengths: List[int], second: List[int], batch_size: int,
+                   max_tokens: int) -> List[List[int]]:
+    """Indices in batches of similar length: sorted by ``lengths`` (then ``second``), each batch
+    at most ``batch_size`` indices and ``max_tokens`` = indices x the batch's longest length (an
+    index longer than that alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], second[i]))
+    batches: List[List[int]] = []
+    for i in order:
+        last = batches[-1] if batches else None
+        if last is None or len(last) >= batch_size or (len(last) + 1) * lengths[i] > max_tokens:
+            batches.append([i])
+        else:
+            last.append(i)
+    return batches
 
 
 def check_sentencepiece_model(path: str) -> None:

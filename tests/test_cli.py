@@ -307,7 +307,8 @@ def test_hub_translate_with_attention(data_bin, checkpoints):
 def test_hub_scores_given_translations(arch, data_bin, checkpoints):
     """Translator.score: forced decoding of given translations (the hub's score_reference=True
     was a TypeError; fairseq's hub scores the source as a language model would). Beam search's
-    own hypotheses, scored in batches of several lengths (sorted and padded) and one at a time,
+    own hypotheses, scored in batches of several lengths (sorted and padded), one at a time and
+    in batches bounded by max_tokens,
     score as the search scored them, token by token, with the same attention (an alignment of
     the pair; None without attention); the test set's references score as fairseq-generate
     --score-reference scores them (base 2 there); bad arguments are one error each."""
@@ -321,8 +322,8 @@ def test_hub_scores_given_translations(arch, data_bin, checkpoints):
     sources = ["w1 w2 w3 w4", "w5", "w6 w7 w8 w9 w10 w11 w1 w2", "w3 w3"]
     own = t.translate(sources, beam=3, return_attention=True)
     translations = [r.translation for r in own]
-    for batch_size in (32, 1):
-        scored = t.score(sources, translations, return_attention=True, batch_size=batch_size)
+    for batching in (dict(), dict(batch_size=1), dict(max_tokens=10)):
+        scored = t.score(sources, translations, return_attention=True, **batching)
         for r, s in zip(own, scored):
             assert (s.source_pieces, s.target_pieces) == (r.source_pieces, r.target_pieces)
             assert s.translation == r.translation and len(s.token_scores) == len(s.target_pieces)
@@ -335,7 +336,7 @@ def test_hub_scores_given_translations(arch, data_bin, checkpoints):
             else:
                 assert s.attention.shape == (len(s.target_pieces), len(s.source_pieces))
                 torch.testing.assert_close(s.attention, r.attention, atol=1e-5, rtol=0)
-        assert t.score(sources, translations, batch_size=batch_size) == \
+        assert t.score(sources, translations, **batching) == \
             pytest.approx([s.score for s in scored], abs=1e-6)
     assert t.score(sources[0], translations[0]) == pytest.approx(own[0].score, abs=1e-5)
     assert t.score(sources[0], "w0 " * 8) < own[0].score  # a worse translation scores lower
@@ -357,6 +358,8 @@ def test_hub_scores_given_translations(arch, data_bin, checkpoints):
         t.score("w1", ["w1"])
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
         t.score("w1", "w1", batch_size=0)
+    with pytest.raises(ConfigError, match="max_tokens must be at least 1"):
+        t.score("w1", "w1", max_tokens=0)
     with pytest.raises(InputError, match=r"translation 1 has 1101 tokens .* max_target_positions"):
         t.score(["w1", "w2"], ["w1", "w1 " * 1100])
 
