@@ -48,18 +48,27 @@ class Translation:
 
 
 class Translator:
-    def __init__(self, hub):
+    def __init__(self, hub, spm_model: Optional[str] = None, target_spm_model: Optional[str] = None):
         self.hub = hub
         self.hub.eval()
-        # whether the source dictionary holds sentencepiece pieces (input checks), read once
+        # whether the dictionaries hold sentencepiece pieces (input checks), read once
         self.reads_pieces = holds_pieces(hub.src_dict)
+        self.writes_pieces = holds_pieces(hub.tgt_dict)
+        # the sentencepiece models (paths): the hub's bpe (spm_model) encodes sources, and
+        # translations too (Translator.score) unless the target side has its own
+        self.spm_model, self.target_spm_model = spm_model, target_spm_model
+        self._target_spm = None  # the target side's SentencePieceProcessor, made at first use
+        self._target_checked = False  # the source's model checked for the target side
 
     @classmethod
     def from_pretrained(cls, model_dir: str, checkpoint_file: str = "checkpoint_best.pt",
-                        data: Optional[str] = None, spm_model: Optional[str] = None, **overrides):
+                        data: Optional[str] = None, spm_model: Optional[str] = None,
+                        target_spm_model: Optional[str] = None, **overrides):
         """model_dir holds the checkpoint; data is the data-bin with the dictionaries;
         spm_model the sentencepiece model the data was encoded with (None: sentences are given in
-        the dictionary's units, e.g. pieces as spm_encode writes them)."""
+        the dictionary's units, e.g. pieces as spm_encode writes them); target_spm_model the
+        target side's own model where it has one (prepare_data --separate: spm.<tgt>.model),
+        with which ``score`` encodes translations."""
         for name in checkpoint_file.split(os.pathsep):
             path = os.path.join(model_dir, name)
             if not os.path.isfile(path):
@@ -74,7 +83,13 @@ class Translator:
                                           data_name_or_path=data, **kwargs)
         if spm_model is not None:
             check_pieces_cover(hub.src_dict, hub.tgt_dict, spm_model)
-        return cls(hub)
+        if target_spm_model is not None:
+            if spm_model is None:
+                raise ConfigError("target_spm_model is the target side's sentencepiece model: "
+                                  "give the source side's as spm_model too")
+            check_sentencepiece_model(target_spm_model)
+            check_pieces_cover(hub.tgt_dict, None, target_spm_model, side="target")
+        return cls(hub, spm_model, target_spm_model)
 
     def translate(self, sentences: Union[str, List[str]], beam: int = 5, return_attention: bool = False,
                   nbest: int = 1, replace_unk: Union[bool, Dict[str, str]] = False, **generate_args):
@@ -185,7 +200,8 @@ class Translator:
         error for a text the model cannot read (text for a model of pieces without spm_model, or
         pieces with it) or one over the model's length limit for that side."""
         what = "sentence" if side == "source" else side
-        if self.hub.bpe is None and self.reads_pieces:  # no spm_model given
+        pieces_model = self.reads_pieces if side == "source" else self.writes_pieces
+        if self.hub.bpe is None and pieces_model:  # no spm_model given
             text = [i for i, s in enumerate(texts) if is_text_not_pieces(s)]
             if text:  # its words would be read as <unk>s or other words' pieces
                 raise InputError(
@@ -202,9 +218,9 @@ class Translator:
         if side == "source":
             encoded = [self.hub.encode(" ".join(s.split())) for s in texts]
         else:
-            encoded = [self.hub.tgt_dict.encode_line(
-                self.hub.apply_bpe(self.hub.tokenize(" ".join(s.split()))),
-                add_if_not_exist=False).long() for s in texts]
+            encode = self._target_encoder()
+            encoded = [self.hub.tgt_dict.encode_line(encode(" ".join(s.split())),
+                                                     add_if_not_exist=False).long() for s in texts]
         limit = self.hub.max_positions  # (source, target) limits, or one number
         limit = limit[0 if side == "source" else 1] if isinstance(limit, tuple) else limit
         too_long = [i for i, ids in enumerate(encoded) if limit is not None and len(ids) > limit]
@@ -224,6 +240,27 @@ class Translator:
                 f"{len(too_long)} {what}(s) longer than the model's limit: {what} {i} has "
                 f"{len(encoded[i])} tokens (counting </s>), the limit is {limit}; {advice}")
         return encoded
+
+    def _target_encoder(self):
+        """text -> the target dictionary's units: the target side's sentencepiece model where
+        one was given, else the translator's tokenizer and bpe (as sources are read). Separate
+        dictionaries (prepare_data --separate) whose target side the source's model does not
+        cover are one error naming target_spm_model (German encoded with an English model gave
+        pieces the target dictionary lacks, read as <unk>)."""
+        if self.target_spm_model is not None:
+            if self._target_spm is None:
+                import sentencepiece
+                self._target_spm = sentencepiece.SentencePieceProcessor(model_file=self.target_spm_model)
+            return lambda text: " ".join(self._target_spm.encode(text, out_type=str))
+        if self.spm_model is not None and self.hub.tgt_dict.symbols != self.hub.src_dict.symbols \
+                and not self._target_checked:
+            try:
+                check_pieces_cover(self.hub.tgt_dict, None, self.spm_model, side="target")
+            except ConfigError as e:
+                raise ConfigError(f"{e}; load the translator with "
+                                  "Translator.from_pretrained(..., target_spm_model=SPM)") from None
+            self._target_checked = True
+        return lambda text: self.hub.apply_bpe(self.hub.tokenize(text))
 
     def _source_tokens(self, sentence: str) -> List[str]:
         """The source tokens as ``hub.encode`` reads them (after tokenizer and bpe), as strings:

@@ -463,8 +463,10 @@ def sentencepiece_model_of_the_source() -> None:
         return bpe
 
 
-def check_pieces_cover(src_dict, tgt_dict, path: str) -> None:
-    """The sentencepiece model must be the one the source side was encoded with. With separate
+def check_pieces_cover(src_dict, tgt_dict, path: str, side: str = "source") -> None:
+    """The sentencepiece model must be the one the source side was encoded with (with
+    ``side="target"``: src_dict the target dictionary, tgt_dict None, for a target side's own
+    model, which ``Translator.score`` encodes translations with). With separate
     dictionaries every type of the source dictionary is then one of its pieces: another model
     (another corpus's or language's) gave pieces the dictionary lacks, read as ``<unk>``, and a
     smaller one of the same corpus cut words differently from training; either translated badly
@@ -493,10 +495,12 @@ def check_pieces_cover(src_dict, tgt_dict, path: str) -> None:
         short = types and known < 0.95 * len(types)
         what = f"{known} of the {len(types)} types of the source dictionary are pieces of it"
     if short:
+        lang = "src" if side == "source" else "tgt"
+        what = what.replace("source dictionary", f"{side} dictionary")
         raise ConfigError(
-            f"sentencepiece model {path} is not the one the source side was encoded with: only "
+            f"sentencepiece model {path} is not the one the {side} side was encoded with: only "
             f"{what}; give the model the data-bin was made with (prepare_data: "
-            "<work>/spm/spm.model, or spm.<src>.model with --separate)")
+            f"<work>/spm/spm.model, or spm.<{lang}>.model with --separate)")
 
 
 def install() -> None:

@@ -457,6 +457,25 @@ def test_sentencepiece_model_of_another_corpus(tmp_path):
         with pytest.raises(ConfigError, match="other.model is not the one the source side was encoded"):
             Translator.from_pretrained(str(work / "ck"), "checkpoint_last.pt", data=str(work / "data-bin"),
                                        spm_model=str(other))
+        # Translator.score encodes translations with the target side's model: the joint one, or
+        # with --separate spm.de.model (the English model gave pieces the German dictionary
+        # lacks: one error naming target_spm_model)
+        target_model = work / "spm" / ("spm.model" if layout == "--joint" else "spm.de.model")
+        own = {} if layout == "--joint" else {"target_spm_model": str(target_model)}
+        scorer = Translator.from_pretrained(str(work / "ck"), "checkpoint_last.pt", data=str(work / "data-bin"),
+                                            spm_model=str(model), **own)
+        r = scorer.score("open the file number 3", "öffne die Datei Nummer 3", return_attention=True)
+        assert r.target_pieces[:-1] == sentencepiece.SentencePieceProcessor(model_file=str(target_model)).encode(
+            "öffne die Datei Nummer 3", out_type=str) and "<unk>" not in r.target_pieces
+        if layout == "--separate":
+            scorer = Translator.from_pretrained(str(work / "ck"), "checkpoint_last.pt",
+                                                data=str(work / "data-bin"), spm_model=str(model))
+            with pytest.raises(ConfigError, match=r"not the one the target side was encoded with.*"
+                                                  r"spm\.<tgt>\.model.*target_spm_model=SPM"):
+                scorer.score("open the file number 3", "öffne die Datei Nummer 3")
+            with pytest.raises(ConfigError, match="other.model is not the one the target side was encoded"):
+                Translator.from_pretrained(str(work / "ck"), "checkpoint_last.pt", data=str(work / "data-bin"),
+                                           spm_model=str(model), target_spm_model=str(other))
         # without the model, text (read as <unk>s and word-inner pieces) is one error; pieces,
         # as spm_encode writes them, translate
         pieces = " ".join(sentencepiece.SentencePieceProcessor(model_file=str(model))
