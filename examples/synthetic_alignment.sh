@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Attention vs. the true alignment on sequence reversal (source position j -> target n-1-j).
 # Trains rnn_bahdanau and rnn_luong for about 2 CPU minutes each, decodes the test set with
-# --print-alignment and reports exact match and alignment accuracy.
+# --print-alignment and reports exact match and alignment accuracy; then the same for the
+# attention while each model reads the references (--score-reference: forced decoding), where
+# every test sentence counts.
 #   bash examples/synthetic_alignment.sh [FOLDER]
 # FOLDER (a positional argument, not WORK=...; default work/reverse) holds the corpus, data-bin,
 # checkpoints and generate outputs; a relative FOLDER is taken from the repository root.
@@ -28,4 +30,8 @@ for arch in rnn_bahdanau rnn_luong; do
         --beam 5 --print-alignment --batch-size 128 --cpu > "$WORK/$arch/generate.out" 2>/dev/null
     echo "== $arch"
     python examples/alignment_accuracy.py --generate "$WORK/$arch/generate.out" --align "$WORK/raw/test.align"
+    fairseq-generate "$WORK/data-bin" --user-dir fairseq_s2s_attn --path "$WORK/$arch/checkpoint_best.pt" \
+        --score-reference --print-alignment --batch-size 128 --cpu > "$WORK/$arch/forced.out" 2>/dev/null
+    echo "== $arch, reading the references (--score-reference)"
+    python examples/alignment_accuracy.py --generate "$WORK/$arch/forced.out" --align "$WORK/raw/test.align"
 done
