@@ -46,3 +46,19 @@ def folder_problem(path):
     if not os.access(probe, os.W_OK | os.X_OK):
         return "is not writable" if probe == target else f"cannot be made: {probe} is not writable"
     return None
+
+
+def read_text_lines(parser, option, path):
+    """The lines of a UTF-8 text file given as ``option`` (stripped), or one ``parser.error`` line
+    naming the option: a missing file, a folder, bytes that are not UTF-8, a read error."""
+    if os.path.isdir(path):
+        parser.error(f"{option} {path}: a folder, not a file")
+    if not os.path.isfile(path):
+        parser.error(f"{option} {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [ln.strip() for ln in f]
+    except UnicodeDecodeError as e:
+        parser.error(f"{option} {path}: not UTF-8 text (byte {e.start}); give UTF-8 text")
+    except OSError as e:
+        parser.error(f"{option} {path}: cannot read ({e.strerror or e})")

@@ -18,12 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_args import at_least, folder_problem  # noqa: E402
-
-
-def read_lines(path: str):
-    with open(path, encoding="utf-8") as f:
-        return [ln.strip() for ln in f]
+from cli_args import at_least, folder_problem, read_text_lines  # noqa: E402
 
 
 def pick_sentences(lines, num: int, min_words: int, max_words: int):
@@ -89,15 +84,8 @@ def main(argv=None):
     problem = folder_problem(args.out)  # checked before the model is loaded
     if problem:
         p.error(f"--out {args.out} {problem}")
-    texts = {}
-    for option, path in (("--input", args.input), ("--reference", args.reference)):
-        try:
-            texts[option] = None if path is None else read_lines(path)
-        except UnicodeDecodeError as e:
-            p.error(f"{option} {path}: not UTF-8 text (byte {e.start}); give UTF-8 text")
-        except OSError as e:
-            p.error(f"{option} {path}: cannot read ({e.strerror or e})")
-    lines, references = texts["--input"], texts["--reference"]
+    lines = read_text_lines(p, "--input", args.input)
+    references = None if args.reference is None else read_text_lines(p, "--reference", args.reference)
     if references is not None and len(references) != len(lines):
         p.error(f"--reference {args.reference} has {len(references)} lines and --input "
                 f"{args.input} {len(lines)}: give one translation per source line")

@@ -614,6 +614,43 @@ def test_checkpoint_trained_with_left_padded_targets_still_loads(data_bin, check
     assert t.translate("w1 w2 w3", beam=2)
 
 
+@pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "rnn_luong_tiny"])
+def test_score_pairs_script(arch, data_bin, checkpoints, tmp_path):
+    """scripts/score_pairs.py: forced decoding of text files of pairs, one line per pair, the same
+    scores and hard alignments as fairseq-generate --score-reference --print-alignment gives for
+    the same pairs from the data-bin (its scores in base 2); a short --tgt is one error before
+    the model is loaded."""
+    import math
+
+    gen = run("fairseq-generate", data_bin, *USER_DIR, "--path", checkpoints[arch], "--score-reference",
+              "--print-alignment", "--cpu", "--batch-size", 16).stdout
+    lines = parse_generate(gen)
+    scores = {int(ln.split("\t")[0][2:]): float(ln.split("\t")[1])
+              for ln in gen.splitlines() if ln.startswith("H-")}
+    ids = sorted(scores)
+    (tmp_path / "src.txt").write_text("".join(lines["S"][i] + "\n" for i in ids))
+    (tmp_path / "tgt.txt").write_text("".join(lines["T"][i] + "\n" for i in ids))
+    proc = run("score_pairs.py", "--model-dir", checkpoints[arch].parent, "--data", data_bin,
+               "--src", tmp_path / "src.txt", "--tgt", tmp_path / "tgt.txt", "--print-alignment",
+               "--batch-size", 7)
+    out = [ln.split("\t") for ln in proc.stdout.splitlines()]
+    assert len(out) == len(ids) == 37
+    for (score, tokens, alignment), i in zip(out, ids):
+        assert float(score) / math.log(2) == pytest.approx(scores[i], abs=1e-4), i
+        assert int(tokens) == len(lines["T"][i].split()) + 1
+        assert alignment == lines["A"][i], (i, alignment, lines["A"][i])
+    assert proc.stderr.startswith(f"scored {len(ids)} pairs: mean score "), proc.stderr[-2000:]
+    plain = run("score_pairs.py", "--model-dir", checkpoints[arch].parent, "--data", data_bin,
+                "--src", tmp_path / "src.txt", "--tgt", tmp_path / "tgt.txt", "--out", tmp_path / "s.tsv")
+    assert plain.stdout == "" and [ln.split("\t") for ln in
+                                   (tmp_path / "s.tsv").read_text().splitlines()] == [o[:2] for o in out]
+    (tmp_path / "short.txt").write_text("w1 w2\n")
+    proc = run("score_pairs.py", "--model-dir", tmp_path / "no-model", "--data", data_bin, "--src",
+               tmp_path / "src.txt", "--tgt", tmp_path / "short.txt", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"--tgt {tmp_path / 'short.txt'} has 1 lines and --src" in proc.stderr.splitlines()[-1]
+
+
 def test_plot_attention_script(data_bin, checkpoints, tmp_path):
     src = tmp_path / "src.txt"
     src.write_text("w1 w2 w3 w4 w5\nw2\nw3 w4 w5 w6 w7 w8\n")
