@@ -22,6 +22,7 @@
   tracebacks).
 """
 
+import contextvars
 import glob
 import logging
 import os
@@ -411,15 +412,38 @@ def options_the_command_cannot_serve() -> None:
     iterative refinement, the translation_lev task's generator, makes them), fairseq-interactive
     ``--score-reference`` at its first line (``KeyError: 'target'``: its input has no reference).
     Now one error line where the task builds the search (``FairseqTask.build_generator``; the
-    translation_lev task builds its own, which serves --print-step), before a sentence is read."""
+    translation_lev task builds its own, which serves --print-step), before a sentence is read.
+    The command is the one running (``running_command``), not one that is merely imported: a
+    program may import both (fairseq-interactive imports fairseq-generate's module;
+    scripts/gpu_check.py runs both in one process)."""
     from fairseq.tasks.fairseq_task import FairseqTask
+
+    for name, entry in (("generate", "_main"), ("interactive", "main")):
+        module = command_module(name)
+        if module is not None and hasattr(module, entry):
+            _names_itself(module, entry, name)
 
     @replaces(FairseqTask, "build_generator")
     def build_generator(original, self, models, args, *rest, **kwargs):
-        command = "interactive" if command_module("interactive") is not None else \
-            "generate" if command_module("generate") is not None else None
-        check_generation_options(args, command)
+        check_generation_options(args, _RUNNING.get())
         return original(self, models, args, *rest, **kwargs)
+
+
+# the fairseq command whose main function is running in this context ("generate",
+# "interactive"), or None (the hub, fairseq-train's --eval-bleu, other programs)
+_RUNNING: contextvars.ContextVar = contextvars.ContextVar("s2s_running_command", default=None)
+
+
+def _names_itself(module, entry: str, name: str) -> None:
+    """module.entry (fairseq-generate's ``_main``, fairseq-interactive's ``main``) runs with
+    ``_RUNNING`` set to name."""
+    @replaces(module, entry)
+    def running(original, *args, **kwargs):
+        token = _RUNNING.set(name)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _RUNNING.reset(token)
 
 
 def check_generation_options(generation, command) -> None:

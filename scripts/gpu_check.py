@@ -253,6 +253,12 @@ def run_one(name, precision, args, capture):
         text = run_cli(generate, gen_args + ["--print-alignment"])
         capture.take()
         res["aligned"], res["alignment_errors"] = check_alignments(text, empty=arch == "rnn_vanilla")
+        # forced decoding of the references (SequenceScorer: the decoder over whole sequences,
+        # as Translator.score and scripts/score_pairs.py run it)
+        text = run_cli(generate, gen_args + ["--score-reference", "--print-alignment"])
+        capture.take()
+        res["forced_aligned"], res["forced_alignment_errors"] = check_alignments(
+            text, empty=arch == "rnn_vanilla")
     if args.interactive:
         text = run_cli(interactive, [args.data, "--user-dir", USER_DIR, "--path", ckpt, "--beam", "5",
                                      *device, *[f for f in flags if f != "--amp"]],
@@ -294,6 +300,9 @@ def table(results, header):
         x_gen = r["gen_tok_s"] / b["gen_tok_s"] if b.get("gen_tok_s") and r.get("gen_tok_s") else None
         ali = ("-" if "aligned" not in r else
                f"{r['aligned'] - r['alignment_errors']}/{r['aligned']} ok")
+        if "forced_aligned" in r:
+            ali += (f"; references {r['forced_aligned'] - r['forced_alignment_errors']}/"
+                    f"{r['forced_aligned']} ok")
         same = ("-" if "cpu_gpu_same" not in r else
                 f"{100 * r['cpu_gpu_same']:.0f}% same, max d={r['cpu_gpu_score_diff']:.1e}")
         rows.append(f"| {r['name']} | {r['precision']} | {fmt(r.get('train_wps'))} | {fmt(x_train, 2)} "

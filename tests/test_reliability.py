@@ -472,6 +472,39 @@ def test_options_the_command_cannot_serve_are_one_line(small_data_bin, luong_run
     assert line.startswith(f"{command}: error: ") and "H-" not in proc.stdout, proc.stdout[-2000:]
 
 
+BOTH_COMMANDS = """
+import io, sys, contextlib
+from fairseq_cli import generate, interactive  # both imported, as scripts/gpu_check.py does
+def call(module, argv, stdin=""):
+    sys.argv, sys.stdin, out = [module.__name__] + argv, io.StringIO(stdin), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            module.cli_main()
+    except Exception as e:
+        return type(e).__name__ + ": " + str(e)
+    return out.getvalue()
+common = sys.argv[1:]
+text = call(generate, common + ["--score-reference"])
+print("generate", sum(line.startswith("H-") for line in text.splitlines()))
+print("interactive", call(interactive, common + ["--score-reference"], "w1 w2\\n").strip())
+"""
+
+
+@slow
+def test_the_command_running_decides_not_the_modules_imported(small_data_bin, luong_runs):
+    """In a process that imports both commands' modules (fairseq-interactive imports
+    fairseq-generate's; scripts/gpu_check.py runs both), fairseq-generate --score-reference
+    scored its references: the check reads the command running, not the modules loaded (it
+    refused fairseq-generate there when it read the modules)."""
+    proc = subprocess.run([str(BIN / "python"), "-c", BOTH_COMMANDS, str(small_data_bin), *USER_DIR,
+                           "--path", str(luong_runs[3] / "checkpoint_last.pt"), "--cpu"],
+                          capture_output=True, text=True, env=env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2] == "generate 20", proc.stdout[-2000:]
+    assert lines[-1].startswith("interactive ConfigError: --score-reference scores the references"), lines[-1]
+
+
 @slow
 def test_missing_restore_file_is_an_error(small_data_bin, luong_runs, tmp_path):
     """fairseq trained from scratch (one INFO line) when --restore-file named no file."""
