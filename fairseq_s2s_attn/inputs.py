@@ -148,11 +148,7 @@ def _describe(size) -> str:
 
 def _interactive_module():
     """fairseq_cli.interactive where this process runs fairseq-interactive, else None."""
-    interactive, main = sys.modules.get("fairseq_cli.interactive"), sys.modules.get("__main__")
-    if interactive is None and getattr(getattr(main, "__spec__", None), "name", None) == \
-            "fairseq_cli.interactive":
-        interactive = main  # python -m fairseq_cli.interactive
-    return interactive
+    return command_module("interactive")
 
 
 def utf8_input_lines() -> None:
@@ -379,43 +375,26 @@ def check_batch_options(cfg) -> None:
                           f"{','.join(map(str, update_freq))})")
 
 
-def beam_and_nbest_checked() -> None:
-    """fairseq-generate and -interactive with ``--beam 0`` died inside the model's first step (a
-    ZeroDivisionError in our attention, which groups the beam's rows per sentence), with a
-    negative beam in torch ("Trying to create tensor with negative dimension -2"), and with
-    ``--nbest 0`` after the first batch in fairseq's scoring (ZeroDivisionError): one error line
-    each, where fairseq's task builds the search (``FairseqTask.build_generator``: the commands,
-    --eval-bleu in training, the hub), before a sentence is translated. For every model."""
-    from fairseq.tasks.fairseq_task import FairseqTask
+def generation_options_checked() -> None:
+    """Generation options fairseq's search cannot serve are one error line each, where fairseq's
+    task builds the search (``FairseqTask.build_generator``: the commands, --eval-bleu in
+    training, the hub), before a sentence is translated. For every model (fairseq's own too):
 
-    @replaces(FairseqTask, "build_generator")
-    def build_generator(original, self, models, args, *rest, **kwargs):
-        check_beam_and_nbest(args)
-        return original(self, models, args, *rest, **kwargs)
-
-
-def check_beam_and_nbest(generation) -> None:
-    """--beam and --nbest (fairseq's generation options) at least 1, or ConfigError."""
-    for option in ("beam", "nbest"):
-        value = getattr(generation, option, None)
-        if isinstance(value, int) and value < 1:
-            raise ConfigError(f"--{option} must be at least 1 (got {value})")
-
-
-def options_the_command_cannot_serve() -> None:
-    """Generation options given to a command that has nothing for them died with a traceback
-    once the models had loaded, for every model (fairseq's own too): fairseq-generate
-    ``--constraints`` at its first batch (``TypeError: 'NoneType' object is not iterable`` in
-    LexicallyConstrainedBeamSearch: its batches hold no constraints, only fairseq-interactive
-    reads them, after a tab on each input line), fairseq-generate ``--print-step`` and
-    ``--retain-iter-history`` after the first batch (``KeyError: 'steps'`` / ``'history'``: only
-    iterative refinement, the translation_lev task's generator, makes them), fairseq-interactive
-    ``--score-reference`` at its first line (``KeyError: 'target'``: its input has no reference).
-    Now one error line where the task builds the search (``FairseqTask.build_generator``; the
-    translation_lev task builds its own, which serves --print-step), before a sentence is read.
-    The command is the one running (``running_command``), not one that is merely imported: a
-    program may import both (fairseq-interactive imports fairseq-generate's module;
-    scripts/gpu_check.py runs both in one process)."""
+    - ``--beam 0`` died inside the model's first step (a ZeroDivisionError in our attention,
+      which groups the beam's rows per sentence), a negative beam in torch ("Trying to create
+      tensor with negative dimension -2"), ``--nbest 0`` after the first batch in fairseq's
+      scoring (ZeroDivisionError): ``check_beam_and_nbest``.
+    - Options the running command has nothing for died with a traceback once the models had
+      loaded (``check_generation_options``): fairseq-generate ``--constraints`` at its first
+      batch (``TypeError: 'NoneType' object is not iterable`` in LexicallyConstrainedBeamSearch:
+      its batches hold no constraints, only fairseq-interactive reads them, after a tab on each
+      input line), fairseq-generate ``--print-step`` and ``--retain-iter-history`` after the first
+      batch (``KeyError: 'steps'`` / ``'history'``: only iterative refinement, the
+      translation_lev task's generator, which it builds itself, makes them), fairseq-interactive
+      ``--score-reference`` at its first line (``KeyError: 'target'``: its input has no
+      reference). The command is the one running (``_RUNNING``), not one merely imported: a
+      program may import both (fairseq-interactive imports fairseq-generate's module;
+      scripts/gpu_check.py runs both in one process)."""
     from fairseq.tasks.fairseq_task import FairseqTask
 
     for name, entry in (("generate", "_main"), ("interactive", "main")):
@@ -425,8 +404,17 @@ def options_the_command_cannot_serve() -> None:
 
     @replaces(FairseqTask, "build_generator")
     def build_generator(original, self, models, args, *rest, **kwargs):
+        check_beam_and_nbest(args)
         check_generation_options(args, _RUNNING.get())
         return original(self, models, args, *rest, **kwargs)
+
+
+def check_beam_and_nbest(generation) -> None:
+    """--beam and --nbest (fairseq's generation options) at least 1, or ConfigError."""
+    for option in ("beam", "nbest"):
+        value = getattr(generation, option, None)
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"--{option} must be at least 1 (got {value})")
 
 
 # the fairseq command whose main function is running in this context ("generate",
@@ -535,6 +523,5 @@ def install() -> None:
     pieces_output_warns()
     checked_data_bin()
     batch_size_required()
-    beam_and_nbest_checked()
-    options_the_command_cannot_serve()
+    generation_options_checked()
     sentencepiece_model_of_the_source()

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import sys
 
 
 def _number(text, kind):
@@ -62,3 +63,31 @@ def read_text_lines(parser, option, path):
         parser.error(f"{option} {path}: not UTF-8 text (byte {e.start}); give UTF-8 text")
     except OSError as e:
         parser.error(f"{option} {path}: cannot read ({e.strerror or e})")
+
+
+def load_translator(parser, model_dir, checkpoint, data, spm_model=None, **kwargs):
+    """fairseq_s2s_attn.hub.Translator.from_pretrained for a script, quietly (fairseq logs its
+    whole training config, one line of ~8,000 characters, and its data loading at INFO; torch
+    warns that fairseq's batch iterator asks for pinned memory on a machine without a GPU), or
+    one ``parser.error`` line: a file given as --spm-model that is not a sentencepiece model, a
+    missing checkpoint or model, a data-bin or model the translator refuses."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import logging
+    import warnings
+
+    logging.getLogger("fairseq").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
+    from fairseq_s2s_attn.errors import S2SError
+    from fairseq_s2s_attn.hub import Translator, check_sentencepiece_model
+
+    # a missing --spm-model (or checkpoint) is the translator's error, below
+    if spm_model is not None and os.path.isfile(spm_model):
+        try:
+            check_sentencepiece_model(spm_model)
+        except S2SError:
+            parser.error(f"--spm-model {spm_model} is not a sentencepiece model")
+    try:
+        return Translator.from_pretrained(model_dir, checkpoint, data=data, spm_model=spm_model,
+                                          **kwargs)
+    except S2SError as e:
+        parser.error(str(e))

@@ -18,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_args import at_least, folder_problem, read_text_lines  # noqa: E402
+from cli_args import at_least, folder_problem, load_translator, read_text_lines  # noqa: E402
 
 
 def pick_sentences(lines, num: int, min_words: int, max_words: int):
@@ -94,31 +94,13 @@ def main(argv=None):
         p.error(f"no sentence of {args.min_words}-{args.max_words} words in {args.input}")
     sentences = [lines[i] for i in picked]
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import logging
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    # fairseq's from_pretrained logs the whole training config (one line of ~8,000 characters) and
-    # its data loading at INFO; the demo prints this script's output, where only the plots matter
-    logging.getLogger("fairseq").setLevel(logging.WARNING)
-    import warnings
-
-    # fairseq's batch iterator asks for pinned memory; torch warns about it on a machine without GPU
-    warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
+    # the demo prints this script's output, where only the plots matter
+    translator = load_translator(p, args.model_dir, args.checkpoint, args.data, args.spm_model)
     from fairseq_s2s_attn.errors import S2SError
-    from fairseq_s2s_attn.hub import Translator, check_sentencepiece_model
 
-    # a missing --spm-model (or checkpoint) is the translator's error, below
-    if args.spm_model is not None and os.path.isfile(args.spm_model):
-        try:
-            check_sentencepiece_model(args.spm_model)
-        except S2SError:
-            p.error(f"--spm-model {args.spm_model} is not a sentencepiece model")
-    try:
-        translator = Translator.from_pretrained(args.model_dir, args.checkpoint, data=args.data,
-                                                spm_model=args.spm_model)
-    except S2SError as e:
-        p.error(str(e))
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

@@ -25,7 +25,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cli_args import at_least, read_text_lines  # noqa: E402
+from cli_args import at_least, load_translator, read_text_lines  # noqa: E402
 
 
 def hard_alignment(attention):
@@ -68,24 +68,11 @@ def main(argv=None):
     if args.out is not None and os.path.isdir(args.out):
         p.error(f"--out {args.out} is a folder; give a file")
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    import logging
-
-    # fairseq's from_pretrained logs the whole training config at INFO
-    logging.getLogger("fairseq").setLevel(logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
-    import torch
-
+    translator = load_translator(p, args.model_dir, args.checkpoint, args.data, args.spm_model,
+                                 target_spm_model=args.target_spm_model)
     from fairseq_s2s_attn.errors import S2SError
-    from fairseq_s2s_attn.hub import Translator
 
-    torch.set_num_threads(1)  # small products; as fairseq-interactive and the hub with the plugin
     try:
-        translator = Translator.from_pretrained(
-            args.model_dir, args.checkpoint, data=args.data, spm_model=args.spm_model,
-            target_spm_model=args.target_spm_model)
         # as Translations: the pieces scored (their count) and, for the alignment, the attention
         scored = translator.score(sources, translations, return_attention=True,
                                   batch_size=args.batch_size, max_tokens=args.max_tokens)
