@@ -40,10 +40,25 @@ Both give exactly fairseq's values, for fairseq's models as for ours. fairseq's 
 long and the change is one line each, so the line is rewritten in place
 (``patching.rewrite_lines``) rather than the function copied; where fairseq's line is not found
 (another fairseq) the function stays fairseq's.
+
+And a fairseq bug that made ``--no-repeat-ngram-size N`` do nothing unless fairseq's CUDA
+extension was built (fairseq issue #5206): ``NGramRepeatBlock._no_repeat_ngram``, its fallback,
+compares each earlier (N-1)-gram with the last N-1 entries of the whole token buffer (padding
+beyond the current step, never equal) instead of the hypothesis's last N-1 words, so it banned no
+word: on a CPU, fairseq-generate's 1,000 demo test translations at beam 5 came out identical with
+--no-repeat-ngram-size 2 and without (168 of them repeat a bigram), for fairseq's models as for
+ours. ``repeated_ngrams_blocked`` bans, for each hypothesis, every word that would complete an
+N-gram the hypothesis already holds, as fairseq's CUDA kernel does (the start token counts as a
+word of the history, as there), in a few tensor operations on any device instead of a Python loop
+over hypotheses and steps. With N = 1 (no word twice) the start token, which is the end-of-sentence
+symbol, is not banned: fairseq's kernel bans it, and no translation could then end before the
+length limit; its extension is used for N >= 2 where it is built.
 """
 
+import math
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from . import native
@@ -105,6 +120,45 @@ SEARCH_LINES = {
 }
 
 
+def block_repeated_ngrams(tokens: Tensor, lprobs: Tensor, step: int, n: int) -> Tensor:
+    """Sets to -inf the log-probability of each word that would repeat an n-gram of its
+    hypothesis: for hypothesis h, the word w is banned at step + 1 where the last n - 1 tokens
+    (step - n + 2 .. step) followed by w occur in tokens[h, 0 .. step] (position 0 the start
+    token). n = 1 bans every word written so far, not the start token. In place; returns lprobs.
+
+    tokens: BB x L (BB = batch x beam; L >= step + 1), lprobs: BB x V
+    """
+    starts = step + 2 - n  # the n-grams starting at 0 .. starts - 1 are complete
+    if starts <= 0 or n < 1:
+        return lprobs
+    history = tokens[:, : step + 1]  # BB x (step + 1)
+    if n == 1:
+        lprobs.scatter_(1, history[:, 1:], -math.inf)  # every word so far
+        return lprobs
+    windows = history.unfold(1, n - 1, 1)[:, :starts]  # BB x starts x (n - 1)
+    last = history[:, starts:]  # BB x (n - 1): the newest n - 1 tokens
+    repeats = (windows == last.unsqueeze(1)).all(-1)  # BB x starts
+    following = history[:, n - 1:]  # BB x starts: the word after each window
+    banned = torch.full(following.shape, math.inf, dtype=lprobs.dtype, device=lprobs.device)
+    banned.masked_fill_(repeats, -math.inf)
+    # min(lprob, -inf) where some window repeats, lprob where none: duplicates agree, no sync
+    return lprobs.scatter_reduce_(1, following, banned, reduce="amin")
+
+
+def repeated_ngrams_blocked() -> None:
+    from fairseq.ngram_repeat_block import NGramRepeatBlock
+
+    @replaces(NGramRepeatBlock, "forward")
+    def forward(original, self, tokens: Tensor, lprobs: Tensor, bsz: int, beam_size: int,
+                step: int):
+        if self.use_extension and self.no_repeat_ngram_size > 1:  # fairseq's CUDA kernel
+            return original(self, tokens, lprobs, bsz, beam_size, step)
+        if not tokens.size(0) == lprobs.size(0) == bsz * beam_size:
+            raise ValueError(f"expected {bsz * beam_size} hypotheses, got {tokens.size(0)} "
+                             f"tokens and {lprobs.size(0)} log-probabilities")
+        return block_repeated_ngrams(tokens, lprobs, step, self.no_repeat_ngram_size)
+
+
 def _search_functions():
     from fairseq import sequence_generator
 
@@ -127,3 +181,4 @@ def install() -> None:
     search_lines_in_one_pass()
     beam_candidates_in_one_loop()
     diverse_beam_search_on_every_batch()
+    repeated_ngrams_blocked()

@@ -134,3 +134,20 @@ def test_cuda_fused_criterion_equals_fairseqs(precision):
         assert grads[n].dtype == grads0[n].dtype, n
         scale = grads0[n].abs().max().float().clamp_min(1e-2)
         assert (grads[n] - grads0[n]).abs().max().float() <= 2 ** -5 * scale, n
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_repeated_ngrams_banned_as_on_cpu(n, dtype):
+    """--no-repeat-ngram-size on CUDA without fairseq's extension: the plugin's tensor
+    operations ban the same words as on the CPU."""
+    from fairseq_s2s_attn.search import block_repeated_ngrams
+
+    g = torch.Generator().manual_seed(n)
+    tokens = torch.randint(4, 9, (12, 14), generator=g)
+    tokens[:, 0] = 2
+    lprobs = torch.log_softmax(torch.randn(12, 9, generator=g), -1).to(dtype)
+    for step in range(13):
+        want = block_repeated_ngrams(tokens, lprobs.clone(), step, n)
+        got = block_repeated_ngrams(*to_cuda(tokens, lprobs), step, n)
+        assert torch.equal(got.cpu(), want)

@@ -236,3 +236,106 @@ def test_beam_search_translates_the_same_with_the_plugins_lines(arch, temperatur
         fairseq_lines()
         want = gen.generate([model], sample)
     same_hypotheses(got, want)
+
+
+def banned_by_definition(history, n):
+    """The words the hypothesis `history` (start token first) may not write next."""
+    if n == 1:
+        return set(history[1:])
+    last = history[len(history) - n + 1:]
+    return {history[i + n - 1] for i in range(len(history) - n + 1)
+            if history[i:i + n - 1] == last}
+
+
+def banned_positions(lprobs):
+    return [set(torch.nonzero(row == float("-inf")).flatten().tolist()) for row in lprobs]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repeated_ngrams_are_banned_as_defined(n, dtype):
+    """--no-repeat-ngram-size n: each hypothesis's next word may not complete an n-gram it
+    already holds (n = 1: no word twice, the start token aside), at every step, with the rest of
+    the token buffer padding; the other log-probabilities stay as they were."""
+    from fairseq.ngram_repeat_block import NGramRepeatBlock
+
+    g = torch.Generator().manual_seed(n)
+    BB, L, V = 12, 14, 9  # few words: many repeats
+    block = NGramRepeatBlock(n, use_extension=False)
+    for step in range(L - 1):
+        tokens = torch.full((BB, L), 1, dtype=torch.long)  # pad beyond the step
+        tokens[:, 0] = 2  # the start token (eos)
+        tokens[:, 1:step + 1] = torch.randint(4, V, (BB, step), generator=g)
+        lprobs = torch.log_softmax(torch.randn(BB, V, generator=g), -1).to(dtype)
+        got = block(tokens, lprobs.clone(), BB // 3, 3, step)
+        want = [banned_by_definition(row[:step + 1].tolist(), n) for row in tokens]
+        assert banned_positions(got) == want
+        kept = got != float("-inf")
+        assert torch.equal(got[kept], lprobs[kept])
+        assert 2 not in set().union(*want)  # the end of sentence stays possible
+    assert any(want)  # the test bans something
+
+
+def test_fairseqs_own_fallback_banned_nothing():
+    """fairseq's NGramRepeatBlock without its CUDA extension (fairseq issue #5206) compared the
+    earlier (n-1)-grams with the buffer's padding: a hypothesis repeating a bigram was free to
+    repeat it again. The plugin's replacement bans it."""
+    from fairseq.ngram_repeat_block import NGramRepeatBlock
+
+    tokens = torch.tensor([[2, 5, 6, 7, 5, 1, 1, 1]])  # "5 6" written; the last word is 5
+    lprobs = torch.zeros(1, 9)
+    block = NGramRepeatBlock(2, use_extension=False)
+    assert banned_positions(block(tokens, lprobs.clone(), 1, 1, 4)) == [{6}]
+    fairseqs = innermost(NGramRepeatBlock, "forward")
+    assert banned_positions(fairseqs(block, tokens, lprobs.clone(), 1, 1, 4)) == [set()]
+
+
+def test_fairseqs_cuda_kernel_stays_where_it_is_built(monkeypatch):
+    """Where fairseq's CUDA extension is built it bans n-grams of 2 and more; n = 1 (which its
+    kernel would apply to the start token, the end of sentence) is the plugin's."""
+    from fairseq.ngram_repeat_block import NGramRepeatBlock
+
+    calls = []
+    tokens, lprobs = torch.tensor([[2, 5, 5, 1]]), torch.zeros(1, 9)
+    for n in (1, 2):
+        block = NGramRepeatBlock(n, use_extension=False)
+        block.use_extension = True
+        monkeypatch.setattr(block, "call_cuda_extension",
+                            lambda *a, _n=n: calls.append(_n) or a[1])
+        block(tokens, lprobs.clone(), 1, 1, 2)
+    assert calls == [2]
+
+
+def repeating(hypos, n):
+    """How many hypotheses hold some n-gram twice."""
+    count = 0
+    for hyps in hypos:
+        for h in hyps:
+            t = h["tokens"].tolist()
+            grams = [tuple(t[i:i + n]) for i in range(len(t) - n + 1)]
+            count += len(set(grams)) < len(grams)
+    return count
+
+
+@pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "lstm"])
+def test_beam_search_writes_no_ngram_twice(arch, monkeypatch):
+    """fairseq's SequenceGenerator with no_repeat_ngram_size 2 on a CPU: no hypothesis holds a
+    bigram twice, where without it (and with fairseq's own fallback) they do; with 1 no word
+    twice, and the hypotheses still end (eos) before the length limit."""
+    from fairseq.ngram_repeat_block import NGramRepeatBlock
+
+    d = make_dict(20)
+    model, sample = model_and_batch(arch, d)
+    with torch.no_grad():
+        def generate(n):
+            gen = SequenceGenerator([model], d, beam_size=4, max_len_b=30, min_len=2,
+                                    no_repeat_ngram_size=n)
+            return gen.generate([model], sample)
+
+        assert repeating(generate(0), 2) > 0
+        assert repeating(generate(2), 2) == 0
+        ones = generate(1)
+        assert repeating(ones, 1) == 0  # eos once, at the end
+        assert all(h["tokens"][-1] == d.eos() and len(h["tokens"]) < 30 for hs in ones for h in hs)
+        monkeypatch.setattr(NGramRepeatBlock, "forward", innermost(NGramRepeatBlock, "forward"))
+        assert repeating(generate(2), 2) > 0
