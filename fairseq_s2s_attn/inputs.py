@@ -17,6 +17,8 @@
   (fairseq-interactive) or ``spm_model`` (the hub): one error line, not ``<unk>``s translated.
 - A sentencepiece model the source side was not encoded with (fairseq-interactive, the hub):
   one error line, not ``<unk>``s translated without a word.
+- ``--tokenizer moses`` without ``--source-lang``/``--target-lang``: the tokenizer takes the
+  data-bin's language pair, as the task does (fairseq: a hydra traceback before any input).
 - A data folder that is missing or holds no dictionaries, training or validating without
   --max-tokens/--batch-size, and a --beam or --nbest below 1: one error line each (fairseq:
   tracebacks).
@@ -515,6 +517,49 @@ def check_pieces_cover(src_dict, tgt_dict, path: str, side: str = "source") -> N
             f"<work>/spm/spm.model, or spm.<{lang}>.model with --separate)")
 
 
+def tokenizer_languages_from_the_data() -> None:
+    """``--tokenizer moses`` (fairseq-generate, fairseq-interactive) without ``--source-lang``
+    and ``--target-lang`` died before reading a sentence, with a hydra traceback ("Error merging
+    override tokenizer.source_lang=null": field 'tokenizer.source_lang' is not Optional): the
+    tokenizer's languages are the same options as the translation task's, which are None until
+    the task takes them from the data-bin's file names (``train.en-de.en``). Now the tokenizer
+    takes the same pair as the task (``data_utils.infer_language_pair`` of the first data path),
+    where the options are not given; where the data names none, one error line asks for them. The
+    task's own options are left as given. For any tokenizer or bpe with these two fields, for
+    every model."""
+    import copy
+
+    from fairseq.dataclass import utils as dataclass_utils
+
+    @replaces(dataclass_utils, "_override_attr")
+    def _override_attr(original, sub_node, data_class, args):
+        fields = getattr(data_class, "__dataclass_fields__", {})
+        unset = [name for name in ("source_lang", "target_lang")
+                 if name in fields and fields[name].type is str and args is not None
+                 and hasattr(args, name) and getattr(args, name) is None]
+        if sub_node in ("tokenizer", "bpe") and unset:
+            args = copy.copy(args)
+            pair = _data_language_pair(args, sub_node)
+            for name in unset:
+                setattr(args, name, pair[name == "target_lang"])
+        return original(sub_node, data_class, args)
+
+
+def _data_language_pair(args, sub_node: str):
+    """(source, target) of the data-bin as fairseq's translation task infers them."""
+    from fairseq import utils
+    from fairseq.data import data_utils
+
+    name = getattr(args, sub_node, sub_node)
+    data = getattr(args, "data", None)
+    path = utils.split_paths(data)[0] if data else None
+    pair = data_utils.infer_language_pair(path) if path and os.path.isdir(path) else (None, None)
+    if None in pair:
+        raise ConfigError(f"--{sub_node} {name} needs --source-lang and --target-lang: "
+                          f"{path or 'the data'} has no SRC-TGT files to take them from")
+    return pair
+
+
 def install() -> None:
     empty_sources_translate_to_empty()
     clear_error_for_long_sources()
@@ -525,3 +570,4 @@ def install() -> None:
     batch_size_required()
     generation_options_checked()
     sentencepiece_model_of_the_source()
+    tokenizer_languages_from_the_data()

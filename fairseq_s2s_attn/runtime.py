@@ -639,8 +639,10 @@ def _our_error(exc, kind):
 
 
 # exceptions fairseq raises itself to refuse options or input (``assert cond, "message"``,
-# ``raise ValueError(...)``, "Dataset not found"), when raised in fairseq's own code
-FAIRSEQ_CHECKS = (AssertionError, ValueError, FileNotFoundError)
+# ``raise ValueError(...)``, "Dataset not found"), when raised in fairseq's own code; and its
+# ``raise ImportError("Please install sacremoses ...")`` for an option's missing package
+# (--tokenizer moses, --bpe subword_nmt, --scoring wer), not a failing import statement
+FAIRSEQ_CHECKS = (AssertionError, ValueError, FileNotFoundError, ImportError)
 # fairseq's command-line tools (a program that imports the plugin, such as the hub, is left alone)
 COMMANDS = ("train", "generate", "interactive", "validate", "hydra_train", "preprocess", "score",
             "eval_lm")

@@ -6,6 +6,7 @@ data-parallel training is in test_distributed.py."""
 import contextlib
 import dataclasses
 import enum
+import importlib.util
 import io
 import os
 import pickle
@@ -470,6 +471,65 @@ def test_options_the_command_cannot_serve_are_one_line(small_data_bin, luong_run
                "--beam", 2, "--cpu", *args, input="w1 w2 w3\n", check=False)
     line = one_error_line(proc, message)
     assert line.startswith(f"{command}: error: ") and "H-" not in proc.stdout, proc.stdout[-2000:]
+
+
+FAKE_SACREMOSES = """
+import os
+def _log(kind, lang):
+    with open(os.environ["FAKE_MOSES_LOG"], "a") as f:
+        f.write(f"{kind} {lang}\\n")
+class MosesTokenizer:
+    def __init__(self, lang):
+        _log("tokenizer", lang)
+    def tokenize(self, x, aggressive_dash_splits=False, return_str=False, escape=True):
+        return x
+class MosesDetokenizer:
+    def __init__(self, lang):
+        _log("detokenizer", lang)
+    def detokenize(self, tokens, return_str=True, unescape=True):
+        return " ".join(tokens)
+"""
+
+
+@slow
+def test_moses_tokenizer_takes_the_language_pair_of_the_data(small_data_bin, luong_runs,
+                                                              tmp_path):
+    """fairseq-interactive --tokenizer moses without --source-lang/--target-lang died before
+    reading a line (hydra: "Error merging override tokenizer.source_lang=null"); now the
+    tokenizer gets the data-bin's pair, as the task does, and sentences translate (sacremoses
+    stood in for by a module that records the languages it is given). Given options still win;
+    a data folder naming no pair is one error line; without sacremoses fairseq's "Please install"
+    is one line."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sacremoses.py").write_text(FAKE_SACREMOSES)
+    log = tmp_path / "moses.log"
+
+    def interactive(data, *extra, fake_moses=True):
+        environ = dict(env(False), FAKE_MOSES_LOG=str(log))
+        if fake_moses:
+            environ["PYTHONPATH"] = str(fake)
+        cmd = [str(BIN / "fairseq-interactive"), str(data), *map(str, USER_DIR), "--path",
+               str(luong_runs[3] / "checkpoint_last.pt"), "--beam", "2", "--cpu",
+               "--tokenizer", "moses", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, env=environ, cwd=REPO,
+                              input="w1 w2 w3\nw4 w5\n")
+
+    proc = interactive(small_data_bin)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sum(line.startswith("H-") for line in proc.stdout.splitlines()) == 2
+    assert log.read_text().split("\n")[:2] == ["tokenizer src", "detokenizer tgt"]
+    log.unlink()
+    assert interactive(small_data_bin, "--source-lang", "src", "--target-lang", "tgt").returncode == 0
+    assert log.read_text().split("\n")[:2] == ["tokenizer src", "detokenizer tgt"]
+    dicts_only = tmp_path / "dicts"
+    dicts_only.mkdir()
+    for name in ("dict.src.txt", "dict.tgt.txt"):
+        (dicts_only / name).write_text((small_data_bin / name).read_text())
+    one_error_line(interactive(dicts_only), "--tokenizer moses needs --source-lang and "
+                                            "--target-lang", str(dicts_only))
+    if importlib.util.find_spec("sacremoses") is None:
+        one_error_line(interactive(small_data_bin, fake_moses=False), "pip install sacremoses")
 
 
 BOTH_COMMANDS = """

@@ -221,10 +221,10 @@ def test_alignment_loss_needs_a_model_with_attention(arch):
 
 def test_only_fairseqs_own_checks_become_one_line(tmp_path):
     """The one-line form is for an assert or raise statement with a message in fairseq's own
-    files; others (torch's, the plugin's, also where the plugin lies inside a fairseq folder,
-    Python's own error inside fairseq such as a failed unpacking, a bare assert, a KeyError, an
-    exception other than fairseq's checks, such as a RuntimeError for a lack of memory) keep their
-    traceback."""
+    files (also its "Please install ..." ImportError for an option's package); others (torch's,
+    the plugin's, also where the plugin lies inside a fairseq folder, Python's own error inside
+    fairseq such as a failed unpacking or import, a bare assert, a KeyError, an exception other
+    than fairseq's checks, such as a RuntimeError for a lack of memory) keep their traceback."""
     import importlib.util
 
     from fairseq_s2s_attn.runtime import fairseq_check_message
@@ -246,6 +246,15 @@ def test_only_fairseqs_own_checks_become_one_line(tmp_path):
             raise ValueError("x")
         def oom():
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        def package():
+            try:
+                import no_such_package_s2s
+            except ImportError:
+                raise ImportError(
+                    "Please install no_such_package_s2s with: pip install it"
+                )
+        def broken_import():
+            import no_such_package_s2s
     """)
 
     def module(*parts):
@@ -267,7 +276,10 @@ def test_only_fairseqs_own_checks_become_one_line(tmp_path):
     assert fairseq_check_message(*raised(fs.check)) == "min_len cannot be larger"
     assert fairseq_check_message(*raised(fs.missing)) == "Dataset not found: valid"
     assert fairseq_check_message(*raised(fs.value)) == "x"
-    for fn in (fs.bare, fs.key, fs.bug, fs.oom):  # no message, not a check, Python's own error,
+    # an option's missing package (--tokenizer moses: "Please install ..."), not a broken import
+    assert fairseq_check_message(*raised(fs.package)) == \
+        "Please install no_such_package_s2s with: pip install it"
+    for fn in (fs.bare, fs.key, fs.bug, fs.oom, fs.broken_import):  # no message, not a check, Python's own error,
         assert fairseq_check_message(*raised(fn)) is None  # not one of FAIRSEQ_CHECKS' types
     for other in (("torch", "nn", "module.py"), ("fairseq_s2s_attn", "model.py"), ("mine.py",),
                   ("fairseq", "fairseq_s2s_attn", "m.py")):  # the plugin in a fairseq checkout
