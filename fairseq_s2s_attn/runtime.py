@@ -536,12 +536,16 @@ def alignment_loss_needs_attention() -> None:
 
 
 def bleu_of_empty_hypotheses() -> None:
-    """--eval-bleu: fairseq's translation task logs BLEU only when the validation hypotheses hold
-    at least one token (``max(totals) > 0``). A model early in training often ends every
-    hypothesis at once (rnn_luong_tiny after 20 updates), and with --best-checkpoint-metric bleu
-    fairseq-train then died with ``KeyError: 'bleu'`` at that validation; without it the valid line
-    silently lacked bleu. Such a validation now scores BLEU 0, as sacrebleu scores empty
-    hypotheses."""
+    """--eval-bleu: fairseq's translation task logs BLEU statistics, and BLEU derived from their
+    sums, only for a validation batch whose hypotheses hold at least one token (``max(totals) >
+    0``); its reduce_metrics runs once per validation batch. A model early in training ends many
+    hypotheses at once (rnn_luong_tiny after 20 updates). Where every batch was empty, the valid
+    line lacked bleu and with --best-checkpoint-metric bleu fairseq-train died with ``KeyError:
+    'bleu'``. An empty batch now adds its statistics too (no matches, its references' length),
+    and bleu is derived from the sums of the whole validation: 0 where no hypothesis holds a
+    token (as sacrebleu scores empty hypotheses), else fairseq's BLEU of all batches (the empty
+    ones' references count in the brevity penalty, as in one batch)."""
+    import numpy as np
     from fairseq.logging import metrics
     from fairseq.tasks.translation import EVAL_BLEU_ORDER, TranslationTask
 
@@ -554,8 +558,26 @@ def bleu_of_empty_hypotheses() -> None:
             return
         totals = [sum(log.get(f"_bleu_totals_{i}", 0) for log in logging_outputs)
                   for i in range(EVAL_BLEU_ORDER)]
-        if not max(float(t) for t in totals) > 0:
-            metrics.log_scalar("bleu", 0.0)
+        if max(float(t) for t in totals) > 0:
+            return  # fairseq logged the batch's statistics and derives bleu from their sums
+        metrics.log_scalar("_bleu_counts", np.zeros(EVAL_BLEU_ORDER, dtype=np.int64))
+        metrics.log_scalar("_bleu_totals", np.zeros(EVAL_BLEU_ORDER, dtype=np.int64))
+        for key in ("_bleu_sys_len", "_bleu_ref_len"):
+            metrics.log_scalar(key, sum(float(log.get(key, 0)) for log in logging_outputs))
+        metrics.log_derived("bleu", bleu_of_sums)  # where fairseq's is not there already
+
+
+def bleu_of_sums(meters) -> float:
+    """BLEU of the validation's summed statistics, as fairseq's translation task computes it
+    (sacrebleu, exponential smoothing, two decimals); 0 where no hypothesis holds a token."""
+    from sacrebleu.metrics import BLEU
+
+    if not max(float(t) for t in meters["_bleu_totals"].sum) > 0:
+        return 0.0
+    bleu = BLEU.compute_bleu(correct=meters["_bleu_counts"].sum, total=meters["_bleu_totals"].sum,
+                             sys_len=int(meters["_bleu_sys_len"].sum),
+                             ref_len=int(meters["_bleu_ref_len"].sum), smooth_method="exp")
+    return round(bleu.score, 2)
 
 
 def beam_search_keeps_sentence_runs() -> None:

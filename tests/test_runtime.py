@@ -319,36 +319,54 @@ def test_a_required_option_without_a_value_is_one_line():
     assert missing_value_message(ValueError("Missing mandatory value: x")) is None
 
 
-def _validation_bleu(hypothesis_tokens, validation=True):
-    """The values fairseq's translation task logs for one validation with --eval-bleu, the
-    hypotheses holding ``hypothesis_tokens`` tokens in all (their 1-gram matches: all of them);
-    without ``validation``, for training's logging outputs (no BLEU statistics)."""
+def _bleu_log(hypothesis_tokens, validation=True):
+    """One logging output of fairseq's translation task with --eval-bleu: hypotheses holding
+    ``hypothesis_tokens`` tokens (all but one n-gram of each order matching), references 5
+    tokens; without ``validation``, training's (no BLEU statistics)."""
+    from fairseq.tasks.translation import EVAL_BLEU_ORDER
+
+    log = {"loss": 2.0, "nll_loss": 2.0, "ntokens": 5, "nsentences": 1, "sample_size": 5,
+           "_bleu_sys_len": hypothesis_tokens, "_bleu_ref_len": 5}
+    for i in range(EVAL_BLEU_ORDER if validation else 0):
+        n = max(hypothesis_tokens - i, 0)
+        log.update({f"_bleu_counts_{i}": max(n - 1, 0), f"_bleu_totals_{i}": n})
+    return log
+
+
+def _validation_bleu(*batches):
+    """The values logged for one validation whose batches hold these logging outputs: the
+    trainer calls the task's reduce_metrics once per batch, in one aggregation."""
     import argparse
 
     from fairseq.criterions.cross_entropy import CrossEntropyCriterion
     from fairseq.logging import metrics
-    from fairseq.tasks.translation import EVAL_BLEU_ORDER, TranslationTask
+    from fairseq.tasks.translation import TranslationTask
 
     import fairseq_s2s_attn  # noqa: F401  (installs the replacement)
 
     task = object.__new__(TranslationTask)
     task.cfg = argparse.Namespace(eval_bleu=True)
-    log = {"loss": 2.0, "nll_loss": 2.0, "ntokens": 5, "nsentences": 1, "sample_size": 5,
-           "_bleu_sys_len": hypothesis_tokens, "_bleu_ref_len": 5}
-    for i in range(EVAL_BLEU_ORDER if validation else 0):
-        n = max(hypothesis_tokens - i, 0)
-        log.update({f"_bleu_counts_{i}": n, f"_bleu_totals_{i}": n})
     with metrics.aggregate(new_root=True) as agg:
-        task.reduce_metrics([log], object.__new__(CrossEntropyCriterion))
+        for logs in batches:
+            task.reduce_metrics(logs, object.__new__(CrossEntropyCriterion))
         return agg.get_smoothed_values()
 
 
-def test_validation_with_only_empty_hypotheses_scores_bleu_zero():
+def test_validation_with_empty_hypotheses_scores_bleu():
     """fairseq logged no bleu when every hypothesis was empty (a model early in training), and
-    fairseq-train --best-checkpoint-metric bleu died with KeyError: 'bleu'."""
-    assert _validation_bleu(0)["bleu"] == 0
-    assert _validation_bleu(5)["bleu"] == 100  # fairseq's own BLEU where there are tokens
-    assert "bleu" not in _validation_bleu(0, validation=False)  # training lines: no bleu=0
+    fairseq-train --best-checkpoint-metric bleu died with KeyError: 'bleu'; now 0. Where only some
+    validation batches are empty, bleu is fairseq's of all batches, as if they were one (the
+    plugin's first version logged a bleu of its own there: 0 for the whole validation when the
+    first batch was empty, an AttributeError on fairseq's meter when a later one was)."""
+    empty, full = _bleu_log(0), _bleu_log(9)
+    assert _validation_bleu([empty])["bleu"] == 0
+    assert _validation_bleu([empty], [empty])["bleu"] == 0
+    own = _validation_bleu([empty, full])["bleu"]  # one batch: fairseq's own BLEU
+    assert 0 < own < _validation_bleu([full])["bleu"] < 100  # the empty side's brevity penalty
+    assert _validation_bleu([empty], [full])["bleu"] == own
+    assert _validation_bleu([full], [empty])["bleu"] == own
+    assert _validation_bleu([full], [full])["bleu"] == _validation_bleu([full, full])["bleu"]
+    assert "bleu" not in _validation_bleu([_bleu_log(0, validation=False)])  # training: no bleu
 
 
 def test_importing_the_plugin_leaves_logging_alone():
