@@ -63,7 +63,10 @@
   returns no attention in training (rnn_vanilla) stopped with an AttributeError: one error now.
 - ``--eval-bleu`` logged no BLEU for a validation whose hypotheses were all empty (a model
   early in training), and ``--best-checkpoint-metric bleu`` then died with ``KeyError: 'bleu'``:
-  such a validation scores BLEU 0.
+  such a validation scores BLEU 0; one where some batches are empty scores the BLEU of all.
+- ``--num-batch-buckets N`` (pad each sentence to one of N lengths) died at the data's loading
+  on numpy 2 (``percentile() got an unexpected keyword argument 'interpolation'``), for every
+  model: fairseq's ``get_buckets`` calls it with numpy 1's keyword, which numpy 2 removed.
 - Host synchronisation in beam search on a GPU: the source side stays one row per sentence
   (``RNNEncoder.reorder_encoder_out``), and for an arbitrary order the encoder must read the
   order's values to know whether rows stay with their sentences: two ``torch.equal`` per
@@ -420,6 +423,39 @@ def keep_remainder_batches() -> None:
         if kept < len(indices):  # batches are consecutive runs of indices: the tail was dropped
             batches = list(batches) + [list(indices[kept:])]
         return batches
+
+
+# fairseq's lines of --num-batch-buckets that numpy 2 refuses: the same with what numpy has
+# since 1.22 (``method=``; ``np.compat.long`` was Python's int)
+BUCKET_LINES = {
+    ("data_utils", "get_buckets"): {'interpolation="lower",': 'method="lower",'},
+    ("LanguagePairDataset", "__init__"): {
+        "num_tokens = np.vectorize(self.num_tokens, otypes=[np.compat.long])":
+            "num_tokens = np.vectorize(self.num_tokens, otypes=[int])",
+    },
+}
+
+
+def bucket_lengths_on_numpy_2() -> bool:
+    """``--num-batch-buckets``: fairseq's ``data_utils.get_buckets`` (bucket lengths as the lower
+    percentiles of the sentence lengths) passes numpy 1's ``interpolation=`` keyword, and
+    ``LanguagePairDataset`` asks for ``np.compat.long``; numpy 2 has neither. The two lines are
+    rewritten in fairseq's functions (the function objects stay: ``BucketPadLengthDataset``
+    imported ``get_buckets`` by name): the same buckets. Where numpy has no ``method`` or a line
+    is not found, fairseq's function stays; returns whether both were rewritten."""
+    import inspect
+
+    import numpy as np
+    from fairseq.data import data_utils
+    from fairseq.data.language_pair_dataset import LanguagePairDataset
+
+    from .patching import rewrite_lines
+
+    if "method" not in inspect.signature(np.percentile).parameters:
+        return False
+    owners = {"data_utils": data_utils, "LanguagePairDataset": LanguagePairDataset}
+    return all([rewrite_lines(getattr(owners[owner], name), lines)
+                for (owner, name), lines in BUCKET_LINES.items()])
 
 
 def resumed_epochs_keep_their_batches() -> None:
@@ -844,6 +880,7 @@ def install(model_cls) -> None:
     limit_primitive_cache_in_training()
     keep_freed_memory()
     keep_remainder_batches()
+    bucket_lengths_on_numpy_2()
     resumed_epochs_keep_their_batches()
     empty_alignments_without_attention()
     alignment_loss_needs_attention()

@@ -719,3 +719,33 @@ def test_the_last_batch_is_kept_whatever_its_size():
     stock = data_utils.batch_by_size.__wrapped__  # fairseq's: the 5 last sentences dropped
     assert [list(b) for b in stock(indices, lambda i: 5, max_sentences=8,
                                    required_batch_size_multiple=8)] == [list(range(8))]
+
+
+def test_batch_buckets_on_numpy_2():
+    """--num-batch-buckets died at the data's loading on numpy 2 (fairseq's get_buckets passed
+    numpy 1's interpolation=, LanguagePairDataset asked for np.compat.long). Now each sentence is
+    padded to the smallest bucket length (the lower percentiles of the lengths) that holds it,
+    and a batch's lengths are still the sentences' own."""
+    import numpy as np
+    import torch
+    from fairseq.data import LanguagePairDataset, data_utils
+
+    import fairseq_s2s_attn  # noqa: F401  (installs the rewritten lines)
+    from conftest import make_dict
+
+    g = torch.Generator().manual_seed(3)
+    d = make_dict(10)
+    lengths = torch.randint(1, 20, (40,), generator=g).tolist()
+    src = [torch.randint(d.nspecial, len(d), (n,), generator=g) for n in lengths]
+    tgt = [torch.randint(d.nspecial, len(d), (n + 1,), generator=g) for n in lengths]
+    ordered = sorted(lengths)
+    want = sorted({ordered[int(p / 100 * (len(lengths) - 1))] for p in (25, 50, 75, 100)})
+    assert list(data_utils.get_buckets(np.array(lengths), 4)) == want
+    data = LanguagePairDataset(src, np.array(lengths), d, tgt, np.array(lengths) + 1, d,
+                               num_buckets=4)
+    assert set(data.src_sizes) <= set(want)
+    for i, n in enumerate(lengths):
+        assert data.src_sizes[i] == min(b for b in want if b >= n)
+    batch = data.collater([data[i] for i in range(8)])
+    assert batch["net_input"]["src_lengths"].tolist() == sorted(lengths[:8], reverse=True)
+    assert batch["net_input"]["src_tokens"].size(1) in want
