@@ -535,8 +535,8 @@ def tokenizer_languages_from_the_data() -> None:
     def _override_attr(original, sub_node, data_class, args):
         fields = getattr(data_class, "__dataclass_fields__", {})
         unset = [name for name in ("source_lang", "target_lang")
-                 if name in fields and fields[name].type is str and args is not None
-                 and hasattr(args, name) and getattr(args, name) is None]
+                 if name in fields and fields[name].type in (str, "str")  # not Optional
+                 and getattr(args, name, "") is None]
         if sub_node in ("tokenizer", "bpe") and unset:
             args = copy.copy(args)
             pair = _data_language_pair(args, sub_node)
