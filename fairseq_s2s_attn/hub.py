@@ -106,6 +106,9 @@ class Translator:
         if generate_args.get("score_reference"):  # fairseq's scorer needs the translations
             raise ConfigError("score_reference: give the translations to Translator.score("
                               "sources, translations)")
+        if generate_args.get("lm_path"):  # fairseq-generate's main loads it, the hub does not
+            raise ConfigError("lm_path: the translator loads no language model and would translate "
+                              "without it; shallow fusion is fairseq-generate's (--lm-path)")
         single = isinstance(sentences, str)
         batch = [sentences] if single else list(sentences)
         encoded = self._encode(batch, "source")

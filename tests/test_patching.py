@@ -72,17 +72,18 @@ def test_a_replacement_under_another_is_not_installed_again():
 def test_the_plugins_replacements_are_each_installed_once():
     from fairseq.sequence_generator import SequenceGenerator
 
-    from fairseq_s2s_attn import inputs, precision, runtime
+    from fairseq_s2s_attn import inputs, precision, runtime, search
 
     before = _chain(SequenceGenerator._generate)
-    # three of the plugin's changes wrap fairseq's _generate; installing them again is a no-op
+    # four of the plugin's changes wrap fairseq's _generate; installing them again is a no-op
     inputs.empty_sources_translate_to_empty()
     precision.generate_in_one_autocast_region()
     runtime.beam_search_keeps_sentence_runs()
+    search.lm_steps_incremental()
     after = _chain(SequenceGenerator._generate)
     assert after == before
     ours = [name for name in after if name]
-    assert len(ours) == len(set(ours)) == 3
+    assert len(ours) == len(set(ours)) == 4
     assert after[-1] is None  # fairseq's own, at the end of the chain
 
 

@@ -459,14 +459,17 @@ def test_fairseqs_own_checks_are_one_line(small_data_bin, luong_runs, args, mess
     ("fairseq-generate", ["--print-step"], "--print-step prints the refinement steps"),
     ("fairseq-generate", ["--retain-iter-history"], "--retain-iter-history prints the refinement"),
     ("fairseq-interactive", ["--score-reference"], "input lines have none"),
+    ("fairseq-interactive", ["--lm-path", "lm.pt"], "fairseq-interactive loads no language model"),
 ])
 def test_options_the_command_cannot_serve_are_one_line(small_data_bin, luong_runs, command, args,
                                                        message):
     """Each died with a traceback after the models loaded (fairseq's lstm too): fairseq-generate
     --constraints with a TypeError at the first batch, --print-step and --retain-iter-history
     with a KeyError after it (its translations half written), fairseq-interactive
-    --score-reference with KeyError: 'target'. Now one error line; fairseq-interactive keeps
-    --constraints (test_cli) and fairseq-generate --score-reference (test_cli)."""
+    --score-reference with KeyError: 'target'; fairseq-interactive --lm-path translated without
+    the language model, which only fairseq-generate loads. Now one error line;
+    fairseq-interactive keeps --constraints (test_cli) and fairseq-generate --score-reference
+    (test_cli) and --lm-path (test_search)."""
     proc = run(command, small_data_bin, *USER_DIR, "--path", luong_runs[3] / "checkpoint_last.pt",
                "--beam", 2, "--cpu", *args, input="w1 w2 w3\n", check=False)
     line = one_error_line(proc, message)

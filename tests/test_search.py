@@ -339,3 +339,63 @@ def test_beam_search_writes_no_ngram_twice(arch, monkeypatch):
         assert all(h["tokens"][-1] == d.eos() and len(h["tokens"]) < 30 for hs in ones for h in hs)
         monkeypatch.setattr(NGramRepeatBlock, "forward", innermost(NGramRepeatBlock, "forward"))
         assert repeating(generate(2), 2) > 0
+
+
+def language_model(kind, d):
+    """An untrained fairseq language model over d (16 wide): transformer_lm or lstm_lm."""
+    torch.manual_seed(5)
+    if kind == "transformer_lm":
+        from fairseq.models.transformer_lm import TransformerLanguageModel, base_lm_architecture
+        args = argparse.Namespace(decoder_layers=2, decoder_embed_dim=16, decoder_ffn_embed_dim=32,
+                                  decoder_attention_heads=2, dropout=0.0, tokens_per_sample=64)
+        base_lm_architecture(args)
+        return TransformerLanguageModel.build_model(args, FakeTask(d, d)).eval()
+    from fairseq.models.lstm_lm import LSTMLanguageModel, base_architecture as lstm_lm_arch
+    args = argparse.Namespace(decoder_embed_dim=16, decoder_hidden_size=16,
+                              decoder_out_embed_dim=16, decoder_layers=1, dropout=0.0,
+                              tokens_per_sample=64, criterion="cross_entropy")
+    lstm_lm_arch(args)
+    task = FakeTask(d, d)
+    task.dictionary = d
+    return LSTMLanguageModel.build_model(args, task).eval()
+
+
+EOS_BIAS = {"rnn_bahdanau_tiny": 2.0, "lstm": 0.2}  # hypotheses of several lengths
+
+
+@pytest.mark.parametrize("kind", ["transformer_lm", "lstm_lm"])
+@pytest.mark.parametrize("arch", ["rnn_bahdanau_tiny", "lstm"])
+def test_shallow_fusion_runs_the_language_model_a_token_a_step(kind, arch, monkeypatch):
+    """--lm-path: the language model runs on one new token per hypothesis and step with its
+    incremental state, reordered with the hypotheses (sentences finish at different steps), and
+    the search gives fairseq's hypotheses, which ran it over every whole prefix, with the same
+    scores up to rounding; the generator and the ensemble are left as they were."""
+    d = make_dict(20)
+    model, sample = model_and_batch(arch, d)
+    with torch.no_grad():  # EOS likelier: sentences finish at different steps
+        model.decoder.fc_out.bias[d.eos()] += EOS_BIAS[arch]
+    lm = language_model(kind, d)
+    widths = []
+    lm.decoder.register_forward_pre_hook(lambda m, a, k: widths.append(
+        (a[0].size(1), k.get("incremental_state") is not None)), with_kwargs=True)
+    gen = SequenceGenerator([model], d, beam_size=4, max_len_b=12, lm_model=lm, lm_weight=0.5)
+    with torch.no_grad():
+        got = gen.generate([model], sample)
+        steps = len(widths)
+        assert steps >= 3 and all(stepped for _, stepped in widths)
+        assert [w for w, _ in widths] == list(range(1, steps + 1))  # the prefix; one token read
+        assert gen.lm_model is lm and "reorder_incremental_state" not in vars(gen.model)
+        monkeypatch.setattr(search, "LM_INCREMENTAL", False)
+        search.use_search_lines(False)
+        try:
+            want = gen.generate([model], sample)
+        finally:
+            search.use_search_lines(True)
+    assert not any(stepped for _, stepped in widths[steps:])  # fairseq's: whole prefixes
+    lengths = {len(h["tokens"]) for hyps in got for h in hyps}
+    assert len(lengths) > 1
+    for hyps_a, hyps_b in zip(got, want):
+        for a, b in zip(hyps_a, hyps_b):
+            assert torch.equal(a["tokens"], b["tokens"])
+            torch.testing.assert_close(a["positional_scores"], b["positional_scores"],
+                                       rtol=0, atol=1e-5)
