@@ -13,8 +13,11 @@
   beam 5: batch 32 1.23x, batch 1 0.83-0.95x (the same translations). Above 2 threads not
   measured; the cap of 4 is CTranslate2's default for its intra-op threads. (Until 2026-12-07
   the plugin set one thread everywhere, after "fairseq's lstm on 2 cores: 26k words/s with 1
-  thread, 3.7k with 2", which no run on these machines showed again.) OMP_NUM_THREADS or
-  S2S_NUM_THREADS set by the user wins.
+  thread, 3.7k with 2", which no run on these machines showed again: other work on the machine
+  makes it, see the next point.) OMP_NUM_THREADS or S2S_NUM_THREADS set by the user wins.
+- Threads and other processes: a batch command's threads give way to other processes' work,
+  checked every 2 s between batches (``threads_follow_other_work``, ``cpushare``): two runs
+  each with a thread per core crawled side by side.
 - oneDNN's primitive cache in training: torch compiles one oneDNN primitive per matrix-product
   shape (bf16 products, LSTM layers) and keeps up to 1,024 of them. Every batch of a new size
   adds primitives, so fairseq-train's resident memory grew with every update: rnn_bahdanau with
@@ -281,13 +284,20 @@ def _local_processes() -> int:
         return 1
 
 
+# seconds between two readings of the other processes' load (at a batch boundary)
+FOLLOW_PERIOD_S = 2.0
+_FOLLOW = {}  # "share": cpushare.CoreShare, "most": threads on an idle machine, "next": time
+
+
 def set_thread_defaults(processes: Optional[int] = None, batches: Optional[bool] = None) -> int:
     """Sets torch's intra-op threads (see the module's docstring) and returns them: S2S_NUM_THREADS
     if the user set it (at least one), torch's reading of OMP_NUM_THREADS if that is set;
     otherwise ``default_threads`` over this process's cores for a command that runs batches of
     many sentences (``batches``; None: fairseq-train, -generate or -validate runs in this
     process, not fairseq-interactive) shared by ``processes`` processes (None: torchrun's
-    LOCAL_WORLD_SIZE, else 1), and one thread for anything else."""
+    LOCAL_WORLD_SIZE, else 1), and one thread for anything else; the batch commands' threads
+    then give way to other processes' work (``threads_follow_other_work``)."""
+    _FOLLOW.clear()  # the user's number, or the plugin's choice below
     threads = os.environ.get("S2S_NUM_THREADS")
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
@@ -303,7 +313,57 @@ def set_thread_defaults(processes: Optional[int] = None, batches: Optional[bool]
             share = f", {processes} processes" if processes > 1 else ""
             logger.info(f"{torch.get_num_threads()} intra-op thread(s) per process ({cores} cores"
                         f"{share}; set OMP_NUM_THREADS or S2S_NUM_THREADS to choose)")
+        threads_follow_other_work(torch.get_num_threads())
     return torch.get_num_threads()
+
+
+def threads_follow_other_work(most: int) -> bool:
+    """A batch command's default threads (``most``, chosen for an idle machine) give way to other
+    processes: every ``FOLLOW_PERIOD_S`` seconds, at the next batch fairseq's iterators hand over
+    (``CountingIterator.__next__``, in the main thread), the threads become the cores of this
+    process's affinity the others left over the period (``cpushare.threads_left``), back up to
+    ``most`` when they are gone. Each change is logged. Two runs side by side, each with all
+    the cores' threads, crawled (see ``cpushare``). Only where the plugin chose the threads (not
+    OMP_NUM_THREADS or S2S_NUM_THREADS); the thread count then depends on the machine's load, so
+    set one of them for runs that must be bitwise reproducible. Returns whether it follows."""
+    from fairseq.data import iterators
+
+    from .cpushare import CoreShare
+
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    if most <= 1 or CoreShare(cpus).last[1] is None:  # one thread, or no /proc/stat to read
+        _FOLLOW.clear()
+        return False
+    _FOLLOW.update(share=CoreShare(cpus), most=most, next=time.monotonic() + FOLLOW_PERIOD_S)
+
+    @replaces(iterators.CountingIterator, "__next__")
+    def __next__(original, self):
+        if _FOLLOW and time.monotonic() >= _FOLLOW["next"] and \
+                threading.current_thread() is threading.main_thread():
+            follow_other_work()
+        return original(self)
+    return True
+
+
+def follow_other_work() -> Optional[int]:
+    """One reading (see ``threads_follow_other_work``): sets and returns the threads, or None."""
+    from .cpushare import threads_left
+
+    _FOLLOW["next"] = time.monotonic() + FOLLOW_PERIOD_S
+    share = _FOLLOW["share"]
+    others = share.others()
+    if others is None:
+        return None
+    threads = threads_left(len(share.cpus), _FOLLOW["most"], others)
+    if threads != torch.get_num_threads():
+        logger.info(f"{threads} intra-op thread(s) from now on: other processes kept "
+                    f"{others:.1f} of this process's {len(share.cpus)} cores busy "
+                    f"(S2S_NUM_THREADS or OMP_NUM_THREADS fixes the number)")
+        torch.set_num_threads(threads)
+    return threads
 
 
 def interactive_batch(cfg) -> int:
