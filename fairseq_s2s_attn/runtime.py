@@ -326,18 +326,20 @@ def threads_follow_other_work(most: int) -> bool:
     the cores' threads, crawled (see ``cpushare``). Only where the plugin chose the threads (not
     OMP_NUM_THREADS or S2S_NUM_THREADS); the thread count then depends on the machine's load, so
     set one of them for runs that must be bitwise reproducible. Returns whether it follows."""
-    from fairseq.data import iterators
-
     from .cpushare import CoreShare
 
+    _FOLLOW.clear()
+    if most <= 1:
+        return False
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = list(range(os.cpu_count() or 1))
-    if most <= 1 or CoreShare(cpus).last[1] is None:  # one thread, or no /proc/stat to read
-        _FOLLOW.clear()
+    share = CoreShare(cpus)
+    if share.last[1] is None:  # no /proc/stat to read
         return False
-    _FOLLOW.update(share=CoreShare(cpus), most=most, next=time.monotonic() + FOLLOW_PERIOD_S)
+    _FOLLOW.update(share=share, most=most, next=time.monotonic() + FOLLOW_PERIOD_S)
+    from fairseq.data import iterators
 
     @replaces(iterators.CountingIterator, "__next__")
     def __next__(original, self):
