@@ -500,9 +500,9 @@ def test_moses_tokenizer_takes_the_language_pair_of_the_data(small_data_bin, luo
     """fairseq-interactive --tokenizer moses without --source-lang/--target-lang died before
     reading a line (hydra: "Error merging override tokenizer.source_lang=null"); now the
     tokenizer gets the data-bin's pair, as the task does, and sentences translate (sacremoses
-    stood in for by a module that records the languages it is given). Given options still win;
-    a data folder naming no pair is one error line; without sacremoses fairseq's "Please install"
-    is one line."""
+    stood in for by a module that records the languages it is given). Given, the options work as
+    before; a data folder naming no pair is one error line; without sacremoses fairseq's "Please
+    install" is one line."""
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "sacremoses.py").write_text(FAKE_SACREMOSES)
