@@ -1,7 +1,8 @@
 """search.py: fairseq's BeamSearch.step with its candidates from native.beam_topk on a CPU,
 against fairseq's own step (torch.topk) and in fairseq's SequenceGenerator; fairseq's
 DiverseBeamSearch on batches that carry dataset ids; the lines of fairseq's search rewritten
-(the NaN scrub, the temperature) against fairseq's own."""
+(the NaN scrub, the temperature) against fairseq's own; --no-repeat-ngram-size against its
+definition; shallow fusion's language model one token a step against fairseq's whole prefixes."""
 
 import argparse
 
