@@ -262,12 +262,17 @@ BATCH_COMMANDS = ("train", "generate", "validate")
 MAX_DEFAULT_THREADS = 4
 
 
-def available_cores() -> int:
+def affinity_cpus() -> list:
     """The cores this process may run on (its CPU affinity: taskset, cpusets), else all."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def available_cores() -> int:
+    """How many cores this process may run on (``affinity_cpus``)."""
+    return len(affinity_cpus())
 
 
 def default_threads(cores: int, processes: int = 1) -> int:
@@ -331,11 +336,7 @@ def threads_follow_other_work(most: int) -> bool:
     _FOLLOW.clear()
     if most <= 1:
         return False
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = list(range(os.cpu_count() or 1))
-    share = CoreShare(cpus)
+    share = CoreShare(affinity_cpus())
     if share.last[1] is None:  # no /proc/stat to read
         return False
     _FOLLOW.update(share=share, most=most, next=time.monotonic() + FOLLOW_PERIOD_S)

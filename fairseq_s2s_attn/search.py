@@ -60,10 +60,11 @@ beam search fairseq ran the language model over each hypothesis's whole prefix a
 log-softmax of the whole B x T x V output, of which it uses the last position: each step cost
 as much as all the steps before it. The first 200 demo test sentences (beam 5, batches of 32,
 a one-layer 64-wide transformer_lm, one thread) took 19.3-19.7 s with it against 1.3-1.4 s
-without (3.0-3.1 s with this change). ``lm_steps_incremental`` runs the language model one token a step with its incremental
-state (as the translation model runs), reordered with the hypotheses at every step, where its
-decoder is one of fairseq's incremental decoders (transformer_lm, lstm_lm); the log-softmax is
-taken over the last position only (one line of ``_generate``). The same scores up to rounding
+without (3.0-3.1 s with this change). ``lm_steps_incremental`` runs the language model one
+token a step with its incremental state (as the translation model runs), reordered with the
+hypotheses at every step, where its decoder is one of fairseq's incremental decoders
+(transformer_lm, lstm_lm); the log-softmax is taken over the last position only (one line of
+``_generate``). The same scores up to rounding
 (the cached keys' products round differently; in bf16 under --cpu-bf16's autocast, which
 covers the language model too), for fairseq's models as for ours.
 """

@@ -49,6 +49,15 @@ def test_the_others_are_the_busy_time_less_this_process(monkeypatch):
     assert share.others() is None
 
 
+def test_a_reading_counts_the_children_as_this_process(monkeypatch):
+    """A reading's own time is this process's CPU time plus its children's (data loader
+    workers), so their work is not taken for other processes'."""
+    monkeypatch.setattr(cpushare, "busy_seconds", lambda cpus: 50.0)
+    monkeypatch.setattr(cpushare, "children_seconds", lambda: 3.0)
+    monkeypatch.setattr(cpushare.time, "process_time", lambda: 2.0)
+    assert CoreShare([0, 1]).reading()[1:] == (50.0, 5.0)
+
+
 def burn(seconds: float) -> str:
     return f"import time\nt = time.process_time()\nwhile time.process_time() - t < {seconds}: pass\n"
 
