@@ -136,11 +136,15 @@ def rewrite_lines(fn: Callable, lines: Dict[str, str]) -> bool:
 
 
 def _names(line: str) -> set:
-    """The names a line of code reads (globals, attributes) as ``co_names`` lists them."""
-    try:
-        return set(compile(line.rstrip(","), "<line>", "exec").co_names)
-    except SyntaxError:
-        return set()
+    """The names a line of code reads (globals, attributes) as ``co_names`` lists them; the line
+    may also be a call's arguments (``len(sizes), dtype=np.compat.long``)."""
+    line = line.rstrip(",")
+    for code, wrapper in ((line, set()), (f"_s2s_call({line})", {"_s2s_call"})):
+        try:
+            return set(compile(code, "<line>", "exec").co_names) - wrapper
+        except SyntaxError:
+            continue
+    return set()
 
 
 def use_rewritten_lines(fn: Callable, on: bool) -> None:

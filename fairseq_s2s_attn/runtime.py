@@ -69,7 +69,8 @@
   such a validation scores BLEU 0; one where some batches are empty scores the BLEU of all.
 - ``--num-batch-buckets N`` (pad each sentence to one of N lengths) died at the data's loading
   on numpy 2 (``percentile() got an unexpected keyword argument 'interpolation'``), for every
-  model: fairseq's ``get_buckets`` calls it with numpy 1's keyword, which numpy 2 removed.
+  model: fairseq's ``get_buckets`` calls it with numpy 1's keyword, which numpy 2 removed; and
+  fairseq-train of a language model with ``--sample-break-mode eos`` (``np.compat.long``).
 - Host synchronisation in beam search on a GPU: the source side stays one row per sentence
   (``RNNEncoder.reorder_encoder_out``), and for an arbitrary order the encoder must read the
   order's values to know whether rows stay with their sentences: two ``torch.equal`` per
@@ -488,37 +489,50 @@ def keep_remainder_batches() -> None:
         return batches
 
 
-# fairseq's lines of --num-batch-buckets that numpy 2 refuses: the same with what numpy has
+# fairseq's lines that numpy 2 refuses (--num-batch-buckets, language models' sentence samples):
+# the same with what numpy 2 has
 # since 1.22 (``method=``; ``np.compat.long`` was Python's int)
-BUCKET_LINES = {
+NUMPY_2_LINES = {
     ("data_utils", "get_buckets"): {'interpolation="lower",': 'method="lower",'},
     ("LanguagePairDataset", "__init__"): {
         "num_tokens = np.vectorize(self.num_tokens, otypes=[np.compat.long])":
             "num_tokens = np.vectorize(self.num_tokens, otypes=[int])",
     },
+    ("TokenBlockDataset", "_build_slice_indices"): {
+        "len(sizes), dtype=np.compat.long": "len(sizes), dtype=int",
+    },
 }
 
 
-def bucket_lengths_on_numpy_2() -> bool:
-    """``--num-batch-buckets``: fairseq's ``data_utils.get_buckets`` (bucket lengths as the lower
-    percentiles of the sentence lengths) passes numpy 1's ``interpolation=`` keyword, and
-    ``LanguagePairDataset`` asks for ``np.compat.long``; numpy 2 has neither. The two lines are
-    rewritten in fairseq's functions (the function objects stay: ``BucketPadLengthDataset``
-    imported ``get_buckets`` by name): the same buckets. Where numpy has no ``method`` or a line
-    is not found, fairseq's function stays; returns whether both were rewritten."""
+def numpy_2_names() -> bool:
+    """Three lines of fairseq that use numpy 1's names, which numpy 2 has not:
+
+    - ``--num-batch-buckets``: ``data_utils.get_buckets`` (bucket lengths as the lower
+      percentiles of the sentence lengths) passes ``interpolation=``, and
+      ``LanguagePairDataset`` asks for ``np.compat.long``: the data's loading died;
+    - ``--task language_modeling --sample-break-mode eos`` (one sentence a sample, the language
+      model of ``--lm-path``): ``TokenBlockDataset`` asks for ``np.compat.long`` too, and
+      fairseq-train died loading the data.
+
+    The lines are rewritten in fairseq's functions with numpy 2's names for the same values
+    (``method=``; ``int``, which ``np.compat.long`` was); the function objects stay
+    (``BucketPadLengthDataset`` imported ``get_buckets`` by name). Where numpy has no ``method``
+    or a line is not found, fairseq's function stays; returns whether all were rewritten."""
     import inspect
 
     import numpy as np
     from fairseq.data import data_utils
     from fairseq.data.language_pair_dataset import LanguagePairDataset
+    from fairseq.data.token_block_dataset import TokenBlockDataset
 
     from .patching import rewrite_lines
 
     if "method" not in inspect.signature(np.percentile).parameters:
         return False
-    owners = {"data_utils": data_utils, "LanguagePairDataset": LanguagePairDataset}
+    owners = {"data_utils": data_utils, "LanguagePairDataset": LanguagePairDataset,
+              "TokenBlockDataset": TokenBlockDataset}
     return all([rewrite_lines(getattr(owners[owner], name), lines)
-                for (owner, name), lines in BUCKET_LINES.items()])
+                for (owner, name), lines in NUMPY_2_LINES.items()])
 
 
 def resumed_epochs_keep_their_batches() -> None:
@@ -943,7 +957,7 @@ def install(model_cls) -> None:
     limit_primitive_cache_in_training()
     keep_freed_memory()
     keep_remainder_batches()
-    bucket_lengths_on_numpy_2()
+    numpy_2_names()
     resumed_epochs_keep_their_batches()
     empty_alignments_without_attention()
     alignment_loss_needs_attention()

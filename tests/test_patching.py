@@ -3,6 +3,7 @@
 import inspect
 import types
 
+import numpy as np
 import pytest
 
 import fairseq_s2s_attn  # noqa: F401  (installs the plugin's replacements)
@@ -132,6 +133,12 @@ class _Private:
         return value
 
 
+def _zeros(words):
+    return np.zeros(
+        len(words), dtype=np.compat.long
+    )
+
+
 def _raises(word):
     value = len(word)
     raise ValueError(value)
@@ -161,6 +168,20 @@ def _install_count_words(owner):
         return original(list(words))
 
     return count
+
+
+def test_rewrite_lines_of_a_call_s_arguments():
+    """A line that is part of a call (fairseq's ``len(sizes), dtype=np.compat.long``, numpy 1's
+    name): the names it stops reading (compat, long) are the line's, not names the new function
+    lost elsewhere, so the line is rewritten (it was refused: the line alone is no statement)."""
+    old = set(_zeros.__code__.co_names)
+    assert {"compat", "long"} <= old
+    assert rewrite_lines(_zeros, {"len(words), dtype=np.compat.long": "len(words), dtype=int"})
+    try:
+        assert not {"compat", "long"} & set(_zeros.__code__.co_names)
+        assert _zeros(["a", "b"]).tolist() == [0, 0]  # numpy 2: np.compat is gone
+    finally:
+        use_rewritten_lines(_zeros, False)
 
 
 def test_rewritten_lines_keep_their_numbers_in_tracebacks():

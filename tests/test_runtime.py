@@ -721,6 +721,22 @@ def test_the_last_batch_is_kept_whatever_its_size():
                                    required_batch_size_multiple=8)] == [list(range(8))]
 
 
+def test_sentence_samples_of_a_language_model_on_numpy_2():
+    """fairseq-train --task language_modeling --sample-break-mode eos (one sentence a sample, as
+    for the language model of --lm-path) died loading the data on numpy 2: TokenBlockDataset
+    asked for np.compat.long. Now each sample is one sentence, as numpy 1 made them."""
+    import torch
+    from fairseq.data import TokenBlockDataset
+
+    import fairseq_s2s_attn  # noqa: F401  (installs the rewritten lines)
+
+    sentences = [torch.tensor([5, 6, 2]), torch.tensor([7, 2]), torch.tensor([8, 9, 10, 2])]
+    data = TokenBlockDataset(sentences, [3, 2, 4], block_size=None, pad=1, eos=2,
+                             break_mode="eos")
+    assert len(data) == 3 and list(data.sizes) == [3, 2, 4]
+    assert all(torch.equal(data[i], s) for i, s in enumerate(sentences))
+
+
 def test_batch_buckets_on_numpy_2():
     """--num-batch-buckets died at the data's loading on numpy 2 (fairseq's get_buckets passed
     numpy 1's interpolation=, LanguagePairDataset asked for np.compat.long). Now each sentence is
