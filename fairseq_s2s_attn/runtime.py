@@ -490,8 +490,7 @@ def keep_remainder_batches() -> None:
 
 
 # fairseq's lines that numpy 2 refuses (--num-batch-buckets, language models' sentence samples):
-# the same with what numpy 2 has
-# since 1.22 (``method=``; ``np.compat.long`` was Python's int)
+# the same with what numpy has since 1.22 (``method=``; ``np.compat.long`` was Python's int)
 NUMPY_2_LINES = {
     ("data_utils", "get_buckets"): {'interpolation="lower",': 'method="lower",'},
     ("LanguagePairDataset", "__init__"): {
