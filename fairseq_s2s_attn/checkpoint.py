@@ -449,7 +449,12 @@ def other_data_is_an_error() -> None:
       was an error already (``model.check_state_dict_fits``).
 
     Now one error line for either, for models of ours, where the checkpoint says what it was
-    trained with (the pair as given, or recorded by ``checkpoints_record_their_data``)."""
+    trained with (the pair as given, or recorded by ``checkpoints_record_their_data``). The
+    dictionaries are checked for every model the plugin recorded them for (fairseq's lstm or a
+    language model for ``--lm-path`` trained with ``--user-dir fairseq_s2s_attn``), and a
+    dictionary of another size, which torch refused with a traceback listing the mismatched
+    weights for fairseq's models (ours said it in one line already), is one line for them too
+    (``dictionary_size_error``)."""
     from fairseq import checkpoint_utils
 
     @replaces(checkpoint_utils, "load_checkpoint_to_cpu")
@@ -464,23 +469,53 @@ def other_data_is_an_error() -> None:
     def load_model_ensemble_and_task(original, *args, **kwargs):
         token = _LOADED.set([])
         try:
-            result = original(*args, **kwargs)
+            try:
+                result = original(*args, **kwargs)
+            except RuntimeError as e:
+                loaded = _LOADED.get()
+                error = dictionary_size_error(str(e), loaded[-1][0] if loaded else "the checkpoint")
+                if error is None:
+                    raise
+                raise error from e
             check_trained_data(result[0], result[2], _LOADED.get())
         finally:
             _LOADED.reset(token)
         return result
 
 
+# torch's load_state_dict: "size mismatch for NAME: copying a param with shape torch.Size([A, ..])
+# from checkpoint, the shape in current model is torch.Size([B, ..])."
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(\d+)"
+                            r"[^)]*\) from checkpoint, the shape in current model is torch\.Size"
+                            r"\(\[(\d+)")
+# weights with one row per type of a dictionary, in fairseq's models
+_DICTIONARY_ROWS = re.compile(r"(^|\.)(embed_tokens|output_projection|fc_out)\.weight$")
+
+
+def dictionary_size_error(message: str, path: str) -> Optional[CheckpointError]:
+    """The CheckpointError for torch's state-dict error message where a weight with one row per
+    dictionary type has another number of rows in the checkpoint than in the model built from the
+    dictionaries loaded now; None for other errors."""
+    for name, trained, now in _SIZE_MISMATCH.findall(message):
+        if trained != now and _DICTIONARY_ROWS.search(name):
+            return CheckpointError(
+                f"{path} was trained with a dictionary of {trained} types ({name}), but the "
+                f"dictionary loaded now has {now} types: use the data directory (dict.*.txt) the "
+                "model was trained with")
+    return None
+
+
 def check_trained_data(models, task, loaded) -> None:
     """CheckpointError where a model of ours was trained on the task's language pair reversed,
-    or with other dictionaries than the task's."""
+    or any model with other dictionaries than the task's (as recorded in its checkpoint)."""
     from .model import RNNS2SModel
 
-    if not models or not all(isinstance(m, RNNS2SModel) for m in models):
+    if not models:
         return
+    ours = all(isinstance(m, RNNS2SModel) for m in models)
     now, dictionaries = task_pair(task), task_dictionaries(task)
     for path, pair, trained in loaded:
-        if now is not None and now[0] != now[1] and pair == (now[1], now[0]):
+        if ours and now is not None and now[0] != now[1] and pair == (now[1], now[0]):
             raise CheckpointError(
                 f"{path} translates {pair[0]}->{pair[1]}, but this command reads {now[0]}->{now[1]} "
                 f"(its --source-lang/--target-lang, or the data-bin's file names when not given): "

@@ -148,6 +148,17 @@ def run(tool: str, *args, check: bool = True, cwd=None, input: str = None, timeo
     return proc
 
 
+def one_error_line(proc, *needles) -> str:
+    """The command failed with a single 'error:' line (containing needles) and no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert str(needle) in errors[0], errors[0]
+    return errors[0]
+
+
 def make_reverse_data(root: Path, train: int, max_len: int, vocab: int, seed: int = 1,
                       valid: int = 100, test: int = 100) -> Path:
     """Synthetic reversal corpus, binarised with fairseq-preprocess; returns the data-bin."""

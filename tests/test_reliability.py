@@ -22,7 +22,7 @@ from fairseq import checkpoint_utils, options
 from fairseq.data import Dictionary
 from fairseq.sequence_generator import SequenceGenerator
 
-from clitools import BIN, REPO, env, parse_generate, run
+from clitools import BIN, REPO, env, one_error_line, parse_generate, run
 from conftest import FakeTask, build_model, make_dict, random_tokens
 from fairseq_s2s_attn.checkpoint import safe_load
 from fairseq_s2s_attn.config import RNNS2SConfig
@@ -31,17 +31,6 @@ from fairseq_s2s_attn.errors import CheckpointError, ConfigError
 TINY_ARCHS = ["rnn_vanilla_tiny", "rnn_bahdanau_tiny", "rnn_luong_tiny"]
 USER_DIR = ("--user-dir", REPO / "fairseq_s2s_attn")
 slow = pytest.mark.slow
-
-
-def one_error_line(proc, *needles):
-    """The command failed with a single 'error:' line (containing needles) and no traceback."""
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for needle in needles:
-        assert str(needle) in errors[0], errors[0]
-    return errors[0]
 
 
 def load_state(path):
@@ -459,17 +448,14 @@ def test_fairseqs_own_checks_are_one_line(small_data_bin, luong_runs, args, mess
     ("fairseq-generate", ["--print-step"], "--print-step prints the refinement steps"),
     ("fairseq-generate", ["--retain-iter-history"], "--retain-iter-history prints the refinement"),
     ("fairseq-interactive", ["--score-reference"], "input lines have none"),
-    ("fairseq-interactive", ["--lm-path", "lm.pt"], "fairseq-interactive loads no language model"),
 ])
 def test_options_the_command_cannot_serve_are_one_line(small_data_bin, luong_runs, command, args,
                                                        message):
     """Each died with a traceback after the models loaded (fairseq's lstm too): fairseq-generate
     --constraints with a TypeError at the first batch, --print-step and --retain-iter-history
     with a KeyError after it (its translations half written), fairseq-interactive
-    --score-reference with KeyError: 'target'; fairseq-interactive --lm-path translated without
-    the language model, which only fairseq-generate loads. Now one error line;
-    fairseq-interactive keeps --constraints (test_cli) and fairseq-generate --score-reference
-    (test_cli) and --lm-path (test_search)."""
+    --score-reference with KeyError: 'target'. Now one error line; fairseq-interactive keeps
+    --constraints (test_cli) and fairseq-generate --score-reference (test_cli)."""
     proc = run(command, small_data_bin, *USER_DIR, "--path", luong_runs[3] / "checkpoint_last.pt",
                "--beam", 2, "--cpu", *args, input="w1 w2 w3\n", check=False)
     line = one_error_line(proc, message)
@@ -654,6 +640,33 @@ def test_generate_with_another_dictionary_of_the_same_size(small_data_bin, luong
         proc = run("fairseq-generate", other, *USER_DIR, "--path", model, "--cpu", check=False)
         one_error_line(proc, f"{model} was trained with another {side} dictionary than the data-bin's",
                        "use the data-bin (dict.*.txt) the model was trained with")
+    assert sorted(parse_generate(run("fairseq-generate", small_data_bin, *USER_DIR, "--path", model,
+                                     "--cpu").stdout)["H"]) == list(range(20))
+
+
+@slow
+def test_fairseq_models_with_other_dictionaries_are_one_line(small_data_bin, tmp_path):
+    """fairseq's own models (here its lstm, trained with the plugin loaded): a data-bin whose
+    dictionary has another size ended in torch's traceback listing the mismatched weights, one of
+    the same size with other words translated with the wrong embeddings, silently (the plugin
+    checked its own models only). Now one error line for each."""
+    run("fairseq-train", small_data_bin, *USER_DIR, "--arch", "lstm", "--encoder-embed-dim", 8,
+        "--encoder-hidden-size", 8, "--decoder-embed-dim", 8, "--decoder-hidden-size", 8,
+        "--decoder-out-embed-dim", 8, "--optimizer", "adam", "--lr", "0.01", "--max-tokens", 1000,
+        "--max-update", 2, "--save-dir", tmp_path / "lstm", "--no-progress-bar", "--cpu")
+    model = tmp_path / "lstm" / "checkpoint_last.pt"
+    bigger, swapped = tmp_path / "bigger", tmp_path / "swapped"
+    for other in (bigger, swapped):
+        shutil.copytree(small_data_bin, other)
+    with open(bigger / "dict.tgt.txt", "a") as f:
+        f.writelines(f"extra{i} 1\n" for i in range(9))
+    lines = (swapped / "dict.src.txt").read_text().splitlines(keepends=True)
+    (swapped / "dict.src.txt").write_text("".join([lines[1], lines[0]] + lines[2:]))
+    n = len(Dictionary.load(str(small_data_bin / "dict.tgt.txt")))
+    one_error_line(run("fairseq-generate", bigger, *USER_DIR, "--path", model, "--cpu", check=False),
+                   f"{model} was trained with a dictionary of {n} types", f"has {n + 9} types")
+    one_error_line(run("fairseq-generate", swapped, *USER_DIR, "--path", model, "--cpu", check=False),
+                   f"{model} was trained with another source dictionary than the data-bin's")
     assert sorted(parse_generate(run("fairseq-generate", small_data_bin, *USER_DIR, "--path", model,
                                      "--cpu").stdout)["H"]) == list(range(20))
 
