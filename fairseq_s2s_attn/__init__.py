@@ -8,7 +8,8 @@ makes fairseq's data-parallel training work on CPU processes (``distributed``, s
 docs/distributed.md), defines what happens to empty and too-long sources (``inputs``), runs
 fairseq's Adam on the CPU in torch's fused kernel (``optim``), runs beam search of ``--cpu-bf16``
 models in one autocast region (``precision``), takes beam search's candidates in one C
-loop on a CPU and lets diverse beam search run on every batch (``search``), makes
+loop on a CPU and lets diverse beam search run on every batch (``search``), fuses a language
+model (``--lm-path``) in every command (``fusion``), makes
 ``--replace-unk`` replace through the attention (``unk``), and applies the run-time defaults in ``runtime``.
 Each change to a fairseq function is installed by ``patching.replaces``.
 """
@@ -16,12 +17,13 @@ Each change to a fairseq function is installed by ``patching.replaces``.
 from . import runtime
 
 with runtime.fairseq_leaves_logging_alone():  # fairseq's imports set the root logger to DEBUG
-    from . import checkpoint, criterion, distributed, inputs, optim, precision, search, unk  # noqa: F401
+    from . import checkpoint, criterion, distributed, fusion, inputs, optim, precision, search, unk  # noqa: F401
     from . import model  # noqa: F401  (registers the model and architectures)
     from .model import RNNS2SModel  # noqa: F401
 
 checkpoint.install()
 distributed.install()
+fusion.install()  # inside inputs' checks of the generation options
 inputs.install()
 unk.install()
 optim.install()

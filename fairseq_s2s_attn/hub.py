@@ -98,7 +98,9 @@ class Translator:
         each sentence gives a list of its nbest best hypotheses, best first (nbest <= beam).
         replace_unk (fairseq's --replace-unk): True replaces each <unk> of the output by the
         source token (word or piece) most attended when it was written, a dict by that token's
-        entry where it has one (Luong et al., 2015b)."""
+        entry where it has one (Luong et al., 2015b). generate_args are fairseq's generation
+        options, e.g. ``lm_path=``, ``lm_weight=`` for shallow fusion with a target-side language
+        model (loaded once, ``fusion.py``), ``lenpen=``, ``sampling=True``."""
         if beam < 1:
             raise ConfigError(f"beam must be at least 1, got {beam}")
         if not 1 <= nbest <= beam:  # beam search keeps beam hypotheses; nbest was ignored before
@@ -106,9 +108,6 @@ class Translator:
         if generate_args.get("score_reference"):  # fairseq's scorer needs the translations
             raise ConfigError("score_reference: give the translations to Translator.score("
                               "sources, translations)")
-        if generate_args.get("lm_path"):  # fairseq-generate's main loads it, the hub does not
-            raise ConfigError("lm_path: the translator loads no language model and would translate "
-                              "without it; shallow fusion is fairseq-generate's (--lm-path)")
         single = isinstance(sentences, str)
         batch = [sentences] if single else list(sentences)
         encoded = self._encode(batch, "source")

@@ -455,10 +455,6 @@ def check_generation_options(generation, command) -> None:
     if command == "interactive" and given("score-reference"):
         raise ConfigError("--score-reference scores the references of a data-bin: "
                           "fairseq-generate; fairseq-interactive's input lines have none")
-    if command != "generate" and given("lm-path"):  # fairseq-generate's main loads it
-        raise ConfigError(f"--lm-path: {'fairseq-' + command if command else 'this program'} "
-                          "loads no language model and would translate without it; shallow "
-                          "fusion is fairseq-generate's (--lm-path LM --lm-weight W)")
 
 
 def sentencepiece_model_of_the_source() -> None:

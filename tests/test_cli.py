@@ -395,8 +395,6 @@ def test_hub_checks_its_arguments(data_bin, checkpoints, tmp_path):
     for nbest in (0, 3):
         with pytest.raises(ConfigError, match=rf"nbest must be between 1 and beam \(2\), got {nbest}"):
             t.translate("w1 w2", beam=2, nbest=nbest)
-    with pytest.raises(ConfigError, match="lm_path: the translator loads no language model"):
-        t.translate("w1 w2", lm_path="lm.pt", lm_weight=0.2)  # was: translated without it
     with pytest.raises(InputError, match=r"sentence 1 has 1101 tokens .* max_source_positions"):
         t.translate(["w1", "w1 " * 1100])
     # one sentence per string: a newline inside it separates words (sentencepiece would take it
