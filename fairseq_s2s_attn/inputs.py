@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 
+import numpy as np
 import torch
 
 from .errors import ConfigError, S2SError
@@ -114,7 +115,8 @@ def empty_sources_translate_to_empty() -> None:
 def clear_error_for_long_sources() -> None:
     """fairseq stops at a source longer than the limit with ``Exception: Size of sample #N is
     invalid`` and a traceback; the same stop is now one error line naming the sizes, the limit
-    and fairseq's own options for such sentences (see the module's docstring)."""
+    and fairseq's own options for such sentences (see the module's docstring); for a language
+    model's samples (one size each, e.g. ``--lm-path``'s model in training) its own options."""
     from fairseq.tasks.fairseq_task import FairseqTask
 
     @replaces(FairseqTask, "filter_indices_by_size")
@@ -127,13 +129,20 @@ def clear_error_for_long_sources() -> None:
             if ignore_invalid_inputs or not str(e).startswith("Size of sample #"):
                 raise
         _, ignored = dataset.filter_indices_by_size(indices, max_positions)
+        size = dataset.size(int(ignored[0]))
+        if np.ndim(size) == 0 and np.ndim(max_positions) == 0:  # a language model's samples
+            raise InputError(
+                f"{len(ignored)} sample(s) longer than the limit: the first has {int(size)} "
+                f"tokens, the limit is {max_positions} (--tokens-per-sample, and the model's "
+                "--max-target-positions). Add --skip-invalid-size-inputs-valid-test to skip them "
+                "(with a warning)") from None
         # --truncate-source acts where the task loads binarized data; fairseq-interactive's
         # lines never pass there, so it is not offered to them
         truncate = ("" if running_fairseq_command("interactive")
                     else ", or --truncate-source to cut binarized sources to the limit")
         raise InputError(
             f"{len(ignored)} input sentence(s) longer than the limit: the first has "
-            f"{_describe(dataset.size(int(ignored[0])))} tokens (counting </s>), the limit is "
+            f"{_describe(size)} tokens (counting </s>), the limit is "
             f"{_describe(max_positions)} (--max-source-positions/--max-target-positions, and the "
             f"model's own). Add --skip-invalid-size-inputs-valid-test to skip them (with a "
             f"warning){truncate}"

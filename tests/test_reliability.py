@@ -766,6 +766,29 @@ def test_interactive_input_that_is_not_utf8(small_data_bin, luong_runs, tmp_path
 
 
 @slow
+def test_language_model_samples_longer_than_the_limit(small_data_bin, tmp_path):
+    """fairseq-train of a language model (the --lm-path of shallow fusion) with sentences longer
+    than --tokens-per-sample: fairseq's "Size of sample #N is invalid" became a TypeError in the
+    plugin's message, which assumed (source, target) sizes. Now one error line with the
+    language model's options; with --skip-invalid-size-inputs-valid-test it trains."""
+    raw = small_data_bin.parent / "raw"
+    run("fairseq-preprocess", "--only-source", "--srcdict", small_data_bin / "dict.tgt.txt",
+        "--trainpref", raw / "train.tgt", "--validpref", raw / "valid.tgt", "--destdir",
+        tmp_path / "lm-bin", "--workers", 1)
+    train = ["fairseq-train", tmp_path / "lm-bin", *USER_DIR, "--task", "language_modeling",
+             "--arch", "lstm_lm", "--decoder-embed-dim", 8, "--decoder-hidden-size", 8,
+             "--decoder-out-embed-dim", 8, "--tokens-per-sample", 5, "--sample-break-mode", "eos",
+             "--optimizer", "adam", "--lr", "0.01", "--max-tokens", 400, "--max-update", 2,
+             "--save-dir", tmp_path / "lm", "--no-progress-bar", "--cpu"]
+    proc = run(*train, check=False)
+    one_error_line(proc, "sample(s) longer than the limit", "the limit is 5 (--tokens-per-sample",
+                   "--skip-invalid-size-inputs-valid-test")
+    assert "--truncate-source" not in proc.stderr and "source" not in proc.stderr.split("error:")[1]
+    run(*train, "--skip-invalid-size-inputs-valid-test")
+    assert (tmp_path / "lm" / "checkpoint_last.pt").exists()
+
+
+@slow
 def test_generate_truncate_source(small_data_bin, luong_runs):
     *_, straight = luong_runs
     proc = run("fairseq-generate", small_data_bin, *USER_DIR, "--path", straight / "checkpoint_last.pt",
