@@ -554,6 +554,36 @@ def tokenizer_languages_from_the_data() -> None:
         return original(sub_node, data_class, args)
 
 
+def eval_bleu_detokenizer_languages() -> None:
+    """``fairseq-train --eval-bleu --eval-bleu-detok moses`` detokenized the validation
+    hypotheses and references with English rules whatever the target language (French elisions,
+    for one, stayed apart): the translation task builds the detokenizer from
+    ``--eval-bleu-detok-args`` alone, and moses's languages default to "en". Languages the args do
+    not give are now the task's pair (its options, or the data-bin's file names, as
+    ``tokenizer_languages_from_the_data`` gives fairseq-generate's tokenizer); the args as given
+    win. For any tokenizer with these two fields, for every model."""
+    import json
+    from argparse import Namespace
+
+    from fairseq.data import encoders
+    from fairseq.tasks.translation import TranslationTask
+
+    @replaces(TranslationTask, "build_model")
+    def build_model(original, self, cfg, *args, **kwargs):
+        model = original(self, cfg, *args, **kwargs)
+        detok = getattr(self.cfg, "eval_bleu_detok", None)
+        if getattr(self.cfg, "eval_bleu", False) and detok in encoders.TOKENIZER_REGISTRY:
+            given = json.loads(self.cfg.eval_bleu_detok_args or "{}")
+            fields = getattr(getattr(encoders.TOKENIZER_REGISTRY[detok], "__dataclass", None),
+                             "__dataclass_fields__", {})
+            pair = {name: getattr(self.cfg, name, None) for name in ("source_lang", "target_lang")
+                    if name in fields and name not in given}
+            if any(pair.values()):
+                self.tokenizer = encoders.build_tokenizer(
+                    Namespace(tokenizer=detok, **{k: v for k, v in pair.items() if v}, **given))
+        return model
+
+
 def _data_language_pair(args, sub_node: str):
     """(source, target) of the data-bin as fairseq's translation task infers them."""
     from fairseq import utils
@@ -580,3 +610,4 @@ def install() -> None:
     generation_options_checked()
     sentencepiece_model_of_the_source()
     tokenizer_languages_from_the_data()
+    eval_bleu_detokenizer_languages()

@@ -521,6 +521,33 @@ def test_moses_tokenizer_takes_the_language_pair_of_the_data(small_data_bin, luo
         one_error_line(interactive(small_data_bin, fake_moses=False), "pip install sacremoses")
 
 
+@slow
+def test_eval_bleu_detokenizer_takes_the_target_language(small_data_bin, tmp_path):
+    """fairseq-train --eval-bleu --eval-bleu-detok moses detokenized with English rules whatever
+    the target language (moses's default "en"; sacremoses stood in for by a module recording the
+    languages it is given); now with the task's pair, and the languages of
+    --eval-bleu-detok-args where given."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sacremoses.py").write_text(FAKE_SACREMOSES)
+    log = tmp_path / "moses.log"
+    environ = dict(env(False), FAKE_MOSES_LOG=str(log), PYTHONPATH=str(fake))
+
+    def train(save, *extra):
+        cmd = [str(BIN / "fairseq-train"), *map(str, luong_cmd(small_data_bin, tmp_path / save, 2)),
+               "--eval-bleu", "--eval-bleu-detok", "moses", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=environ, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "'bleu'" in proc.stdout or "| bleu " in proc.stdout, proc.stdout[-2000:]
+        made = log.read_text().split("\n")
+        log.unlink()
+        return made
+
+    assert train("a")[-3:-1] == ["tokenizer src", "detokenizer tgt"]  # was: en, en
+    assert train("b", "--eval-bleu-detok-args", '{"target_lang": "fr"}')[-3:-1] == [
+        "tokenizer src", "detokenizer fr"]
+
+
 BOTH_COMMANDS = """
 import io, sys, contextlib
 from fairseq_cli import generate, interactive  # both imported, as scripts/gpu_check.py does
