@@ -151,3 +151,27 @@ def test_cuda_repeated_ngrams_banned_as_on_cpu(n, dtype):
         want = block_repeated_ngrams(tokens, lprobs.clone(), step, n)
         got = block_repeated_ngrams(*to_cuda(tokens, lprobs), step, n)
         assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("kind", ["transformer_lm", "lstm_lm"])
+def test_cuda_shallow_fusion_equals_cpu(kind):
+    """--lm-path on CUDA: the language model run one token a step with its state
+    (search.IncrementalLM, reordered with the hypotheses) gives the CPU's translations."""
+    from test_search import language_model, model_and_batch
+
+    d = make_dict(20)
+    model, sample = model_and_batch("rnn_bahdanau_tiny", d)
+    lm = language_model(kind, d)
+
+    def search(model, lm, sample):
+        gen = SequenceGenerator([model], d, beam_size=4, max_len_b=12, lm_model=lm, lm_weight=0.5)
+        with torch.no_grad():
+            return gen.generate([model], sample)
+
+    want = search(model, lm, sample)
+    net_input = {k: v.cuda() for k, v in sample["net_input"].items()}
+    got = search(copy.deepcopy(model).cuda(), copy.deepcopy(lm).cuda(), {"net_input": net_input})
+    for hyps_a, hyps_b in zip(got, want):
+        for a, b in zip(hyps_a, hyps_b):
+            assert torch.equal(a["tokens"].cpu(), b["tokens"])
+            torch.testing.assert_close(a["score"].cpu(), b["score"], rtol=0, atol=1e-4)
