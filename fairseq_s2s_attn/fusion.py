@@ -18,7 +18,8 @@ changes, for fairseq's models as for ours (the search itself, one token a step, 
   --srcdict DATA/dict.TGT.txt``).
 - A ``dict.txt`` that is not the target dictionary fused scores of other words (the same size)
   or died at the first step (another size); now one error line. ``--lm-path`` with fairseq's
-  default ``--lm-weight 0`` ran the language model and added nothing: one error line too.
+  default ``--lm-weight 0`` ran the language model and added nothing, and with
+  ``--score-reference`` (whose scorer has no language model) was ignored: one error line each.
 """
 
 import contextvars
@@ -149,6 +150,10 @@ def fusion_in_every_command() -> None:
                         **kwargs):
         extra = dict(extra_gen_cls_kwargs or {})
         path = getattr(args, "lm_path", None)
+        if (path or extra.get("lm_model") is not None) and getattr(args, "score_reference", False):
+            raise ConfigError("--lm-path with --score-reference: fairseq's scorer scores the "
+                              "references with the translation models alone and would ignore "
+                              "the language model; leave out one of the two")
         if path and extra.get("lm_model") is None:
             check_language_model(None, None, getattr(args, "lm_weight", 0.0))  # before loading
             extra.update(lm_model=language_model(self, path, models, args),

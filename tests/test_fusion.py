@@ -108,8 +108,9 @@ def test_interactive_and_the_hub_fuse_as_generate(small_data_bin, trained, tmp_p
 
 
 def test_language_model_errors_are_one_line(small_data_bin, trained, tmp_path):
-    """A language model that does not fit the target dictionary, or a weight of 0 (fairseq's
-    default, which ran the language model for nothing): one error line, in each command."""
+    """A language model that does not fit the target dictionary, a weight of 0 (fairseq's
+    default, which ran the language model for nothing), or --score-reference, whose scorer
+    ignored it: one error line, in each command."""
     mt, lm = trained
     for command in (generate, interactive):
         proc = command(small_data_bin, mt, "--lm-path", lm, check=False)
@@ -117,6 +118,9 @@ def test_language_model_errors_are_one_line(small_data_bin, trained, tmp_path):
     proc = interactive(small_data_bin, mt, "--lm-path", tmp_path / "none.pt", "--lm-weight", 1,
                        check=False)
     one_error_line(proc, "no such file", "none.pt")
+    proc = generate(small_data_bin, mt, "--lm-path", lm, "--lm-weight", 1, "--score-reference",
+                    check=False)  # fairseq's scorer ignored the language model
+    one_error_line(proc, "--lm-path with --score-reference")
 
     # a data-bin whose dict.txt (which fairseq's language model reads first) is not the target's,
     # with a language model trained without the plugin (no record of its dictionaries) and with
