@@ -522,8 +522,9 @@ def check_trained_data(models, task, loaded) -> None:
                 f"give --source-lang {pair[0]} --target-lang {pair[1]}")
         for side, value in trained.items():
             if side in dictionaries and dictionaries[side] != value:
+                which = f"{side} " if now is not None else ""  # a language model: one side
                 raise CheckpointError(
-                    f"{path} was trained with another {side} dictionary than the data-bin's "
+                    f"{path} was trained with another {which}dictionary than the data-bin's "
                     "(the same number of types, other words or another order), so its embeddings "
                     "would stand for other words: use the data-bin (dict.*.txt) the model was "
                     "trained with")

@@ -135,7 +135,7 @@ def test_language_model_errors_are_one_line(small_data_bin, trained, tmp_path):
         proc = command(other, mt, "--lm-path", tmp_path / "bare.pt", "--lm-weight", 1, check=False)
         one_error_line(proc, "the language model's dictionary", "is not the target dictionary")
         proc = command(other, mt, "--lm-path", lm, "--lm-weight", 1, check=False)
-        one_error_line(proc, "was trained with another", "dictionary than the data-bin's")
+        one_error_line(proc, "was trained with another dictionary than the data-bin's")
     # of another size: torch's traceback of mismatched weights before
     (other / "dict.txt").write_text("\n".join(lines[:-1]) + "\n")
     proc = generate(other, mt, "--lm-path", lm, "--lm-weight", 1, check=False)
@@ -157,4 +157,4 @@ def test_language_model_trained_on_another_dictionary_of_the_same_size(small_dat
     torch.save(state, other)
     for command in (generate, interactive):
         proc = command(small_data_bin, mt, "--lm-path", other, "--lm-weight", 1, check=False)
-        one_error_line(proc, "was trained with another", "dictionary than the data-bin's")
+        one_error_line(proc, "was trained with another dictionary than the data-bin's")
