@@ -65,6 +65,22 @@ def replaces(owner: Any, name: str) -> Callable[[Callable], Callable]:
     return install
 
 
+def replaces_property(owner: type, name: str) -> Callable[[Callable], Callable]:
+    """``replaces`` for the getter of a property of class ``owner``: ``fn(original, self)``
+    becomes the getter (the property's setter and deleter stay), installed once as by
+    ``replaces``."""
+
+    def install(fn: Callable) -> Callable:
+        prop = owner.__dict__[name]
+        holder = types.SimpleNamespace(get=prop.fget)
+        getter = replaces(holder, "get")(fn)
+        if getter is not prop.fget:
+            setattr(owner, name, property(getter, prop.fset, prop.fdel, prop.__doc__))
+        return getter
+
+    return install
+
+
 def innermost(owner: Any, name: str) -> Callable:
     """``owner.name`` beneath every replacement (the ``__wrapped__`` chain): fairseq's own
     function, which the replacements call as their ``original``."""

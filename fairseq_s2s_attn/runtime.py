@@ -534,6 +534,24 @@ def numpy_2_names() -> bool:
                 for (owner, name), lines in NUMPY_2_LINES.items()])
 
 
+def first_batch_of_a_prefetching_dataset() -> None:
+    """``--dataset-impl cached`` (fairseq-preprocess's format that the dataset serves from memory,
+    after prefetching the sentences an epoch reads): fairseq-train died before its first update
+    with ``KeyError: 35`` in ``IndexedCachedDataset.__getitem__``, for every model. The trainer
+    reads each iterator's first batch (its dummy batch, ``EpochBatchIterator.first_batch``)
+    straight from the dataset, before the epoch has prefetched anything. The first batch's
+    sentences are now prefetched first; each epoch then prefetches its own, as before."""
+    from fairseq.data.iterators import EpochBatchIterator
+
+    from .patching import replaces_property
+
+    @replaces_property(EpochBatchIterator, "first_batch")
+    def first_batch(original, self):
+        if getattr(self.dataset, "supports_prefetch", False) and len(self.frozen_batches) > 0:
+            self.dataset.prefetch(self.frozen_batches[0])
+        return original(self)
+
+
 def resumed_epochs_keep_their_batches() -> None:
     """fairseq makes the training batches once and reuses them in every epoch (shuffled by epoch),
     from the sentences sorted by length with ties in a random order drawn with the seed plus the
@@ -957,6 +975,7 @@ def install(model_cls) -> None:
     keep_freed_memory()
     keep_remainder_batches()
     numpy_2_names()
+    first_batch_of_a_prefetching_dataset()
     resumed_epochs_keep_their_batches()
     empty_alignments_without_attention()
     alignment_loss_needs_attention()

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import fairseq_s2s_attn  # noqa: F401  (installs the plugin's replacements)
-from fairseq_s2s_attn.patching import innermost, replaces, rewrite_lines, use_rewritten_lines
+from fairseq_s2s_attn.patching import (innermost, replaces, replaces_property, rewrite_lines,
+                                       use_rewritten_lines)
 
 
 def _chain(fn):
@@ -168,6 +169,32 @@ def _install_count_words(owner):
         return original(list(words))
 
     return count
+
+
+def test_replaces_property_wraps_the_getter_once():
+    class Box:
+        def __init__(self):
+            self._v = 2
+
+        @property
+        def value(self):
+            """The value."""
+            return self._v
+
+        @value.setter
+        def value(self, v):
+            self._v = v
+
+    def doubled(original, self):
+        return 2 * original(self)
+
+    getter = replaces_property(Box, "value")(doubled)
+    assert replaces_property(Box, "value")(doubled) is getter  # again: nothing more
+    box = Box()
+    assert box.value == 4
+    box.value = 5  # the setter stays
+    assert box.value == 10 and Box.value.__doc__ == "The value."
+    assert innermost(types.SimpleNamespace(get=Box.value.fget), "get")(box) == 5
 
 
 def test_rewrite_lines_of_a_call_s_arguments():
