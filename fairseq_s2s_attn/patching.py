@@ -1,5 +1,5 @@
-"""How the plugin replaces a function of fairseq (or of torch, argparse, sys): ``replaces``, or
-a line of one: ``rewrite_lines``.
+"""How the plugin replaces a function of fairseq (or of torch, argparse, sys): ``replaces``
+(``replaces_property`` for a property's getter), or a line of one: ``rewrite_lines``.
 
 Every change to fairseq's behaviour (see ``runtime``, ``inputs``, ``precision``,
 ``distributed``) is a function that receives what it replaces as its first argument and calls it
