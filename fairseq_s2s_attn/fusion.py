@@ -92,12 +92,17 @@ def generate_loads_for_its_translation() -> None:
             _TRANSLATION.reset(token)
 
 
-def check_language_model(lm, target_dictionary, weight) -> None:
-    """ConfigError unless lm predicts the target dictionary's words and weight counts."""
+def check_weight(weight) -> None:
+    """ConfigError for a fusion weight of 0 (fairseq's default), which adds nothing."""
     if not weight:
         raise ConfigError("--lm-path needs --lm-weight W (fairseq's default 0 adds nothing: the "
                           "language model would run for nothing); W scales its log-probabilities, "
                           "e.g. 0.1-0.3, tuned on the valid set")
+
+
+def check_language_model(lm, target_dictionary, weight) -> None:
+    """ConfigError unless lm predicts the target dictionary's words and weight counts."""
+    check_weight(weight)
     lm_dict = getattr(getattr(lm, "decoder", None), "dictionary", None)
     if lm_dict is not None and lm_dict.symbols != target_dictionary.symbols:
         raise ConfigError(
@@ -155,7 +160,7 @@ def fusion_in_every_command() -> None:
                               "references with the translation models alone and would ignore "
                               "the language model; leave out one of the two")
         if path and extra.get("lm_model") is None:
-            check_language_model(None, None, getattr(args, "lm_weight", 0.0))  # before loading
+            check_weight(getattr(args, "lm_weight", 0.0))  # before loading it
             extra.update(lm_model=language_model(self, path, models, args),
                          lm_weight=args.lm_weight)
         if extra.get("lm_model") is not None:

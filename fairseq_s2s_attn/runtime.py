@@ -71,6 +71,9 @@
   on numpy 2 (``percentile() got an unexpected keyword argument 'interpolation'``), for every
   model: fairseq's ``get_buckets`` calls it with numpy 1's keyword, which numpy 2 removed; and
   fairseq-train of a language model with ``--sample-break-mode eos`` (``np.compat.long``).
+- ``--dataset-impl cached`` died before the first update (``KeyError`` in
+  ``IndexedCachedDataset``): the trainer's dummy batch was read before anything was prefetched
+  (``first_batch_of_a_prefetching_dataset``).
 - Host synchronisation in beam search on a GPU: the source side stays one row per sentence
   (``RNNEncoder.reorder_encoder_out``), and for an arbitrary order the encoder must read the
   order's values to know whether rows stay with their sentences: two ``torch.equal`` per
