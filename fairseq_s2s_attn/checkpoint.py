@@ -220,7 +220,7 @@ def checked_ensemble_loader() -> None:
 # model settings that --model-overrides may change without changing what the trained model
 # computes (precision, speed, limits, training-only settings)
 NEUTRAL_OVERRIDES = {
-    "cpu_bf16", "compile_step", "init_range", "max_source_positions", "max_target_positions",
+    "cpu_bf16", "cpu_int8", "compile_step", "init_range", "max_source_positions", "max_target_positions",
     "encoder_dropout_in", "encoder_dropout_out", "decoder_dropout_in", "decoder_dropout_out",
     "encoder_embed_path", "decoder_embed_path", "encoder_freeze_embed", "decoder_freeze_embed",
 }

@@ -193,6 +193,16 @@ class RNNS2SConfig(FairseqDataclass):
                   "matrices are stored in bf16, with the same outputs); for generation pass "
                   "--model-overrides \"{'cpu_bf16': True}\". On GPU use fairseq's --fp16/--bf16/--amp"},
     )
+    cpu_int8: bool = field(
+        default=False,
+        metadata={"help": "decoding on CPU (fairseq-generate, fairseq-interactive, the hub): the "
+                  "decoder's per-step weight matrices in int8, one scale per row, multiplied by "
+                  "fbgemm's dynamic int8 kernel (inputs quantized at each call); with or without "
+                  "--cpu-bf16. Faster beam search where int8 products beat the model's own "
+                  "(AVX512-VNNI), at a small cost in scores (README: Speed and precision on "
+                  "CPU); pass --model-overrides \"{'cpu_int8': True}\". Training ignores it; "
+                  "on GPU it does nothing"},
+    )
     compile_step: bool = field(
         default=False,
         metadata={"help": "training: compile the per-step work of the step-loop decoders "

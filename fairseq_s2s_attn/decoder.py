@@ -237,9 +237,11 @@ class RNNDecoder(FairseqIncrementalDecoder):
         encoder_direction_dim: Optional[int] = None,
         max_source_positions: int = 1024,
         compile_step: bool = False,
+        cpu_int8: bool = False,
     ):
         super().__init__(dictionary)
         self.cpu_bf16 = cpu_bf16
+        self.cpu_int8 = cpu_int8  # decoding only: RNNS2SModel.prepare_for_inference_, int8.py
         self.compile_step = compile_step
         # whether forward returns the attention outside training; see make_generation_fast_
         self.need_attn = True

@@ -28,6 +28,7 @@ from fairseq.models import (
 from fairseq.models.transformer import Embedding
 from fairseq.utils import safe_getattr
 
+from . import int8
 from . import packed as packed_weights
 from .attention import ADDITIVE_SCORES
 from .config import RNNS2SConfig, add_bool_args, fill_defaults
@@ -123,6 +124,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
             encoder_direction_dim=cfg.encoder_hidden_size,
             max_source_positions=cfg.max_source_positions,
             compile_step=cfg.compile_step,
+            cpu_int8=cfg.cpu_int8,
         )
         model = cls(encoder, decoder)
         if cfg.init_range > 0:
@@ -147,7 +149,8 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         (``_apply``), holding the bf16-rounded values it decoded with.
 
         The decoder's per-step weight matrices are then packed for oneDNN (``packed.py``): the
-        same products, without reordering the weight at every step.
+        same products, without reordering the weight at every step. With --cpu-int8 they also
+        get int8 copies, which their products use instead (``int8.py``: other numbers).
         """
         super().prepare_for_inference_(cfg)
         # not for a model fairseq converted to fp16 (--fp16): it runs in fp16
@@ -175,6 +178,11 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
             if packed:
                 logger.info(f"--cpu-bf16: {packed} weight matrices of the decoder's steps "
                             f"packed for oneDNN")
+        if getattr(self.decoder, "cpu_int8", False):
+            made = int8.pack_for_decoding_(self.decoder.step_weights(),
+                                           output=self.decoder.output_projection()[0])
+            if made:
+                logger.info(f"--cpu-int8: {made} weight matrices of the decoder's steps in int8")
 
     def _apply(self, fn, *args, **kwargs):
         """.cuda(), .to(...), .float(), ...: weights stored in bf16 for CPU decoding go back to
@@ -187,6 +195,7 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         current = {id(p) for p in self.parameters()}
         packed_weights.unpack(w for w in before
                               if id(w) not in current or packed_weights.packed_weight(w) is None)
+        int8.unpack(w for w in before if id(w) not in current or int8.int8_weight(w) is None)
         stored = self.__dict__.get("_stored_in_bf16")
         params = dict(self.named_parameters()) if stored else {}
         if stored and params[stored[0]].device.type != "cpu":

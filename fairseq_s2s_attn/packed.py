@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import stepgrad
+from . import int8, stepgrad
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +145,14 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
     x: ... x K (bf16, or any float dtype under CPU bf16 autocast, which casts x and the bias to
     bf16 for the plain product as here), weight N x K, bias N -> ... x N. Within a training step
-    loop the weight's gradient is made once per batch instead (``stepgrad.py``)."""
+    loop the weight's gradient is made once per batch instead (``stepgrad.py``); with
+    ``--cpu-int8`` decoding runs through the weight's int8 copy (``int8.py``)."""
     loop_weight = stepgrad.deferred(weight)
     if loop_weight is not None:
         return loop_weight(x, bias)
+    int8_copy = int8.usable(x, weight) if int8._INT8 else None
+    if int8_copy is not None:  # --cpu-int8 decoding
+        return int8.linear(x, int8_copy, bias)
     entry = _PACKED.get(id(weight)) if _PACKED else None
     if entry is None or torch.is_grad_enabled() or not x.is_contiguous() or not entry.fits(weight):
         return F.linear(x, weight, bias)

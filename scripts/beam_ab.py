@@ -34,16 +34,37 @@ import benchmark  # noqa: E402  (scripts/benchmark.py: options, data and machine
 from cli_args import at_least  # noqa: E402
 
 
+# beam_ab's precisions: benchmark.py's, and int8: our models with --cpu-bf16 --cpu-int8,
+# fairseq's lstm (fp32) with its Linear and LSTM layers through torch's quantize_dynamic
+PRECISIONS = benchmark.PRECISIONS + ("int8",)
+
+
+def precision_label(name, precision):
+    if precision != "int8":
+        return benchmark.precision_label(name, precision)
+    if benchmark.ALL_CONFIGS[name][0] == "lstm":
+        return "int8 (torch's quantize_dynamic)"
+    return "bf16 + int8 (--cpu-bf16 --cpu-int8)"
+
+
 def load(name, precision, args):
     import torch
-    spec = dict(data=args.data, max_tokens=2000, seed=args.seed, lr=0.001,
-                model_options=benchmark.model_options(name, precision, args.size, args.layers, 0.1))
+    lstm = benchmark.ALL_CONFIGS[name][0] == "lstm"
+    options = benchmark.model_options(name, "fp32" if lstm and precision == "int8" else
+                                      "bf16" if precision == "int8" else precision,
+                                      args.size, args.layers, 0.1)
+    if precision == "int8" and not lstm:
+        options += ["--cpu-int8", "true"]
+    spec = dict(data=args.data, max_tokens=2000, seed=args.seed, lr=0.001, model_options=options)
     cfg, task = benchmark.build(spec)
     torch.manual_seed(args.seed)
     model = task.build_model(cfg.model)
     model.prepare_for_inference_(cfg)
     model.eval()
-    lstm_bf16 = precision == "bf16" and benchmark.ALL_CONFIGS[name][0] == "lstm"
+    if precision == "int8" and lstm:
+        model = torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear, torch.nn.LSTM, torch.nn.LSTMCell}, dtype=torch.qint8)
+    lstm_bf16 = precision == "bf16" and lstm
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if lstm_bf16 else contextlib.nullcontext
     return task, model, autocast
 
@@ -70,7 +91,9 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="fairseq data-bin (e.g. work/demo/data-bin)")
     p.add_argument("--archs", nargs="+", default=["lstm", "rnn_bahdanau", "rnn_luong", "rnn_luong_nofeed"],
                    choices=sorted(benchmark.ALL_CONFIGS), help="configurations (benchmark.py's names)")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=benchmark.PRECISIONS)
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=PRECISIONS,
+                   help="fp32, bf16 (--cpu-bf16; lstm under torch.autocast), int8 (--cpu-bf16 "
+                        "--cpu-int8; lstm through torch's quantize_dynamic)")
     p.add_argument("--beams", nargs="+", type=at_least(1), default=[5, 1])
     p.add_argument("--size", type=at_least(1), default=256, help="matched sizes, as benchmark.py --sizes")
     p.add_argument("--layers", type=at_least(1), default=1)
@@ -160,7 +183,7 @@ def main(argv=None):
             cells.append(f"{sentences / statistics.median(mine):.1f}")
             cells.append("" if fp32 is None else f"{statistics.median([f / m for f, m in zip(fp32, mine)]):.2f}")
             cells.append(f"{statistics.median([f / m for f, m in zip(best, mine)]):.2f}")
-        print(f"| {name} | {benchmark.precision_label(name, prec)} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {precision_label(name, prec)} | " + " | ".join(cells) + " |")
     if args.levers:
         print("\nEach lever off and on in the same rounds (speed-up: the median over rounds of "
               "time off / time on):\n")
@@ -170,7 +193,7 @@ def main(argv=None):
             for b in args.beams:
                 for lever in args.levers:
                     on, off = times[(config, b)], times[(config, b, lever)]
-                    print(f"| {config[0]} | {benchmark.precision_label(*config)} | {b} | {lever} | "
+                    print(f"| {config[0]} | {precision_label(*config)} | {b} | {lever} | "
                           f"{sentences / statistics.median(off):.1f} | "
                           f"{sentences / statistics.median(on):.1f} | "
                           f"{statistics.median([f / n for f, n in zip(off, on)]):.3f} |")

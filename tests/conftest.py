@@ -110,6 +110,20 @@ def inference_cfg(bf16: bool = False, fp16: bool = False, print_alignment: bool 
                               generation=argparse.Namespace(beam=3, print_alignment=print_alignment))
 
 
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Replaces ``module.name`` (an operator the code looks up there at each call) by a wrapper
+    that counts its calls; returns the count, a one-element list the tests read and reset."""
+    count = [0]
+    op = getattr(module, name)
+
+    def counted(*args):
+        count[0] += 1
+        return op(*args)
+
+    monkeypatch.setattr(module, name, counted)
+    return count
+
+
 def random_tokens(d: Dictionary, lengths, left_pad: bool, generator=None, with_eos: bool = True):
     """B x max(lengths) tokens of d (no special symbols except a final eos), padded left or right."""
     bsz, width = len(lengths), max(lengths)

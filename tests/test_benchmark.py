@@ -534,6 +534,36 @@ def test_beam_ab_levers_switch_the_fast_paths():
         beam_ab.switch("searchlines", True)
 
 
+def test_beam_ab_int8_rows_quantize_both_kinds_of_model(small_data_bin, monkeypatch):
+    """scripts/beam_ab.py --precisions int8: fairseq's lstm through torch's quantize_dynamic (its
+    Linear and LSTM layers), ours with --cpu-bf16 --cpu-int8 (the decoder's step weights in
+    int8); both still decode."""
+    import argparse
+
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from fairseq_s2s_attn import int8
+    if not int8.available():
+        pytest.skip("no fbgemm int8 product in this torch")
+    monkeypatch.setattr(int8, "MIN_ELEMENTS", 0)  # sizes 16
+    beam_ab = load_script("beam_ab")
+    args = argparse.Namespace(data=str(small_data_bin), size=16, layers=1, seed=1)
+    task, lstm, _ = beam_ab.load("lstm", "int8", args)
+    kinds = {type(m).__module__ for m in lstm.modules()}
+    assert "torch.ao.nn.quantized.dynamic.modules.linear" in kinds
+    assert "torch.ao.nn.quantized.dynamic.modules.rnn" in kinds
+    _, ours, _ = beam_ab.load("rnn_luong_nofeed", "int8", args)
+    assert ours.decoder.cpu_int8 and ours.decoder.cpu_bf16
+    assert all(int8.int8_weight(w) is not None for w in ours.decoder.step_weights())
+    assert beam_ab.precision_label("lstm", "int8") == "int8 (torch's quantize_dynamic)"
+    task.load_dataset("test")
+    sample = next(iter(task.get_batch_iterator(task.dataset("test"), max_sentences=4).next_epoch_itr()))
+    for model in (lstm, ours):
+        gen = SequenceGenerator([model], task.target_dictionary, beam_size=2, max_len_b=5)
+        with torch.no_grad():
+            assert all(len(h) == 2 for h in gen.generate([model], sample))
+
+
 def test_beam_ab_needs_the_lstm_baseline(small_data_bin):
     proc = run("beam_ab.py", "--data", small_data_bin, "--archs", "rnn_luong", check=False)
     assert proc.returncode == 2 and "--archs needs lstm" in proc.stderr

@@ -601,6 +601,24 @@ def test_model_overrides_that_change_the_computation_are_named(data_bin, checkpo
     assert "sets reverse_source to 'False'; the model was trained with False" in typed.stdout
 
 
+def test_cpu_int8_translates_through_the_hub(data_bin, checkpoints, monkeypatch):
+    """--cpu-int8 given as the hub's keyword (fairseq-generate's --model-overrides): the decoder's
+    step weights get int8 copies and the translations stay those of the plain products for a
+    trained model (the tiny model's margins are wide)."""
+    from fairseq_s2s_attn import int8
+    from fairseq_s2s_attn.hub import Translator
+    if not int8.available():
+        pytest.skip("no fbgemm int8 product in this torch")
+    monkeypatch.setattr(int8, "MIN_ELEMENTS", 0)  # the tiny model's weights are small
+    ck = checkpoints["rnn_luong_tiny"]
+    sentences = ["w1 w2 w3", "w4 w5 w6 w7 w8", "w9 w3 w1 w2"]
+    fast = Translator.from_pretrained(str(ck.parent), data=str(data_bin), cpu_int8=True)
+    plain = Translator.from_pretrained(str(ck.parent), data=str(data_bin))
+    assert all(int8.int8_weight(w) is not None for w in fast.hub.models[0].decoder.step_weights())
+    assert not any(int8.int8_weight(w) for w in plain.hub.models[0].decoder.step_weights())
+    assert fast.translate(sentences, beam=2) == plain.translate(sentences, beam=2)
+
+
 def test_checkpoint_trained_with_left_padded_targets_still_loads(data_bin, checkpoints, tmp_path):
     """Training with --left-pad-target is refused; a checkpoint an earlier version trained so
     (its task settings say so) still loads for translation, with a warning."""

@@ -175,3 +175,31 @@ def test_cuda_shallow_fusion_equals_cpu(kind):
         for a, b in zip(hyps_a, hyps_b):
             assert torch.equal(a["tokens"].cpu(), b["tokens"])
             torch.testing.assert_close(a["score"].cpu(), b["score"], rtol=0, atol=1e-4)
+
+
+def test_cuda_cpu_int8_does_nothing_on_cuda(monkeypatch):
+    """--cpu-int8 is for CPU decoding: a model prepared on the CPU and moved to CUDA (the hub's
+    .cuda()) drops its int8 copies, one prepared on CUDA (fairseq-generate moves it first) makes
+    none, and both decode as the model without the setting."""
+    from conftest import inference_cfg
+    from fairseq_s2s_attn import int8
+    monkeypatch.setattr(int8, "MIN_ELEMENTS", 0)
+    d = make_dict()
+    plain = build_model("rnn_luong_tiny", seed=4).eval()
+    moved = build_model("rnn_luong_tiny", seed=4, cpu_int8=True).eval()
+    moved.prepare_for_inference_(inference_cfg())
+    assert int8.available() <= all(int8.int8_weight(w) is not None for w in moved.decoder.step_weights())
+    moved.cuda()
+    first = build_model("rnn_luong_tiny", seed=4, cpu_int8=True).eval().cuda()
+    first.prepare_for_inference_(inference_cfg())
+    src, lengths, _ = to_cuda(*make_batch(d, seed=5))
+    hyps = []
+    for model in (plain.cuda(), moved, first):
+        assert not any(int8.int8_weight(w) for w in model.decoder.step_weights())
+        gen = SequenceGenerator([model], d, beam_size=3, max_len_b=7)
+        hyps.append(gen.generate([model], {"net_input": {"src_tokens": src, "src_lengths": lengths}}))
+    for a, b, c in zip(*hyps):
+        for ha, hb, hc in zip(a, b, c):
+            assert torch.equal(ha["tokens"], hb["tokens"]) and torch.equal(ha["tokens"], hc["tokens"])
+            assert torch.equal(ha["positional_scores"], hb["positional_scores"])
+            assert torch.equal(ha["positional_scores"], hc["positional_scores"])

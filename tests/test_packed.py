@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_model, inference_cfg, random_tokens
+from conftest import build_model, count_calls, inference_cfg, random_tokens
 from fairseq_s2s_attn import packed
 
 needs_onednn_bf16 = pytest.mark.skipif(not packed.available(), reason="no oneDNN bf16 on this CPU")
@@ -22,15 +22,7 @@ def pack_any_size(monkeypatch):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the packed products (packed.PACKED_LINEAR)."""
-    count = [0]
-    op = packed.PACKED_LINEAR
-
-    def counted(*args):
-        count[0] += 1
-        return op(*args)
-
-    monkeypatch.setattr(packed, "PACKED_LINEAR", counted)
-    return count
+    return count_calls(monkeypatch, packed, "PACKED_LINEAR")
 
 
 def _weight(n, k, seed=0):
