@@ -240,21 +240,49 @@ def warn_changed_model_settings() -> None:
     checkpoint does not fit the model); one that changes only the computation
     (``reverse_source``, ``attention_mode``, ``readout_state``, ...) was taken silently, and
     fairseq-generate translated with a model that was never trained. Now a warning names each
-    such setting of our models with its trained value."""
+    such setting of our models with its trained value.
+
+    fairseq also overrides only the settings the checkpoint's config holds, and dropped the
+    others without a word: a setting added to our models after a checkpoint was trained
+    (``cpu_int8``) could not be switched on for it, and a misspelt name did nothing. Now a
+    setting of our models that the checkpoint lacks is added with the given value, and a name
+    that is no setting anywhere in the checkpoint's config is named in a warning (every model)."""
     from fairseq import checkpoint_utils
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY
     from fairseq.utils import safe_getattr
+    from omegaconf import DictConfig, open_dict
 
     from .config import RNNS2SConfig
+
+    def keys(node) -> set:
+        found = set()
+        for k in node.keys():
+            found.add(k)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig):
+                found |= keys(child)
+        return found
 
     @replaces(checkpoint_utils, "overwrite_args_by_name")
     def overwrite_args_by_name(original, cfg, overrides):
         model = cfg.get("model") if hasattr(cfg, "get") else None
         arch = safe_getattr(model, "arch", None) or safe_getattr(model, "_name", None)
+        ours = ARCH_MODEL_NAME_REGISTRY.get(arch) == "rnn_s2s"
         watched = [k for k in overrides if k in RNNS2SConfig.__dataclass_fields__
-                   and k not in NEUTRAL_OVERRIDES] if ARCH_MODEL_NAME_REGISTRY.get(arch) == "rnn_s2s" else []
+                   and k not in NEUTRAL_OVERRIDES] if ours else []
         trained = {k: safe_getattr(model, k, None) for k in watched}
         result = original(cfg, overrides)
+        if isinstance(cfg, DictConfig) and isinstance(model, DictConfig):
+            held = keys(cfg)
+            added = [k for k in overrides if k not in held and ours and k in RNNS2SConfig.__dataclass_fields__]
+            with open_dict(model):
+                for k in added:
+                    model[k] = overrides[k]
+            unknown = [k for k in overrides if k not in held and k not in added]
+            if unknown:
+                logger.warning(f"--model-overrides: {', '.join(map(repr, unknown))} "
+                               f"{'is' if len(unknown) == 1 else 'are'} no setting of this "
+                               f"model or its task; ignored")
         for k in watched:
             now = safe_getattr(model, k, None)
             if trained[k] is not None and not _same_setting(now, trained[k]):

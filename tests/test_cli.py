@@ -601,6 +601,30 @@ def test_model_overrides_that_change_the_computation_are_named(data_bin, checkpo
     assert "sets reverse_source to 'False'; the model was trained with False" in typed.stdout
 
 
+def test_model_overrides_of_settings_the_checkpoint_lacks(data_bin, checkpoints, tmp_path):
+    """fairseq overrode only the settings a checkpoint's config holds and dropped the others
+    silently: a setting added to our models after a checkpoint was trained (cpu_int8) could not
+    be switched on for it, and a misspelt name did nothing."""
+    from fairseq import checkpoint_utils
+
+    from fairseq_s2s_attn.checkpoint import safe_load
+    state = safe_load(str(checkpoints["rnn_luong_tiny"]))
+    del state["cfg"]["model"]["cpu_int8"]  # as trained before the setting existed
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    for given, want in (({"cpu_int8": True}, True), ({}, False)):
+        models, _, _ = checkpoint_utils.load_model_ensemble_and_task(
+            [str(old)], arg_overrides=dict(given, data=str(data_bin)))
+        assert models[0].decoder.cpu_int8 is want
+    gen = run("fairseq-generate", data_bin, *USER_DIR, "--path", old, "--beam", 2, "--cpu",
+              "--batch-size", 16, "--model-overrides", "{'cpu_int8': True, 'cpu_int9': True}",
+              show_warnings=True)
+    warned = [line for line in gen.stdout.splitlines() if "| WARNING |" in line]
+    assert len(warned) == 1 and warned[0].endswith(
+        "--model-overrides: 'cpu_int9' is no setting of this model or its task; ignored"), warned
+    assert len(parse_generate(gen.stdout)["H"]) == 37
+
+
 def test_cpu_int8_translates_through_the_hub(data_bin, checkpoints, monkeypatch):
     """--cpu-int8 given as the hub's keyword (fairseq-generate's --model-overrides): the decoder's
     step weights get int8 copies and the translations stay those of the plain products for a
