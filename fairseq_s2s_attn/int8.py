@@ -24,10 +24,10 @@ hub), and a product that records a gradient runs the plain way.
 ``linear`` (called by ``packed.linear``, the decoder's product) uses a weight's int8 copy while
 the weight holds the values it was made from (an in-place change bumps its version, a move or a
 cast gives it new storage: then the plain product runs, as for ``packed.py``'s copies), on a CPU
-input. ``ENABLED = False`` turns the copies off (``scripts/beam_ab.py``'s lever, tests).
+input. ``ENABLED = False`` turns the copies off (tests).
 
-torch marks its quantized tensor types (``torch.quantize_per_channel``, used here to hand the
-int8 weight to fbgemm) as deprecated, to be removed in a later release; where the operators are
+torch marks its quantized tensor types (here a per-channel qint8 tensor hands the int8 weight
+to fbgemm's packing) as deprecated, to be removed in a later release; where the operators are
 missing, ``available`` is False and decoding runs without int8, with a warning.
 """
 
@@ -41,11 +41,12 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-# turned off by scripts/beam_ab.py's int8 lever and by tests: every product runs the plain way
+# tests turn the copies off: every product runs the plain way
 ENABLED = True
 
 # Smaller weights stay plain, as in packed.py (a product's fixed cost outweighs its work)
 MIN_ELEMENTS = 1 << 13
+
 
 def _op(name):
     try:

@@ -149,8 +149,8 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         (``_apply``), holding the bf16-rounded values it decoded with.
 
         The decoder's per-step weight matrices are then packed for oneDNN (``packed.py``): the
-        same products, without reordering the weight at every step. With --cpu-int8 they also
-        get int8 copies, which their products use instead (``int8.py``: other numbers).
+        same products, without reordering the weight at every step. With --cpu-int8 they get int8
+        copies instead, which their products use (``int8.py``: other numbers).
         """
         super().prepare_for_inference_(cfg)
         # not for a model fairseq converted to fp16 (--fp16): it runs in fp16
@@ -173,16 +173,17 @@ class RNNS2SModel(FairseqEncoderDecoderModel):
         if freed:
             logger.info(f"--cpu-bf16: weight matrices stored in bf16 for decoding "
                         f"({freed / 2 ** 20:.1f} MB less)")
-        if dec_bf16:
-            packed = packed_weights.pack_for_decoding_(self.decoder.step_weights())
-            if packed:
-                logger.info(f"--cpu-bf16: {packed} weight matrices of the decoder's steps "
-                            f"packed for oneDNN")
         if getattr(self.decoder, "cpu_int8", False):
             made = int8.pack_for_decoding_(self.decoder.step_weights(),
                                            output=self.decoder.output_projection()[0])
             if made:
                 logger.info(f"--cpu-int8: {made} weight matrices of the decoder's steps in int8")
+        if dec_bf16:  # the weights without an int8 copy (all without --cpu-int8)
+            packed = packed_weights.pack_for_decoding_(
+                w for w in self.decoder.step_weights() if int8.int8_weight(w) is None)
+            if packed:
+                logger.info(f"--cpu-bf16: {packed} weight matrices of the decoder's steps "
+                            f"packed for oneDNN")
 
     def _apply(self, fn, *args, **kwargs):
         """.cuda(), .to(...), .float(), ...: weights stored in bf16 for CPU decoding go back to

@@ -169,6 +169,7 @@ def test_cpu_int8_decoding_runs_every_step_product_in_int8(name, cpu_bf16, calls
     model.prepare_for_inference_(inference_cfg())
     weights = model.decoder.step_weights()
     assert all(int8.int8_weight(w) is not None for w in weights)
+    assert not any(packed.packed_weight(w) for w in weights)  # no oneDNN copy beside the int8 one
     output = int8.int8_weight(model.decoder.output_projection()[0])
     assert output.fp32_out and sum(int8.int8_weight(w).fp32_out for w in weights) == 1
     src = random_tokens(model.decoder.dictionary, [7, 4, 6, 2, 5], left_pad=True, generator=gen)
