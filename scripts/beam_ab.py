@@ -16,6 +16,11 @@ order rotated from round to round; a slow spell of the machine then slows every 
 of that round, and the median over rounds of each one's time, and its ratio to fairseq's lstm
 within each round, are what the report gives. Untrained (random) weights, one thread.
 
+``--precisions ... int8`` adds rows in int8: ours with ``--cpu-bf16 --cpu-int8`` (the decoder's
+step weights in int8, fairseq_s2s_attn/int8.py), fairseq's lstm (fp32) with its Linear, LSTM and
+LSTMCell layers through torch's ``quantize_dynamic``; "best lstm" is then the fastest of lstm's
+rows, int8 included.
+
 With ``--levers``, every (configuration, beam) also runs once per round with each named lever
 off (one of fairseq_s2s_attn/native.py's C loops of decoding, or search.py's lines of fairseq's
 search: ``LEVERS``), in the same rotation, and a second table gives each lever's speed-up: the
@@ -35,7 +40,7 @@ from cli_args import at_least  # noqa: E402
 
 
 # beam_ab's precisions: benchmark.py's, and int8: our models with --cpu-bf16 --cpu-int8,
-# fairseq's lstm (fp32) with its Linear and LSTM layers through torch's quantize_dynamic
+# fairseq's lstm (fp32) with its Linear, LSTM and LSTMCell layers through torch's quantize_dynamic
 PRECISIONS = benchmark.PRECISIONS + ("int8",)
 
 
@@ -50,9 +55,8 @@ def precision_label(name, precision):
 def load(name, precision, args):
     import torch
     lstm = benchmark.ALL_CONFIGS[name][0] == "lstm"
-    options = benchmark.model_options(name, "fp32" if lstm and precision == "int8" else
-                                      "bf16" if precision == "int8" else precision,
-                                      args.size, args.layers, 0.1)
+    base = precision if precision != "int8" else "fp32" if lstm else "bf16"
+    options = benchmark.model_options(name, base, args.size, args.layers, 0.1)
     if precision == "int8" and not lstm:
         options += ["--cpu-int8", "true"]
     spec = dict(data=args.data, max_tokens=2000, seed=args.seed, lr=0.001, model_options=options)
